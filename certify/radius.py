@@ -1,0 +1,243 @@
+"""Logit margins to certified L2 radii, and certified accuracy.
+
+Formulas (all in float64):
+
+* global rule (Tsuzuku, Sato & Sugiyama, NeurIPS 2018): with Lip(f) <= L,
+  ``r(x) = (f_y(x) - max_{j != y} f_j(x)) / (sqrt(2) * L)``, since each margin
+  ``(e_y - e_j)^T f`` is ``sqrt(2) L``-Lipschitz;
+* last-layer rule: for ``f = W g(x) + b`` with Lip(g) <= L_g,
+  ``r(x) = min_{j != y} (f_y - f_j) / (L_g * ||w_y - w_j||_2)``, never larger than the global
+  radius when ``L = L_g ||W||_2`` (and often much smaller denominators).
+
+A sample is certified at eps when it is correctly classified **and** ``r(x) > eps`` (strict).
+The logits come from a float32 (or float64) forward pass; its rounding is covered by
+subtracting ``2 * slack * max_k |f_k(x)|`` from every margin, with ``slack`` = 1e-5 for float32
+logits (about 100 ulps of accumulated error, relative to the largest logit) and 1e-12 for float64.
+Half-precision logits are refused: certify in float32 or float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_EPS",
+    "CertificationResult",
+    "certified_accuracy",
+    "certified_radius",
+    "certify",
+    "parse_eps",
+    "split_head",
+]
+
+DEFAULT_EPS: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
+
+_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def parse_eps(value: float | int | str) -> float:
+    """Parse an epsilon given as a number or a string such as ``"36/255"`` or ``"0.1"``."""
+    if isinstance(value, str):
+        try:
+            eps = float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError) as err:
+            raise ValueError(f"cannot read epsilon {value!r}: use a number such as 0.14 or a fraction such as 36/255") from err
+    else:
+        eps = float(value)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {value!r}")
+    return eps
+
+
+def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float) -> None:
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (N, C) with C >= 2 classes, got {tuple(logits.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must have shape ({logits.shape[0]},) to match the logits, got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(
+            f"labels out of range: found values in [{int(labels.min())}, {int(labels.max())}] "
+            f"for {logits.shape[1]} classes"
+        )
+    if logits.dtype not in _SLACK:
+        raise ValueError(f"logits in {logits.dtype} are too imprecise to certify: run the forward pass in float32 or float64")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits contain NaN or Inf: the model's output is not finite")
+    if not (isinstance(lipschitz, (int, float)) and math.isfinite(lipschitz) and lipschitz > 0):
+        raise ValueError(f"the Lipschitz bound must be a finite number > 0, got {lipschitz!r}")
+
+
+def certified_radius(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lipschitz: float,
+    *,
+    last_layer_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Certified L2 radius of each sample, float64, 0 where the sample is misclassified.
+
+    ``lipschitz`` is a sound bound of the whole map ``f`` (global rule) or, when
+    ``last_layer_weight`` W is given, of the map ``g`` feeding the last linear layer
+    ``f = W g + b`` (last-layer rule). Ties count as misclassified.
+    """
+    _check_inputs(logits, labels, lipschitz)
+    slack = _SLACK[logits.dtype]
+    f = logits.detach().to(torch.float64)
+    y = labels.detach().to(device=f.device, dtype=torch.long)
+    c = f.shape[1]
+    fy = f.gather(1, y[:, None])
+    margins = fy - f  # (N, C): f_y - f_j
+    margins = margins - 2.0 * slack * f.abs().amax(dim=1, keepdim=True)
+    others = torch.ones_like(f, dtype=torch.bool).scatter_(1, y[:, None], False)
+    if last_layer_weight is None:
+        denom = torch.full_like(f, math.sqrt(2.0) * float(lipschitz))
+    else:
+        w = last_layer_weight.detach().to(device=f.device, dtype=torch.float64)
+        if w.ndim != 2 or w.shape[0] != c:
+            raise ValueError(f"last_layer_weight must have shape ({c}, features), got {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError("last_layer_weight contains NaN or Inf")
+        pair = torch.cdist(w, w)  # ||w_i - w_j||_2, float64
+        denom = float(lipschitz) * pair[y] * (1.0 + 1e-12)
+    with torch.no_grad():
+        ratio = torch.where(denom > 0, margins / denom, torch.where(margins > 0, math.inf, -math.inf))
+        ratio = ratio.masked_fill(~others, math.inf)
+        radius = ratio.amin(dim=1)
+    correct = margins.masked_fill(~others, math.inf).amin(dim=1) > 0
+    return torch.where(correct, radius.clamp_min(0.0), torch.zeros_like(radius))
+
+
+def certified_accuracy(radii: torch.Tensor, eps: float | str) -> float:
+    """Fraction of samples with radius strictly greater than ``eps`` (misclassified have radius 0)."""
+    if radii.numel() == 0:
+        raise ValueError("no radii given")
+    return float((radii > parse_eps(eps)).double().mean().item())
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """Return ``(body, head)`` when ``model = head(body(x))`` with a linear head, else None.
+
+    Models may define ``split_head()`` themselves; an ``nn.Sequential`` whose last child is an
+    ``nn.Linear`` is split automatically.
+    """
+    own = getattr(model, "split_head", None)
+    if callable(own):
+        return own()
+    if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Linear):
+        return model[:-1], model[-1]
+    return None
+
+
+@dataclass
+class CertificationResult:
+    """What :func:`certify` measured. Accuracies are fractions in [0, 1]."""
+
+    n: int
+    clean_accuracy: float
+    certified_accuracy: dict[float, float]
+    mean_radius: float
+    lipschitz: float
+    rule: str
+    radii: torch.Tensor = field(repr=False)
+    predictions: torch.Tensor = field(repr=False)
+    labels: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "n": self.n,
+            "clean_accuracy": self.clean_accuracy,
+            "certified_accuracy": {f"{e:.6g}": a for e, a in self.certified_accuracy.items()},
+            "mean_radius": self.mean_radius,
+            "lipschitz": self.lipschitz,
+            "rule": self.rule,
+        }
+
+    def to_markdown(self) -> str:
+        head = "| n | clean | " + " | ".join(f"cert. ε={_fmt_eps(e)}" for e in self.certified_accuracy) + " | mean radius |"
+        sep = "|" + "---|" * (3 + len(self.certified_accuracy))
+        row = (
+            f"| {self.n} | {100 * self.clean_accuracy:.2f}% | "
+            + " | ".join(f"{100 * a:.2f}%" for a in self.certified_accuracy.values())
+            + f" | {self.mean_radius:.4f} |"
+        )
+        return "\n".join([head, sep, row])
+
+
+def _fmt_eps(e: float) -> str:
+    k = e * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-9 and e < 1 else f"{e:.4g}"
+
+
+def certify(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    eps: Sequence[float | str] = DEFAULT_EPS,
+    *,
+    lipschitz: float | None = None,
+    last_layer: bool = True,
+    progress: bool = True,
+) -> CertificationResult:
+    """Certify ``model`` on every batch of ``loader``.
+
+    The bound is ``certify.bounds.lipschitz_bound`` of the model (or of its body, with the
+    last-layer rule when the model has a linear head and ``last_layer`` is true) for the input
+    shape of the first batch, unless ``lipschitz`` is given (then the global rule is used and the
+    value is trusted as a bound of the whole model). The forward pass runs in float32 with autocast
+    off, on the model's device.
+    """
+    from tqdm.auto import tqdm
+
+    from certify.bounds import lipschitz_bound
+
+    eps_values = [parse_eps(e) for e in eps]
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+    was_training = model.training
+    model.eval()
+    split = split_head(model) if (last_layer and lipschitz is None) else None
+    bound: float | None = lipschitz
+    head_w: torch.Tensor | None = None
+    all_logits, all_labels = [], []
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for x, y in tqdm(loader, desc="certify", disable=not progress, leave=False):
+                x = x.to(device=device, dtype=dtype)
+                if not torch.isfinite(x).all():
+                    raise ValueError("input batch contains NaN or Inf")
+                if bound is None:
+                    shape = tuple(x.shape[1:])
+                    if split is not None:
+                        bound = lipschitz_bound(split[0], shape)
+                        head_w = split[1].weight
+                    else:
+                        bound = lipschitz_bound(model, shape)
+                all_logits.append(model(x).to(dtype).cpu())
+                all_labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    if not all_logits or bound is None:
+        raise ValueError("the loader yielded no batches")
+    logits = torch.cat(all_logits)
+    labels = torch.cat(all_labels)
+    radii = certified_radius(logits, labels, bound, last_layer_weight=head_w)
+    preds = logits.argmax(dim=1)
+    return CertificationResult(
+        n=len(labels),
+        clean_accuracy=float((preds == labels).double().mean()),
+        certified_accuracy={e: certified_accuracy(radii, e) for e in eps_values},
+        mean_radius=float(radii.mean()),
+        lipschitz=float(bound),
+        rule="last-layer" if head_w is not None else "global",
+        radii=radii,
+        predictions=preds,
+        labels=labels,
+    )
