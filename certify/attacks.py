@@ -1,0 +1,202 @@
+"""Empirical robustness: L2 attacks that give an upper bound on robust accuracy.
+
+Certificates are lower bounds on robustness; attacks are upper bounds. Between the two lies what
+nobody knows. The attacks here serve two purposes: reporting empirical robust accuracy next to
+certified accuracy, and cross-checking certificates (an attack that flips a prediction inside a
+certified radius proves that a bound is wrong).
+
+* :func:`pgd_l2`: projected gradient ascent on the margin ``max_{j != y} f_j - f_y`` (Madry et al.,
+  ICLR 2018, with the margin loss of Carlini & Wagner 2017), one radius per sample, random starts
+  inside the ball, iterates kept in the [0, 1] pixel box. The projection onto the box never leaves
+  the L2 ball, because the clean input lies in the box and projections onto convex sets are
+  non-expansive.
+* :func:`autoattack_l2`: AutoAttack (Croce & Hein, ICML 2020) through ``pyautoattack`` (the
+  ``attack`` extra), for one radius shared by all samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "autoattack_available",
+    "autoattack_l2",
+    "empirical_robust_accuracy",
+    "flips_within_radius",
+    "pgd_l2",
+]
+
+
+def autoattack_available() -> bool:
+    """Whether ``pyautoattack`` (the ``attack`` extra) can be imported."""
+    try:
+        import pyautoattack  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``max_{j != y} f_j - f_y`` per sample: positive means misclassified."""
+    fy = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], -math.inf)
+    return others.amax(dim=1) - fy
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+def pgd_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    *,
+    steps: int = 50,
+    restarts: int = 1,
+    step_size: float = 0.25,
+    box: tuple[float, float] | None = (0.0, 1.0),
+    seed: int = 0,
+) -> torch.Tensor:
+    """L2 PGD on the margin loss; returns the adversarial inputs (``||x_adv - x|| <= eps`` per sample).
+
+    ``eps`` is a float or a tensor with one radius per sample; ``step_size`` is a fraction of eps.
+    Each sample keeps the strongest point found over all steps and restarts (largest margin).
+    """
+    x = x.detach()
+    y = y.to(x.device)
+    radius = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
+    if (radius < 0).any() or not torch.isfinite(radius).all():
+        raise ValueError("attack radii must be finite and >= 0")
+    r = radius.view(-1, *([1] * (x.ndim - 1)))
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    best = x.clone()
+    with torch.no_grad():
+        best_margin = _margin(model(x), y)
+    for restart in range(restarts):
+        if restart == 0:
+            delta = torch.zeros_like(x)
+        else:
+            noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            u = torch.rand((x.shape[0],), generator=gen, device=x.device, dtype=x.dtype)
+            delta = noise / _flat_norm(noise).clamp_min(1e-12) * r * u.view(r.shape)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            adv = x + delta
+            m = _margin(model(adv), y)
+            (grad,) = torch.autograd.grad(m.sum(), delta)
+            with torch.no_grad():
+                improved = m.detach() > best_margin
+                best[improved] = adv.detach()[improved]
+                best_margin = torch.where(improved, m.detach(), best_margin)
+                delta = delta.detach() + step_size * r * grad / _flat_norm(grad).clamp_min(1e-12)
+                delta = delta * (r / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+                if box is not None:
+                    delta = (x + delta).clamp(*box) - x
+        with torch.no_grad():
+            adv = x + delta
+            m = _margin(model(adv), y)
+            improved = m > best_margin
+            best[improved] = adv[improved]
+            best_margin = torch.where(improved, m, best_margin)
+    # Rounding in the projection may overshoot by an ulp; pull such points back inside.
+    with torch.no_grad():
+        d = best - x
+        best = x + d * (r / _flat_norm(d).clamp_min(1e-30)).clamp(max=1.0)
+    return best.detach()
+
+
+def autoattack_l2(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    attacks: tuple[str, ...] = ("apgd-ce", "apgd-t"),
+    seed: int = 0,
+    batch_size: int = 250,
+) -> torch.Tensor:
+    """AutoAttack (L2, one radius for all samples) through ``pyautoattack``; returns x_adv."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as err:
+        raise ImportError("AutoAttack needs the 'attack' extra: pip install 'lipnet[attack]'") from err
+    import logging
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    adversary = AutoAttack(
+        model, norm="L2", eps=float(eps), version="custom", attacks=list(attacks), seed=seed, device=x.device
+    )
+    adversary.verbose = False
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    return x_adv.detach()
+
+
+def empirical_robust_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    attack: str = "auto",
+    steps: int = 50,
+    restarts: int = 1,
+    seed: int = 0,
+) -> float:
+    """Fraction of samples still correctly classified after an L2 attack of radius ``eps``.
+
+    ``attack``: ``"autoattack"``, ``"pgd"``, or ``"auto"`` (AutoAttack when installed, else PGD).
+    An upper bound on the true robust accuracy, to be read beside the certified (lower) one.
+    """
+    if attack not in ("auto", "autoattack", "pgd"):
+        raise ValueError(f"unknown attack {attack!r}: choose auto, autoattack or pgd")
+    was_training = model.training
+    model.eval()
+    try:
+        if attack == "autoattack" or (attack == "auto" and autoattack_available()):
+            x_adv = autoattack_l2(model, x, y, eps, seed=seed)
+        else:
+            x_adv = pgd_l2(model, x, y, eps, steps=steps, restarts=restarts, seed=seed)
+        with torch.no_grad():
+            correct = model(x_adv).argmax(dim=1) == y.to(x_adv.device)
+    finally:
+        model.train(was_training)
+    return float(correct.double().mean())
+
+
+def flips_within_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    radii: torch.Tensor,
+    *,
+    shrink: float = 0.999,
+    steps: int = 100,
+    restarts: int = 3,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Attack each certified sample inside ``shrink * radius``; True where the prediction flipped.
+
+    Samples with radius 0 (not certified) are skipped and report False. Any True is a soundness bug:
+    a certified prediction changed inside its certified radius.
+    """
+    certified = radii > 0
+    flipped = torch.zeros_like(certified)
+    if not certified.any():
+        return flipped
+    was_training = model.training
+    model.eval()
+    try:
+        xs, ys = x[certified], y[certified].to(x.device)
+        r = (radii[certified] * shrink).to(device=x.device, dtype=x.dtype)
+        r = torch.where(torch.isfinite(r), r, torch.full_like(r, 1e3))
+        x_adv = pgd_l2(model, xs, ys, r, steps=steps, restarts=restarts, seed=seed)
+        with torch.no_grad():
+            flipped[certified] = (model(x_adv).argmax(dim=1) != ys).cpu()
+    finally:
+        model.train(was_training)
+    return flipped

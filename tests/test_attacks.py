@@ -1,0 +1,85 @@
+"""Attacks: strong enough to find the decision boundary, and never inside a certified radius."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from certify.attacks import autoattack_available, empirical_robust_accuracy, flips_within_radius, pgd_l2
+from certify.bounds import lipschitz_bound
+from certify.radius import certified_radius
+
+
+def _blobs(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = 0.5 + 0.15 * torch.randn(c, d, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    x = (centres[y] + 0.08 * torch.randn(n, d, generator=g)).clamp(0.0, 1.0)
+    return x, y
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_pgd_reaches_the_exact_boundary_of_a_linear_model() -> None:
+    torch.manual_seed(0)
+    x, y = _blobs(300, 20, 5, seed=1)
+    model = _train(nn.Sequential(nn.Linear(20, 5)), x, y)
+    with torch.no_grad():
+        logits = model(x)
+    r = certified_radius(logits, y, 1.0, last_layer_weight=model[0].weight).float()
+    ok = r > 0
+    assert ok.sum() > 100
+    outside = flips_within_radius(model, x[ok], y[ok], r[ok], shrink=1.02, steps=60, restarts=1)
+    inside = flips_within_radius(model, x[ok], y[ok], r[ok], shrink=0.999, steps=60, restarts=2)
+    # The attack finds the boundary just beyond the exact radius for most samples (the pixel box
+    # stops a few), and never crosses it inside.
+    assert outside.double().mean() > 0.9
+    assert not inside.any()
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_no_flip_inside_certified_radii_of_trained_mlps(act: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    x, y = _blobs(400, 3 * 4 * 4, 10, seed=2)
+    x = x.view(-1, 3, 4, 4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 64), act(), nn.Linear(64, 64), act(), nn.Linear(64, 10))
+    _train(model, x, y)
+    with torch.no_grad():
+        logits = model(x)
+    lip = lipschitz_bound(model[:-1], (3, 4, 4))
+    radii = certified_radius(logits, y, lip, last_layer_weight=model[-1].weight)
+    assert (radii > 0).sum() > 50
+    flips = flips_within_radius(model, x, y, radii.float(), steps=60, restarts=2)
+    assert not flips.any()
+
+
+def test_pgd_respects_radius_and_box() -> None:
+    torch.manual_seed(0)
+    x, y = _blobs(50, 10, 3, seed=3)
+    model = _train(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)), x, y, steps=50)
+    eps = torch.linspace(0.01, 0.5, 50)
+    adv = pgd_l2(model, x, y, eps, steps=20, restarts=2)
+    assert torch.all((adv - x).norm(dim=1) <= eps * (1 + 1e-6))
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+@pytest.mark.parametrize("attack", ["pgd", "autoattack"])
+def test_empirical_robust_accuracy_is_monotone(attack: str) -> None:
+    if attack == "autoattack" and not autoattack_available():
+        pytest.skip("pyautoattack (the 'attack' extra) is not installed")
+    torch.manual_seed(0)
+    x, y = _blobs(60, 10, 3, seed=4)
+    model = _train(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)), x, y, steps=100)
+    accs = [empirical_robust_accuracy(model, x, y, e, attack=attack) for e in (0.0, 0.05, 2.0)]
+    clean = float((model(x).argmax(1) == y).double().mean())
+    assert accs[0] == pytest.approx(clean)
+    assert accs[0] >= accs[1] >= accs[2]
+    assert accs[2] < 0.2
