@@ -46,6 +46,13 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return others.amax(dim=1) - fy
 
 
+def _objective(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """The untargeted margin, or ``f_t - f_y`` towards a target class t."""
+    if target is None:
+        return _margin(logits, y)
+    return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
+
+
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
 
@@ -60,12 +67,15 @@ def pgd_l2(
     restarts: int = 1,
     step_size: float = 0.25,
     box: tuple[float, float] | None = (0.0, 1.0),
+    target: torch.Tensor | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
     """L2 PGD on the margin loss; returns the adversarial inputs (``||x_adv - x|| <= eps`` per sample).
 
     ``eps`` is a float or a tensor with one radius per sample; ``step_size`` is a fraction of eps.
-    Each sample keeps the strongest point found over all steps and restarts (largest margin).
+    With ``target`` (one class per sample) the ascent is on ``f_t - f_y`` (a targeted attack, which
+    finds the nearest boundary of a multi-class model where the untargeted margin may wander).
+    Each sample keeps the point with the largest untargeted margin over all steps and restarts.
     """
     x = x.detach()
     y = y.to(x.device)
@@ -87,8 +97,9 @@ def pgd_l2(
         for _ in range(steps):
             delta.requires_grad_(True)
             adv = x + delta
-            m = _margin(model(adv), y)
-            (grad,) = torch.autograd.grad(m.sum(), delta)
+            logits = model(adv)
+            m = _margin(logits, y)
+            (grad,) = torch.autograd.grad(_objective(logits, y, target).sum(), delta)
             with torch.no_grad():
                 improved = m.detach() > best_margin
                 best[improved] = adv.detach()[improved]
@@ -132,6 +143,11 @@ def autoattack_l2(
         model, norm="L2", eps=float(eps), version="custom", attacks=list(attacks), seed=seed, device=x.device
     )
     adversary.verbose = False
+    with torch.no_grad():
+        n_classes = model(x[:1]).shape[1]
+    # AutoAttack's targeted attacks default to 9 target classes, which needs at least 10 classes.
+    adversary.apgd_targeted.n_target_classes = min(9, n_classes - 1)
+    adversary.fab.n_target_classes = min(9, n_classes - 1)
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     return x_adv.detach()
 
@@ -176,11 +192,13 @@ def flips_within_radius(
     *,
     shrink: float = 0.999,
     steps: int = 100,
-    restarts: int = 3,
+    restarts: int = 2,
+    targets: int = 3,
     seed: int = 0,
 ) -> torch.Tensor:
     """Attack each certified sample inside ``shrink * radius``; True where the prediction flipped.
 
+    Runs the untargeted attack and a targeted one towards each of the ``targets`` runner-up classes.
     Samples with radius 0 (not certified) are skipped and report False. Any True is a soundness bug:
     a certified prediction changed inside its certified radius.
     """
@@ -194,9 +212,15 @@ def flips_within_radius(
         xs, ys = x[certified], y[certified].to(x.device)
         r = (radii[certified] * shrink).to(device=x.device, dtype=x.dtype)
         r = torch.where(torch.isfinite(r), r, torch.full_like(r, 1e3))
-        x_adv = pgd_l2(model, xs, ys, r, steps=steps, restarts=restarts, seed=seed)
         with torch.no_grad():
-            flipped[certified] = (model(x_adv).argmax(dim=1) != ys).cpu()
+            ranked = model(xs).scatter(1, ys[:, None], -math.inf).argsort(dim=1, descending=True)
+        goals: list[torch.Tensor | None] = [None, *ranked[:, : min(targets, ranked.shape[1] - 1)].T]
+        hit = torch.zeros(len(ys), dtype=torch.bool, device=x.device)
+        for goal in goals:
+            x_adv = pgd_l2(model, xs, ys, r, steps=steps, restarts=restarts, target=goal, seed=seed)
+            with torch.no_grad():
+                hit |= model(x_adv).argmax(dim=1) != ys
+        flipped[certified] = hit.to(flipped.device)
     finally:
         model.train(was_training)
     return flipped

@@ -37,11 +37,11 @@ def test_pgd_reaches_the_exact_boundary_of_a_linear_model() -> None:
     r = certified_radius(logits, y, 1.0, last_layer_weight=model[0].weight).float()
     ok = r > 0
     assert ok.sum() > 100
-    outside = flips_within_radius(model, x[ok], y[ok], r[ok], shrink=1.02, steps=60, restarts=1)
-    inside = flips_within_radius(model, x[ok], y[ok], r[ok], shrink=0.999, steps=60, restarts=2)
-    # The attack finds the boundary just beyond the exact radius for most samples (the pixel box
-    # stops a few), and never crosses it inside.
-    assert outside.double().mean() > 0.9
+    outside = flips_within_radius(model, x[ok], y[ok], r[ok], shrink=1.02, steps=60, restarts=1, targets=4)
+    inside = flips_within_radius(model, x[ok], y[ok], r[ok], shrink=0.999, steps=60, restarts=1, targets=4)
+    # The attack finds the boundary just beyond the exact radius for nearly all samples (the pixel
+    # box can stop a few), and never crosses it inside.
+    assert outside.double().mean() > 0.95
     assert not inside.any()
 
 
@@ -57,7 +57,7 @@ def test_no_flip_inside_certified_radii_of_trained_mlps(act: type[nn.Module]) ->
     lip = lipschitz_bound(model[:-1], (3, 4, 4))
     radii = certified_radius(logits, y, lip, last_layer_weight=model[-1].weight)
     assert (radii > 0).sum() > 50
-    flips = flips_within_radius(model, x, y, radii.float(), steps=60, restarts=2)
+    flips = flips_within_radius(model, x, y, radii.float(), steps=40, restarts=1)
     assert not flips.any()
 
 
@@ -76,8 +76,8 @@ def test_empirical_robust_accuracy_is_monotone(attack: str) -> None:
     if attack == "autoattack" and not autoattack_available():
         pytest.skip("pyautoattack (the 'attack' extra) is not installed")
     torch.manual_seed(0)
-    x, y = _blobs(60, 10, 3, seed=4)
-    model = _train(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)), x, y, steps=100)
+    x, y = _blobs(60, 10, 5, seed=4)
+    model = _train(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5)), x, y, steps=100)
     accs = [empirical_robust_accuracy(model, x, y, e, attack=attack) for e in (0.0, 0.05, 2.0)]
     clean = float((model(x).argmax(1) == y).double().mean())
     assert accs[0] == pytest.approx(clean)
