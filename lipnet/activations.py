@@ -1,0 +1,170 @@
+"""Gradient-norm-preserving 1-Lipschitz activations, acting along the channel dimension 1.
+
+Each works on ``(N, C)`` and ``(N, C, *)`` inputs. Every one is piecewise orthogonal and
+continuous (a permutation, or a reflection that fixes its mirror hyperplane), hence 1-Lipschitz,
+and its Jacobian is orthogonal almost everywhere, hence gradient-norm preserving.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FullSort", "GroupSort", "HouseholderActivation", "MaxMin"]
+
+
+def _check_channels(x: Tensor, multiple: int, who: str) -> int:
+    if x.ndim < 2:
+        raise ValueError(f"{who} expects input of shape (N, C) or (N, C, ...), got {tuple(x.shape)}")
+    channels = x.shape[1]
+    if channels % multiple:
+        raise ValueError(f"{who} needs the number of channels ({channels}) to be a multiple of {multiple}")
+    return channels
+
+
+def _swap_where(values: Tensor, swap: Tensor) -> Tensor:
+    pairs = values.unflatten(1, (values.shape[1] // 2, 2))
+    return torch.where(swap.unsqueeze(2), pairs.flip(2), pairs).flatten(1, 2)
+
+
+class _SwapPairs(torch.autograd.Function):
+    """Swap the channels ``(2k, 2k + 1)`` of each pair where ``swap`` (shape ``(N, C/2, *)``) holds.
+
+    Linear in ``values`` and its own transpose (a product of disjoint transpositions), so the
+    backward and forward derivatives are the same swap: the gradient goes to exactly one input
+    also at ties, it costs one ``flip`` and one ``where`` instead of the generic gradients of
+    ``minimum``/``maximum`` or ``sort``, and derivatives of every order exist.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(values: Tensor, swap: Tensor) -> Tensor:
+        return _swap_where(values, swap)
+
+    @staticmethod
+    def setup_context(
+        ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor, Tensor], output: Tensor
+    ) -> None:
+        ctx.swap = inputs[1]  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return _SwapPairs.apply(grad, ctx.swap), None  # type: ignore[attr-defined]
+
+    @staticmethod
+    def jvp(ctx: torch.autograd.function.FunctionCtx, tangent: Tensor, _: Tensor | None) -> Tensor:
+        return _SwapPairs.apply(tangent, ctx.swap)  # type: ignore[attr-defined]
+
+
+class GroupSort(nn.Module):
+    """Sort the channels within consecutive groups of ``group_size`` (Anil, Lucas & Grosse, ICML 2019).
+
+    Channels ``[g*k, (g+1)*k)`` are sorted in ascending order at every position. A permutation
+    of the input that depends continuously on it: 1-Lipschitz and gradient-norm preserving.
+    ``group_size=2`` is MaxMin (each pair becomes ``(min, max)``).
+    """
+
+    def __init__(self, group_size: int = 2) -> None:
+        super().__init__()
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = group_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        channels = _check_channels(x, self.group_size, type(self).__name__)
+        if self.group_size == 2:
+            pairs = x.detach().unflatten(1, (channels // 2, 2))
+            return _SwapPairs.apply(x, pairs[:, :, 0] > pairs[:, :, 1])
+        grouped = x.unflatten(1, (channels // self.group_size, self.group_size))
+        return grouped.sort(dim=2).values.flatten(1, 2)
+
+    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
+        """Exactly 1.0: a continuous, piecewise permutation of the input."""
+        return 1.0
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}"
+
+
+class MaxMin(GroupSort):
+    """GroupSort with groups of 2: each channel pair ``(a, b)`` becomes ``(min(a, b), max(a, b))``.
+
+    This is the MaxMin of Anil, Lucas & Grosse (ICML 2019), which keeps the channel count; it
+    is not deel-torchlip's ``MaxMin``, which doubles it as ``(relu(x), relu(-x))``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(group_size=2)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class FullSort(nn.Module):
+    """Sort all channels at every position (GroupSort with one group).
+
+    A continuous, piecewise permutation: 1-Lipschitz and gradient-norm preserving.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels(x, 1, type(self).__name__)
+        return x.sort(dim=1).values
+
+    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
+        """Exactly 1.0: a continuous, piecewise permutation of the input."""
+        return 1.0
+
+
+class HouseholderActivation(nn.Module):
+    """Householder activation of order 1 (Singla, Singla & Feizi, ICLR 2022).
+
+    The channels are split into halves ``x = z[:, :C/2]``, ``y = z[:, C/2:]``; on each pair
+    ``v = (x_k, y_k)``, with the learned unit vector ``theta_k = (cos phi_k, sin phi_k)``,
+
+        v -> v                              if theta_k^T v > 0,
+        v -> (I - 2 theta_k theta_k^T) v    otherwise.
+
+    The reflection fixes the hyperplane ``theta_k^T v = 0``, so the map is continuous and
+    orthogonal on each half-space: 1-Lipschitz for every angle (a theorem about unit vectors,
+    not about the weights' values) and gradient-norm preserving. ``phi = 3 pi / 4`` (the
+    initialisation) gives ``(x, y) -> (min, max)``, i.e. MaxMin on the pairs ``(x_k, y_k)``.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_channels < 2 or num_channels % 2:
+            raise ValueError(f"num_channels must be even and >= 2, got {num_channels}")
+        self.num_channels = num_channels
+        angle = torch.full((num_channels // 2,), 0.75 * math.pi, device=device, dtype=dtype)
+        self.angle = nn.Parameter(angle)
+
+    def forward(self, z: Tensor) -> Tensor:
+        channels = _check_channels(z, 2, type(self).__name__)
+        if channels != self.num_channels:
+            raise ValueError(f"HouseholderActivation({self.num_channels}) got {channels} channels")
+        view = (1, -1) + (1,) * (z.ndim - 2)
+        cos, sin = self.angle.cos().view(view), self.angle.sin().view(view)
+        x, y = z.chunk(2, dim=1)
+        projection = cos * x + sin * y
+        reflect = projection <= 0
+        x = torch.where(reflect, x - 2 * projection * cos, x)
+        y = torch.where(reflect, y - 2 * projection * sin, y)
+        return torch.cat((x, y), dim=1)
+
+    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
+        """Exactly 1.0 for every finite angle (``theta = (cos, sin)`` is a unit vector)."""
+        if not torch.isfinite(self.angle).all():
+            raise ValueError("HouseholderActivation has a non-finite angle: no Lipschitz bound exists")
+        return 1.0
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"

@@ -1,0 +1,184 @@
+"""Björck orthonormalisation and the cached Björck weight parametrization.
+
+The Björck–Bowie iteration (Björck & Bowie, SIAM J. Numer. Anal. 1971; used for 1-Lipschitz
+networks by Anil, Lucas & Grosse, ICML 2019) of order ``p`` is
+
+    W <- (sum_{i=0}^{p} c_i (I - W W^T)^i) W,   c_i = binom(2i, i) / 4^i,
+
+the order-``p`` Taylor truncation of ``(W W^T)^(-1/2) W``. Order 1 is ``W (3I - W^T W) / 2``.
+On each singular value it acts as ``s -> s * sum_i c_i (1 - s^2)^i``, a truncation of
+``s * (s^2)^(-1/2) = 1`` with positive terms, so every ``s`` in ``(0, 1]`` stays in ``(0, 1]``
+and converges to 1 (with order ``p + 1``). The iteration therefore starts from the raw matrix
+divided by a sound upper bound of its spectral norm (:func:`gram_norm_bound`), never from
+a power-iteration estimate, which is a lower bound and can leave singular values above the
+region of convergence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lipnet.layers.parametrization import CachedParametrization
+
+__all__ = ["BjorckOrthonormal", "bjorck_orthonormalize", "gram_norm_bound"]
+
+
+def _gram(matrix: Tensor) -> Tensor:
+    """The smaller Gram matrix of each matrix of a batch ``(..., m, n)``."""
+    if matrix.shape[-2] <= matrix.shape[-1]:
+        return matrix @ matrix.mT
+    return matrix.mT @ matrix
+
+
+def gram_norm_bound(gram: Tensor, steps: int = 2) -> Tensor:
+    """Upper bound of the spectral norm of each symmetric PSD matrix of a batch ``(..., m, m)``.
+
+    Gram iteration (Delattre, Barthélemy, Araujo & Allauzen, ICML 2023):
+    ``||G||_2 = ||G^(2^t)||_2^(1 / 2^t) <= ||G^(2^t)||_F^(1 / 2^t)``, at most ``m^(1 / 2^(t+1))``
+    times the true norm (``t = 0`` is the Frobenius norm). Each power is divided by its Frobenius
+    norm before squaring and the scale is carried in log space, so nothing overflows. For
+    ``G = W W^T`` this bounds ``||W||_2^2``.
+
+    The bound holds in exact arithmetic; it pre-scales the Björck iteration and is not a
+    certificate (certificates are computed in float64 by ``certify`` from the final weight).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    tiny = torch.finfo(gram.dtype).tiny
+    power = gram
+    log_scale = torch.zeros(gram.shape[:-2], dtype=gram.dtype, device=gram.device)
+    for _ in range(steps):
+        norm = torch.linalg.matrix_norm(power).clamp_min(tiny)
+        power = power / norm[..., None, None]
+        log_scale = 2.0 * (log_scale + norm.log())
+        power = power @ power
+    last = torch.linalg.matrix_norm(power).clamp_min(tiny)
+    return torch.exp((log_scale + last.log()) / 2**steps)
+
+
+def _polynomial(residual: Tensor, eye: Tensor, coeffs: list[float]) -> Tensor:
+    """``sum_i c_i R^i`` by Horner's rule: ``c_0 I + R (c_1 I + R (c_2 I + ...))``."""
+    poly = coeffs[-1] * residual + coeffs[-2] * eye
+    for c in reversed(coeffs[:-2]):
+        poly = c * eye + residual @ poly
+    return poly
+
+
+def bjorck_orthonormalize(
+    matrix: Tensor,
+    iterations: int,
+    order: int = 1,
+    tol: float | None = None,
+    bound_steps: int = 2,
+) -> Tensor:
+    """Björck orthonormalisation of each matrix of a batch ``(..., m, n)``; differentiable.
+
+    Orthonormalises the rows when ``m <= n`` and the columns otherwise. The matrix is first
+    divided by the sound bound ``sqrt(gram_norm_bound(W W^T))`` of its spectral norm. Then every
+    iterate is ``Q_k W`` with ``Q_k`` a polynomial in the Gram matrix ``G = W W^T``, so the
+    iteration runs on ``m x m`` matrices only (``Q_{k+1} = P(G_k) Q_k``,
+    ``G_{k+1} = P(G_k)^2 G_k``, all commuting) and touches the ``m x n`` matrix twice: to form
+    ``G`` and to apply ``Q``. This is the Björck iteration exactly, in exact arithmetic.
+
+    Runs ``iterations`` steps; with ``tol``, stops once ``||I - G_k||_F <= tol`` (after one more
+    step, which takes the error to about ``tol^(order + 1)``) and ends with one Björck step on
+    the product itself, which removes the rounding accumulated in the Gram-space recursion.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    coeffs = [math.comb(2 * i, i) / 4**i for i in range(order + 1)]
+    wide = matrix.shape[-2] <= matrix.shape[-1]
+    gram = _gram(matrix)
+    eye = torch.eye(gram.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    tiny = torch.finfo(matrix.dtype).tiny
+    bound_sq = gram_norm_bound(gram, bound_steps).clamp_min(tiny)[..., None, None]
+    gram = gram / bound_sq
+    transform = eye / bound_sq.sqrt()
+    for step in range(iterations):
+        residual = eye - gram
+        converged = tol is not None and bool(torch.linalg.matrix_norm(residual).max() <= tol)
+        poly = _polynomial(residual, eye, coeffs)
+        # the first product with the scaled identity is a scaling, not a matrix product
+        transform = poly * transform[..., :1, :1] if step == 0 else poly @ transform
+        if converged or step == iterations - 1:
+            break
+        gram = poly @ (poly @ gram)
+    w = transform @ matrix if wide else matrix @ transform
+    if tol is not None:
+        poly = _polynomial(eye - _gram(w), eye, coeffs)
+        w = poly @ w if wide else w @ poly
+    return w
+
+
+class BjorckOrthonormal(CachedParametrization):
+    """Parametrization ``weight = scale * Bjorck(W)`` per group (:func:`bjorck_orthonormalize`).
+
+    The raw weight of shape ``(rows, ...)`` is viewed as ``groups`` matrices of shape
+    ``(rows / groups, numel / rows)`` (the reshaped kernel of a grouped convolution). In training
+    mode ``train_iterations`` steps of order ``order`` run in the weight's dtype, differentiated
+    through. In eval mode the iteration runs in float64 until ``||I - Gram||_F <= eval_tol``
+    (at most ``eval_max_iterations`` steps) and the result is cast back and cached.
+
+    Guarantee (exact arithmetic): each group's matrix has singular values in ``[0, 1]``, times
+    ``scale``; in eval mode, for a full-rank raw weight, they equal 1 (the orthonormal polar
+    factor) to float64 precision before the cast. Layers report the norm of the actual weight.
+    """
+
+    def __init__(
+        self,
+        *,
+        groups: int = 1,
+        scale: float = 1.0,
+        train_iterations: int = 3,
+        order: int = 2,
+        eval_max_iterations: int = 100,
+        eval_tol: float = 1e-12,
+        bound_steps: int = 2,
+    ) -> None:
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
+        if train_iterations < 1 or eval_max_iterations < 1:
+            raise ValueError(
+                f"iteration counts must be >= 1, got train_iterations={train_iterations}, "
+                f"eval_max_iterations={eval_max_iterations}"
+            )
+        if order < 1:
+            raise ValueError(f"order must be >= 1, got {order}")
+        if not eval_tol > 0:
+            raise ValueError(f"eval_tol must be > 0, got {eval_tol}")
+        if bound_steps < 0:
+            raise ValueError(f"bound_steps must be >= 0, got {bound_steps}")
+        self.groups = groups
+        self.scale = scale
+        self.train_iterations = train_iterations
+        self.order = order
+        self.eval_max_iterations = eval_max_iterations
+        self.eval_tol = eval_tol
+        self.bound_steps = bound_steps
+
+    def compute(self, original: Tensor) -> Tensor:
+        rows = original.shape[0]
+        if rows % self.groups:
+            raise ValueError(f"weight has {rows} rows, not divisible by groups={self.groups}")
+        w = original.reshape(self.groups, rows // self.groups, -1)
+        if self.training:
+            iterations, tol = self.train_iterations, None
+        else:
+            w = w.to(torch.float64)
+            iterations, tol = self.eval_max_iterations, self.eval_tol
+        w = bjorck_orthonormalize(w, iterations, self.order, tol, self.bound_steps)
+        return (self.scale * w).to(original.dtype).reshape(original.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"groups={self.groups}, scale={self.scale:.6g}, train_iterations={self.train_iterations}, "
+            f"order={self.order}, eval_max_iterations={self.eval_max_iterations}, eval_tol={self.eval_tol:g}"
+        )

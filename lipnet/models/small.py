@@ -1,0 +1,115 @@
+"""``small_cnn``: the demo and benchmark network (4 convolutions + 2 dense layers, 1-Lipschitz)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from certify.bounds import input_shapes, module_bound
+from lipnet.activations import GroupSort
+from lipnet.layers import AOLConv2d, AOLLinear, BjorckConv2d, BjorckLinear
+from lipnet.models.registry import register_model
+from lipnet.pooling import InvertibleDownsampling, ScaledL2NormPool2d
+
+__all__ = ["SmallCNN", "small_cnn"]
+
+_CONVS: dict[str, type[nn.Conv2d]] = {"bjorck": BjorckConv2d, "aol": AOLConv2d}
+_DENSES: dict[str, type[nn.Linear]] = {"bjorck": BjorckLinear, "aol": AOLLinear}
+_POOLS = ("l2", "invertible")
+
+
+class SmallCNN(nn.Sequential):
+    """Four 3x3 convolutions and two dense layers, every part 1-Lipschitz.
+
+    ``conv(c, w) GS conv(w, w) GS down conv(., 2w) GS conv(2w, 2w) GS down flatten
+    dense(., 4w) GS dense(4w, num_classes)``, with GS = GroupSort of size 2 and ``down`` a 2x2
+    :class:`~lipnet.pooling.ScaledL2NormPool2d` (``pool="l2"``) or
+    :class:`~lipnet.pooling.InvertibleDownsampling` (``pool="invertible"``, which multiplies the
+    channels by 4). Convolutions and dense layers are Björck/RKO (``conv="bjorck"``) or AOL
+    (``conv="aol"``). The last child is the linear head, so ``certify``'s last-layer certificate
+    splits it off. ``input_size`` (square inputs) must be divisible by 4.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: int = 32,
+        conv: str = "bjorck",
+        input_size: int = 32,
+        pool: str = "l2",
+    ) -> None:
+        if conv not in _CONVS:
+            raise ValueError(f"conv must be one of {sorted(_CONVS)}, got {conv!r}")
+        if pool not in _POOLS:
+            raise ValueError(f"pool must be one of {list(_POOLS)}, got {pool!r}")
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if width % 2:
+            raise ValueError(f"width must be even (GroupSort pairs channels), got {width}")
+        if input_size < 4 or input_size % 4:
+            raise ValueError(
+                f"input_size must be a positive multiple of 4 (two 2x downsamplings), got {input_size}"
+            )
+        conv_cls, dense_cls = _CONVS[conv], _DENSES[conv]
+        grow = 4 if pool == "invertible" else 1
+
+        def down() -> nn.Module:
+            return InvertibleDownsampling(2) if pool == "invertible" else ScaledL2NormPool2d(2)
+
+        c1, c2, hidden = width, 2 * width, 4 * width
+        side = input_size // 4
+        super().__init__(
+            conv_cls(in_channels, c1, 3, padding=1),
+            GroupSort(2),
+            conv_cls(c1, c1, 3, padding=1),
+            GroupSort(2),
+            down(),
+            conv_cls(c1 * grow, c2, 3, padding=1),
+            GroupSort(2),
+            conv_cls(c2, c2, 3, padding=1),
+            GroupSort(2),
+            down(),
+            nn.Flatten(),
+            dense_cls(c2 * grow * side * side, hidden),
+            GroupSort(2),
+            dense_cls(hidden, num_classes),
+        )
+        self.input_shape = (in_channels, input_size, input_size)
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        # nn.Sequential rebuilds slices with self.__class__(OrderedDict), which this constructor does
+        # not take; a slice (e.g. certify's body = model[:-1]) is a plain Sequential of the same modules.
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
+        """Product of the children's sound float64 bounds.
+
+        With ``input_shape`` (per sample) each convolution is bounded for its actual input size.
+        """
+        shapes = input_shapes(self, input_shape) if input_shape is not None else None
+        total = 1.0
+        for name, child in self.named_children():
+            child_shape = shapes.get(child) if shapes is not None else None
+            total *= module_bound(child, child_shape, shapes=shapes, path=name)
+        return total
+
+
+@register_model
+def small_cnn(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    width: int = 32,
+    conv: str = "bjorck",
+    input_size: int = 32,
+    pool: str = "l2",
+) -> SmallCNN:
+    """The demo/benchmark network :class:`SmallCNN` (CIFAR-10 by default; ``in_channels=1, input_size=28`` for
+    Fashion-MNIST)."""
+    return SmallCNN(in_channels, num_classes, width, conv, input_size, pool)

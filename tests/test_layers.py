@@ -1,0 +1,374 @@
+"""lipnet.layers: orthogonality, the eval cache, export, AOL, RKO scaling, batch centering."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+from certify.bounds import lipschitz_bound
+from certify.exact import dense_operator_norm
+from certify.radius import split_head
+from lipnet.layers import (
+    AOLConv2d,
+    AOLLinear,
+    BatchCentering,
+    BjorckConv2d,
+    BjorckLinear,
+    OrthogonalLinear,
+    bjorck_orthonormalize,
+    gram_norm_bound,
+    patch_multiplicity,
+)
+from lipnet.layers.aol import aol_conv_scales
+from lipnet.layers.rko import patch_multiplicity_1d
+from lipnet.models import create
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Small tensors: a second OpenMP thread only adds barrier waits on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _svd(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(weight.detach().double().reshape(weight.shape[0], -1))
+
+
+# --- Björck -------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 12), n=st.integers(1, 12), steps=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_gram_norm_bound_is_an_upper_bound_within_its_factor(m: int, n: int, steps: int, seed: int) -> None:
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gram = w @ w.T if m <= n else w.T @ w
+    true = torch.linalg.matrix_norm(gram, ord=2).item()
+    bound = gram_norm_bound(gram, steps).item()
+    assert true <= bound * (1 + 1e-12)
+    assert bound <= true * min(m, n) ** (1 / 2**steps) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 9), (9, 4), (3, 2, 7)])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_bjorck_converges_to_the_polar_factor(shape: tuple[int, ...], order: int) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    got = bjorck_orthonormalize(w, 200, order=order, tol=1e-12)
+    torch.testing.assert_close(got, u @ vh, atol=1e-10, rtol=0)
+
+
+def test_bjorck_iterates_stay_contractive() -> None:
+    # singular values spread over many orders of magnitude: no iterate may exceed 1
+    g = torch.Generator().manual_seed(1)
+    q1, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    w = q1 @ torch.diag(torch.logspace(-6, 3, 8, dtype=torch.float64)) @ q2
+    for iterations in range(1, 8):
+        assert _svd(bjorck_orthonormalize(w, iterations, order=2)).max() <= 1 + 1e-12
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(16, 16), (24, 8), (8, 24)])
+def test_bjorck_linear_is_orthonormal_in_eval(n_in: int, n_out: int) -> None:
+    layer = BjorckLinear(n_in, n_out).eval()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.normal_()  # a raw weight far from orthogonal
+    sv = _svd(layer.weight)
+    assert (sv - 1).abs().max() < 1e-6
+    assert layer.lipschitz_bound() == pytest.approx(1.0, abs=1e-6)
+    layer.train()
+    assert _svd(layer.weight).max() <= 1 + 1e-5  # few iterations: a contraction, not yet orthogonal
+
+
+def test_orthogonal_linear_is_orthonormal() -> None:
+    layer = OrthogonalLinear(12, 7).eval()
+    assert (_svd(layer.weight) - 1).abs().max() < 1e-5
+    assert layer.lipschitz_bound() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bjorck_survives_a_large_adam_step_on_a_large_layer() -> None:
+    # deel-torchlip 1.0.5's SpectralLinear(1024, 1024) has a NaN weight after exactly this step: its
+    # power-iteration estimate of ||W|| is stale after the update, so Björck starts outside its
+    # region of convergence. Ours pre-scales by a sound bound computed from the new weight.
+    torch.manual_seed(0)
+    layer = BjorckLinear(1024, 1024)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(64, 1024)
+    layer(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        weight = layer.weight
+        assert torch.isfinite(weight).all()
+        assert torch.isfinite(layer(x)).all()
+    assert layer.lipschitz_bound() <= 1 + 1e-5
+
+
+def test_bjorck_conv_reshaped_kernel_is_scaled_orthonormal() -> None:
+    conv = BjorckConv2d(4, 6, 3, stride=2, padding=1, groups=2).eval()
+    assert conv.patch_multiplicity == 4  # ceil(3 / 2)^2
+    per_group = conv.weight.detach().double().reshape(2, 3, -1)
+    sv = torch.linalg.svdvals(per_group)
+    torch.testing.assert_close(sv, torch.full_like(sv, 0.5), atol=1e-6, rtol=0)
+
+
+# --- RKO scale ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "s", "d"), list(itertools.product((1, 2, 3, 5), (1, 2, 3), (1, 2))))
+def test_zero_padding_multiplicity_formula(k: int, s: int, d: int) -> None:
+    expected = math.ceil(k * math.gcd(d, s) / s)
+    assert patch_multiplicity_1d(k, s, d, 0, 0, "zeros") == expected
+
+
+def test_padding_modes_read_border_pixels_again() -> None:
+    # reflect, k=3, pad=1: on a long input x_1 is read 4 times (output 0 reads it and its mirror);
+    # on an input of size 3 it is the mirror at both ends: 5 reads
+    assert patch_multiplicity_1d(3, 1, 1, 1, 1, "reflect") == 5
+    assert patch_multiplicity((3, 3), (1, 1), (1, 1), 1, "reflect") == 25
+    assert patch_multiplicity((3, 3), (1, 1), (1, 1), 1, "zeros") == 9
+    assert patch_multiplicity_1d(3, 1, 1, 2, 2, "replicate") > 3
+
+
+CONFIGS = [
+    dict(kernel_size=3, padding=1, padding_mode=mode, stride=stride)
+    for mode in ("zeros", "reflect", "replicate", "circular")
+    for stride in (1, 2)
+] + [
+    dict(kernel_size=(2, 3), padding="same", padding_mode="reflect"),
+    dict(kernel_size=3, padding=2, dilation=2, padding_mode="circular", groups=2),
+    dict(kernel_size=3, padding=2, padding_mode="replicate", stride=3),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
+@pytest.mark.parametrize("size", [3, 6])
+def test_bjorck_conv_is_1_lipschitz_as_configured(config: dict[str, object], size: int) -> None:
+    torch.manual_seed(size)
+    conv = BjorckConv2d(4, 6, **config).double().eval()  # type: ignore[arg-type]
+    exact = dense_operator_norm(lambda z: conv(z) - conv(torch.zeros_like(z)), (4, size, size))
+    assert exact <= 1 + 1e-9
+    assert conv.lipschitz_bound((4, size, size)) >= exact * (1 - 1e-9)
+
+
+def test_reflect_padding_needs_the_larger_scale() -> None:
+    # The stride-1 RKO scale 1/k is not enough under reflect padding (deel-torchlip's claim of 1):
+    # a constant kernel on a constant image reads the border pixels 4/3 times as often.
+    conv = nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect", bias=False).double()
+    with torch.no_grad():
+        conv.weight.fill_(1 / 9)  # ||reshaped kernel|| = 1/3 = the stride-1 zero-padding RKO scale
+    assert dense_operator_norm(conv, (1, 3, 3)) > 1.2
+
+
+# --- eval cache ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: BjorckLinear(6, 4), lambda: AOLLinear(6, 4), lambda: OrthogonalLinear(6, 4),
+     lambda: BjorckConv2d(2, 4, 3, padding=1), lambda: AOLConv2d(2, 4, 3, padding=1)],
+)
+def test_eval_cache_is_exact_and_invalidated_by_an_optimizer_step(make: object) -> None:
+    torch.manual_seed(0)
+    layer: nn.Module = make()  # type: ignore[operator]
+    layer.eval()
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first  # served from the cache
+        assert torch.equal(layer.weight, first)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()
+    x = torch.randn((3, 6) if isinstance(layer, nn.Linear) else (3, 2, 5, 5))
+    layer(x).square().sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        second = layer.weight
+    assert not torch.equal(first, second)
+    # grad mode with trainable weights: recomputed with a graph (never a stale or detached cache)
+    out = layer(x).square().sum()
+    grads = torch.autograd.grad(out, [p for p in layer.parameters() if p.requires_grad])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads[:1])
+    with torch.no_grad():
+        assert torch.equal(layer.weight, second)
+
+
+def test_train_mode_is_recomputed_every_call() -> None:
+    layer = BjorckLinear(5, 5).train()
+    assert layer.weight is not layer.weight
+
+
+def test_cache_follows_load_state_dict() -> None:
+    a, b = BjorckLinear(5, 3).eval(), BjorckLinear(5, 3).eval()
+    with torch.no_grad():
+        before = b.weight.clone()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(before, b.weight)
+        assert torch.equal(a.weight, b.weight)
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda: BjorckLinear(6, 4), (6,)), (lambda: AOLLinear(6, 4), (6,)),
+     (lambda: OrthogonalLinear(6, 4), (6,)),
+     (lambda: BjorckConv2d(2, 4, 3, padding=1, padding_mode="reflect"), (2, 5, 5)),
+     (lambda: AOLConv2d(2, 4, 3, stride=2), (2, 5, 5))],
+)
+def test_remove_parametrizations_keeps_outputs_and_bounds(make: object, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer: nn.Module = make()  # type: ignore[operator]
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        before = model(x)
+    bound_before = lipschitz_bound(model, shape)
+    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    assert not parametrize.is_parametrized(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert lipschitz_bound(model, shape) == pytest.approx(bound_before, rel=1e-12)
+    assert lipschitz_bound(model, shape) <= 1 + 1e-5
+
+
+# --- AOL ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 10), n=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_aol_linear_is_1_lipschitz(m: int, n: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    layer = AOLLinear(n, m).double()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.normal_()
+    assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2) <= 1 + 1e-12
+
+
+def test_aol_zero_columns_give_no_nan() -> None:
+    layer = AOLLinear(4, 3)
+    with torch.no_grad():
+        layer.parametrizations.weight.original[:, 1] = 0
+    layer(torch.randn(2, 4)).sum().backward()
+    assert torch.isfinite(layer.weight).all()
+    assert torch.isfinite(layer.parametrizations.weight.original.grad).all()
+    assert torch.all(layer.weight[:, 1] == 0)
+
+
+def test_aol_conv_scales_match_the_dense_gram() -> None:
+    # for a 1x1 kernel the autocorrelation is W^T W itself
+    w = torch.randn(5, 3, 1, 1, dtype=torch.float64)
+    m = w[:, :, 0, 0]
+    torch.testing.assert_close(aol_conv_scales(w)[0], (m.T @ m).abs().sum(1).rsqrt())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(padding=1), dict(padding=0, stride=2), dict(padding=3, dilation=2, groups=2),
+     dict(padding=1, padding_mode="circular"), dict(padding="same", padding_mode="circular")],
+)
+def test_aol_conv_is_1_lipschitz(config: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    conv = AOLConv2d(4, 6, 3, **config).double()  # type: ignore[arg-type]
+    with torch.no_grad():
+        conv.parametrizations.weight.original.normal_()
+    for size in (3, 7):
+        exact = dense_operator_norm(lambda z, c=conv: c(z) - c(torch.zeros_like(z)), (4, size, size))
+        assert exact <= 1 + 1e-9
+
+
+def test_aol_conv_refuses_padding_that_breaks_the_theorem() -> None:
+    with pytest.raises(ValueError, match="reflect"):
+        AOLConv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="circular"):
+        AOLConv2d(2, 2, 3, padding=2, padding_mode="circular")
+
+
+# --- BatchCentering -----------------------------------------------------------------------
+
+
+def test_batch_centering_train_and_eval() -> None:
+    layer = BatchCentering(3, momentum=0.5)
+    x = torch.randn(8, 3, 4, 4) + torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1)
+    y = layer(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.running_mean, 0.5 * x.mean(dim=(0, 2, 3)))
+    layer.eval()
+    torch.testing.assert_close(layer(x), x - layer.running_mean.view(1, 3, 1, 1))
+    assert layer.lipschitz_bound() == 1.0
+
+
+def test_batch_centering_training_map_is_1_lipschitz_on_batches() -> None:
+    layer = BatchCentering(3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        a, b = torch.randn(5, 3, 2, 2, generator=g), torch.randn(5, 3, 2, 2, generator=g)
+        assert (layer(a) - layer(b)).norm() <= (a - b).norm() * (1 + 1e-6)
+
+
+def test_batch_centering_rejects_wrong_channels() -> None:
+    with pytest.raises(ValueError, match="expects input"):
+        BatchCentering(3)(torch.randn(2, 4))
+
+
+def test_layers_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        BjorckLinear(3, 3, train_iterations=0)
+    with pytest.raises(ValueError):
+        BjorckLinear(3, 3, order=0)
+    with pytest.raises(ValueError):
+        BjorckConv2d(2, 2, 3, padding_mode="mirror")
+
+
+# --- small_cnn ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape"),
+    [({}, (3, 32, 32)), (dict(in_channels=1, input_size=28, conv="aol"), (1, 28, 28)),
+     (dict(in_channels=1, input_size=28, pool="invertible", width=4), (1, 28, 28))],
+)
+def test_small_cnn_shapes_head_and_bound(kwargs: dict[str, object], shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = create("small_cnn", **kwargs).eval()
+    assert isinstance(model[-1], nn.Linear) and model[-1].out_features == 10
+    with torch.no_grad():
+        assert model(torch.randn(2, *shape)).shape == (2, 10)
+    body, head = split_head(model)
+    assert head is model[-1] and len(body) == len(model) - 1
+    bound = model.lipschitz_bound(shape)
+    product = math.prod(
+        m.lipschitz_bound(s) if hasattr(m, "lipschitz_bound") else 1.0
+        for m, s in _child_shapes(model, shape)
+    )
+    assert bound == pytest.approx(product, rel=1e-12)
+    assert bound <= 1 + 1e-5
+    assert lipschitz_bound(model, shape) == pytest.approx(bound, rel=1e-12)
+
+
+def _child_shapes(model: nn.Sequential, shape: tuple[int, ...]) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    out, x = [], torch.zeros(1, *shape)
+    with torch.no_grad():
+        for child in model:
+            out.append((child, tuple(x.shape[1:])))
+            x = child(x)
+    return out
+
+
+def test_small_cnn_rejects_bad_arguments() -> None:
+    bad = (dict(conv="spectral"), dict(pool="max"), dict(input_size=30), dict(width=3), dict(num_classes=1))
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            create("small_cnn", **kwargs)

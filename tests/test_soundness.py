@@ -1,0 +1,164 @@
+"""The one generic soundness test: every lipnet module's ``lipschitz_bound()`` is an upper bound.
+
+For each catalogued instance (``tests/catalog.py``), in float64, for several seeds: the weights
+are first pushed by Adam steps that maximise ``||f(x)|| / ||x||`` (so the bound is tested on
+adversarial weights, not only at initialisation); then, in eval and in training mode, the
+Jacobian spectral norm (power iteration on ``J^T J`` by forward/reverse AD, with ``x`` moved by
+gradient ascent) and the secant ratio ``||f(x) - f(x')|| / ||x - x'||`` (both points moved by
+Adam, at several input scales) are maximised, and each measured value must stay below
+``bound * (1 + 1e-6)``. Affine modules are also checked against their exact dense operator norm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Callable, Iterator
+from types import ModuleType
+
+import pytest
+import torch
+from catalog import CATALOG, Case
+from torch import Tensor, nn
+
+import lipnet.activations
+import lipnet.attention
+import lipnet.layers
+import lipnet.models
+import lipnet.pooling
+from certify.exact import dense_operator_norm
+
+TOL = 1e-6
+SEEDS = (0, 1)
+SCALES = (0.1, 3.0)
+
+
+def _public_classes(module: ModuleType) -> Iterator[type]:
+    names = getattr(module, "__all__", [n for n in dir(module) if not n.startswith("_")])
+    for name in names:
+        obj = getattr(module, name)
+        if inspect.isclass(obj):
+            yield obj
+
+
+def _model_classes() -> Iterator[type]:
+    for info in pkgutil.iter_modules(lipnet.models.__path__):
+        module = importlib.import_module(f"lipnet.models.{info.name}")
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if obj.__module__ == module.__name__:
+                yield obj
+
+
+def bounded_classes() -> set[type]:
+    """Every class of lipnet's public surface that implements ``lipschitz_bound``."""
+    found: set[type] = set()
+    for module in (lipnet.layers, lipnet.activations, lipnet.pooling, lipnet.attention):
+        found.update(_public_classes(module))
+    found.update(_model_classes())
+    return {c for c in found if issubclass(c, nn.Module) and callable(getattr(c, "lipschitz_bound", None))}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: a second OpenMP thread only adds barrier waits (milliseconds each on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_catalog_covers_every_bounded_class() -> None:
+    missing = sorted(c.__module__ + "." + c.__qualname__ for c in bounded_classes() - set(CATALOG))
+    assert not missing, f"add these classes to tests/catalog.py: {missing}"
+
+
+def _batched(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    return lambda z: module(z.unsqueeze(0)).squeeze(0)
+
+
+def _push_weights(module: nn.Module, shape: tuple[int, ...], gen: torch.Generator) -> None:
+    """A few Adam steps (training mode) that maximise the gain ``||f(x)|| / ||x||`` on a batch."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    module.train()
+    opt = torch.optim.Adam(params, lr=0.05)
+    x = torch.randn((8, *shape), generator=gen, dtype=torch.float64)
+    for _ in range(4):
+        opt.zero_grad()
+        gain = module(x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+        (-gain.mean()).backward()
+        opt.step()
+
+
+def _jacobian_ascent(f: Callable[[Tensor], Tensor], x0: Tensor, gen: torch.Generator) -> float:
+    """Max over an ascent path of ``||J(x) v||`` with ``v`` from power iteration on ``J^T J``."""
+    x = x0.clone()
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    best = 0.0
+
+    def jv_norm(point: Tensor, direction: Tensor) -> Tensor:
+        return torch.func.jvp(f, (point,), (direction,))[1].norm()
+
+    for _ in range(4):
+        for _ in range(3):
+            v = v / v.norm().clamp_min(1e-300)
+            _, jv = torch.func.jvp(f, (x,), (v,))
+            _, vjp = torch.func.vjp(f, x)
+            (v,) = vjp(jv)
+        v = v / v.norm().clamp_min(1e-300)
+        grad, value = torch.func.grad_and_value(jv_norm)(x, v)
+        best = max(best, float(value))
+        x = x + 0.1 * x0.norm() * grad / grad.norm().clamp_min(1e-300)
+    return best
+
+
+def _secant_ascent(f: Callable[[Tensor], Tensor], x0: Tensor, gen: torch.Generator) -> float:
+    """Max over an Adam path of ``||f(x) - f(x')|| / ||x - x'||`` for small and large gaps."""
+    best = 0.0
+    for gap in (1e-3, 1.0):
+        x = x0.clone().requires_grad_(True)
+        d = (gap * x0.norm() * torch.randn(x0.shape, generator=gen, dtype=x0.dtype) / x0.numel() ** 0.5)
+        d.requires_grad_(True)
+        opt = torch.optim.Adam([x, d], lr=0.02 * float(x0.norm()) / x0.numel() ** 0.5)
+        for _ in range(12):
+            opt.zero_grad()
+            ratio = (f(x + d) - f(x)).norm() / d.norm()
+            best = max(best, float(ratio.detach()))
+            (-ratio).backward()
+            opt.step()
+    return best
+
+
+def _cases() -> Iterator[tuple[str, type, int]]:
+    for cls, factory in CATALOG.items():
+        for i in range(len(factory())):
+            yield f"{cls.__name__}-{i}", cls, i
+
+
+@pytest.mark.parametrize(("cls", "index"), [(c, i) for _, c, i in _cases()], ids=[n for n, _, _ in _cases()])
+def test_lipschitz_bound_is_sound(cls: type, index: int) -> None:
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        case: Case = CATALOG[cls]()[index]
+        module = case.module.double()
+        gen = torch.Generator().manual_seed(seed)
+        _push_weights(module, case.input_shape, gen)
+        module.requires_grad_(False)  # lets the eval-mode weight cache serve the input-only derivatives
+        for training in (False, True) if case.per_sample_in_training else (False,):
+            module.train(training)
+            f = _batched(module)
+            # the bound for this input size and the one for every size must both hold: test the smaller
+            bound = min(module.lipschitz_bound(case.input_shape), module.lipschitz_bound())
+            assert bound > 0, f"{cls.__name__}: bound {bound} is not a positive number"
+            for scale in SCALES:
+                x0 = scale * torch.randn(case.input_shape, generator=gen, dtype=torch.float64)
+                measured = max(_jacobian_ascent(f, x0, gen), _secant_ascent(f, x0, gen))
+                assert measured <= bound * (1 + TOL), (
+                    f"{cls.__name__}#{index} seed {seed} training={training} scale {scale}: "
+                    f"measured {measured!r} > bound {bound!r}"
+                )
+            if case.affine:
+                exact = dense_operator_norm(module, case.input_shape)
+                assert exact <= bound * (1 + TOL), f"{cls.__name__}#{index}: exact norm {exact!r} > {bound!r}"
