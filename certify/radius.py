@@ -47,7 +47,9 @@ def parse_eps(value: float | int | str) -> float:
         try:
             eps = float(Fraction(value.strip()))
         except (ValueError, ZeroDivisionError) as err:
-            raise ValueError(f"cannot read epsilon {value!r}: use a number such as 0.14 or a fraction such as 36/255") from err
+            raise ValueError(
+                f"cannot read epsilon {value!r}: use a number such as 0.14 or a fraction such as 36/255"
+            ) from err
     else:
         eps = float(value)
     if not math.isfinite(eps) or eps < 0:
@@ -59,7 +61,9 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float) 
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, C) with C >= 2 classes, got {tuple(logits.shape)}")
     if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels must have shape ({logits.shape[0]},) to match the logits, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape ({logits.shape[0]},) to match the logits, got {tuple(labels.shape)}"
+        )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
@@ -68,7 +72,10 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float) 
             f"for {logits.shape[1]} classes"
         )
     if logits.dtype not in _SLACK:
-        raise ValueError(f"logits in {logits.dtype} are too imprecise to certify: run the forward pass in float32 or float64")
+        raise ValueError(
+            f"logits in {logits.dtype} are too imprecise to certify: "
+            "run the forward pass in float32 or float64"
+        )
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain NaN or Inf: the model's output is not finite")
     if not (isinstance(lipschitz, (int, float)) and math.isfinite(lipschitz) and lipschitz > 0):
@@ -161,7 +168,11 @@ class CertificationResult:
         }
 
     def to_markdown(self) -> str:
-        head = "| n | clean | " + " | ".join(f"cert. ε={_fmt_eps(e)}" for e in self.certified_accuracy) + " | mean radius |"
+        head = (
+            "| n | clean | "
+            + " | ".join(f"cert. ε={_fmt_eps(e)}" for e in self.certified_accuracy)
+            + " | mean radius |"
+        )
         sep = "|" + "---|" * (3 + len(self.certified_accuracy))
         row = (
             f"| {self.n} | {100 * self.clean_accuracy:.2f}% | "

@@ -13,7 +13,9 @@ from torch import nn
 from certify.radius import certified_accuracy, certified_radius, certify, parse_eps, split_head
 
 
-def _linear_problem(seed: int, n: int, d: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_problem(
+    seed: int, n: int, d: int, c: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(c, d, generator=g, dtype=torch.float64)
     b = torch.randn(c, generator=g, dtype=torch.float64)
@@ -22,7 +24,9 @@ def _linear_problem(seed: int, n: int, d: int, c: int) -> tuple[torch.Tensor, to
     return w, b, x, y
 
 
-def _exact_boundary_distance(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _exact_boundary_distance(
+    w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Distance from x to the nearest point where another class ties with y (0 if misclassified)."""
     f = x @ w.T + b
     out = torch.zeros(len(y), dtype=torch.float64)
@@ -78,9 +82,7 @@ def test_certified_accuracy_is_strict() -> None:
     assert certified_accuracy(radii, "0") == 0.75
 
 
-@pytest.mark.parametrize(
-    ("text", "value"), [("36/255", 36 / 255), ("0.5", 0.5), (1, 1.0), ("255/255", 1.0)]
-)
+@pytest.mark.parametrize(("text", "value"), [("36/255", 36 / 255), ("0.5", 0.5), (1, 1.0), ("255/255", 1.0)])
 def test_parse_eps(text: str | int, value: float) -> None:
     assert parse_eps(text) == pytest.approx(value)
 
