@@ -16,7 +16,10 @@ certified radius proves that a bound is wrong).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -136,9 +139,6 @@ def autoattack_l2(
         from pyautoattack import AutoAttack
     except ImportError as err:
         raise ImportError("AutoAttack needs the 'attack' extra: pip install 'lipnet[attack]'") from err
-    import logging
-
-    logging.getLogger("auto-attack").setLevel(logging.WARNING)
     adversary = AutoAttack(
         model, norm="L2", eps=float(eps), version="custom", attacks=list(attacks), seed=seed, device=x.device
     )
@@ -148,7 +148,11 @@ def autoattack_l2(
     # AutoAttack's targeted attacks default to 9 target classes, which needs at least 10 classes.
     adversary.apgd_targeted.n_target_classes = min(9, n_classes - 1)
     adversary.fab.n_target_classes = min(9, n_classes - 1)
-    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    # pyautoattack prints its progress and "zero gradient" notices unconditionally; the audit reports
+    # its own summary, so both are dropped here.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     return x_adv.detach()
 
 

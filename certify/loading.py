@@ -1,0 +1,226 @@
+"""Loading the model to audit from a specification, without ever unpickling arbitrary code.
+
+A model specification is one of
+
+* an ``nn.Module`` (through the API): used as it is;
+* a lipnet run folder (``lipnet train`` output): its ``final`` checkpoint and config, through
+  ``lipnet.train.load_run_model`` (safetensors weights and a JSON sidecar, nothing pickled);
+* a TorchScript file (``torch.jit.save``): ``torch.jit.load`` (TorchScript is a restricted language,
+  not Python; its graph is converted for analysis by :mod:`certify.graph`);
+* a ``.safetensors`` file, or a ``torch.save`` checkpoint (``.pt``/``.pth``) read with
+  ``torch.load(..., weights_only=True)``, holding a state_dict (possibly under a ``state_dict``,
+  ``model_state_dict`` or ``model`` key), together with an architecture ``package.module:function``
+  that builds the model (called with no arguments, or with keyword arguments).
+
+A checkpoint that only loads by running arbitrary code (a pickled ``nn.Module`` or any other Python
+object) is refused with :class:`CheckpointError`, which says how to save it instead. Truncated or
+corrupted files, checkpoints that do not fit the architecture and unknown architectures raise
+:class:`CheckpointError` (a ``ValueError``) too; a missing file raises ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "LoadedModel", "build_architecture", "load_model", "load_state_dict_file"]
+
+#: Keys under which training scripts commonly nest the weights of a checkpoint.
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+_SAVE_HINT = (
+    "save the weights only, e.g. torch.save(model.state_dict(), 'model.pt') or "
+    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), and pass the architecture "
+    "with --arch package.module:function"
+)
+
+
+class CheckpointError(ValueError):
+    """The model specification cannot be loaded safely: unsafe, corrupted, or not fitting the architecture."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model in eval mode, where it came from, and what the source says about its input.
+
+    ``input_shape`` is known for lipnet run folders (the model's ``input_shape`` attribute or the
+    run's data); otherwise None (the audit takes it from the data).
+    """
+
+    model: nn.Module
+    source: str
+    kind: str
+    input_shape: tuple[int, ...] | None = None
+
+
+def build_architecture(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Import ``package.module:function`` and call it (with ``arch_kwargs``) to build the model."""
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise CheckpointError(f"--arch must look like package.module:function, got {arch!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise CheckpointError(f"cannot import the architecture module {module_name!r}: {err}") from None
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise CheckpointError(f"module {module_name!r} has no attribute {attr!r} (from --arch {arch!r})")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise CheckpointError(f"{arch!r} is not callable")
+    try:
+        model = fn(**dict(arch_kwargs or {}))
+    except TypeError as err:
+        raise CheckpointError(
+            f"calling {arch!r} with arguments {dict(arch_kwargs or {})} failed: {err}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{arch!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _tensor_dict(obj[key], path)
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{path} does not hold a state_dict (found {type(obj).__name__}): {_SAVE_HINT}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{path} is not a state_dict: entries {bad[:5]} are not tensors "
+            "(nest the weights under 'state_dict')"
+        )
+    return {str(k): v for k, v in obj.items()}
+
+
+def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or a ``torch.save`` file, safely.
+
+    ``torch.load`` runs with ``weights_only=True``: a file that needs arbitrary unpickling (a whole
+    pickled model, custom classes) is refused with an explanation instead of being executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{path} is not a valid safetensors file (truncated or corrupted?): {err}"
+            ) from None
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} can only be loaded by unpickling arbitrary Python objects, which could run any code "
+            f"({_unpickling_reason(err)}); certify refuses to do that: {_SAVE_HINT}"
+        ) from None
+    except Exception as err:  # whatever a damaged file makes the reader raise: it is not a checkpoint
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or not a checkpoint?): "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from None
+    if isinstance(obj, nn.Module):
+        # weights_only=True never returns a module; kept as a guard should the loader change.
+        raise CheckpointError(f"{path} holds a pickled model, not weights: {_SAVE_HINT}")
+    return _tensor_dict(obj, path)
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    """The informative line of torch's weights_only refusal (it names the offending global)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    for line in text.splitlines():
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return " ".join(line.split())[:300]
+    return " ".join(text.split())[:300]
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise CheckpointError(
+            f"the checkpoint {source} does not fit the architecture {arch}: {detail[:600]}"
+        ) from None
+
+
+def load_model(
+    spec: str | Path | nn.Module,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load the model described by ``spec`` (see the module docstring) onto ``device``, in eval mode."""
+    if isinstance(spec, nn.Module):
+        return LoadedModel(spec.to(device).eval(), type(spec).__qualname__, "module")
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path.is_dir():
+        if arch is not None:
+            raise CheckpointError("--arch is for weight files; a run folder already names its model")
+        return _load_run(path, device)
+    if path.suffix != ".safetensors" and _is_torchscript(path):
+        if arch is not None:
+            raise CheckpointError(
+                f"{path} is a TorchScript model, which carries its architecture: drop --arch"
+            )
+        try:
+            model = torch.jit.load(str(path), map_location=device)
+        except (RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path} is not a loadable TorchScript model: {err}") from None
+        return LoadedModel(model.eval(), str(path), "torchscript")
+    state = load_state_dict_file(path, device)
+    if arch is None:
+        raise CheckpointError(
+            f"{path} holds weights only: give the architecture that builds the model with "
+            "--arch package.module:function (and --arch-kwargs JSON if it takes arguments)"
+        )
+    model = build_architecture(arch, arch_kwargs)
+    _load_into(model, state, str(path), arch)
+    kind = "safetensors" if path.suffix == ".safetensors" else "state_dict"
+    return LoadedModel(model.to(device).eval(), f"{path} ({arch})", kind)
+
+
+def _load_run(path: Path, device: str | torch.device) -> LoadedModel:
+    try:
+        from lipnet.train import load_run_model
+    except ImportError as err:
+        raise CheckpointError(
+            f"{path} is a folder; loading a lipnet run needs the lipnet package: {err}"
+        ) from None
+    try:
+        model, cfg = load_run_model(path, "final", device)
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load the lipnet run {path}: {' '.join(str(err).split())}") from None
+    shape = getattr(model, "input_shape", None)
+    input_shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else None
+    return LoadedModel(model.eval(), f"lipnet run {path} ({cfg.model.name})", "run", input_shape)

@@ -1,0 +1,103 @@
+"""Argument types shared by the ``lipnet`` sub-commands: each turns a string into a value or raises
+``argparse.ArgumentTypeError`` with a message that says what was expected."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+__all__ = [
+    "Parser",
+    "eps_list",
+    "float_list",
+    "increasing_eps_list",
+    "json_object",
+    "name_list",
+    "non_negative_int",
+    "one_line",
+    "positive_int",
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit 2), as for every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (its class name when the message is empty)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _items(text: str, parse: Callable[[str], Any], example: str) -> list[Any]:
+    try:
+        values = [parse(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"{err}; expected a comma-separated list such as {example}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one value, such as {example}")
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    """``"0.1,1,10"`` -> ``[0.1, 1.0, 10.0]``."""
+    return _items(text, float, "0.1,1,10")
+
+
+def eps_list(text: str) -> list[float]:
+    """``"36/255,0.5"`` -> radii as floats (fractions allowed)."""
+    from certify.radius import parse_eps
+
+    return _items(text, parse_eps, "36/255,72/255")
+
+
+def increasing_eps_list(text: str) -> list[float]:
+    """Like :func:`eps_list`, and the radii must be strictly increasing."""
+    values = eps_list(text)
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise argparse.ArgumentTypeError(
+            f"expected strictly increasing radii such as 36/255,72/255, got {text!r}"
+        )
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    """``"apgd-ce,apgd-t"`` -> ``["apgd-ce", "apgd-t"]``."""
+    return _items(text, str, "apgd-ce,apgd-t")
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object such as ``'{"width": 16}'``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 16}}', got {text!r}")
+    return value
