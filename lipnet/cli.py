@@ -1,0 +1,207 @@
+"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit`` and ``bench layers``.
+
+Exit codes: 0 success, 1 training diverged, 2 bad input (unknown key, impossible value, missing
+dataset or run folder, corrupted checkpoint, unknown model), reported as one line on stderr
+without a traceback; 130 interrupted. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lipnet.argtypes import Parser, float_list, increasing_eps_list, one_line
+from lipnet.audit_cli import add_audit_parser
+from lipnet.config import SWEEP_PARAMS, Config, ConfigError, load_config
+
+__all__ = ["build_parser", "main"]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.config is None:
+        raise ConfigError("give --config FILE (experiments/configs/*.yaml)")
+    cfg = load_config(args.config, args.set)
+    if args.device is not None:
+        cfg.device = args.device
+        cfg.validate()
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lipnet.config import apply_overrides
+    from lipnet.runs import RunFolder
+    from lipnet.train import train
+
+    if args.resume is not None:
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise ConfigError("give either --resume RUN or --out DIR, not two different folders")
+        if args.config is None:
+            cfg = apply_overrides(RunFolder(args.resume).read_config(), args.set)
+            if args.device is not None:
+                cfg.device = args.device
+                cfg.validate()
+        else:
+            cfg = _config(args)
+        cfg.out = str(args.resume)
+    else:
+        cfg = _config(args)
+        if args.out is not None:
+            cfg.out = args.out
+        elif cfg.out is None:
+            cfg.out = str(Path("runs") / Path(args.config).stem)
+    result = train(cfg, resume=args.resume is not None, progress=not args.quiet)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from lipnet.sweep import run_sweep
+
+    cfg = _config(args)
+    if args.attack is not None:
+        cfg.sweep.attack = args.attack
+    if args.attack_n is not None:
+        cfg.sweep.attack_n = args.attack_n
+    cfg.validate()
+    chosen = [(p, getattr(args, f"{p}s")) for p in SWEEP_PARAMS if getattr(args, f"{p}s") is not None]
+    param, values = chosen[0] if chosen else (cfg.sweep.param, cfg.sweep.values)
+    out = args.out or cfg.out or str(Path("runs") / f"{Path(args.config).stem}-sweep")
+    result = run_sweep(cfg, param, values, out, progress=not args.quiet)
+    print(result.md_path.read_text(encoding="utf-8"))
+    print(f"wrote {result.csv_path}, {result.md_path}" + (f", {result.png_path}" if result.png_path else ""))
+    return 0 if not result.violations else 1
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from lipnet.runs import RunFolder, atomic_write_json, certification_table
+    from lipnet.train import certify_on_test, load_run_model, load_split
+
+    run = RunFolder(args.run)
+    model, cfg = load_run_model(run.path, args.checkpoint, args.device)
+    eps = args.eps if args.eps is not None else list(cfg.certify.eps)
+    test_ds = load_split(cfg, "test", data_dir=args.data_dir)
+    n = args.n if args.n is not None else cfg.certify.n
+    cert, _ = certify_on_test(
+        model,
+        test_ds,
+        eps,
+        n=n,
+        batch_size=args.batch_size or cfg.certify.batch_size,
+        device=next(model.parameters()).device,
+        progress=not args.quiet,
+    )
+    cert = {"checkpoint": args.checkpoint, **cert}
+    atomic_write_json(run.certify_path, cert)
+    print(certification_table(cert))
+    print(f"wrote {run.certify_path}")
+    return 0
+
+
+def _cmd_bench_layers(args: argparse.Namespace) -> int:
+    try:
+        from lipnet import bench
+    except ModuleNotFoundError as err:
+        if err.name != "lipnet.bench":
+            raise
+        raise ConfigError(
+            "lipnet bench is not available in this installation (lipnet/bench.py is missing)"
+        ) from None
+    code = bench.run(args)
+    return int(code) if isinstance(code, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lipnet`` (one sub-parser per command)."""
+    parser = Parser(
+        prog="lipnet", description="Certifiably robust 1-Lipschitz networks: train, sweep, certify."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config file (experiments/configs/*.yaml)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set loss.tau=10 --set optim.epochs=3 (YAML scalars)",
+        )
+        p.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+    p_train = sub.add_parser("train", help="train one model into a run folder, then certify it")
+    common(p_train)
+    p_train.add_argument("--out", help="run folder (default: out in the config, else runs/<config name>)")
+    p_train.add_argument(
+        "--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint"
+    )
+    p_train.set_defaults(func=_cmd_train)
+
+    p_sweep = sub.add_parser("sweep", help="train one model per loss parameter value; csv, png and md")
+    common(p_sweep)
+    group = p_sweep.add_mutually_exclusive_group()
+    group.add_argument(
+        "--taus", type=float_list, help="tau values (tau multiplies the logits), e.g. 0.1,1,10"
+    )
+    group.add_argument("--margins", type=float_list, help="hinge / HKR margins, e.g. 0.05,0.1,0.2")
+    group.add_argument("--alphas", type=float_list, help="HKR alpha values in [0, 1], e.g. 0.9,0.99")
+    p_sweep.add_argument("--out", help="sweep folder (default: runs/<config name>-sweep)")
+    p_sweep.add_argument("--attack", choices=["auto", "pgd", "autoattack"], help="empirical attack")
+    p_sweep.add_argument("--attack-n", type=int, help="test images attacked per value (0: no attack)")
+    p_sweep.set_defaults(func=_cmd_sweep)
+
+    p_cert = sub.add_parser("certify", help="certify a run's final checkpoint on its test set")
+    p_cert.add_argument("run", metavar="RUN", help="run folder written by lipnet train")
+    p_cert.add_argument(
+        "--eps", type=increasing_eps_list, help="radii, e.g. 36/255,72/255 (default: the run's)"
+    )
+    p_cert.add_argument("--n", type=int, help="certify the first N test images (default: the run's)")
+    p_cert.add_argument("--checkpoint", choices=["final", "last"], default="final")
+    p_cert.add_argument("--batch-size", type=int)
+    p_cert.add_argument("--data-dir", help="dataset folder (default: the run's)")
+    p_cert.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
+    p_cert.add_argument("--quiet", action="store_true")
+    p_cert.set_defaults(func=_cmd_certify)
+
+    add_audit_parser(sub)
+
+    p_bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p_bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    p_layers = bench_sub.add_parser("layers", help="speed and memory of the 1-Lipschitz layers")
+    p_layers.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    p_layers.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p_layers.add_argument("--width", type=int, default=32, help="channels of the first conv (default 32)")
+    p_layers.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (default 10)")
+    p_layers.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p_layers.add_argument("--out", help="JSON file for the measured rows")
+    p_layers.set_defaults(func=_cmd_bench_layers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lipnet`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    from certify.bounds import UnboundableModuleError
+    from lipnet.train import TrainingDivergedError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else 2
+    name = f"lipnet {args.command}"
+    try:
+        return int(args.func(args))
+    except TrainingDivergedError as err:
+        print(f"{name}: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, UnboundableModuleError) as err:
+        print(f"{name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""Run configuration: nested dataclasses read from YAML, with ``--set section.key=value`` overrides.
+
+A config file has the sections ``model``, ``data``, ``loss``, ``optim``, ``certify`` and ``sweep``
+plus a few top-level keys (``seed``, ``device``, ``amp``, ``channels_last``, ``compile``, ``out``).
+``model`` and ``loss`` hold a ``name`` and, flat beside it, the keyword arguments of the
+constructor (``loss: {name: tau_ce, tau: 10}``; override with ``--set loss.tau=20``).
+
+Temperature convention: ``tau`` multiplies the logits, ``tau_ce(f, y) = CE(tau * f, y) / tau``
+(deel-torchlip, Béthune et al. 2022); it is not the T = 1/tau of softmax temperature scaling.
+
+Every problem with a config (unknown key, wrong type, impossible value) raises
+:class:`ConfigError`, whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "RESUME_IGNORES",
+    "SWEEP_PARAMS",
+    "CertifyConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SweepConfig",
+    "apply_overrides",
+    "check_loss_param",
+    "config_diff",
+    "dump_config",
+    "load_config",
+    "parse_override",
+    "parse_yaml_scalar",
+]
+
+#: Loss hyper-parameters that ``lipnet sweep`` can vary, with the CLI flag that lists their values.
+SWEEP_PARAMS: dict[str, str] = {"tau": "--taus", "margin": "--margins", "alpha": "--alphas"}
+
+#: Top-level keys that do not change what is trained: a run may be resumed with other values.
+RESUME_IGNORES: tuple[str, ...] = ("out", "sweep", "device")
+
+_DEFAULT_EPS: tuple[str, ...] = ("36/255", "72/255", "108/255", "1")
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_SCHEDULES = ("cosine", "onecycle", "none")
+_ATTACKS = ("auto", "pgd", "autoattack")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed or asks for something impossible."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loader that also reads ``1e-3`` and ``5e4`` as floats (YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_scalar(text: str) -> Any:
+    """Parse one override value the way YAML would (``10`` -> int, ``1e-3`` -> float, ``[1, 2]`` -> list)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse value {text!r} as YAML: {err}") from None
+
+
+def _parse_eps(value: object) -> float:
+    # certify.radius.parse_eps is the one reader of "36/255"; imported here so that reading a
+    # config file does not pull in the certification stack before it is needed.
+    from certify.radius import parse_eps
+
+    if isinstance(value, bool):
+        raise ConfigError(f"certify.eps: {value!r} is not a number")
+    try:
+        return parse_eps(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"certify.eps: {err}") from None
+
+
+@dataclass
+class ModelConfig:
+    """A model of the registry: ``lipnet.models.create(name, **kwargs)``.
+
+    ``in_channels``, ``num_classes`` and ``input_size`` are filled in from the dataset when the
+    constructor accepts them and the config leaves them out.
+    """
+
+    name: str = "small_cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how much of it, and the training augmentation (random crop + flip).
+
+    ``seed`` is the generator seed of procedural datasets (shapes10), separate from the training
+    seed so that runs with different seeds see the same images; real datasets ignore it.
+    """
+
+    name: str = "shapes10"
+    seed: int = 0
+    data_dir: str | None = None
+    download: bool = False
+    n_train: int | None = None
+    n_test: int | None = None
+    augment: bool = False
+    crop_padding: int = 4
+    flip: bool = True
+
+
+@dataclass
+class LossConfig:
+    """A loss of the catalogue: ``lipnet.losses.create(name, **kwargs)`` (tau, margin, alpha, ...)."""
+
+    name: str = "tau_ce"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule; ``batch_size`` is the global batch over all processes.
+
+    ``schedule``: ``cosine`` (per step, to 0), ``onecycle`` (cosine warm-up from lr/25 over the
+    first 30% of steps, then cosine decay to lr/25e4, as torch's OneCycleLR without momentum
+    cycling) or ``none``.
+    """
+
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "cosine"
+    epochs: int = 10
+    batch_size: int = 128
+
+
+@dataclass
+class CertifyConfig:
+    """The certification pass at the end of training: radii at each eps (L2, [0, 1] pixel scale)."""
+
+    eps: list[float] = field(default_factory=lambda: [_parse_eps(e) for e in _DEFAULT_EPS])
+    n: int | None = None
+    batch_size: int = 500
+
+
+@dataclass
+class SweepConfig:
+    """Defaults for ``lipnet sweep``: the loss parameter and its values, and the empirical attack.
+
+    The empirical robust accuracy is measured on the first ``attack_n`` test samples (0 turns it
+    off) with ``certify.attacks.empirical_robust_accuracy``.
+    """
+
+    param: str = "tau"
+    values: list[float] = field(default_factory=list)
+    attack: str = "auto"
+    attack_n: int = 100
+    attack_steps: int = 50
+
+
+@dataclass
+class Config:
+    """Everything a run needs; ``out`` is the run folder (``lipnet train``) or the sweep folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict in the file layout (model and loss kwargs flat beside ``name``)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (ModelConfig, LossConfig)):
+                out[f.name] = {"name": value.name, **copy.deepcopy(value.kwargs)}
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = copy.deepcopy(dataclasses.asdict(value))
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        """Build and validate a config from the file layout; unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+        cfg = cls()
+        for key, value in data.items():
+            _set_path(cfg, [str(key)], value, whole_section=True)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for the first impossible value."""
+        _validate(self)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation, converting only where no information is lost."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if key == "certify.eps":
+            return _coerce_eps(value)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _coerce_eps(value: Any) -> list[float]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"certify.eps: expected a list such as [36/255, 72/255], got {value!r}")
+    return [_parse_eps(v) for v in value]
+
+
+def _set_path(cfg: Config, path: list[str], value: Any, *, whole_section: bool = False) -> None:
+    """Set ``cfg.<path> = value``; a whole section given as a mapping is merged key by key."""
+    top = path[0]
+    names = {f.name for f in dataclasses.fields(Config)}
+    if top not in names:
+        raise ConfigError(f"unknown config key {top!r}; known: {', '.join(sorted(names))}")
+    section = getattr(cfg, top)
+    if not dataclasses.is_dataclass(section):
+        if len(path) > 1:
+            raise ConfigError(f"{top!r} is a value, not a section: cannot set {'.'.join(path)}")
+        setattr(cfg, top, _coerce(value, _field_types(Config)[top], top))
+        return
+    if len(path) == 1:
+        if value is None and whole_section:
+            return
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"section {top!r} must be a mapping of keys, got {value!r}")
+        for key, sub in value.items():
+            _set_path(cfg, [top, str(key)], sub)
+        return
+    key = ".".join(path)
+    if isinstance(section, (ModelConfig, LossConfig)):
+        if path[1] == "name":
+            section.name = _coerce(value, str, key)
+        elif len(path) == 2:
+            section.kwargs[path[1]] = copy.deepcopy(value)
+        else:
+            raise ConfigError(f"{key}: {top} arguments are flat (e.g. {top}.{path[1]}=...)")
+        return
+    hints = _field_types(type(section))
+    if len(path) != 2 or path[1] not in hints:
+        raise ConfigError(f"unknown config key {key!r}; {top} has: {', '.join(hints)}")
+    setattr(section, path[1], _coerce(value, hints[path[1]], key))
+
+
+def _positive_int(value: int | None, key: str, *, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _finite(value: float, key: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+
+
+def check_loss_param(name: str, value: object) -> None:
+    """Validate a loss hyper-parameter the sweep can vary: tau > 0, margin >= 0, alpha in [0, 1].
+
+    Other keyword arguments (and an ``alpha`` given as per-class weights, as focal takes) are left
+    to the loss constructor, which raises ``ValueError`` for bad values.
+    """
+    if name not in SWEEP_PARAMS or (name == "alpha" and isinstance(value, (list, tuple))):
+        return
+    key = f"loss.{name}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+    if name == "tau" and v <= 0:
+        raise ConfigError(f"loss.tau must be > 0 (it multiplies the logits), got {value!r}")
+    if name == "margin" and v < 0:
+        raise ConfigError(f"loss.margin must be >= 0, got {value!r}")
+    if name == "alpha" and not 0.0 <= v <= 1.0:
+        raise ConfigError(f"loss.alpha must lie in [0, 1], got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    for section in (cfg.model, cfg.loss):
+        kind = "model" if section is cfg.model else "loss"
+        if not section.name:
+            raise ConfigError(f"{kind}.name must not be empty")
+        for key in section.kwargs:
+            if not re.match(r"^[A-Za-z_]\w*$", key):
+                raise ConfigError(f"{kind}.{key}: not a valid argument name")
+    for key, value in cfg.loss.kwargs.items():
+        check_loss_param(key, value)
+
+    d = cfg.data
+    if not d.name:
+        raise ConfigError("data.name must not be empty")
+    _positive_int(d.n_train, "data.n_train", allow_none=True)
+    _positive_int(d.n_test, "data.n_test", allow_none=True)
+    _positive_int(d.crop_padding, "data.crop_padding", minimum=0)
+    _positive_int(d.seed, "data.seed", minimum=0)
+
+    o = cfg.optim
+    if o.name not in _OPTIMIZERS:
+        raise ConfigError(f"optim.name must be one of {', '.join(_OPTIMIZERS)}, got {o.name!r}")
+    if o.schedule not in _SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(_SCHEDULES)}, got {o.schedule!r}")
+    for key in ("lr", "weight_decay", "momentum"):
+        _finite(getattr(o, key), f"optim.{key}")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr!r}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must lie in [0, 1), got {o.momentum!r}")
+    if o.nesterov and (o.name != "sgd" or o.momentum == 0):
+        raise ConfigError("optim.nesterov needs optim.name: sgd and optim.momentum > 0")
+    _positive_int(o.epochs, "optim.epochs")
+    _positive_int(o.batch_size, "optim.batch_size")
+
+    c = cfg.certify
+    if not c.eps:
+        raise ConfigError("certify.eps must list at least one epsilon")
+    if any(b <= a for a, b in zip(c.eps, c.eps[1:], strict=False)):
+        raise ConfigError(f"certify.eps must be strictly increasing, got {c.eps}")
+    _positive_int(c.n, "certify.n", allow_none=True)
+    _positive_int(c.batch_size, "certify.batch_size")
+
+    s = cfg.sweep
+    if s.param not in SWEEP_PARAMS:
+        raise ConfigError(f"sweep.param must be one of {', '.join(SWEEP_PARAMS)}, got {s.param!r}")
+    for v in s.values:
+        check_loss_param(s.param, v)
+    if len(set(s.values)) != len(s.values):
+        raise ConfigError(f"sweep.values has duplicates: {s.values}")
+    if s.attack not in _ATTACKS:
+        raise ConfigError(f"sweep.attack must be one of {', '.join(_ATTACKS)}, got {s.attack!r}")
+    _positive_int(s.attack_n, "sweep.attack_n", minimum=0)
+    _positive_int(s.attack_steps, "sweep.attack_steps")
+
+    _positive_int(cfg.seed, "seed", minimum=0)
+    if not _DEVICE_RE.match(cfg.device):
+        raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.out is not None and not cfg.out.strip():
+        raise ConfigError("out must be a folder path, got an empty string")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into its key path and its YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. loss.tau=10)")
+    path = key.split(".")
+    if any(not p for p in path):
+        raise ConfigError(f"override {text!r}: empty part in key {key!r}")
+    return path, parse_yaml_scalar(raw)
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Return a validated copy of ``cfg`` with each ``section.key=value`` override applied in order."""
+    out = copy.deepcopy(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        _set_path(out, path, value)
+    out.validate()
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+    if path is None:
+        cfg = Config()
+    else:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(p)!r} does not exist") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {err.strerror}") from None
+        try:
+            data = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        try:
+            cfg = Config.from_dict(data or {})
+        except ConfigError as err:
+            raise ConfigError(f"{p}: {err}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    """The config as YAML text, in the file layout, readable back by :func:`load_config`."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def config_diff(a: Config, b: Config, *, ignore: Iterable[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (top-level names in ``ignore`` skipped)."""
+    skip = set(ignore)
+    diffs: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
+        elif x != y:
+            diffs.append(prefix)
+
+    da, db = a.to_dict(), b.to_dict()
+    for key in skip:
+        da.pop(key, None)
+        db.pop(key, None)
+    walk(da, db, "")
+    return diffs

@@ -1,0 +1,392 @@
+"""The run folder: config, metrics, checkpoints, results, summary; every file written atomically.
+
+Layout of one run::
+
+    RUN/config.yaml         the resolved config (read back by ``--resume`` and ``lipnet certify``)
+    RUN/metrics.jsonl       one JSON object per finished epoch
+    RUN/metrics.csv         the same rows as CSV
+    RUN/checkpoints/        last.json, final.json (sidecars) and the safetensors files they name
+    RUN/results.json        the certification of the final model
+    RUN/radii.safetensors   its per-sample certified radii (float64), predictions and labels
+    RUN/summary.md          a short Markdown summary with the certification table
+    RUN/curves.png          loss and accuracy per epoch (when matplotlib is installed)
+
+A checkpoint is a safetensors file holding every tensor (model weights, optimiser moments, RNG
+states) and a JSON sidecar holding everything else (epoch, step, optimiser hyper-parameters, the
+metrics history), with the name and SHA-256 of its tensor file. Nothing is pickled. The sidecar is
+the commit point: a new tensor file is written under a new name first, then the sidecar is
+replaced atomically, so a crash or a failing write at any moment leaves the previous checkpoint
+whole. ``final`` is the sidecar of the last epoch's tensors (no second copy of the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lipnet.config import Config, ConfigError, dump_config, load_config
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpoint",
+    "CheckpointError",
+    "RunError",
+    "RunFolder",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "certification_table",
+    "eps_label",
+    "join_state",
+    "split_state",
+]
+
+CHECKPOINT_FORMAT = "lipnet.checkpoint/1"
+_TAGS = ("last", "final")
+
+
+class RunError(ValueError):
+    """A run folder cannot be used as asked (already holds a run, nothing to resume, wrong config)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupted, or not one that lipnet wrote."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Readers see either the old file or the new one, never a partial write; on any error the
+    temporary file is removed and the old file is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        if hasattr(os, "fchmod"):
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+_SPECIAL = ("__tensor__", "__tuple__", "__items__")
+
+
+def split_state(obj: Any, prefix: str = "state") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, tensors, scalars) into JSON and tensors.
+
+    Each tensor is replaced by ``{"__tensor__": key}`` and returned under that key; tuples and
+    dicts with non-string keys (an optimiser's ``{0: {...}}``) are tagged so that
+    :func:`join_state` rebuilds exactly the same structure.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().to("cpu").contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}/{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}/{i}") for i, v in enumerate(x)]
+        if isinstance(x, Mapping):
+            if all(isinstance(k, str) for k in x) and not any(k in _SPECIAL for k in x):
+                return {k: enc(v, f"{path}/{k}") for k, v in x.items()}
+            return {
+                "__items__": [
+                    [enc(k, f"{path}/key{i}"), enc(v, f"{path}/{k}")] for i, (k, v) in enumerate(x.items())
+                ]
+            }
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store a {type(x).__name__} at {path!r} in a checkpoint (no pickling)")
+
+    return enc(obj, prefix), tensors
+
+
+def join_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_state`."""
+    if isinstance(skeleton, list):
+        return [join_state(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            key = skeleton["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint is missing tensor {key!r}")
+            return tensors[key]
+        if set(skeleton) == {"__tuple__"}:
+            return tuple(join_state(v, tensors) for v in skeleton["__tuple__"])
+        if set(skeleton) == {"__items__"}:
+            return {join_state(k, tensors): join_state(v, tensors) for k, v in skeleton["__items__"]}
+        return {k: join_state(v, tensors) for k, v in skeleton.items()}
+    return skeleton
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds once loaded: model weights, the other state, and JSON metadata."""
+
+    tag: str
+    epoch: int
+    step: int
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def eps_label(eps: float) -> str:
+    """``36/255`` for a multiple of 1/255 below 1, else the number (``1``, ``0.1``)."""
+    k = eps * 255
+    if 0 < eps < 1 and abs(k - round(k)) < 1e-9:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def certification_table(cert: Mapping[str, Any]) -> str:
+    """Markdown table of a certification dict (n, eps, clean/certified accuracy, mean radius, bound)."""
+    eps = list(cert["eps"])
+    head = (
+        "| n | clean | "
+        + " | ".join(f"cert. ε={eps_label(e)}" for e in eps)
+        + " | mean radius | Lip. bound |"
+    )
+    sep = "|" + "---:|" * (len(eps) + 4)
+    row = (
+        f"| {cert['n']} | {100 * cert['clean_accuracy']:.2f}% | "
+        + " | ".join(f"{100 * a:.2f}%" for a in cert["certified_accuracy"])
+        + f" | {cert['mean_radius']:.4f} | {cert['lipschitz']:.6f} |"
+    )
+    return "\n".join([head, sep, row])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class RunFolder:
+    """One training run's folder; see the module docstring for the layout."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / "config.yaml"
+        self.metrics_jsonl = self.path / "metrics.jsonl"
+        self.metrics_csv = self.path / "metrics.csv"
+        self.results_path = self.path / "results.json"
+        self.summary_path = self.path / "summary.md"
+        self.curves_path = self.path / "curves.png"
+        self.certify_path = self.path / "certify.json"
+        self.radii_path = self.path / "radii.safetensors"
+        self.checkpoint_dir = self.path / "checkpoints"
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # config -----------------------------------------------------------------------------------
+    def is_started(self) -> bool:
+        """Whether a run has already written its config or a checkpoint here."""
+        return self.config_path.exists() or self.has_checkpoint("last") or self.results_path.exists()
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.config_path, dump_config(cfg))
+
+    def read_config(self) -> Config:
+        """The run's resolved config; :class:`RunError` if it is missing or unreadable."""
+        if not self.config_path.exists():
+            raise RunError(f"{self.path} is not a run folder: it has no config.yaml")
+        try:
+            return load_config(self.config_path)
+        except ConfigError as err:
+            raise RunError(f"the config of run {self.path} is unreadable: {err}") from None
+
+    # metrics ----------------------------------------------------------------------------------
+    def write_metrics(self, history: Iterable[Mapping[str, Any]]) -> None:
+        """Rewrite metrics.jsonl and metrics.csv from the full history (one row per epoch)."""
+        rows = [dict(r) for r in history]
+        atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        columns: list[str] = []
+        for r in rows:
+            columns.extend(k for k in r if k not in columns)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.metrics_csv, buf.getvalue())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_jsonl.exists():
+            return []
+        return [
+            json.loads(line) for line in self.metrics_jsonl.read_text(encoding="utf-8").splitlines() if line
+        ]
+
+    # results ----------------------------------------------------------------------------------
+    def has_results(self) -> bool:
+        return self.results_path.exists()
+
+    def write_results(self, results: Mapping[str, Any]) -> None:
+        atomic_write_json(self.results_path, dict(results))
+
+    def read_results(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.results_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(f"run {self.path} has no results.json: it has not finished") from None
+        except json.JSONDecodeError as err:
+            raise RunError(f"{self.results_path} is not valid JSON: {err}") from None
+
+    def write_radii(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Per-sample certification tensors (radii, predictions, labels) in test-set order."""
+        from safetensors.torch import save as st_save
+
+        data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+        atomic_write_bytes(self.radii_path, data)
+
+    def read_radii(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load as st_load
+
+        try:
+            return st_load(self.radii_path.read_bytes())
+        except FileNotFoundError:
+            raise RunError(f"run {self.path} has no radii.safetensors: it has not finished") from None
+        except Exception as err:  # safetensors raises its own error types for malformed files
+            raise RunError(f"{self.radii_path} is unreadable: {err}") from None
+
+    def write_summary(self, text: str) -> None:
+        atomic_write_text(self.summary_path, text)
+
+    # checkpoints ------------------------------------------------------------------------------
+    def _sidecar(self, tag: str) -> Path:
+        if tag not in _TAGS:
+            raise ValueError(f"checkpoint tag must be one of {_TAGS}, got {tag!r}")
+        return self.checkpoint_dir / f"{tag}.json"
+
+    def has_checkpoint(self, tag: str) -> bool:
+        return self._sidecar(tag).exists()
+
+    def save_checkpoint(
+        self,
+        tag: str,
+        *,
+        epoch: int,
+        step: int,
+        model_state: Mapping[str, torch.Tensor],
+        state: Mapping[str, Any],
+        meta: Mapping[str, Any],
+    ) -> None:
+        """Write a checkpoint (tensors first, then the sidecar that commits it), atomically."""
+        from safetensors.torch import save as st_save
+
+        skeleton, tensors = split_state(dict(state), "state")
+        for k, v in model_state.items():
+            tensors[f"model/{k}"] = v.detach().to("cpu").contiguous().clone()
+        data = st_save(tensors, metadata={"format": CHECKPOINT_FORMAT})
+        name = f"{tag}-e{epoch:04d}-s{step}.safetensors"
+        atomic_write_bytes(self.checkpoint_dir / name, data)
+        sidecar = {
+            "format": CHECKPOINT_FORMAT,
+            "tag": tag,
+            "epoch": epoch,
+            "step": step,
+            "tensors": name,
+            "sha256": _sha256(data),
+            "state": skeleton,
+            "meta": dict(meta),
+        }
+        atomic_write_json(self._sidecar(tag), sidecar)
+        self._remove_unreferenced()
+
+    def promote(self, src: str, dst: str) -> None:
+        """Make checkpoint ``dst`` name the same tensors as ``src`` (e.g. last -> final)."""
+        sidecar = self._read_sidecar(src)
+        sidecar["tag"] = dst
+        atomic_write_json(self._sidecar(dst), sidecar)
+
+    def _read_sidecar(self, tag: str) -> dict[str, Any]:
+        path = self._sidecar(tag)
+        try:
+            sidecar = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"run {self.path} has no '{tag}' checkpoint ({path} is missing)") from None
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"checkpoint sidecar {path} is corrupted: {err}") from None
+        if not isinstance(sidecar, dict) or sidecar.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a lipnet checkpoint sidecar ({CHECKPOINT_FORMAT})")
+        return sidecar
+
+    def load_checkpoint(self, tag: str = "last") -> Checkpoint:
+        """Read and verify a checkpoint; :class:`CheckpointError` if anything does not match."""
+        from safetensors.torch import load as st_load
+
+        sidecar = self._read_sidecar(tag)
+        name = sidecar.get("tensors")
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise CheckpointError(f"checkpoint '{tag}' of {self.path} names no valid tensor file")
+        path = self.checkpoint_dir / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"checkpoint '{tag}' of {self.path}: tensor file {path} is missing"
+            ) from None
+        if _sha256(data) != sidecar.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint '{tag}' of {self.path}: {path} is corrupted (SHA-256 mismatch)"
+            )
+        try:
+            tensors = st_load(data)
+        except Exception as err:  # safetensors raises its own error types for malformed headers
+            raise CheckpointError(f"checkpoint '{tag}' of {self.path}: cannot read {path}: {err}") from None
+        model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+        state = join_state(sidecar.get("state", {}), tensors)
+        return Checkpoint(
+            tag=tag,
+            epoch=int(sidecar["epoch"]),
+            step=int(sidecar["step"]),
+            model=model,
+            state=state,
+            meta=dict(sidecar.get("meta", {})),
+        )
+
+    def _remove_unreferenced(self) -> None:
+        """Delete tensor files (and stale temporaries) that no committed sidecar names."""
+        keep = set()
+        for tag in _TAGS:
+            with contextlib.suppress(CheckpointError):
+                if self.has_checkpoint(tag):
+                    keep.add(self._read_sidecar(tag).get("tensors"))
+        for p in self.checkpoint_dir.iterdir():
+            stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+            if (p.suffix == ".safetensors" and p.name not in keep) or stale_tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()

@@ -1,0 +1,291 @@
+"""The accuracy-robustness sweep: one run per value of a loss parameter (tau, margin or alpha).
+
+``run_sweep(cfg, "tau", [0.5, 5, 50], "runs/demo")`` trains one model per value, each in its own
+run folder ``OUT/runs/tau-0.5`` ..., then writes
+
+* ``OUT/sweep.csv``: value, clean accuracy, certified accuracy at each eps, mean radius, empirical
+  robust accuracy at each eps on the first ``sweep.attack_n`` test images, training time, bound;
+* ``OUT/sweep.md``: the same as a Markdown table (percentages);
+* ``OUT/curve.png``: the trade-off (see :func:`lipnet.plots.plot_sweep`), when matplotlib is present.
+
+A sweep is resumable value by value: a run folder with ``results.json`` is not retrained, a
+half-done one resumes from its last checkpoint, and the attack results are cached per run in
+``empirical.json``. Every run's config is checked against the sweep's before anything is trained,
+so a sweep never mixes runs of different configs.
+
+The empirical robust accuracy is an upper bound of the true robust accuracy (an attack that fails
+proves nothing), the certified one a lower bound. On the attacked subset the certified accuracy is
+recomputed; an empirical accuracy below it means a certificate was broken, which is reported as a
+soundness violation.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lipnet.config import (
+    RESUME_IGNORES,
+    SWEEP_PARAMS,
+    Config,
+    ConfigError,
+    check_loss_param,
+    config_diff,
+    dump_config,
+)
+from lipnet.plots import plot_sweep
+from lipnet.runs import RunError, RunFolder, atomic_write_json, atomic_write_text, eps_label
+
+__all__ = ["SweepResult", "SweepRow", "run_sweep", "sweep_configs", "value_dirname"]
+
+
+@dataclass
+class SweepRow:
+    """One value of the sweep. Accuracies are fractions; lists follow the sweep's eps order."""
+
+    value: float
+    run_dir: Path
+    clean_accuracy: float
+    certified_accuracy: list[float]
+    mean_radius: float
+    empirical_accuracy: list[float] | None
+    train_time: float
+    lipschitz: float
+
+
+@dataclass
+class SweepResult:
+    """The rows of a sweep and the files written for it."""
+
+    param: str
+    eps: list[float]
+    rows: list[SweepRow]
+    csv_path: Path
+    md_path: Path
+    png_path: Path | None
+    violations: list[str]
+
+
+def value_dirname(param: str, value: float) -> str:
+    """Run-folder name of one value, e.g. ``tau-0.5``, ``margin-0.1``."""
+    return f"{param}-{format(value, '.12g')}"
+
+
+def sweep_configs(
+    cfg: Config, param: str, values: Sequence[float], out: str | Path
+) -> list[tuple[float, Config]]:
+    """One validated config per value (``loss.<param> = value``, ``out = OUT/runs/<param>-<value>``).
+
+    Raises :class:`ConfigError` for an unknown parameter, an impossible or repeated value, or a loss
+    that does not take the parameter; nothing is trained or written.
+    """
+    from lipnet.train import build_loss
+
+    if param not in SWEEP_PARAMS:
+        raise ConfigError(f"cannot sweep {param!r}: choose one of {', '.join(SWEEP_PARAMS)}")
+    if not values:
+        raise ConfigError(f"no values to sweep: give {SWEEP_PARAMS[param]} (or sweep.values in the config)")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"repeated {param} values in {list(values)}")
+    configs = []
+    for value in sorted(float(v) for v in values):
+        check_loss_param(param, value)
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.loss.kwargs[param] = value
+        run_cfg.sweep.param = param
+        run_cfg.sweep.values = sorted(float(v) for v in values)
+        run_cfg.out = str(Path(out) / "runs" / value_dirname(param, value))
+        run_cfg.validate()
+        build_loss(run_cfg)
+        configs.append((value, run_cfg))
+    return configs
+
+
+def _check_existing(run_cfg: Config) -> None:
+    run = RunFolder(run_cfg.out or "")
+    if not run.config_path.exists():
+        return
+    diff = config_diff(run.read_config(), run_cfg, ignore=RESUME_IGNORES)
+    if diff:
+        raise RunError(
+            f"{run.path} was trained with a different config ({', '.join(diff)} differ): "
+            "remove it or sweep into another --out"
+        )
+
+
+def _empirical(
+    run_cfg: Config, test_ds: Any, eps: list[float], log: Callable[[str], None]
+) -> tuple[list[float], list[float]]:
+    """Empirical and certified accuracy at each eps on the first ``attack_n`` test images (cached).
+
+    The certified accuracy of the same images comes from the run's per-sample radii.
+    """
+    from certify.attacks import empirical_robust_accuracy
+    from certify.radius import certified_accuracy
+    from lipnet.train import load_run_model
+
+    s = run_cfg.sweep
+    run = RunFolder(run_cfg.out or "")
+    radii = run.read_radii()["radii"]
+    n = min(s.attack_n, len(test_ds), len(radii))
+    certified = [certified_accuracy(radii[:n], e) for e in eps]
+    cache_path = run.path / "empirical.json"
+    key = {"attack": s.attack, "n": n, "steps": s.attack_steps, "eps": eps, "seed": run_cfg.seed}
+    if cache_path.exists():
+        cached = json.loads(cache_path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["empirical_accuracy"], certified
+    model, _ = load_run_model(run.path, "final", run_cfg.device)
+    device = next(model.parameters()).device
+    x = test_ds.images[:n].to(device)
+    y = test_ds.labels[:n].to(device)
+    log(f"{run.path.name}: attacking {n} test images ({s.attack}) at {len(eps)} radii")
+    empirical = [
+        empirical_robust_accuracy(model, x, y, e, attack=s.attack, steps=s.attack_steps, seed=run_cfg.seed)
+        for e in eps
+    ]
+    atomic_write_json(cache_path, {"key": key, "empirical_accuracy": empirical})
+    return empirical, certified
+
+
+def _csv(param: str, eps: list[float], rows: list[SweepRow]) -> str:
+    labels = [eps_label(e) for e in eps]
+    header = [param, "clean_acc", *(f"cert_acc@{lab}" for lab in labels), "mean_radius"]
+    with_emp = any(r.empirical_accuracy is not None for r in rows)
+    if with_emp:
+        header += [f"emp_acc@{lab}" for lab in labels]
+    header += ["train_time_s", "lipschitz", "run"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        line: list[Any] = [r.value, r.clean_accuracy, *r.certified_accuracy, r.mean_radius]
+        if with_emp:
+            line += r.empirical_accuracy if r.empirical_accuracy is not None else [""] * len(eps)
+        line += [round(r.train_time, 3), r.lipschitz, r.run_dir.name]
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n_cert: int) -> str:
+    labels = [eps_label(e) for e in eps]
+    with_emp = any(r.empirical_accuracy is not None for r in rows)
+    head = [param, "clean", *(f"cert. ε={lab}" for lab in labels), "mean radius"]
+    if with_emp:
+        head += [f"emp. ε={lab}" for lab in labels]
+    head += ["train time"]
+    lines = [
+        f"# Sweep of `{param}`: {cfg.model.name} on {cfg.data.name}, loss `{cfg.loss.name}`",
+        "",
+        f"Certified accuracy on {n_cert} test images (sound bound, float64). "
+        + (
+            f"Empirical robust accuracy ({cfg.sweep.attack}, an upper bound) on the first "
+            f"{cfg.sweep.attack_n} test images. "
+            if with_emp
+            else ""
+        )
+        + ("τ multiplies the logits: CE(τ·f, y)/τ." if param == "tau" else ""),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---:|" * len(head),
+    ]
+    for r in rows:
+        cells = [f"{r.value:g}", f"{100 * r.clean_accuracy:.2f}%"]
+        cells += [f"{100 * a:.2f}%" for a in r.certified_accuracy]
+        cells.append(f"{r.mean_radius:.4f}")
+        if with_emp:
+            cells += (
+                [f"{100 * a:.2f}%" for a in r.empirical_accuracy]
+                if r.empirical_accuracy
+                else ["—"] * len(eps)
+            )
+        cells.append(f"{r.train_time:.1f} s")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(
+    cfg: Config,
+    param: str,
+    values: Sequence[float],
+    out: str | Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Train, certify and attack one model per value, then write the csv, md and png (module docstring)."""
+    from tqdm.auto import tqdm
+
+    from lipnet.train import load_split, train
+
+    if log is None:
+        log = tqdm.write if progress else (lambda _line: None)
+    out = Path(out)
+    configs = sweep_configs(cfg, param, values, out)
+    for _, run_cfg in configs:
+        _check_existing(run_cfg)
+    atomic_write_text(out / "config.yaml", dump_config(configs[0][1]))
+
+    eps = list(cfg.certify.eps)
+    test_ds = None
+    rows: list[SweepRow] = []
+    violations: list[str] = []
+    for value, run_cfg in configs:
+        run = RunFolder(run_cfg.out or "")
+        if run.has_results():
+            log(f"{param}={value:g}: already trained ({run.path})")
+        else:
+            log(f"{param}={value:g}: {'resuming' if run.is_started() else 'training'} {run.path}")
+            train(run_cfg, resume=run.is_started(), progress=progress, log=log)
+        results = run.read_results()
+        cert = results["certify"]
+        if [float(e) for e in cert["eps"]] != eps:
+            raise RunError(f"{run.path}/results.json was certified at other radii than {eps}")
+        empirical = None
+        if cfg.sweep.attack_n > 0:
+            if test_ds is None:
+                test_ds = load_split(cfg, "test")
+            empirical, cert_subset = _empirical(run_cfg, test_ds, eps, log)
+            for e, emp, cer in zip(eps, empirical, cert_subset, strict=True):
+                if emp < cer:
+                    violations.append(
+                        f"{param}={value:g}, eps={eps_label(e)}: empirical {emp:.4f} < certified {cer:.4f} "
+                        "on the same images: a certificate was broken"
+                    )
+        rows.append(
+            SweepRow(
+                value=value,
+                run_dir=run.path,
+                clean_accuracy=float(cert["clean_accuracy"]),
+                certified_accuracy=[float(a) for a in cert["certified_accuracy"]],
+                mean_radius=float(cert["mean_radius"]),
+                empirical_accuracy=empirical,
+                train_time=float(results["train_time"]),
+                lipschitz=float(cert["lipschitz"]),
+            )
+        )
+
+    csv_path, md_path, png_path = out / "sweep.csv", out / "sweep.md", out / "curve.png"
+    atomic_write_text(csv_path, _csv(param, eps, rows))
+    n_cert = int(RunFolder(configs[0][1].out or "").read_results()["certify"]["n"])
+    atomic_write_text(md_path, _markdown(configs[0][1], param, eps, rows, n_cert))
+    plotted = plot_sweep(
+        param,
+        [r.value for r in rows],
+        [r.clean_accuracy for r in rows],
+        [r.certified_accuracy for r in rows],
+        eps,
+        png_path,
+        eps_labels=[eps_label(e) for e in eps],
+    )
+    if not plotted:
+        log("note: matplotlib is not installed, so curve.png was not drawn (pip install 'lipnet[plot]')")
+    for line in violations:
+        log(f"SOUNDNESS VIOLATION: {line}")
+    return SweepResult(param, eps, rows, csv_path, md_path, png_path if plotted else None, violations)

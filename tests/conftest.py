@@ -1,0 +1,63 @@
+"""Shared fixtures: a private data folder for generated datasets, and a tiny training config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lipnet.config import Config, dump_config, load_config
+
+
+@pytest.fixture(scope="session")
+def lipnet_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``$LIPNET_DATA`` pointed at a temporary folder for the session, so shapes10 caches land there."""
+    path = tmp_path_factory.mktemp("lipnet-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIPNET_DATA", str(path))
+        yield path
+
+
+#: The smallest useful run: 64 shapes10 images, 2 steps per epoch, a 4-channel small_cnn, CPU.
+TINY_OVERRIDES: tuple[str, ...] = (
+    "model.name=small_cnn",
+    "model.width=4",
+    "data.name=shapes10",
+    "data.n_train=64",
+    "data.n_test=32",
+    "data.augment=true",
+    "loss.name=tau_ce",
+    "loss.tau=10",
+    "optim.lr=1e-2",
+    "optim.epochs=2",
+    "optim.batch_size=32",
+    "certify.eps=[36/255, 72/255]",
+    "certify.batch_size=32",
+    "sweep.attack=pgd",
+    "sweep.attack_n=8",
+    "sweep.attack_steps=5",
+    "device=cpu",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(lipnet_data: Path) -> Callable[..., Config]:
+    """Factory of tiny configs: ``tiny_config(out, "optim.epochs=1", ...)`` (extra overrides last)."""
+
+    def make(out: str | Path, *overrides: str) -> Config:
+        cfg = load_config(None, [*TINY_OVERRIDES, *overrides])
+        cfg.out = str(out)
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def tiny_yaml(tiny_config: Callable[..., Config], tmp_path: Path) -> Path:
+    """The tiny config as a YAML file without ``out`` (for CLI tests)."""
+    cfg = tiny_config(tmp_path / "unused")
+    cfg.out = None
+    path = tmp_path / "tiny.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return path

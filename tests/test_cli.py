@@ -1,0 +1,194 @@
+"""The ``lipnet`` command: train, sweep, certify and bench smoke tests; bad input exits 2 on one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lipnet.cli import main
+from lipnet.config import Config, dump_config
+from lipnet.runs import RunFolder
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error:" in lines[0] and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory, tiny_config: Callable[..., Config]) -> Path:
+    """The tiny config as YAML, cut to one epoch of one step."""
+    cfg = tiny_config("unused", "optim.epochs=1", "data.n_train=32")
+    cfg.out = None
+    path = tmp_path_factory.mktemp("cli-config") / "tiny.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, config_file: Path) -> Path:
+    """A run trained through ``lipnet train``."""
+    out = tmp_path_factory.mktemp("cli-run") / "run"
+    assert main(["train", "--config", str(config_file), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_train_writes_a_run(trained: Path) -> None:
+    run = RunFolder(trained)
+    assert run.has_results() and run.has_checkpoint("final") and run.summary_path.is_file()
+    assert run.read_config().optim.epochs == 1
+
+
+def test_certify_a_run(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(["certify", str(trained), "--eps", "36/255,0.5", "--n", "16", "--quiet"], capsys)
+    assert code == 0, err
+    assert "cert. ε=36/255" in out and "cert. ε=0.5" in out
+    cert = json.loads((trained / "certify.json").read_text(encoding="utf-8"))
+    assert cert["checkpoint"] == "final" and cert["n"] == 16 and cert["eps"] == [36 / 255, 0.5]
+    code, out, err = _run(["certify", str(trained), "--quiet"], capsys)
+    assert code == 0, err
+    default = json.loads((trained / "certify.json").read_text(encoding="utf-8"))
+    assert default["eps"] == [36 / 255, 72 / 255] and default["n"] == 32
+    # the whole test set at the run's radii: the same numbers as the run's own certification
+    assert default["certified_accuracy"] == RunFolder(trained).read_results()["certify"]["certified_accuracy"]
+
+
+def test_resume_of_a_finished_run(
+    trained: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(["train", "--resume", str(trained), "--quiet"], capsys)
+    assert code == 0, err
+    code, out, err = _run(
+        ["train", "--resume", str(trained), "--config", str(config_file), "--quiet"], capsys
+    )
+    assert code == 0, err
+    before = (trained / "config.yaml").read_bytes()
+    code, out, err = _run(
+        ["train", "--resume", str(trained), "--config", str(config_file), "--set", "loss.tau=3", "--quiet"],
+        capsys,
+    )
+    assert code == 2
+    _one_line_error(err)
+    assert "loss.tau" in err
+    assert (trained / "config.yaml").read_bytes() == before
+    code, out, err = _run(["train", "--config", str(config_file), "--out", str(trained), "--quiet"], capsys)
+    assert code == 2 and "already holds a run" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--set", "optim.momentun=0.9"], "unknown config key 'optim.momentun'"),
+        (["--set", "loss.tau=0"], "loss.tau must be > 0"),
+        (["--set", "loss.tau=-1"], "loss.tau must be > 0"),
+        (["--set", "certify.eps=[72/255,36/255]"], "strictly increasing"),
+        (["--set", "optim.epochs=0"], "optim.epochs"),
+        (["--set", "model.name=bethune_vgg_does_not_exist"], "unknown model"),
+        (["--set", "model.depth=3"], "depth"),
+        (["--set", "data.name=no_such_data"], "no_such_data"),
+        (["--set", "oops"], "section.key=value"),
+        (["--device", "tpu"], "device must be"),
+    ],
+)
+def test_bad_train_input_exits_2(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], fragment: str
+) -> None:
+    out = tmp_path / "never"
+    code, _, err = _run(["train", "--config", str(config_file), "--out", str(out), "--quiet", *extra], capsys)
+    assert code == 2
+    _one_line_error(err)
+    assert fragment in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_other_bad_input_exits_2(tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        ["train", "--config", str(tmp_path / "missing.yaml")],
+        ["train"],
+        ["certify", str(tmp_path)],
+        ["certify", str(trained), "--eps", "72/255,36/255"],
+        ["certify", str(trained), "--eps", "a lot"],
+        ["sweep", "--config", str(tmp_path / "missing.yaml"), "--taus", "1,2"],
+        ["sweep", "--taus", "1,x"],
+        ["sweep", "--taus", "1", "--margins", "2"],
+        ["nonsense"],
+        [],
+    ]
+    for argv in cases:
+        code, _, err = _run(argv, capsys)
+        assert code == 2, argv
+        _one_line_error(err)
+
+
+def test_corrupted_checkpoint_exits_2(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    (tensors,) = (copy / "checkpoints").glob("*.safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:-10])
+    code, _, err = _run(["certify", str(copy), "--quiet"], capsys)
+    assert code == 2
+    _one_line_error(err)
+    assert "corrupted" in err
+
+
+def test_sweep_command(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep",
+        "--config",
+        str(config_file),
+        "--taus",
+        "2,20",
+        "--out",
+        str(out),
+        "--attack-n",
+        "4",
+        "--quiet",
+    ]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    for name in ("sweep.csv", "sweep.md", "curve.png", "runs/tau-2/results.json", "runs/tau-20/results.json"):
+        assert (out / name).is_file(), name
+    assert "| tau | clean |" in stdout
+    rows = (out / "sweep.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3 and rows[0].startswith("tau,clean_acc,")
+    code, _, err = _run([*argv[:-1], "--set", "optim.lr=0.5", "--quiet"], capsys)
+    assert code == 2 and "optim.lr" in err
+
+
+def test_bench_layers_is_dispatched_lazily(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[argparse.Namespace] = []
+    fake = types.ModuleType("lipnet.bench")
+    fake.run = lambda args: seen.append(args) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lipnet.bench", fake)
+    monkeypatch.setattr("lipnet.bench", fake, raising=False)
+    code, _, err = _run(["bench", "layers", "--batch", "8", "--width", "16"], capsys)
+    assert code == 0, err
+    assert len(seen) == 1 and seen[0].batch == 8 and seen[0].width == 16
+    code, _, err = _run(["bench"], capsys)
+    assert code == 2
+    _one_line_error(err)
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["--help"], capsys)
+    assert code == 0 and "train" in out and "sweep" in out and "certify" in out and "audit" in out

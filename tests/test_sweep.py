@@ -1,0 +1,132 @@
+"""The tau sweep: one run per value, csv/md/png, validation before training, value-by-value resume."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from lipnet.config import Config, ConfigError
+from lipnet.runs import RunError, RunFolder
+from lipnet.sweep import SweepResult, run_sweep, sweep_configs, value_dirname
+
+
+def _base(tiny_config: Callable[..., Config]) -> Config:
+    # 32 images in one batch, one epoch: one optimiser step per value
+    return tiny_config("unused", "data.n_train=32", "optim.epochs=1")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory, tiny_config: Callable[..., Config]) -> SweepResult:
+    out = tmp_path_factory.mktemp("sweep")
+    return run_sweep(_base(tiny_config), "tau", [10.0, 0.5], out, progress=False)
+
+
+def test_sweep_writes_csv_md_png(swept: SweepResult) -> None:
+    out = swept.csv_path.parent
+    assert [r.value for r in swept.rows] == [0.5, 10.0]
+    assert [r.run_dir for r in swept.rows] == [out / "runs" / "tau-0.5", out / "runs" / "tau-10"]
+    for row in swept.rows:
+        assert RunFolder(row.run_dir).has_results()
+        assert len(row.certified_accuracy) == 2 and row.empirical_accuracy is not None
+        assert 0 <= row.certified_accuracy[1] <= row.certified_accuracy[0] <= row.clean_accuracy <= 1
+        assert (row.run_dir / "empirical.json").is_file()
+    assert swept.violations == []
+    with swept.csv_path.open(encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == [
+        "tau",
+        "clean_acc",
+        "cert_acc@36/255",
+        "cert_acc@72/255",
+        "mean_radius",
+        "emp_acc@36/255",
+        "emp_acc@72/255",
+        "train_time_s",
+        "lipschitz",
+        "run",
+    ]
+    assert [float(r["tau"]) for r in table] == [0.5, 10.0]
+    assert float(table[1]["clean_acc"]) == swept.rows[1].clean_accuracy
+    md = swept.md_path.read_text(encoding="utf-8")
+    assert "| tau | clean | cert. ε=36/255 |" in md and md.count("\n| ") == 3
+    assert swept.png_path is not None and swept.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_resumes_value_by_value(
+    swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lipnet.train
+
+    out = swept.csv_path.parent
+    before = swept.csv_path.read_text(encoding="utf-8")
+    # a half-done value: its last checkpoint is there, its certification is not
+    half = RunFolder(out / "runs" / "tau-10")
+    half.results_path.unlink()
+    (half.checkpoint_dir / "final.json").unlink()
+    calls: list[tuple[str | None, bool]] = []
+    real_train = lipnet.train.train
+
+    def spy(cfg: Config, **kwargs: object) -> lipnet.train.TrainResult:
+        calls.append((cfg.out, bool(kwargs.get("resume"))))
+        return real_train(cfg, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lipnet.train, "train", spy)
+    again = run_sweep(_base(tiny_config), "tau", [0.5, 10.0], out, progress=False)
+    assert calls == [(str(half.path), True)]
+    assert half.has_results()
+    assert [r.clean_accuracy for r in again.rows] == [r.clean_accuracy for r in swept.rows]
+    assert [r.empirical_accuracy for r in again.rows] == [r.empirical_accuracy for r in swept.rows]
+    # the resumed value keeps its training time, certification and cached attack: the same table
+    assert swept.csv_path.read_text(encoding="utf-8") == before
+
+
+def test_sweep_refuses_runs_of_another_config(
+    swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lipnet.train
+
+    monkeypatch.setattr(lipnet.train, "train", _no_training)
+    other = _base(tiny_config)
+    other.optim.lr = 0.5
+    with pytest.raises(RunError, match=r"optim\.lr"):
+        run_sweep(other, "tau", [0.5, 10.0, 20.0], swept.csv_path.parent, progress=False)
+    assert not (swept.csv_path.parent / "runs" / "tau-20").exists()
+
+
+def _no_training(*args: object, **kwargs: object) -> None:
+    raise AssertionError("nothing may be trained")
+
+
+@pytest.mark.parametrize(
+    ("param", "values", "fragment"),
+    [
+        ("tau", [1.0, 0.0], "loss.tau must be > 0"),
+        ("tau", [1.0, 1.0], "repeated"),
+        ("tau", [], "--taus"),
+        ("margin", [0.1], "unknown argument"),
+        ("alpha", [0.5, 2.0], "loss.alpha must lie in"),
+        ("gamma", [1.0], "cannot sweep 'gamma'"),
+    ],
+)
+def test_sweep_values_are_validated_first(
+    tiny_config: Callable[..., Config], tmp_path: Path, param: str, values: list[float], fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        sweep_configs(_base(tiny_config), param, values, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hkr_alphas_and_dirnames(tiny_config: Callable[..., Config], tmp_path: Path) -> None:
+    base = tiny_config("unused", "loss.name=hkr", "loss.margin=0.1")
+    base.loss.kwargs.pop("tau")
+    configs = sweep_configs(base, "alpha", [0.99, 0.9], tmp_path)
+    assert [v for v, _ in configs] == [0.9, 0.99]
+    assert [c.loss.kwargs for _, c in configs] == [
+        {"margin": 0.1, "alpha": 0.9},
+        {"margin": 0.1, "alpha": 0.99},
+    ]
+    assert configs[0][1].out == str(tmp_path / "runs" / "alpha-0.9")
+    assert value_dirname("tau", 100.0) == "tau-100" and value_dirname("margin", 1e-3) == "margin-0.001"

@@ -1,0 +1,314 @@
+"""Config parsing and validation, the run folder, atomic checkpoints, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipnet.config import Config, ConfigError, apply_overrides, config_diff, dump_config, load_config
+from lipnet.runs import CheckpointError, RunError, RunFolder, join_state, split_state
+from lipnet.train import TrainResult, load_run_model, lr_at, train
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {name: small_cnn, width: 16}\n"
+        "loss: {name: hkr, alpha: 0.9, margin: 0.1}\n"
+        "optim: {lr: 1e-3, epochs: 4}\n"
+        "certify: {eps: [36/255, 0.5]}\n",
+        encoding="utf-8",
+    )
+    cfg = load_config(path, ["loss.alpha=0.99", "optim.epochs=3", "model.width=8", "optim.weight_decay=5e-4"])
+    assert cfg.model.kwargs == {"width": 8}
+    assert cfg.loss.name == "hkr" and cfg.loss.kwargs == {"alpha": 0.99, "margin": 0.1}
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == 5e-4
+    assert cfg.optim.epochs == 3
+    assert cfg.certify.eps == [36 / 255, 0.5]
+    again = load_config(None, ["certify.eps=36/255,72/255"])
+    assert again.certify.eps == [36 / 255, 72 / 255]
+
+
+def test_dump_round_trip(tmp_path: Path, tiny_config: Callable[..., Config]) -> None:
+    cfg = tiny_config("runs/x", "loss.offset=0.2", "optim.schedule=onecycle")
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    back = load_config(path)
+    assert back == cfg
+    assert config_diff(back, cfg) == []
+    changed = apply_overrides(cfg, ["loss.tau=3", "out=elsewhere"])
+    assert config_diff(cfg, changed) == ["loss.tau", "out"]
+    assert config_diff(cfg, changed, ignore=("out",)) == ["loss.tau"]
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("optimizer.lr=0.1", "unknown config key 'optimizer'"),
+        ("optim.learning_rate=0.1", "unknown config key 'optim.learning_rate'"),
+        ("seed.value=1", "not a section"),
+        ("optim.epochs=two", "optim.epochs: expected an integer"),
+        ("optim.epochs=0", "optim.epochs must be an integer >= 1"),
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("optim.lr=.nan", "optim.lr must be finite"),
+        ("optim.name=rmsprop", "optim.name must be one of"),
+        ("optim.schedule=step", "optim.schedule must be one of"),
+        ("loss.tau=0", "loss.tau must be > 0"),
+        ("loss.tau=-2", "loss.tau must be > 0"),
+        ("loss.margin=-0.1", "loss.margin must be >= 0"),
+        ("loss.alpha=1.5", "loss.alpha must lie in [0, 1]"),
+        ("certify.eps=[72/255, 36/255]", "strictly increasing"),
+        ("certify.eps=[36/255, 36/255]", "strictly increasing"),
+        ("certify.eps=[abc]", "certify.eps"),
+        ("certify.eps=[]", "at least one"),
+        ("data.n_train=0", "data.n_train must be an integer >= 1"),
+        ("device=gpu", "device must be"),
+        ("amp=maybe", "amp: expected true or false"),
+        ("sweep.attack=fgsm", "sweep.attack must be one of"),
+        ("noequals", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_are_config_errors(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optim: {lr: 0.1, momentun: 0.9}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="momentun"):
+        load_config(unknown)
+
+
+def test_lr_schedules() -> None:
+    total = 100
+    cosine = [lr_at(s, total, 0.1, "cosine") for s in range(total)]
+    assert cosine[0] == 0.1 and all(b <= a for a, b in zip(cosine, cosine[1:], strict=False))
+    assert cosine[-1] < 1e-3
+    one = [lr_at(s, total, 0.1, "onecycle") for s in range(total)]
+    assert one[0] == pytest.approx(0.1 / 25)
+    assert max(one) == pytest.approx(0.1) and one.index(max(one)) == 30
+    assert one[-1] < 1e-3
+    assert {lr_at(s, total, 0.1, "none") for s in range(total)} == {0.1}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint state encoding
+
+
+def test_split_join_round_trip() -> None:
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.Adam([p], lr=1e-3, betas=(0.8, 0.99))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state = {
+        "optimizer": opt.state_dict(),
+        "odd": {1.5: "x", "__tensor__": (1, None)},
+        "rng": torch.get_rng_state(),
+    }
+    skeleton, tensors = split_state(state)
+    json.dumps(skeleton)  # everything but the tensors is plain JSON
+    back = join_state(json.loads(json.dumps(skeleton)), tensors)
+    assert back["odd"] == {1.5: "x", "__tensor__": (1, None)}
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert set(back["optimizer"]["state"]) == {0}
+    for key, value in state["optimizer"]["state"][0].items():
+        assert torch.equal(back["optimizer"]["state"][0][key], value)
+    assert torch.equal(back["rng"], state["rng"])
+    with pytest.raises(TypeError, match="no pickling"):
+        split_state({"f": object()})
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs (one uninterrupted run shared by the tests below)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_config: Callable[..., Config]) -> TrainResult:
+    return train(tiny_config(tmp_path_factory.mktemp("finished") / "run"), progress=False)
+
+
+def test_run_folder_contents(finished: TrainResult, tiny_config: Callable[..., Config]) -> None:
+    run = RunFolder(finished.run_dir)
+    for path in (
+        run.config_path,
+        run.metrics_jsonl,
+        run.metrics_csv,
+        run.results_path,
+        run.summary_path,
+        run.curves_path,
+    ):
+        assert path.is_file(), path
+    assert load_config(run.config_path) == tiny_config(finished.run_dir)
+    rows = run.read_metrics()
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {"loss", "train_acc", "test_acc", "lr", "time", "lipschitz"}
+        assert math.isfinite(r["loss"]) and 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1
+        # small_cnn is 1-Lipschitz by construction; the sound bound may be smaller, never larger
+        assert 0 < r["lipschitz"] <= 1 + 1e-6
+    csv_lines = run.metrics_csv.read_text(encoding="utf-8").splitlines()
+    assert csv_lines[0].split(",")[:3] == ["epoch", "step", "loss"] and len(csv_lines) == 3
+    results = json.loads(run.results_path.read_text(encoding="utf-8"))
+    cert = results["certify"]
+    assert cert["eps"] == [36 / 255, 72 / 255] and len(cert["certified_accuracy"]) == 2
+    assert cert["n"] == 32 and cert["rule"] in ("last-layer", "global")
+    assert cert["certified_accuracy"][0] >= cert["certified_accuracy"][1]
+    assert cert["certified_accuracy"][0] <= cert["clean_accuracy"]
+    per_sample = run.read_radii()
+    assert per_sample["radii"].dtype == torch.float64 and per_sample["radii"].shape == (32,)
+    assert float((per_sample["radii"] > 36 / 255).double().mean()) == cert["certified_accuracy"][0]
+    assert (
+        float((per_sample["predictions"] == per_sample["labels"]).double().mean()) == cert["clean_accuracy"]
+    )
+    summary = run.summary_path.read_text(encoding="utf-8")
+    assert "| n | clean |" in summary and "cert. ε=36/255" in summary
+    names = sorted(p.name for p in run.checkpoint_dir.iterdir())
+    assert names == ["final.json", "last-e0002-s4.safetensors", "last.json"]
+    assert not any(p.name.endswith(".tmp") for p in run.path.rglob("*"))
+    final = run.load_checkpoint("final")
+    assert final.epoch == 2 and final.step == 4
+    for key, value in finished.model.state_dict().items():
+        assert torch.equal(final.model[key], value), key
+    model, cfg = load_run_model(run.path)
+    assert cfg.loss.kwargs == {"tau": 10}
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), finished.model.eval()(x))
+
+
+def test_resume_reaches_the_same_weights(
+    finished: TrainResult, tmp_path: Path, tiny_config: Callable[..., Config]
+) -> None:
+    cfg = tiny_config(tmp_path / "run")
+    first = train(cfg, progress=False, stop_after_epoch=1)
+    run = RunFolder(first.run_dir)
+    assert not first.finished and not run.has_results() and not run.has_checkpoint("final")
+    assert run.load_checkpoint("last").epoch == 1 and len(run.read_metrics()) == 1
+    second = train(cfg, resume=True, progress=False)
+    assert second.finished
+    reference = finished.model.state_dict()
+    resumed = second.model.state_dict()
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+    ref_rows, rows = RunFolder(finished.run_dir).read_metrics(), run.read_metrics()
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    assert [r["lr"] for r in rows] == [r["lr"] for r in ref_rows]
+    assert run.read_results()["certify"] == RunFolder(finished.run_dir).read_results()["certify"]
+
+
+def test_resume_of_a_finished_run_trains_nothing(
+    finished: TrainResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = {p: p.stat().st_mtime_ns for p in finished.run_dir.rglob("*") if p.is_file()}
+    monkeypatch.setattr("lipnet.train.build_optimizer", _fail)
+    result = train(tiny_config(finished.run_dir), resume=True, progress=False)
+    assert result.finished and result.results == RunFolder(finished.run_dir).read_results()
+    assert {p: p.stat().st_mtime_ns for p in finished.run_dir.rglob("*") if p.is_file()} == before
+
+
+def _fail(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a finished run must not build an optimiser")
+
+
+def test_resume_with_another_config_is_refused(
+    finished: TrainResult, tiny_config: Callable[..., Config]
+) -> None:
+    before = {p: p.read_bytes() for p in finished.run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(RunError, match=r"loss\.tau"):
+        train(tiny_config(finished.run_dir, "loss.tau=3"), resume=True, progress=False)
+    with pytest.raises(RunError, match="already holds a run"):
+        train(tiny_config(finished.run_dir), progress=False)
+    assert {p: p.read_bytes() for p in finished.run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_nothing_is_written_for_bad_input(tmp_path: Path, tiny_config: Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError, match="unknown model 'no_such_net'"):
+        train(tiny_config(tmp_path / "a", "model.name=no_such_net"), progress=False)
+    with pytest.raises(ConfigError, match="loss"):
+        train(tiny_config(tmp_path / "b", "loss.margin=0.1"), progress=False)
+    with pytest.raises(ConfigError, match="num_classes"):
+        train(tiny_config(tmp_path / "c", "model.num_classes=3"), progress=False)
+    with pytest.raises(RunError, match="no config.yaml"):
+        train(tiny_config(tmp_path / "d"), resume=True, progress=False)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_failing_checkpoint_write_keeps_the_old_one(
+    finished: TrainResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    run = RunFolder(tmp_path / "copy")
+    shutil.copytree(finished.run_dir, run.path)
+    old = run.load_checkpoint("last")
+    new_state = {k: torch.zeros_like(v) for k, v in old.model.items()}
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    # the tensor file write fails
+    monkeypatch.setattr("lipnet.runs.os.fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        run.save_checkpoint("last", epoch=3, step=6, model_state=new_state, state=old.state, meta=old.meta)
+    monkeypatch.undo()
+    # the tensor file is written but the sidecar (the commit point) fails
+    real_write = __import__("lipnet.runs", fromlist=["atomic_write_json"]).atomic_write_json
+
+    def failing_json(path: str | os.PathLike[str], obj: object) -> None:
+        if str(path).endswith("last.json"):
+            raise OSError(5, "I/O error")
+        real_write(path, obj)
+
+    monkeypatch.setattr("lipnet.runs.atomic_write_json", failing_json)
+    with pytest.raises(OSError, match="I/O error"):
+        run.save_checkpoint("last", epoch=3, step=6, model_state=new_state, state=old.state, meta=old.meta)
+    monkeypatch.undo()
+
+    again = run.load_checkpoint("last")
+    assert again.epoch == 2 and again.step == 4
+    for key, value in old.model.items():
+        assert torch.equal(again.model[key], value)
+    assert not any(p.name.endswith(".tmp") for p in run.checkpoint_dir.iterdir())
+    # the next successful save removes the orphaned tensor file of the failed one
+    run.save_checkpoint("last", epoch=3, step=6, model_state=new_state, state=old.state, meta=old.meta)
+    names = sorted(p.name for p in run.checkpoint_dir.iterdir())
+    assert names == ["final.json", "last-e0002-s4.safetensors", "last-e0003-s6.safetensors", "last.json"]
+    assert run.load_checkpoint("final").epoch == 2
+
+
+def test_corrupted_checkpoint_is_detected(finished: TrainResult, tmp_path: Path) -> None:
+    import shutil
+
+    run = RunFolder(tmp_path / "copy")
+    shutil.copytree(finished.run_dir, run.path)
+    tensors = run.checkpoint_dir / "last-e0002-s4.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        run.load_checkpoint("last")
+    (run.checkpoint_dir / "final.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        run.load_checkpoint("final")
+    tensors.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        run.load_checkpoint("last")
