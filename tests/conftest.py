@@ -1,4 +1,5 @@
-"""Shared fixtures: a private data folder for generated datasets, and a tiny training config."""
+"""Shared fixtures: one torch thread per test, a private data folder for generated datasets, and a tiny
+training config."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from lipnet.config import Config, dump_config, load_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # pytest -n 2 on two shared cores: a second OpenMP thread per worker only adds spin-waits on
+    # every small BLAS/LAPACK call (about ten times slower on the tests' tiny tensors).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

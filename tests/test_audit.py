@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from torch import Tensor, nn
 import certify.report
 from certify.audit import audit
 from lipnet.audit_cli import add_audit_parser, run_audit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The test machine's cores are shared: multi-threaded BLAS on tiny tensors is slower, not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def plain_bn_cnn(width: int = 4, in_channels: int = 3) -> nn.Module:

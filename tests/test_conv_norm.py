@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,19 +28,6 @@ from certify.conv_norm import (
 from certify.exact import dense_matrix, jacobian_spectral_norm
 
 MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run this module's many small LAPACK calls on one thread, then restore the setting.
-
-    Two OpenMP threads per pytest worker on two shared cores spin-wait on every small call;
-    these tests then take about ten times longer.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def exact_norm(fn: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> float:

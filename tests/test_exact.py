@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,19 +11,6 @@ from torch import nn
 
 from certify.bounds import FLOAT64_SLACK
 from certify.exact import dense_matrix, dense_operator_norm, jacobian_spectral_norm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run this module's many small LAPACK calls on one thread, then restore the setting.
-
-    Two OpenMP threads per pytest worker on two shared cores spin-wait on every small call;
-    these tests then take about ten times longer.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _matrix(rows: int, cols: int, seed: int) -> torch.Tensor:

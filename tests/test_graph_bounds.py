@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,15 +29,6 @@ from certify.folding import Normalize, folded_bound
 from certify.graph import UnsupportedOperationsError, analyze
 
 TOL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The test machine's cores are shared: multi-threaded BLAS on tiny tensors is slower, not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,15 +29,6 @@ from lipnet.layers import (
 from lipnet.layers.aol import aol_conv_scales
 from lipnet.layers.rko import patch_multiplicity_1d
 from lipnet.models import create
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Small tensors: a second OpenMP thread only adds barrier waits on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _svd(weight: torch.Tensor) -> torch.Tensor:

@@ -59,15 +59,6 @@ def bounded_classes() -> set[type]:
     return {c for c in found if issubclass(c, nn.Module) and callable(getattr(c, "lipschitz_bound", None))}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread only adds barrier waits (milliseconds each on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_catalog_covers_every_bounded_class() -> None:
     missing = sorted(c.__module__ + "." + c.__qualname__ for c in bounded_classes() - set(CATALOG))
     assert not missing, f"add these classes to tests/catalog.py: {missing}"
