@@ -12,10 +12,12 @@ import torch
 from lipnet.config import Config, dump_config, load_config
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_thread() -> Iterator[None]:
     # pytest -n 2 on two shared cores: a second OpenMP thread per worker only adds spin-waits on
-    # every small BLAS/LAPACK call (about ten times slower on the tests' tiny tensors).
+    # every small BLAS/LAPACK call (about ten times slower on the tests' tiny tensors). Session
+    # scope, so that module-scoped fixtures run with the same thread count as the tests that
+    # compare against them (float reductions depend on it).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
