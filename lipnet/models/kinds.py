@@ -20,7 +20,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lipnet.layers import AOLConv2d, AOLLinear, BjorckConv2d, BjorckLinear
+from lipnet.layers import (
+    AOCConv2d,
+    AOLConv2d,
+    AOLLinear,
+    BjorckConv2d,
+    BjorckLinear,
+    CayleyConv2d,
+    CPLConv2d,
+    CPLLinear,
+    OrthogonalLinear,
+    SLLConv2d,
+    SLLLinear,
+)
 
 __all__ = ["LayerKind", "get_layer_kind", "list_layer_kinds", "register_layer_kind"]
 
@@ -68,6 +80,17 @@ def _same(kernel_size: int) -> int:
     return kernel_size // 2
 
 
+def _residual_or_aol(block: Callable[[int], nn.Module]) -> Callable[[int, int], nn.Module]:
+    """Dense factory of a residual kind: ``block(n)`` for ``n -> n``, else ``AOLLinear``."""
+
+    def dense(in_features: int, out_features: int) -> nn.Module:
+        if in_features == out_features:
+            return block(in_features)
+        return AOLLinear(in_features, out_features)
+
+    return dense
+
+
 register_layer_kind(
     LayerKind(
         name="bjorck",
@@ -84,5 +107,57 @@ register_layer_kind(
         conv=lambda i, o, k: AOLConv2d(i, o, k, padding=_same(k)),
         dense=AOLLinear,
         description="AOL convolutions and dense layers (Prach & Lampert 2022; 1-Lipschitz)",
+    )
+)
+register_layer_kind(
+    LayerKind(
+        name="cayley",
+        block=lambda c, k: CayleyConv2d(c, c, k),
+        conv=lambda i, o, k: CayleyConv2d(i, o, k),
+        dense=OrthogonalLinear,
+        description=(
+            "Cayley convolutions (Trockman & Kolter 2021; orthogonal, circular padding is part of the "
+            "layer, input size fixed at the first forward) and orthogonal dense layers"
+        ),
+    )
+)
+# AOCConv2d imports orthogonium when built, so registering the kind never needs it; building a
+# layer without it raises an ImportError that says how to install it.
+register_layer_kind(
+    LayerKind(
+        name="aoc",
+        block=lambda c, k: AOCConv2d(c, c, k, padding=_same(k)),
+        conv=lambda i, o, k: AOCConv2d(i, o, k, padding=_same(k)),
+        dense=OrthogonalLinear,
+        description=(
+            "adaptive orthogonal convolutions (Boissin et al. 2025, through orthogonium; orthogonal with "
+            "circular padding) and orthogonal dense layers"
+        ),
+    )
+)
+register_layer_kind(
+    LayerKind(
+        name="sll",
+        block=lambda c, k: SLLConv2d(c, kernel_size=k),
+        conv=lambda i, o, k: AOLConv2d(i, o, k, padding=_same(k)),
+        dense=_residual_or_aol(SLLLinear),
+        description=(
+            "SLL residual blocks (Araujo et al. 2023; 1-Lipschitz); residual blocks cannot change the "
+            "number of channels or features, so channel-changing convolutions are AOLConv2d and dense "
+            "layers with in != out are AOLLinear"
+        ),
+    )
+)
+register_layer_kind(
+    LayerKind(
+        name="cpl",
+        block=lambda c, k: CPLConv2d(c, kernel_size=k),
+        conv=lambda i, o, k: AOLConv2d(i, o, k, padding=_same(k)),
+        dense=_residual_or_aol(CPLLinear),
+        description=(
+            "convex potential layers (Meunier et al. 2022; 1-Lipschitz, sound step size); residual blocks "
+            "cannot change the number of channels or features, so channel-changing convolutions are "
+            "AOLConv2d and dense layers with in != out are AOLLinear"
+        ),
     )
 )

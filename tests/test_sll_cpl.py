@@ -1,0 +1,448 @@
+"""SLL residual blocks and convex potential layers: formula, guarantee, guards, training stability.
+
+The generic soundness test (``tests/test_soundness.py``) covers the four classes through
+``tests/catalog.py``; here: the forward pass against the published formula with the exact dense
+operator, the hypothesis each guarantee rests on (``T >= W^T W`` for SLL, ``h >= ||W||`` for CPL),
+Jacobian norms at random points, bounds that react to a broken step, near-zero weights, long
+training at a high learning rate, the eval cache and argument checks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certify.conv_norm import conv_operator_bound
+from certify.exact import dense_matrix, dense_operator_norm, jacobian_spectral_norm
+from lipnet.layers import CPLConv2d, CPLLinear, SLLConv2d, SLLLinear
+from lipnet.models.kinds import get_layer_kind
+
+TOL = 1e-6
+Block = SLLLinear | SLLConv2d | CPLLinear | CPLConv2d
+
+
+def _cases() -> list[tuple[Callable[[], Block], tuple[int, ...]]]:
+    return [
+        (lambda: SLLLinear(6, 4), (6,)),
+        (lambda: SLLLinear(3, 8), (3,)),
+        (lambda: SLLConv2d(3, 4), (3, 5, 5)),
+        (lambda: SLLConv2d(2, 3, 5), (2, 6, 4)),
+        (lambda: CPLLinear(6, 4), (6,)),
+        (lambda: CPLLinear(3, 8), (3,)),
+        (lambda: CPLConv2d(3, 4), (3, 5, 5)),
+        (lambda: CPLConv2d(2, 3, 5), (2, 6, 4)),
+    ]
+
+
+CASES = _cases()
+IDS = [
+    "sll-dense",
+    "sll-dense-wide",
+    "sll-conv",
+    "sll-conv-k5",
+    "cpl-dense",
+    "cpl-dense-wide",
+    "cpl-conv",
+    "cpl-conv-k5",
+]
+
+
+def _randomise(block: Block, gen: torch.Generator, scale: float = 1.0) -> None:
+    """Non-default weights: a rescaled random weight, a random bias and random ``log_q``."""
+    with torch.no_grad():
+        block.weight.copy_(scale * torch.randn(block.weight.shape, generator=gen, dtype=block.weight.dtype))
+        block.bias.copy_(torch.randn(block.bias.shape, generator=gen, dtype=block.bias.dtype))
+        if isinstance(block, SLLLinear | SLLConv2d):
+            block.log_q.copy_(2.0 * torch.randn(block.log_q.shape, generator=gen, dtype=block.log_q.dtype))
+
+
+def _operator(block: Block, shape: tuple[int, ...]) -> Tensor:
+    """Dense float64 matrix of ``x -> W^T x`` (the inner linear map) on inputs of ``shape``."""
+    w = block.weight.detach()
+    if w.ndim == 2:
+        return w.clone()
+    return dense_matrix(lambda z: F.conv2d(z, w, padding=w.shape[-1] // 2), shape)
+
+
+def _step(block: Block, shape: tuple[int, ...]) -> Tensor:
+    """Per inner coordinate of the flattened ``W^T x``: the factor in front of ``relu``."""
+    if isinstance(block, SLLLinear | SLLConv2d):
+        per_unit = block.inverse_scales().detach()
+    else:
+        per_unit = (1.0 / block.norm_sq().detach()).expand(block.weight.shape[0])
+    spatial = 1 if len(shape) == 1 else shape[1] * shape[2]
+    return per_unit.repeat_interleave(spatial)
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=IDS)
+def test_forward_is_the_published_formula_with_the_exact_adjoint(
+    make: Callable[[], Block], shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(0)
+    block = make().double()
+    _randomise(block, torch.Generator().manual_seed(1))
+    a = _operator(block, shape)  # rows: inner coordinates, columns: input coordinates
+    bias = block.bias.detach().repeat_interleave(a.shape[0] // block.bias.numel())
+    x = torch.randn((4, *shape), dtype=torch.float64)
+    flat = x.flatten(1)
+    want = flat - 2.0 * (_step(block, shape) * torch.relu(flat @ a.T + bias)) @ a
+    with torch.no_grad():
+        got = block(x).flatten(1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_sll_scales_dominate_the_gram_matrix() -> None:
+    """``diag(t + eps) - W^T W`` is positive semidefinite (the SLL theorem's hypothesis), dense and conv."""
+    gen = torch.Generator().manual_seed(2)
+    for block, shape in ((SLLLinear(7, 5), (7,)), (SLLConv2d(3, 4), (3, 6, 6))):
+        block = block.double()
+        _randomise(block, gen, scale=3.0)
+        a = _operator(block, shape)
+        step = _step(block, shape)
+        margin = torch.diag(1.0 / step) - a @ a.T
+        assert torch.linalg.eigvalsh(margin).min() >= -1e-9 * float(torch.diag(margin).abs().max())
+
+
+def test_cpl_step_norm_bounds_the_operator_norm_tightly() -> None:
+    gen = torch.Generator().manual_seed(3)
+    dense = CPLLinear(9, 6).double()
+    _randomise(dense, gen, scale=5.0)
+    exact = torch.linalg.matrix_norm(dense.weight.detach(), 2) ** 2
+    h2 = float(dense.norm_sq().detach())
+    assert float(exact) <= h2 <= 1.01 * float(exact)
+
+    for grid_size, tightness in ((16, 1.25), (32, 1.06)):
+        conv = CPLConv2d(3, 5, grid_size=grid_size).double()
+        _randomise(conv, gen)
+        w = conv.weight.detach()
+        h2 = float(conv.norm_sq().detach())
+        # the exact norm on a 12 x 12 input is a lower bound of the sup over all sizes that h2 bounds
+        on_12 = dense_operator_norm(lambda z, w=w: F.conv2d(z, w, padding=1), (3, 12, 12)) ** 2
+        every_size = conv_operator_bound(w, padding=1) ** 2
+        assert on_12 <= h2 <= tightness * every_size
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=IDS)
+def test_jacobian_norm_at_random_points_is_at_most_one(
+    make: Callable[[], Block], shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(0)
+    block = make().double()
+    gen = torch.Generator().manual_seed(4)
+    for scale in (0.3, 4.0):
+        _randomise(block, gen, scale=scale)
+        bound = block.lipschitz_bound(shape)
+        assert bound <= 1.0 + TOL
+        norms = [
+            jacobian_spectral_norm(block, torch.randn(shape, generator=gen, dtype=torch.float64))
+            for _ in range(3)
+        ]
+        assert max(norms) <= bound * (1 + TOL)
+        # a block that never moved its input would pass trivially: the residual branch is active
+        x = 3.0 * torch.randn((8, *shape), generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            assert (block(x) - x).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=IDS)
+def test_bound_reacts_to_a_step_that_is_too_large(
+    make: Callable[[], Block], shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 16x the sound step the bound exceeds 1 and still covers the Jacobian (it is not a constant)."""
+    torch.manual_seed(0)
+    block = make().double()
+    _randomise(block, torch.Generator().manual_seed(5))
+    name = "inverse_scales" if isinstance(block, SLLLinear | SLLConv2d) else "norm_sq"
+    original = getattr(block, name)
+    monkeypatch.setattr(
+        block, name, (lambda: 16.0 * original()) if name == "inverse_scales" else (lambda: original() / 16)
+    )
+    bound = block.lipschitz_bound(shape)
+    assert bound > 1.5
+    # with every ReLU active the Jacobian is I - 2 (16 step) A^T A, whose norm the bound must cover
+    big_bias = torch.full_like(block.bias, 1e3)
+    with torch.no_grad():
+        block.bias.copy_(big_bias)
+    measured = jacobian_spectral_norm(block, torch.zeros(shape, dtype=torch.float64))
+    assert 1.5 < measured <= bound * (1 + TOL)
+
+
+@pytest.mark.parametrize("weight_scale", [0.0, 1e-20, 1e-30])
+@pytest.mark.parametrize(("make", "shape"), CASES[::2], ids=IDS[::2])
+def test_near_zero_weights_stay_finite_and_1_lipschitz(
+    make: Callable[[], Block], shape: tuple[int, ...], weight_scale: float
+) -> None:
+    torch.manual_seed(0)
+    block = make()  # float32, where 1e-20 squared underflows
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn((5, *shape), generator=gen)
+    for live_unit in (False, True):
+        _randomise(block, gen, scale=weight_scale)
+        if live_unit:  # one inner unit of normal size among vanishing ones
+            with torch.no_grad():
+                block.weight[0].copy_(torch.randn(block.weight[0].shape, generator=gen))
+        block.zero_grad()
+        y = block(x)
+        y.square().sum().backward()
+        assert torch.isfinite(y).all()
+        for name, p in block.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert block.lipschitz_bound() <= 1.0 + TOL
+        assert jacobian_spectral_norm(block.double(), x[0].double()) <= 1.0 + TOL
+        block.float()
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES[::2], ids=IDS[::2])
+def test_every_parameter_gets_a_gradient(make: Callable[[], Block], shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    block = make()
+    x = torch.randn((6, *shape))
+    (block(x) - 0.5 * x).square().sum().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES[::2], ids=IDS[::2])
+def test_state_dict_round_trip(make: Callable[[], Block], shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    block = make()
+    _randomise(block, torch.Generator().manual_seed(7))
+    torch.manual_seed(1)
+    other = make()
+    x = torch.randn((3, *shape))
+    assert not torch.equal(block(x), other(x))
+    other.load_state_dict(block.state_dict())
+    assert torch.equal(block(x), other(x))
+    assert other.lipschitz_bound() == block.lipschitz_bound()
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES[::2], ids=IDS[::2])
+def test_eval_cache_matches_training_and_follows_weight_updates(
+    make: Callable[[], Block], shape: tuple[int, ...]
+) -> None:
+    torch.manual_seed(0)
+    block = make()
+    x = torch.randn((3, *shape))
+    with torch.no_grad():
+        train_out = block(x)
+    block.eval().requires_grad_(False)
+    torch.testing.assert_close(block(x), train_out, rtol=0, atol=0)
+    torch.testing.assert_close(block(x), train_out, rtol=0, atol=0)  # served from the cache
+    with torch.no_grad():
+        block.weight.mul_(1.7)
+    fresh = block(x)
+    block.train()
+    torch.testing.assert_close(fresh, block(x), rtol=0, atol=0)
+    assert not torch.equal(fresh, train_out)
+
+
+def _symbol_sup_lower(w: Tensor, grid: int = 128) -> float:
+    """``max sigma_max(K(w))`` over a fine DFT grid: a lower bound of the every-size norm, near it."""
+    symbol = torch.fft.rfft2(w.detach().double(), s=(grid, grid)).permute(2, 3, 0, 1)
+    return float(torch.linalg.matrix_norm(symbol, ord=2).max())
+
+
+def test_cpl_amortised_step_norm_stays_sound_across_many_adam_steps() -> None:
+    """After every Adam step ``h^2`` covers the exact squared norm, with the drift bound doing real work.
+
+    The loss pushes the norm of the kernel up, so an anchored bound without the drift term falls
+    below the current norm between refreshes (checked): the test fails if the drift is dropped.
+    """
+    torch.manual_seed(0)
+    block = CPLConv2d(3, 4, drift_tol=0.2).double()
+    opt = torch.optim.Adam(block.parameters(), lr=0.02)
+    x = torch.randn((6, 3, 6, 6), dtype=torch.float64)
+    refreshes = amortised = stale_anchor_too_small = 0
+    for _ in range(60):
+        opt.zero_grad()
+        (-(block(x) - x).square().mean() - block.weight.square().sum()).backward()
+        opt.step()
+        anchor_before = block.norm_bound.anchor.clone()
+        h2 = float(block.norm_sq().detach())
+        moved = not torch.equal(anchor_before, block.norm_bound.anchor)
+        refreshes += moved
+        amortised += not moved
+        w = block.weight.detach()
+        exact_sq = dense_operator_norm(lambda z, w=w: F.conv2d(z, w, padding=1), (3, 6, 6)) ** 2
+        sup_sq = _symbol_sup_lower(w) ** 2
+        assert max(exact_sq, sup_sq) <= h2
+        if not moved:
+            stale_anchor_too_small += float(block.norm_bound.anchor_bound) ** 2 < sup_sq
+    assert refreshes >= 3 and amortised >= 10
+    assert stale_anchor_too_small > 0, "the drift term was never needed: the test would not catch its loss"
+    assert block.lipschitz_bound() <= 1.0 + TOL
+
+
+def test_cpl_state_dict_round_trip_mid_period_resumes_identically() -> None:
+    """Anchor, anchored bound and tangent are buffers: a resumed run continues bit for bit."""
+    torch.manual_seed(0)
+    block = CPLConv2d(3, 4)
+    opt = torch.optim.Adam(block.parameters(), lr=1e-3)
+    x = torch.randn((4, 3, 6, 6))
+
+    def train(b: CPLConv2d, o: torch.optim.Optimizer, steps: int) -> list[Tensor]:
+        outs = []
+        for _ in range(steps):
+            o.zero_grad()
+            y = b(x)
+            (y - 0.5 * x).square().mean().backward()
+            o.step()
+            outs.append(y.detach())
+        return outs
+
+    train(block, opt, 3)
+    assert not torch.equal(block.norm_bound.anchor, block.weight.detach())  # mid-period
+    torch.manual_seed(1)
+    clone = CPLConv2d(3, 4)
+    clone.load_state_dict(block.state_dict())
+    clone_opt = torch.optim.Adam(clone.parameters(), lr=1e-3)
+    # a deep copy, as a checkpoint file would be: load_state_dict may share the moment tensors
+    clone_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for a, b in zip(train(block, opt, 5), train(clone, clone_opt, 5), strict=True):
+        assert torch.equal(a, b)
+    for name, buf in block.named_buffers():
+        assert torch.equal(buf, clone.get_buffer(name)), name
+
+
+def test_cpl_step_norm_gradient_is_that_of_the_grid_bound_at_the_anchor() -> None:
+    """``dh/dW`` is the stored tangent: the derivative of ``sqrt(factor) max_grid sigma_max``."""
+    torch.manual_seed(2)
+    block = CPLConv2d(3, 4, grid_size=8).double()
+    bound = block.norm_bound
+    h = bound(block.weight)
+    (grad,) = torch.autograd.grad(h, block.weight)
+    h = h.detach()
+    w = block.weight.detach()
+    direction = torch.randn_like(w)
+
+    def grid_bound(v: Tensor) -> float:
+        symbol = torch.fft.rfft2(v, s=(8, 8)).permute(2, 3, 0, 1)
+        return float(torch.linalg.matrix_norm(symbol, ord=2).max()) * bound.grid_factor**0.5
+
+    step = 1e-6
+    finite_difference = (grid_bound(w + step * direction) - grid_bound(w - step * direction)) / (2 * step)
+    assert float((grad * direction).sum()) == pytest.approx(finite_difference, rel=1e-5)
+    assert float(h) == pytest.approx(grid_bound(w), rel=1e-8)
+
+
+def test_cpl_1x1_step_norm_is_the_exact_matrix_norm() -> None:
+    """A 1 x 1 kernel has a constant symbol: ``h`` is its spectral norm (one frequency, no correction)."""
+    block = CPLConv2d(5, 3, 1).double()
+    exact = float(torch.linalg.matrix_norm(block.weight.detach()[:, :, 0, 0], ord=2))
+    assert exact <= float(block.norm_bound(block.weight).detach()) <= exact * (1 + 1e-8)
+
+
+def _stack(kind: str) -> nn.Sequential:
+    # small grids and few Gram steps keep 2,000 steps fast; they loosen h, never the guarantee
+    if kind == "cpl":
+        return nn.Sequential(
+            CPLConv2d(2, 3, grid_size=8, norm_steps=2), nn.Flatten(), CPLLinear(32, 8, norm_steps=2)
+        )
+    return nn.Sequential(SLLConv2d(2, 3), nn.Flatten(), SLLLinear(32, 8))
+
+
+def _assert_each_block_1_lipschitz(model: nn.Sequential, gen: torch.Generator) -> None:
+    for layer, shape in ((model[0], (2, 4, 4)), (model[2], (32,))):
+        layer.double()
+        assert layer.lipschitz_bound(shape) <= 1.0 + TOL
+        assert layer.lipschitz_bound() <= 1.0 + TOL
+        for _ in range(3):
+            x = 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+            assert jacobian_spectral_norm(layer, x) <= 1.0 + TOL
+
+
+def _train_to_blow_up(model: nn.Sequential, steps: int) -> None:
+    """Adam at lr 0.2, alternately maximising the gain between close inputs and the output norm."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn((8, 2, 4, 4), generator=gen)
+    pair = torch.cat([x, x + 0.1 * torch.randn(x.shape, generator=gen)])
+    for step in range(steps):
+        opt.zero_grad()
+        y = model(pair)
+        gain = (y[:8] - y[8:]).norm(dim=1) / (pair[:8] - pair[8:]).flatten(1).norm(dim=1)
+        loss = -gain.mean() if step % 2 else -y.square().mean()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss), f"step {step}"
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    assert max(float(p.detach().abs().max()) for p in model.parameters()) > 2.0  # the weights did move
+
+
+@pytest.mark.slow
+def test_cpl_2000_adam_steps_at_high_learning_rate_stay_finite_and_1_lipschitz() -> None:
+    """The reference CPL code diverges to NaN on long runs (power-iteration norm, unguarded division)."""
+    torch.manual_seed(0)
+    model = _stack("cpl")
+    _train_to_blow_up(model, 2000)
+    _assert_each_block_1_lipschitz(model, torch.Generator().manual_seed(9))
+
+
+def test_sll_long_training_at_high_learning_rate_stays_finite_and_1_lipschitz() -> None:
+    torch.manual_seed(0)
+    model = _stack("sll")
+    _train_to_blow_up(model, 500)
+    _assert_each_block_1_lipschitz(model, torch.Generator().manual_seed(9))
+
+
+def test_sll_weights_driven_to_zero_stay_finite() -> None:
+    torch.manual_seed(0)
+    model = _stack("sll")
+    blocks = (model[0], model[2])
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    x = torch.randn((16, 2, 4, 4))
+    for _ in range(300):
+        opt.zero_grad()
+        loss = 1e3 * sum(b.weight.square().sum() for b in blocks) + model(x).square().mean()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert max(float(b.weight.detach().abs().max()) for b in blocks) < 1e-2
+    _assert_each_block_1_lipschitz(model, torch.Generator().manual_seed(9))
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="feature counts"):
+        SLLLinear(0)
+    with pytest.raises(ValueError, match="feature counts"):
+        CPLConv2d(4, 0)
+    for eps in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eps"):
+            SLLConv2d(2, eps=eps)
+        with pytest.raises(ValueError, match="eps"):
+            CPLLinear(2, eps=eps)
+    for cls in (SLLConv2d, CPLConv2d):
+        with pytest.raises(ValueError, match="odd"):
+            cls(2, kernel_size=4)
+    with pytest.raises(ValueError, match="grid_size"):
+        CPLConv2d(2, kernel_size=5, grid_size=12)
+    with pytest.raises(ValueError, match="norm_steps"):
+        CPLLinear(2, norm_steps=-1)
+    with pytest.raises(ValueError, match="input"):
+        SLLLinear(3).lipschitz_bound((4,))
+    with pytest.raises(ValueError, match="input"):
+        CPLConv2d(3).lipschitz_bound((2, 5, 5))
+    layer = SLLLinear(3)
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer.lipschitz_bound()
+
+
+@pytest.mark.parametrize(
+    ("name", "block_type", "dense_type"), [("sll", SLLConv2d, SLLLinear), ("cpl", CPLConv2d, CPLLinear)]
+)
+def test_layer_kinds(name: str, block_type: type[nn.Module], dense_type: type[nn.Module]) -> None:
+    kind = get_layer_kind(name)
+    assert isinstance(kind.block(4, 3), block_type)
+    assert isinstance(kind.dense(6, 6), dense_type)
+    assert kind.dense(6, 3)(torch.randn(2, 6)).shape == (2, 3)
+    assert kind.conv(3, 5, 3)(torch.randn(1, 3, 4, 4)).shape == (1, 5, 4, 4)
+    assert "AOLConv2d" in kind.description
