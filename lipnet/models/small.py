@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from torch import nn
 
-from certify.bounds import input_shapes, module_bound
 from lipnet.activations import GroupSort
 from lipnet.layers import AOLConv2d, AOLLinear, BjorckConv2d, BjorckLinear
 from lipnet.models.registry import register_model
+from lipnet.models.sequential import LipschitzSequential
 from lipnet.pooling import InvertibleDownsampling, ScaledL2NormPool2d
 
 __all__ = ["SmallCNN", "small_cnn"]
@@ -19,7 +17,7 @@ _DENSES: dict[str, type[nn.Linear]] = {"bjorck": BjorckLinear, "aol": AOLLinear}
 _POOLS = ("l2", "invertible")
 
 
-class SmallCNN(nn.Sequential):
+class SmallCNN(LipschitzSequential):
     """Four 3x3 convolutions and two dense layers, every part 1-Lipschitz.
 
     ``conv(c, w) GS conv(w, w) GS down conv(., 2w) GS conv(2w, 2w) GS down flatten
@@ -28,7 +26,8 @@ class SmallCNN(nn.Sequential):
     :class:`~lipnet.pooling.InvertibleDownsampling` (``pool="invertible"``, which multiplies the
     channels by 4). Convolutions and dense layers are Björck/RKO (``conv="bjorck"``) or AOL
     (``conv="aol"``). The last child is the linear head, so ``certify``'s last-layer certificate
-    splits it off. ``input_size`` (square inputs) must be divisible by 4.
+    splits it off. ``input_size`` (square inputs) must be divisible by 4. ``lipschitz_bound`` is
+    the product of the children's bounds (:class:`~lipnet.models.sequential.LipschitzSequential`).
     """
 
     def __init__(
@@ -80,25 +79,6 @@ class SmallCNN(nn.Sequential):
             dense_cls(hidden, num_classes),
         )
         self.input_shape = (in_channels, input_size, input_size)
-
-    def __getitem__(self, idx: int | slice) -> nn.Module:
-        # nn.Sequential rebuilds slices with self.__class__(OrderedDict), which this constructor does
-        # not take; a slice (e.g. certify's body = model[:-1]) is a plain Sequential of the same modules.
-        if isinstance(idx, slice):
-            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)
-
-    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
-        """Product of the children's sound float64 bounds.
-
-        With ``input_shape`` (per sample) each convolution is bounded for its actual input size.
-        """
-        shapes = input_shapes(self, input_shape) if input_shape is not None else None
-        total = 1.0
-        for name, child in self.named_children():
-            child_shape = shapes.get(child) if shapes is not None else None
-            total *= module_bound(child, child_shape, shapes=shapes, path=name)
-        return total
 
 
 @register_model

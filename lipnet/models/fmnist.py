@@ -1,0 +1,131 @@
+"""``fmnist_convnet_s`` / ``fmnist_convnet_m``: the Fashion-MNIST yardstick networks (1x28x28, 10 classes).
+
+One layout, :func:`fmnist_layers`, built from the three factories of a
+:class:`~lipnet.models.kinds.LayerKind` (stem / channel-changing ``conv``, channel-preserving
+``block``, ``dense``). :class:`FashionConvNet` is that layout with a registered lipnet kind, GroupSort2
+and scaled L2-norm pooling; ``lipnet bench fmnist`` passes deel-torchlip's and orthogonium's layers to
+the same function so that every library trains exactly the same architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from lipnet.activations import GroupSort
+from lipnet.models.kinds import LayerKind, get_layer_kind
+from lipnet.models.registry import register_model
+from lipnet.models.sequential import LipschitzSequential
+from lipnet.pooling import ScaledL2NormPool2d
+
+__all__ = ["FashionConvNet", "fmnist_convnet_m", "fmnist_convnet_s", "fmnist_layers"]
+
+
+def fmnist_layers(
+    kind: LayerKind,
+    *,
+    activation: Callable[[], nn.Module],
+    pool: Callable[[], nn.Module],
+    in_channels: int = 1,
+    num_classes: int = 10,
+    width: int = 16,
+    blocks: int = 1,
+    hidden: int = 64,
+    input_size: int = 28,
+) -> list[nn.Module]:
+    """The layers of the Fashion-MNIST convnet, in order (the last one is the dense head).
+
+    ``conv(c, w) A [block(w) A] * blocks pool conv(w, 2w) A [block(2w) A] * blocks pool flatten
+    dense(2w (s/4)^2, hidden) A dense(hidden, num_classes)``, with 3x3 'same' convolutions,
+    A = ``activation()``, a 2x downsampling ``pool()`` that keeps the channels, and s = ``input_size``.
+    """
+    for name, value in (
+        ("in_channels", in_channels),
+        ("width", width),
+        ("hidden", hidden),
+        ("input_size", input_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+        raise ValueError(f"blocks must be a non-negative integer, got {blocks!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if width % 2 or hidden % 2:
+        raise ValueError(f"width and hidden must be even (GroupSort2 pairs channels), got {width}, {hidden}")
+    if input_size % 4:
+        raise ValueError(f"input_size must be a multiple of 4 (two 2x downsamplings), got {input_size}")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for c in (width, 2 * width):
+        layers += [kind.conv(channels, c, 3), activation()]
+        for _ in range(blocks):
+            layers += [kind.block(c, 3), activation()]
+        layers.append(pool())
+        channels = c
+    side = input_size // 4
+    layers += [
+        nn.Flatten(),
+        kind.dense(channels * side * side, hidden),
+        activation(),
+        kind.dense(hidden, num_classes),
+    ]
+    return layers
+
+
+class FashionConvNet(LipschitzSequential):
+    """The :func:`fmnist_layers` convnet with a registered lipnet layer kind; each part 1-Lipschitz.
+
+    ``conv`` names the kind (:func:`lipnet.models.kinds.list_layer_kinds`); activations are GroupSort of
+    size 2 and downsamplings are 2x2 :class:`~lipnet.pooling.ScaledL2NormPool2d`, so the network is
+    1-Lipschitz in L2 up to the rounding of its layers' parametrizations. ``lipschitz_bound`` measures
+    that from the actual weights: the product of the children's sound float64 bounds
+    (:class:`~lipnet.models.sequential.LipschitzSequential`). When the kind's dense layer is an
+    ``nn.Linear``, the last child is the linear head and ``certify``'s last-layer certificate splits it
+    off.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 16,
+        blocks: int = 1,
+        hidden: int = 64,
+        conv: str = "bjorck",
+        input_size: int = 28,
+    ) -> None:
+        layers = fmnist_layers(
+            get_layer_kind(conv),
+            activation=lambda: GroupSort(2),
+            pool=lambda: ScaledL2NormPool2d(2),
+            in_channels=in_channels,
+            num_classes=num_classes,
+            width=width,
+            blocks=blocks,
+            hidden=hidden,
+            input_size=input_size,
+        )
+        super().__init__(*layers)
+        self.input_shape = (in_channels, input_size, input_size)
+
+
+@register_model
+def fmnist_convnet_s(
+    conv: str = "bjorck", num_classes: int = 10, in_channels: int = 1, input_size: int = 28
+) -> FashionConvNet:
+    """Small Fashion-MNIST :class:`FashionConvNet`: width 16, one block per stage, dense 64."""
+    return FashionConvNet(
+        in_channels, num_classes, width=16, blocks=1, hidden=64, conv=conv, input_size=input_size
+    )
+
+
+@register_model
+def fmnist_convnet_m(
+    conv: str = "bjorck", num_classes: int = 10, in_channels: int = 1, input_size: int = 28
+) -> FashionConvNet:
+    """Medium Fashion-MNIST :class:`FashionConvNet`: width 32, two blocks per stage, dense 256."""
+    return FashionConvNet(
+        in_channels, num_classes, width=32, blocks=2, hidden=256, conv=conv, input_size=input_size
+    )

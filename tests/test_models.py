@@ -1,0 +1,188 @@
+"""The model families behind ``lipnet.models.create``: build, train a step, bound, certify, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from certify.bounds import lipschitz_bound
+from certify.radius import split_head
+from lipnet import models
+from lipnet.config import load_config
+from lipnet.models.kinds import list_layer_kinds
+from lipnet.models.lipconvnet import ChannelPad, FirstChannels, LipConvNet
+from lipnet.models.sequential import LipschitzSequential
+from lipnet.models.vgg import BethuneVGG
+from lipnet.train import build_model
+
+CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+KINDS = [k for k in list_layer_kinds() if k != "aoc"]  # aoc wraps the optional orthogonium
+
+# name -> (tiny keyword arguments, per-sample input shape)
+TINY: dict[str, tuple[dict[str, object], tuple[int, int, int]]] = {
+    "bethune_vgg": (
+        dict(in_channels=1, num_classes=3, input_size=4, widths=(2, 4), depths=(1, 2), hidden=6),
+        (1, 4, 4),
+    ),
+    "lipconvnet_xs": (dict(in_channels=3, num_classes=3, input_size=4, depth=1), (3, 4, 4)),
+    "liresnet": (dict(in_channels=2, num_classes=3, input_size=8, width=4, depth=2, hidden=6), (2, 8, 8)),
+}
+SLL_TINY = (dict(in_channels=3, num_classes=3, input_size=4), (3, 4, 4))
+
+
+def _train_step(model: nn.Module, shape: tuple[int, ...]) -> None:
+    """One Adam step on a random batch; the loss must be finite and some weight must change."""
+    model.train()
+    x = torch.randn((8, *shape))
+    y = torch.randint(0, 3, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss = nn.functional.cross_entropy(model(x), y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    model.eval()
+
+
+def _check_bound(model: nn.Module, shape: tuple[int, ...]) -> None:
+    own = model.lipschitz_bound(shape)
+    composed = lipschitz_bound(model, shape)
+    assert own <= 1 + 1e-6, f"{type(model).__name__} claims 1-Lipschitz, bound {own}"
+    assert own == pytest.approx(composed, rel=0.01)
+    x = torch.randn((2, *shape))
+    body, head = split_head(model)  # type: ignore[misc]
+    assert isinstance(head, nn.Linear)
+    assert torch.allclose(head(body(x)), model(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_family_trains_and_is_bounded(name: str, kind: str) -> None:
+    torch.manual_seed(0)
+    kwargs, shape = TINY[name]
+    model = models.create(name, conv=kind, **kwargs)
+    _train_step(model, shape)
+    _check_bound(model, shape)
+
+
+@pytest.mark.parametrize("name", ["sll_small", "sll_medium", "sll_large", "sll_xlarge"])
+def test_sll_family_is_registered_with_its_sizes(name: str) -> None:
+    widths = {"sll_small": 45, "sll_medium": 60, "sll_large": 90, "sll_xlarge": 120}
+    assert name in models.list_models("sll_")
+    if name == "sll_small":  # one full-size build (41 M parameters) is enough to check the layout
+        model = models.create(name)
+        assert model[0].channels == widths[name]
+        assert sum(p.numel() for p in model.parameters()) == 41_385_862
+
+
+def test_sll_tiny_trains_and_is_bounded() -> None:
+    from lipnet.models.sll import SLLNet
+
+    torch.manual_seed(0)
+    kwargs, shape = SLL_TINY
+    model = SLLNet(**kwargs, width=4, n_conv=2, n_dense=2, dense_inner=8)  # type: ignore[arg-type]
+    _train_step(model, shape)
+    _check_bound(model, shape)
+
+
+def test_bethune_vgg_has_the_papers_weight_count() -> None:
+    model = models.create("bethune_vgg")
+    assert isinstance(model, BethuneVGG)
+    weights = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias"))
+    assert weights == 488_544  # "about 0.49 M weights"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_lipconvnet_layout_matches_the_paper() -> None:
+    # At 32x32: ChannelPad, 1x1 layer, 5 stages of 5 layers (3x3, the last stage 1x1), channels
+    # doubled at each of the 5 downsamplings, dense(32 width, classes).
+    model = models.create("lipconvnet_xs", conv="aol")
+    assert isinstance(model, LipConvNet)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.in_channels for c in convs] == [16] + [16] * 5 + [32] * 5 + [64] * 5 + [128] * 5 + [256] * 5
+    assert [c.kernel_size[0] for c in convs] == [1] + [3] * 20 + [1] * 5
+    assert isinstance(model[-1], nn.Linear) and model[-1].in_features == 512
+    assert sum(isinstance(m, FirstChannels) for m in model) == 5
+    # plain-conv parameter count of the paper's layout minus its unused head rows (docstring)
+    paper = 1_572_288
+    ours = sum(p.numel() for p in model.parameters())
+    assert ours == paper - (512 * 512 + 512) + (512 * 10 + 10)
+
+
+def test_lipconvnet_width_comes_from_the_name() -> None:
+    assert models.create("lipconvnet_s", input_size=4, depth=1)[1].in_channels == 32
+    with pytest.raises(TypeError):
+        models.create("lipconvnet_m", width=8)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("bethune_vgg", dict(input_size=6)),
+        ("bethune_vgg", dict(widths=(3, 4, 4))),
+        ("bethune_vgg", dict(num_classes=1)),
+        ("bethune_vgg", dict(conv="nope")),
+        ("lipconvnet_xs", dict(input_size=24)),
+        ("lipconvnet_xs", dict(in_channels=17)),
+        ("liresnet", dict(input_size=12)),
+        ("sll_small", dict(input_size=6)),
+    ],
+)
+def test_bad_arguments_raise(name: str, kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        models.create(name, **kwargs)
+
+
+def test_residual_kind_cannot_make_a_square_head() -> None:
+    with pytest.raises(ValueError, match="nn.Linear"):
+        models.create(
+            "bethune_vgg", conv="sll", input_size=4, widths=(2, 2), depths=(1, 1), hidden=4, num_classes=4
+        )
+
+
+def test_lipschitz_sequential_slices_and_multiplies() -> None:
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 4), nn.Linear(4, 2)
+    with torch.no_grad():
+        a.weight.mul_(3.0)
+    seq = LipschitzSequential(a, nn.ReLU(), b)
+    expected = torch.linalg.matrix_norm(a.weight.detach().double(), 2) * torch.linalg.matrix_norm(
+        b.weight.detach().double(), 2
+    )
+    assert seq.lipschitz_bound() == pytest.approx(float(expected), rel=1e-8)
+    body = seq[:-1]
+    assert type(body) is nn.Sequential and len(body) == 2
+    vgg = models.create("bethune_vgg", in_channels=1, input_size=4, widths=(2, 2), depths=(1, 1), hidden=4)
+    assert type(vgg[:-1]) is nn.Sequential and isinstance(vgg[-1], nn.Linear)
+
+
+def test_channel_pad_and_first_channels() -> None:
+    x = torch.randn(2, 3, 4, 4)
+    padded = ChannelPad(5)(x)
+    assert padded.shape == (2, 5, 4, 4) and torch.equal(padded[:, :3], x) and not padded[:, 3:].any()
+    assert torch.equal(FirstChannels(2)(x), x[:, :2])
+    with pytest.raises(ValueError):
+        ChannelPad(2)(x)
+    with pytest.raises(ValueError):
+        FirstChannels(4)(x)
+
+
+# config -> overrides that keep the build cheap (the key names must still be the constructor's)
+CONFIG_BUILDS = {
+    "cifar10_bethune_vgg": [],
+    "cifar10_lipconvnet_m_cpl": ["model.input_size=4", "model.depth=1"],
+    "cifar10_large": ["model.width=4", "model.depth=1", "model.hidden=4"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_BUILDS))
+def test_cifar10_configs_load_and_build(name: str) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml", CONFIG_BUILDS[name])
+    assert cfg.data.name == "cifar10"
+    model = build_model(cfg.model)
+    assert isinstance(model, LipschitzSequential)
+    assert isinstance(model[-1], nn.Linear) and model[-1].out_features == 10
