@@ -9,19 +9,50 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.util import find_spec
 
 from torch import nn
 
 from lipnet.activations import FullSort, GroupSort, HouseholderActivation, MaxMin
+from lipnet.attention import (
+    CBAM,
+    AttentionToScale,
+    BoundedDotProductAttention,
+    BoundedTranslation,
+    BoundedZoom,
+    FeedbackGating,
+    L2MultiheadAttention,
+    LossAttentionMIL,
+    LSEPooling,
+    MemoryAttention,
+    MultiTaskAttentionNetwork,
+    ResidualAttention,
+    SoftAttentionPooling,
+    SoftGlimpse,
+    SqueezeExcitation,
+)
 from lipnet.layers import (
+    AOCConv2d,
     AOLConv2d,
     AOLLinear,
     BatchCentering,
     BjorckConv2d,
     BjorckLinear,
+    CayleyConv2d,
+    CPLConv2d,
+    CPLLinear,
+    LinearResidualConv2d,
     OrthogonalLinear,
+    SLLConv2d,
+    SLLLinear,
 )
+from lipnet.models.fmnist import FashionConvNet
+from lipnet.models.lipconvnet import ChannelPad, FirstChannels, LipConvNet
+from lipnet.models.liresnet import LiResNet
+from lipnet.models.sequential import LipschitzSequential
+from lipnet.models.sll import SLLNet
 from lipnet.models.small import SmallCNN
+from lipnet.models.vgg import BethuneVGG
 from lipnet.pooling import GlobalL2NormPool2d, InvertibleDownsampling, ScaledAvgPool2d, ScaledL2NormPool2d
 
 __all__ = ["CATALOG", "Case"]
@@ -73,6 +104,29 @@ CATALOG: dict[type[nn.Module], Factory] = {
         Case(AOLConv2d(4, 4, 3, stride=2, groups=2), (4, 7, 7), affine=True),
         Case(AOLConv2d(3, 2, 3, padding=1, padding_mode="circular"), (3, 5, 5), affine=True),
     ],
+    CayleyConv2d: lambda: [
+        Case(CayleyConv2d(3, 4, 3, input_size=6), (3, 6, 6), affine=True),
+        Case(CayleyConv2d(4, 2, 3, stride=2, bias=False, input_size=4), (4, 4, 4), affine=True),
+    ],
+    # orthogonium is an optional extra: without it AOCConv2d cannot be built and has no cases.
+    AOCConv2d: lambda: [
+        Case(AOCConv2d(4, 4, 3), (4, 5, 5), affine=True),
+        Case(AOCConv2d(4, 8, 3, stride=2, padding=1, padding_mode="zeros"), (4, 6, 6), affine=True),
+    ]
+    if find_spec("orthogonium")
+    else [],
+    LinearResidualConv2d: lambda: [
+        Case(LinearResidualConv2d(3), (3, 5, 5), affine=True),
+        Case(
+            LinearResidualConv2d(4, groups=2, padding_mode="circular", normalize=True, bound_grid=8),
+            (4, 5, 5),
+            affine=True,
+        ),
+    ],
+    SLLLinear: lambda: [Case(SLLLinear(5), (5,)), Case(SLLLinear(4, 7), (4,))],
+    SLLConv2d: lambda: [Case(SLLConv2d(2, 3), (2, 5, 5)), Case(SLLConv2d(3, 2, 1), (3, 4, 4))],
+    CPLLinear: lambda: [Case(CPLLinear(5), (5,)), Case(CPLLinear(6, 3), (6,))],
+    CPLConv2d: lambda: [Case(CPLConv2d(2, 3), (2, 5, 5)), Case(CPLConv2d(3, 2, 1, grid_size=4), (3, 4, 4))],
     BatchCentering: lambda: [
         Case(BatchCentering(3), (3, 4, 4), affine=True, per_sample_in_training=False),
         Case(BatchCentering(5), (5,), affine=True, per_sample_in_training=False),
@@ -91,6 +145,27 @@ CATALOG: dict[type[nn.Module], Factory] = {
     ScaledAvgPool2d: lambda: [Case(ScaledAvgPool2d(2), (2, 4, 4), affine=True)],
     InvertibleDownsampling: lambda: [Case(InvertibleDownsampling(2), (2, 4, 4), affine=True)],
     GlobalL2NormPool2d: lambda: [Case(GlobalL2NormPool2d(), (3, 3, 3))],
+    FashionConvNet: lambda: [
+        Case(FashionConvNet(num_classes=3, width=2, hidden=2, input_size=8), (1, 8, 8)),
+        Case(FashionConvNet(in_channels=2, width=2, blocks=0, hidden=4, conv="aol", input_size=4), (2, 4, 4)),
+    ],
+    LipschitzSequential: lambda: [
+        Case(LipschitzSequential(BjorckLinear(4, 6), GroupSort(2), AOLLinear(6, 3)), (4,)),
+    ],
+    ChannelPad: lambda: [Case(ChannelPad(4), (2, 3, 3), affine=True)],
+    FirstChannels: lambda: [Case(FirstChannels(2), (3, 2, 2), affine=True)],
+    BethuneVGG: lambda: [
+        Case(BethuneVGG(1, 3, input_size=4, widths=(2, 2), depths=(1, 1), hidden=4), (1, 4, 4)),
+        Case(BethuneVGG(2, 3, input_size=4, conv="aol", widths=(2, 4), depths=(2, 1), hidden=2), (2, 4, 4)),
+    ],
+    LipConvNet: lambda: [
+        Case(LipConvNet(1, 3, input_size=4, conv="aol", width=2, depth=1), (1, 4, 4)),
+        Case(LipConvNet(2, 3, input_size=2, conv="bjorck", width=2, depth=2), (2, 2, 2)),
+    ],
+    SLLNet: lambda: [
+        Case(SLLNet(1, 3, input_size=4, width=2, n_conv=2, n_dense=1, dense_inner=3), (1, 4, 4)),
+    ],
+    LiResNet: lambda: [Case(LiResNet(1, 3, input_size=8, width=2, depth=2, hidden=2), (1, 8, 8))],
     SmallCNN: lambda: [
         Case(SmallCNN(in_channels=1, num_classes=3, width=2, input_size=8), (1, 8, 8)),
         Case(
@@ -98,4 +173,46 @@ CATALOG: dict[type[nn.Module], Factory] = {
             (2, 4, 4),
         ),
     ],
+    SqueezeExcitation: lambda: [
+        Case(SqueezeExcitation(4, reduction=2, normalize=False), (4, 3, 3)),
+        Case(SqueezeExcitation(4, reduction=2, clamp=2.0), (4, 3, 3)),
+    ],
+    CBAM: lambda: [
+        Case(CBAM(4, reduction=2, kernel_size=3, normalize=False), (4, 3, 3)),
+        Case(CBAM(4, reduction=2, kernel_size=3, use_max=True), (4, 3, 3)),
+    ],
+    ResidualAttention: lambda: [Case(ResidualAttention(2, normalize=False), (2, 4, 4))],
+    BoundedDotProductAttention: lambda: [
+        Case(BoundedDotProductAttention(4, heads=2, radius=2.0, normalize=False), (4, 4)),
+        Case(BoundedDotProductAttention(4, heads=1), (3, 4)),
+    ],
+    L2MultiheadAttention: lambda: [
+        Case(L2MultiheadAttention(4, heads=2, normalize=False), (4, 4)),
+        Case(L2MultiheadAttention(4, heads=1), (3, 4)),
+    ],
+    MemoryAttention: lambda: [Case(MemoryAttention(4, slots=5, beta=2.0), (3, 4))],
+    SoftAttentionPooling: lambda: [
+        Case(SoftAttentionPooling(4, attention_dim=3, radius=2.0, normalize=False), (5, 4)),
+        Case(SoftAttentionPooling(4, attention_dim=3), (5, 4)),
+    ],
+    LossAttentionMIL: lambda: [
+        Case(LossAttentionMIL(4, 3, beta=2.0, normalize=False), (5, 4)),
+        Case(LossAttentionMIL(4, 3), (5, 4)),
+    ],
+    LSEPooling: lambda: [Case(LSEPooling(beta=3.0), (5, 4))],
+    FeedbackGating: lambda: [
+        Case(FeedbackGating(1, 2, clamp=2.0, normalize=False), (1, 3, 3)),
+        Case(FeedbackGating(2, 2), (2, 3, 3)),
+    ],
+    AttentionToScale: lambda: [
+        Case(AttentionToScale(1, 2, hidden=2, radius=2.0, normalize=False), (1, 4, 4)),
+    ],
+    MultiTaskAttentionNetwork: lambda: [
+        Case(MultiTaskAttentionNetwork(1, 2, (1, 2), clamp=2.0, normalize=False), (1, 3, 3)),
+    ],
+    BoundedTranslation: lambda: [
+        Case(BoundedTranslation(1, 4, hidden=3, radius=2.0, normalize=False), (1, 4, 4)),
+    ],
+    BoundedZoom: lambda: [Case(BoundedZoom(1, 4, hidden=3, min_scale=0.5, normalize=False), (1, 4, 4))],
+    SoftGlimpse: lambda: [Case(SoftGlimpse(1, 2, radius=2.0, normalize=False), (1, 4, 4))],
 }
