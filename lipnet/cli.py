@@ -1,4 +1,4 @@
-"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit`` and ``bench layers``.
+"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit``, ``bench layers|fmnist``.
 
 Exit codes: 0 success, 1 training diverged, 2 bad input (unknown key, impossible value, missing
 dataset or run folder, corrupted checkpoint, unknown model), reported as one line on stderr
@@ -11,7 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from lipnet.argtypes import Parser, float_list, increasing_eps_list, one_line
+from lipnet.argtypes import (
+    Parser,
+    float_list,
+    increasing_eps_list,
+    name_list,
+    non_negative_int,
+    one_line,
+    positive_int,
+)
 from lipnet.audit_cli import add_audit_parser
 from lipnet.config import SWEEP_PARAMS, Config, ConfigError, load_config
 
@@ -111,6 +119,18 @@ def _cmd_bench_layers(args: argparse.Namespace) -> int:
     return int(code) if isinstance(code, int) else 0
 
 
+def _cmd_bench_fmnist(args: argparse.Namespace) -> int:
+    from lipnet import bench_fmnist
+
+    return bench_fmnist.run(args)
+
+
+def _cmd_catalogue(args: argparse.Namespace) -> int:
+    from lipnet import catalogue
+
+    return catalogue.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lipnet`` (one sub-parser per command)."""
     parser = Parser(
@@ -166,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
 
+    p_cat = sub.add_parser("catalogue", help="train and certify every attention method; csv, md and png")
+    p_cat.add_argument("--quick", action="store_true", help="a few hundred images, 1 epoch, two methods")
+    p_cat.add_argument("--out", default="runs/catalogue", help="output folder (default runs/catalogue)")
+    p_cat.add_argument("--methods", type=name_list, help="subset, e.g. baseline,SqueezeExcitation")
+    p_cat.add_argument("--n-train", type=positive_int, help="training images per task (default 5000)")
+    p_cat.add_argument("--n-test", type=positive_int, help="test images per task (default 1000)")
+    p_cat.add_argument("--epochs", type=positive_int, help="epochs per method (default 5)")
+    p_cat.add_argument("--attack", choices=["auto", "autoattack", "pgd"], help="empirical attack")
+    p_cat.add_argument("--attack-n", type=non_negative_int, help="test images attacked (default 200)")
+    p_cat.add_argument("--seed", type=non_negative_int, default=0)
+    p_cat.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    p_cat.add_argument("--quiet", action="store_true", help="no per-method lines")
+    p_cat.set_defaults(func=_cmd_catalogue)
+
     p_bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = p_bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     p_layers = bench_sub.add_parser("layers", help="speed and memory of the 1-Lipschitz layers")
@@ -176,6 +210,34 @@ def build_parser() -> argparse.ArgumentParser:
     p_layers.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p_layers.add_argument("--out", help="JSON file for the measured rows")
     p_layers.set_defaults(func=_cmd_bench_layers)
+    p_fmnist = bench_sub.add_parser(
+        "fmnist", help="train and certify lipnet, deel-torchlip and orthogonium nets on Fashion-MNIST"
+    )
+    p_fmnist.add_argument("--epochs", type=positive_int, default=5, help="epochs per model (default 5)")
+    p_fmnist.add_argument(
+        "--time-cap", type=float, default=300.0, help="training seconds per model (default 300)"
+    )
+    p_fmnist.add_argument(
+        "--models", type=name_list, help="subset, e.g. lipnet:aol,deel-torchlip:spectral (default: all)"
+    )
+    p_fmnist.add_argument("--size", choices=["s", "m"], default="s", help="fmnist_convnet_s or _m")
+    p_fmnist.add_argument("--n-train", type=positive_int, help="first N training images (default all)")
+    p_fmnist.add_argument("--n-test", type=positive_int, help="first N test images (default all 10,000)")
+    p_fmnist.add_argument(
+        "--attack-n", type=non_negative_int, default=1000, help="test images attacked (default 1000)"
+    )
+    p_fmnist.add_argument("--attack", choices=["auto", "autoattack", "pgd"], default="auto")
+    p_fmnist.add_argument("--attack-steps", type=positive_int, default=50, help="PGD steps (default 50)")
+    p_fmnist.add_argument("--tau", type=float, default=5.0, help="τ of τ-CE (τ multiplies the logits)")
+    p_fmnist.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    p_fmnist.add_argument("--batch-size", type=positive_int, default=128)
+    p_fmnist.add_argument("--seed", type=non_negative_int, default=0)
+    p_fmnist.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    p_fmnist.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    p_fmnist.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian's when present)")
+    p_fmnist.add_argument("--out", default="runs/fmnist", help="folder of fmnist.csv / fmnist.md")
+    p_fmnist.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_fmnist.set_defaults(func=_cmd_bench_fmnist)
     return parser
 
 

@@ -1,0 +1,464 @@
+"""``lipnet bench fmnist``: the Fashion-MNIST yardstick, lipnet against deel-torchlip and orthogonium.
+
+Every contender is the same architecture (:func:`lipnet.models.fmnist.fmnist_layers`, size ``s`` or
+``m``) built from one library's layers:
+
+* lipnet: :class:`~lipnet.models.fmnist.FashionConvNet` with each layer kind registered when the bench
+  runs (:func:`lipnet.models.kinds.list_layer_kinds`);
+* deel-torchlip: ``SpectralConv2d``, ``GroupSort2``, ``ScaledL2NormPool2d``, ``SpectralLinear``;
+* orthogonium: AOC (``AdaptiveOrthoConv2d`` + ``OrthoLinear``), AOL (``AOLConv2D``; orthogonium has no
+  AOL dense layer, so its dense layers are ``OrthoLinear``) and SLL (``SDPBasedLipschitzResBlock`` for
+  the channel-preserving blocks, AOC for the channel-changing convolutions, ``OrthoLinear``), all with
+  orthogonium's ``MaxMin`` and lipnet's scaled L2-norm pooling (orthogonium has none).
+
+Every contender gets the same budget: the same initialisation seed, the same data order (one
+:class:`~lipnet.data.DeviceLoader` seed), the same loss (τ-CE, τ multiplying the logits), optimiser,
+batch size, number of epochs and wall-clock cap on training. Each is then certified on the test set by
+:func:`certify.certify` with the bound :func:`certify.bounds.lipschitz_bound` computes from its weights
+(never the library's own claim), and attacked on the first ``attack_n`` test images.
+
+Empirical robust accuracy at ε: a sample counts when it is correctly classified and either certified at
+ε (a sound certificate proves that no attack exists, so it is not attacked) or still correctly
+classified after AutoAttack (APGD-CE + APGD-T, through ``pyautoattack``), or L2 PGD when that is not
+installed. It is an upper bound of the true robust accuracy, as the certified accuracy is a lower one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lipnet.models.fmnist import fmnist_layers
+from lipnet.models.kinds import LayerKind
+
+__all__ = ["EPS", "SIZES", "Contender", "bench_fmnist", "contenders", "run", "to_csv", "to_markdown"]
+
+#: Radii of the table, on the [0, 1] pixel scale (1.58 is about 2 / sqrt(1.6), deel-lip's largest).
+EPS: tuple[float, ...] = (0.1, 0.3, 0.5, 1.0, 1.58)
+
+#: Keyword arguments of :func:`~lipnet.models.fmnist.fmnist_layers` for ``fmnist_convnet_s`` / ``_m``.
+SIZES: dict[str, dict[str, int]] = {
+    "s": {"width": 16, "blocks": 1, "hidden": 64},
+    "m": {"width": 32, "blocks": 2, "hidden": 256},
+}
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One network of the table: its library, its layer kind and how to build it (untrained)."""
+
+    library: str
+    kind: str
+    build: Callable[[], nn.Module]
+
+    @property
+    def name(self) -> str:
+        """``library:kind``, the name ``--models`` selects it by."""
+        return f"{self.library}:{self.kind}"
+
+
+def _same(kernel_size: int) -> int:
+    return kernel_size // 2
+
+
+def _deel_kind() -> LayerKind:
+    import deel.torchlip as tl
+
+    return LayerKind(
+        name="spectral",
+        block=lambda c, k: tl.SpectralConv2d(c, c, k, padding=_same(k)),
+        conv=lambda i, o, k: tl.SpectralConv2d(i, o, k, padding=_same(k)),
+        dense=tl.SpectralLinear,
+        description="deel-torchlip spectral-normalised + Björck convolutions and dense layers",
+    )
+
+
+def _orthogonium_kinds() -> dict[str, LayerKind]:
+    from orthogonium.layers import AdaptiveOrthoConv2d, OrthoLinear
+    from orthogonium.layers.conv.AOL import AOLConv2D
+    from orthogonium.layers.conv.SLL import SDPBasedLipschitzResBlock
+
+    def aoc(i: int, o: int, k: int) -> nn.Module:
+        return AdaptiveOrthoConv2d(i, o, k, padding=_same(k), padding_mode="zeros")
+
+    def aol(i: int, o: int, k: int) -> nn.Module:
+        return AOLConv2D(i, o, k, padding=_same(k))
+
+    return {
+        "aoc": LayerKind("aoc", lambda c, k: aoc(c, c, k), aoc, OrthoLinear, "orthogonium AOC + OrthoLinear"),
+        "aol": LayerKind("aol", lambda c, k: aol(c, c, k), aol, OrthoLinear, "orthogonium AOL + OrthoLinear"),
+        "sll": LayerKind(
+            "sll",
+            lambda c, k: SDPBasedLipschitzResBlock(c, inner_dim_factor=2, kernel_size=k),
+            aoc,
+            OrthoLinear,
+            "orthogonium SLL blocks, AOC convolutions, OrthoLinear",
+        ),
+    }
+
+
+def contenders(size: str = "s", num_classes: int = 10) -> list[Contender]:
+    """Every network of the table whose library is installed: lipnet's registered kinds first."""
+    from lipnet.models import create
+    from lipnet.models.kinds import list_layer_kinds
+    from lipnet.pooling import ScaledL2NormPool2d
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    arch = {**SIZES[size], "num_classes": num_classes}
+    out = [
+        Contender(
+            "lipnet",
+            kind,
+            lambda kind=kind: create(f"fmnist_convnet_{size}", conv=kind, num_classes=num_classes),
+        )
+        for kind in list_layer_kinds()
+    ]
+    try:
+        import deel.torchlip as tl
+
+        deel = _deel_kind()
+        out.append(
+            Contender(
+                "deel-torchlip",
+                deel.name,
+                lambda: tl.Sequential(
+                    *fmnist_layers(
+                        deel, activation=tl.GroupSort2, pool=lambda: tl.ScaledL2NormPool2d(2), **arch
+                    )
+                ),
+            )
+        )
+    except ImportError:
+        pass
+    try:
+        from orthogonium.layers import MaxMin
+
+        for name, kind in _orthogonium_kinds().items():
+            out.append(
+                Contender(
+                    "orthogonium",
+                    name,
+                    lambda kind=kind: nn.Sequential(
+                        *fmnist_layers(kind, activation=MaxMin, pool=lambda: ScaledL2NormPool2d(2), **arch)
+                    ),
+                )
+            )
+    except ImportError:
+        pass
+    return out
+
+
+def _select(available: list[Contender], names: Sequence[str] | None) -> list[Contender]:
+    if not names:
+        return available
+    by_name = {c.name: c for c in available}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(
+            f"unknown model(s) {', '.join(unknown)} for bench fmnist; available: {', '.join(by_name)}"
+        )
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def _train(
+    model: nn.Module,
+    loader: Any,
+    loss_fn: nn.Module,
+    *,
+    epochs: int,
+    time_cap: float | None,
+    lr: float,
+    desc: str,
+    progress: bool,
+) -> tuple[float, float]:
+    """Adam with a cosine learning rate; returns (epochs done, possibly fractional; training seconds)."""
+    from tqdm.auto import tqdm
+
+    from lipnet.train import TrainingDivergedError, lr_at
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    total = epochs * len(loader)
+    step, elapsed = 0, 0.0
+    model.train()
+    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress)
+    try:
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            for x, y in loader:
+                if time_cap is not None and elapsed >= time_cap:
+                    return step / len(loader), elapsed
+                t0 = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, lr, "cosine")
+                logits = model(x)
+                if not torch.isfinite(logits).all():
+                    raise TrainingDivergedError(
+                        f"{desc}: the logits became NaN or Inf at step {step} (epoch {epoch + 1}): lower --lr"
+                    )
+                loss = loss_fn(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+                elapsed += time.perf_counter() - t0
+                step += 1
+                bar.update()
+    finally:
+        bar.close()
+    return step / len(loader), elapsed
+
+
+def _robust(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    radii: torch.Tensor,
+    eps: Sequence[float],
+    attack: str,
+    steps: int,
+    seed: int,
+) -> list[float]:
+    """Empirical robust accuracy at each ε (see the module docstring for what counts)."""
+    from certify.attacks import autoattack_l2, pgd_l2
+
+    model.eval()
+    with torch.no_grad():
+        correct = (model(x).argmax(dim=1) == y).cpu()
+    out = []
+    for e in eps:
+        certified = radii > e
+        robust = certified & correct
+        todo = correct & ~certified
+        if todo.any():
+            idx = todo.nonzero().squeeze(1)
+            xs, ys = x[idx.to(x.device)], y[idx.to(y.device)]
+            if attack == "autoattack":
+                x_adv = autoattack_l2(model, xs, ys, e, seed=seed)
+            else:
+                x_adv = pgd_l2(model, xs, ys, e, steps=steps, restarts=1, seed=seed)
+            with torch.no_grad():
+                robust[idx] = (model(x_adv).argmax(dim=1) == ys).cpu()
+        out.append(float(robust.double().mean()))
+    return out
+
+
+def bench_fmnist(
+    *,
+    size: str = "s",
+    models: Sequence[str] | None = None,
+    epochs: int = 5,
+    time_cap: float | None = 300.0,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    attack_n: int = 1000,
+    attack: str = "auto",
+    attack_steps: int = 50,
+    tau: float = 5.0,
+    lr: float = 2e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train, certify and attack every selected contender under one budget; one dict per network.
+
+    Keys: library, kind, params, epochs (done; fractional when the time cap stopped training),
+    sec_per_epoch, clean, cert (list, one per :data:`EPS`), mean_radius (misclassified count 0),
+    robust (list per :data:`EPS`, or None when ``attack_n`` is 0), attack, bound (the whole
+    network's sound L2 bound), rule (the certificate: last-layer or global). ``attack``: ``auto``
+    (AutoAttack when ``pyautoattack`` is installed, else PGD), ``autoattack`` or ``pgd`` (with
+    ``attack_steps`` steps). ``on_row`` receives the rows so far after each network (to write partial
+    results). A network whose logits become NaN or Inf raises
+    :class:`~lipnet.train.TrainingDivergedError` (the rows written before it are kept).
+    """
+    import certify
+    from certify.attacks import autoattack_available
+    from certify.bounds import lipschitz_bound
+    from lipnet import data, losses
+    from lipnet.train import resolve_device
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if time_cap is not None and time_cap <= 0:
+        raise ValueError(f"time cap must be positive seconds, got {time_cap}")
+    if attack_n < 0:
+        raise ValueError(f"attack_n must be >= 0, got {attack_n}")
+    if attack not in ("auto", "autoattack", "pgd"):
+        raise ValueError(f"unknown attack {attack!r}: choose auto, autoattack or pgd")
+    if attack == "auto":
+        attack = "autoattack" if autoattack_available() else "pgd"
+    attack_label = f"pgd ({attack_steps} steps)" if attack == "pgd" else "autoattack (apgd-ce, apgd-t)"
+    dev = resolve_device(device)
+    train_ds = data.load("fashion_mnist", "train", data_dir=data_dir, n=n_train)
+    test_ds = data.load("fashion_mnist", "test", data_dir=data_dir, n=n_test)
+    chosen = _select(contenders(size, train_ds.num_classes), models)
+    loss_fn = losses.create("tau_ce", tau=tau)
+    train_loader = data.DeviceLoader(train_ds, batch_size, shuffle=True, seed=seed, device=dev)
+    shape = tuple(int(s) for s in test_ds.images.shape[1:])
+    n_attack = min(attack_n, len(test_ds))
+    x_att, y_att = test_ds.images[:n_attack].to(dev), test_ds.labels[:n_attack].to(dev)
+    rows: list[dict[str, Any]] = []
+    for c in chosen:
+        torch.manual_seed(seed)
+        model = c.build().to(dev)
+        done, seconds = _train(
+            model,
+            train_loader,
+            loss_fn,
+            epochs=epochs,
+            time_cap=time_cap,
+            lr=lr,
+            desc=c.name,
+            progress=progress,
+        )
+        model.eval()
+        result = certify.certify(
+            model, data.DeviceLoader(test_ds, 500, device=dev), eps=list(EPS), progress=progress
+        )
+        robust = (
+            _robust(model, x_att, y_att, result.radii[:n_attack], EPS, attack, attack_steps, seed)
+            if n_attack
+            else None
+        )
+        rows.append(
+            {
+                "library": c.library,
+                "kind": c.kind,
+                "params": sum(p.numel() for p in model.parameters()),
+                "epochs": done,
+                "sec_per_epoch": seconds / done if done else float("nan"),
+                "clean": result.clean_accuracy,
+                "cert": [result.certified_accuracy[e] for e in EPS],
+                "mean_radius": result.mean_radius,
+                "robust": robust,
+                "attack": f"{attack_label} on {n_attack}" if n_attack else "none",
+                "bound": lipschitz_bound(model, shape),
+                "rule": result.rule,
+            }
+        )
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def _eps_name(e: float) -> str:
+    return f"{e:g}"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV (fractions, not percentages; empty robust cells when nothing was attacked)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        ["library", "kind", "params", "epochs", "sec_per_epoch", "clean"]
+        + [f"cert_{_eps_name(e)}" for e in EPS]
+        + ["mean_radius"]
+        + [f"robust_{_eps_name(e)}" for e in EPS]
+        + ["attack", "bound", "rule"]
+    )
+    for r in rows:
+        robust = r["robust"] if r["robust"] is not None else [""] * len(EPS)
+        writer.writerow(
+            [r["library"], r["kind"], r["params"], f"{r['epochs']:.6g}", f"{r['sec_per_epoch']:.4g}"]
+            + [f"{r['clean']:.4f}"]
+            + [f"{a:.4f}" for a in r["cert"]]
+            + [f"{r['mean_radius']:.4f}"]
+            + [a if a == "" else f"{a:.4f}" for a in robust]
+            + [r["attack"], f"{r['bound']:.8g}", r["rule"]]
+        )
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
+    """The rows as a Markdown table (percentages), under ``header``."""
+    eps = " / ".join(_eps_name(e) for e in EPS)
+    lines = [
+        header,
+        "",
+        f"| library | kind | params | epochs | s/epoch | clean | certified at ε = {eps} | mean radius | "
+        f"empirical robust at ε = {eps} | sound bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        robust = " / ".join(f"{100 * a:.1f}" for a in r["robust"]) if r["robust"] is not None else "—"
+        lines.append(
+            f"| {r['library']} | {r['kind']} | {r['params']:,} | {r['epochs']:.2f} | "
+            f"{r['sec_per_epoch']:.1f} | "
+            f"{100 * r['clean']:.2f} | {' / '.join(f'{100 * a:.1f}' for a in r['cert'])} | "
+            f"{r['mean_radius']:.3f} | {robust} | {r['bound']:.6f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: ``lipnet bench fmnist [--epochs N] [--time-cap S] [--models A,B] ... [--out DIR]``."""
+    from lipnet.runs import atomic_write_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    attack = args.attack
+    if attack == "auto":
+        from certify.attacks import autoattack_available
+
+        attack = "autoattack" if autoattack_available() else "pgd"
+    where = (
+        torch.cuda.get_device_name(0)
+        if args.device != "cpu" and torch.cuda.is_available()
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    cap = f"{args.time_cap:g} s" if args.time_cap is not None else "none"
+    attack_text = (
+        "AutoAttack (APGD-CE + APGD-T) through pyautoattack"
+        if attack == "autoattack"
+        else f"L2 PGD ({args.attack_steps} steps)"
+    )
+    header = (
+        f"# Fashion-MNIST, fmnist_convnet_{args.size}: {args.epochs} epoch(s), time cap {cap} per model, "
+        f"τ-CE τ={args.tau:g}, Adam lr {args.lr:g} cosine, batch {args.batch_size}, seed {args.seed}; "
+        f"{args.n_train or 60000} training / {args.n_test or 10000} test images; "
+        f"empirical: {attack_text} on the first {args.attack_n} test images (certified samples count as "
+        f"robust without attack); {where}, torch {torch.__version__}\n\n"
+        "Accuracies in %. Certificates from certify.bounds.lipschitz_bound (float64, from the weights)."
+    )
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(out / "fmnist.csv", to_csv(rows))
+        atomic_write_text(out / "fmnist.md", to_markdown(rows, header))
+
+    rows = bench_fmnist(
+        size=args.size,
+        models=args.models,
+        epochs=args.epochs,
+        time_cap=args.time_cap,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        attack_n=args.attack_n,
+        attack=attack,
+        attack_steps=args.attack_steps,
+        tau=args.tau,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+        on_row=write,
+    )
+    print(to_markdown(rows, header))
+    print(f"wrote {out / 'fmnist.csv'}, {out / 'fmnist.md'}")
+    return 0

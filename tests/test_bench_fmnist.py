@@ -1,0 +1,153 @@
+"""``lipnet bench fmnist`` and the Fashion-MNIST models: end to end on IDX fixtures, and on the real data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import write_idx
+
+from lipnet.bench_fmnist import EPS, contenders
+from lipnet.cli import main
+from lipnet.models import create
+from lipnet.models.kinds import list_layer_kinds
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _stripes(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class c is a bright band on rows 2c+4 .. 2c+5, over uniform noise in [0, 0.3]."""
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.uniform(0, 0.3, (n, 28, 28))
+    for i, c in enumerate(labels):
+        images[i, 2 * c + 4 : 2 * c + 6, :] = 1.0
+    return (images * 255).round().astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def stripes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A learnable Fashion-MNIST stand-in in the real IDX format (400 train / 64 test images)."""
+    folder = tmp_path_factory.mktemp("fmnist-idx") / "fashion-mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 400), ("t10k", 64)):
+        images, labels = _stripes(n, rng)
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, gz=True)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz=True)
+    return folder.parent
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _bench(out: Path, data_dir: Path, *extra: str) -> int:
+    return main([
+        "bench", "fmnist", "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu", "--quiet",
+        "--epochs", "1", "--batch-size", "32", "--tau", "10",
+        *extra,
+    ])  # fmt: skip
+
+
+def test_registered_models_are_1_lipschitz_for_every_kind() -> None:
+    torch.manual_seed(0)
+    for kind in list_layer_kinds():
+        model = create("fmnist_convnet_s", conv=kind).eval()
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+        assert model.lipschitz_bound((1, 28, 28)) <= 1 + 1e-4, kind
+    medium = create("fmnist_convnet_m", conv="aol")
+    assert len(medium) == len(create("fmnist_convnet_s")) + 4  # one more block (+ activation) per stage
+    assert isinstance(medium[-1], torch.nn.Linear) and medium[-1].in_features == 256
+
+
+def test_contenders_share_one_architecture() -> None:
+    """Every library's network: the registered lipnet kinds, same children count and the same shapes."""
+    pytest.importorskip("orthogonium")
+    found = contenders("s")
+    assert sorted(c.kind for c in found if c.library == "lipnet") == list_layer_kinds()
+    assert {c.name for c in found} >= {
+        "deel-torchlip:spectral", "orthogonium:aoc", "orthogonium:aol", "orthogonium:sll",
+    }  # fmt: skip
+    x = torch.rand(2, 1, 28, 28)
+
+    def shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
+        out, h = [], x
+        with torch.no_grad():
+            for child in model.children():
+                h = child(h)
+                out.append(tuple(h.shape))
+        return out
+
+    reference = shapes(create("fmnist_convnet_s", conv="aol").eval())
+    for c in found:
+        assert shapes(c.build().eval()) == reference, c.name
+
+
+def test_bench_end_to_end(stripes_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("orthogonium")
+    models = "lipnet:aol,deel-torchlip:spectral,orthogonium:aoc"
+    code = _bench(
+        tmp_path,
+        stripes_dir,
+        "--models",
+        models,
+        "--attack",
+        "pgd",
+        "--attack-n",
+        "64",
+        "--attack-steps",
+        "5",
+        "--lr",
+        "1e-2",
+    )
+    assert code == 0
+    rows = _read(tmp_path / "fmnist.csv")
+    assert [f"{r['library']}:{r['kind']}" for r in rows] == models.split(",")
+    for r in rows:
+        clean = float(r["clean"])
+        cert = [float(r[f"cert_{e:g}"]) for e in EPS]
+        robust = [float(r[f"robust_{e:g}"]) for e in EPS]
+        # The attack ran on the same 64 images that were certified: certified <= robust <= clean.
+        assert all(a >= b for a, b in zip(cert, cert[1:], strict=False)), r
+        assert all(c - 1e-9 <= e <= clean + 1e-9 for c, e in zip(cert, robust, strict=True)), r
+        assert float(r["epochs"]) == 1 and float(r["sec_per_epoch"]) > 0
+        assert 0 < float(r["bound"]) <= 1 + 1e-4 and r["attack"] == "pgd (5 steps) on 64"
+        assert int(r["params"]) > 0 and 0 <= float(r["mean_radius"]) < 10
+    # The stripes are learnable (chance is 0.1): the loop trains, and the certificates are not vacuous.
+    best = max(rows, key=lambda r: float(r["clean"]))
+    assert float(best["clean"]) > 0.5 and float(best["cert_0.1"]) > 0.2
+    md = (tmp_path / "fmnist.md").read_text(encoding="utf-8")
+    assert "L2 PGD (5 steps)" in md and "| lipnet | aol |" in md and "| orthogonium | aoc |" in md
+
+
+def test_time_cap_stops_training_and_bad_names_are_refused(
+    stripes_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = _bench(tmp_path, stripes_dir, "--models", "lipnet:aol", "--time-cap", "1e-9", "--attack-n", "0")
+    assert code == 0
+    (row,) = _read(tmp_path / "fmnist.csv")
+    assert float(row["epochs"]) == pytest.approx(1 / 13, abs=1e-4)  # one step of the 13 per epoch (400 / 32)
+    assert row["robust_0.1"] == "" and row["attack"] == "none"
+    capsys.readouterr()
+    assert _bench(tmp_path / "bad", stripes_dir, "--models", "lipnet:nope") == 2
+    err = capsys.readouterr().err
+    assert "unknown model(s) lipnet:nope" in err and "deel-torchlip:spectral" in err
+
+
+@pytest.mark.realdata
+def test_bench_on_the_debian_fashion_mnist(tmp_path: Path) -> None:
+    if not (DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"{DEBIAN_FASHION} is absent: apt-get install dataset-fashion-mnist to run this test")
+    code = _bench(
+        tmp_path, tmp_path / "empty", "--models", "lipnet:bjorck,deel-torchlip:spectral", "--n-train", "640",
+        "--n-test", "200", "--attack-n", "0",
+    )  # fmt: skip
+    assert code == 0
+    rows = _read(tmp_path / "fmnist.csv")
+    assert float(rows[1]["clean"]) > 0.5 and float(rows[1]["cert_0.1"]) > 0.3
+    assert float(rows[0]["clean"]) > 0.15  # chance is 0.1
