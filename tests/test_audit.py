@@ -138,7 +138,8 @@ def _self_labelled(
     return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
 
 
-def _deel_model() -> nn.Module:
+def deel_cnn() -> nn.Module:
+    """A deel-torchlip network (an architecture for ``--arch test_audit:deel_cnn``)."""
     from deel import torchlip
 
     return torchlip.Sequential(
@@ -155,7 +156,7 @@ def _deel_model() -> nn.Module:
 
 def test_deel_model_and_its_vanilla_export_are_audited_end_to_end(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _deel_model()
+    model = deel_cnn()
     loader = _self_labelled(model, 32, (3, 32, 32))
     report = audit(
         model,
@@ -221,6 +222,19 @@ def test_cli_plain_batchnorm_cnn_from_a_state_dict(tmp_path: Path) -> None:
     assert kinds.count("Conv2d+BatchNorm2d (folded)") == 2
     assert set(data["certified_accuracy"]) == {"36/255", "72/255"}
     assert sorted(p.name for p in out.iterdir()) == ["audit.json", "audit.md", "radii.png"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_deel_torchlip_model_from_a_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    weights = tmp_path / "deel.pt"
+    torch.save(deel_cnn().state_dict(), weights)
+    code, out = _cli(tmp_path, str(weights), "--arch", "test_audit:deel_cnn")
+    assert code == 0
+    data = json.loads((out / "audit.json").read_text())
+    assert data["passed"] is True and data["certificate"] == "last-layer"
+    # Spectral layers and norm-preserving pools: at most 1, and above the empirical lower bound.
+    assert data["network_lower_bound"] <= data["lipschitz_bound"] <= 1 + 1e-4
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
