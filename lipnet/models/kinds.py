@@ -29,7 +29,6 @@ from lipnet.layers import (
     CayleyConv2d,
     CPLConv2d,
     CPLLinear,
-    OrthogonalLinear,
     SLLConv2d,
     SLLLinear,
 )
@@ -109,15 +108,17 @@ register_layer_kind(
         description="AOL convolutions and dense layers (Prach & Lampert 2022; 1-Lipschitz)",
     )
 )
+# The orthogonal kinds take Björck dense layers (orthonormal in eval): torch's orthogonal map builds a
+# matrix exponential of the larger side, which dominated training time with flattened features.
 register_layer_kind(
     LayerKind(
         name="cayley",
         block=lambda c, k: CayleyConv2d(c, c, k),
         conv=lambda i, o, k: CayleyConv2d(i, o, k),
-        dense=OrthogonalLinear,
+        dense=BjorckLinear,
         description=(
             "Cayley convolutions (Trockman & Kolter 2021; orthogonal, circular padding is part of the "
-            "layer, input size fixed at the first forward) and orthogonal dense layers"
+            "layer, input size fixed at the first forward) and Björck dense layers"
         ),
     )
 )
@@ -128,10 +129,10 @@ register_layer_kind(
         name="aoc",
         block=lambda c, k: AOCConv2d(c, c, k, padding=_same(k)),
         conv=lambda i, o, k: AOCConv2d(i, o, k, padding=_same(k)),
-        dense=OrthogonalLinear,
+        dense=BjorckLinear,
         description=(
             "adaptive orthogonal convolutions (Boissin et al. 2025, through orthogonium; orthogonal with "
-            "circular padding) and orthogonal dense layers"
+            "circular padding) and Björck dense layers"
         ),
     )
 )
