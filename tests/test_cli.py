@@ -52,6 +52,22 @@ def test_train_writes_a_run(trained: Path) -> None:
     assert run.read_config().optim.epochs == 1
 
 
+def test_train_on_a_cifar10_folder(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fixtures import write_cifar10
+
+    write_cifar10(tmp_path / "cifar", per_batch=8)
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(config_file), "--out", str(out), "--quiet"]
+    data = ["--set", "data.name=cifar10", "--set", f"data.data_dir={tmp_path / 'cifar'}"]
+    code, _, err = _run([*argv, *data, "--set", "data.n_train=16", "--set", "data.n_test=8"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["certify"]["n"] == 8
+    assert RunFolder(out).read_config().data.name == "cifar10"
+
+
 def test_certify_a_run(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["certify", str(trained), "--eps", "36/255,0.5", "--n", "16", "--quiet"], capsys)
     assert code == 0, err
