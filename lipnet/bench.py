@@ -6,25 +6,46 @@ GroupSort2, scaled L2-norm pooling), built from lipnet's layers, from deel-torch
 (``AdaptiveOrthoConv2d``, ``OrthoLinear``, ``MaxMin``) and from plain unconstrained layers, timed
 side by side in one process with interleaved rounds so that machine load hits all of them alike.
 The reported figure is the median over rounds; ratios are to deel-torchlip and to the plain net.
+
+``lipnet bench layers --per-layer`` (or ``--kinds``) times one channel-preserving layer of every
+registered kind (:func:`lipnet.models.kinds.list_layer_kinds`) next to its anchor implementation
+(:data:`ANCHORS`), also interleaved: training step, eval forward, memory (bytes of the tensors saved
+for backward, on every device; the CUDA allocator's peak on CUDA) and the singular-value range of the
+layer's exact operator on a small input (:func:`singular_value_range`); see :func:`bench_per_layer`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lipnet.activations import GroupSort
 from lipnet.models import create
 from lipnet.pooling import ScaledL2NormPool2d
 
-__all__ = ["bench_layers", "run"]
+__all__ = [
+    "ANCHORS",
+    "OPERATOR_JACOBIAN",
+    "OPERATOR_MATRIX",
+    "bench_layers",
+    "bench_per_layer",
+    "device_label",
+    "per_layer_markdown",
+    "resolve_device",
+    "run",
+    "singular_value_range",
+    "timed",
+]
 
 
 def _plain(width: int) -> nn.Module:
@@ -82,6 +103,15 @@ def _builders(width: int) -> dict[str, Callable[[], nn.Module]]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of ``fn()``, synchronising CUDA before and after."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
 
 
 def bench_layers(
@@ -145,6 +175,231 @@ def bench_layers(
     return rows
 
 
+#: Anchor of each registered kind: the library's layer, and the :mod:`lipnet.bench_anchors` factory key.
+#: AOC is built with circular padding and SLL with as many inner channels as channels, as lipnet's kinds.
+ANCHORS: dict[str, str] = {
+    "bjorck": "deel-torchlip SpectralConv2d",
+    "aoc": "orthogonium AdaptiveOrthoConv2d",
+    "aol": "orthogonium AOLConv2D",
+    "sll": "orthogonium SDPBasedLipschitzResBlock",
+}
+
+#: How :func:`singular_value_range` obtained the spectrum.
+OPERATOR_MATRIX = "matrix"
+OPERATOR_JACOBIAN = "Jacobian at random x"
+
+
+def _anchor_block(kind: str) -> Callable[[int, int], nn.Module]:
+    """``block(channels, kernel_size)`` of the anchor of ``kind``; ``ImportError`` without its library."""
+    from lipnet.bench_anchors import deel_kind, orthogonium_kinds
+
+    if kind == "bjorck":
+        return deel_kind().block
+    return orthogonium_kinds(aoc_padding_mode="circular", sll_inner_factor=1)[kind].block
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One row of the per-layer table: a registered kind's block, or its anchor's."""
+
+    kind: str
+    implementation: str
+    block: Callable[[int, int], nn.Module]
+    is_anchor: bool
+
+
+def _layers(kinds: Sequence[str]) -> list[_Layer]:
+    from lipnet.models.kinds import get_layer_kind
+
+    out: list[_Layer] = []
+    for kind in kinds:
+        out.append(_Layer(kind, f"lipnet {kind}", get_layer_kind(kind).block, False))
+        if kind in ANCHORS:
+            try:
+                out.append(_Layer(kind, ANCHORS[kind], _anchor_block(kind), True))
+            except ImportError:
+                continue
+    return out
+
+
+def singular_value_range(
+    layer: nn.Module, input_shape: tuple[int, int, int], *, seed: int = 0
+) -> tuple[float, float, str]:
+    """(smallest, largest singular value, how) of ``layer``'s operator on inputs of ``input_shape``.
+
+    The layer is first :func:`lipnet.export`-ed (eval mode, plain ``nn.Conv2d`` / ``nn.Linear`` holding
+    the weights it actually applies) and cast to float64, so the spectrum is that of its actual float32
+    weights, computed in float64. A linear (affine) layer gives the singular values of its exact dense
+    matrix (:func:`certify.exact.dense_matrix`; ``how`` is :data:`OPERATOR_MATRIX`). A nonlinear layer
+    (a residual block) gives those of its Jacobian at one random standard-normal input
+    (:data:`OPERATOR_JACOBIAN`): a local view, whose largest value is a lower bound of the Lipschitz
+    constant, not an upper bound.
+    """
+    from certify.exact import dense_matrix
+    from lipnet.export import export
+
+    probe = export(layer).to(device="cpu", dtype=torch.float64)
+    try:
+        matrix = dense_matrix(probe, input_shape)
+        how = OPERATOR_MATRIX
+    except ValueError:
+        # the probe computes in float64 on batches, so dense_matrix's only remaining refusal is a map
+        # that is not affine
+        point = torch.randn(
+            (1, *input_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        jac = torch.autograd.functional.jacobian(probe, point)
+        matrix = jac.reshape(math.prod(jac.shape[: jac.ndim // 2]), -1)
+        how = OPERATOR_JACOBIAN
+    values = torch.linalg.svdvals(matrix)
+    return float(values.min().item()), float(values.max().item()), how
+
+
+def _saved_bytes(step: Callable[[], None], exclude: set[int]) -> int:
+    """Bytes of the distinct storages ``step``'s forward saves for backward, less those in ``exclude``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def _cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated by ``step`` above what was allocated before it (CUDA allocator statistics)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _ratio(value: float, anchor: float | None) -> float | None:
+    return None if anchor is None else value / anchor
+
+
+def bench_per_layer(
+    *,
+    kinds: Sequence[str] | None = None,
+    channels: int = 64,
+    size: int = 32,
+    batch: int = 64,
+    kernel_size: int = 3,
+    rounds: int = 10,
+    device: str = "cpu",
+    sv_channels: int = 8,
+    sv_size: int = 8,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One channel-preserving layer per registered kind and per anchor (:data:`ANCHORS`), side by side.
+
+    Each layer maps ``(batch, channels, size, size)`` to the same shape. Measured, with the layers'
+    rounds interleaved so that machine load hits all of them alike (medians over ``rounds``, in ms):
+    a training step (forward, backward of ``<y, g>`` for a fixed random ``g``, Adam step; the input
+    requires grad, as a hidden layer's does) and an eval forward under ``torch.no_grad`` (after one
+    untimed eval forward, so eval caches are warm). Memory: MiB of the distinct tensors the training
+    forward saves for backward, excluding the input and the layer's parameters and buffers
+    (``saved_mib``, any device) and, on CUDA, the allocator's peak during a training step above what
+    was allocated before (``cuda_peak_mib``, else ``None``). Spectrum: :func:`singular_value_range` of
+    a freshly initialised layer (same seed) with ``sv_channels`` channels on ``sv_size`` x ``sv_size``.
+    Ratios are to the anchor of the same kind (``None`` for kinds without one, and for the memory ratio
+    when the anchor saves nothing). Anchors whose library is not installed are skipped.
+    """
+    from lipnet.models.kinds import list_layer_kinds
+
+    known = list_layer_kinds()
+    chosen = list(dict.fromkeys(kinds)) if kinds else known
+    unknown = [k for k in chosen if k not in known]
+    if unknown:
+        raise ValueError(f"unknown layer kind(s) {', '.join(unknown)}; known kinds: {', '.join(known)}")
+    for name, value in (
+        ("channels", channels),
+        ("size", size),
+        ("batch", batch),
+        ("rounds", rounds),
+        ("sv_channels", sv_channels),
+        ("sv_size", sv_size),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    dev = torch.device(device)
+    layers = _layers(chosen)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=gen).to(dev).requires_grad_(True)
+    g = torch.randn(batch, channels, size, size, generator=gen).to(dev)
+    mods: list[nn.Module] = []
+    for layer in layers:
+        torch.manual_seed(seed)
+        mods.append(layer.block(channels, kernel_size).to(dev))
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in mods]
+
+    def train_step(i: int) -> Callable[[], None]:
+        def step() -> None:
+            opts[i].zero_grad(set_to_none=True)
+            x.grad = None
+            (mods[i](x) * g).sum().backward()
+            opts[i].step()
+
+        return step
+
+    steps = [train_step(i) for i in range(len(mods))]
+    saved: list[int] = []
+    peaks: list[int | None] = []
+    for i, m in enumerate(mods):
+        m.train()
+        steps[i]()  # lazy initialisation (e.g. the Cayley layer's grid size) before measuring
+        own = {t.untyped_storage().data_ptr() for t in (*m.parameters(), *m.buffers(), x)}
+        saved.append(_saved_bytes(steps[i], own))
+        peaks.append(_cuda_peak_bytes(steps[i], dev) if dev.type == "cuda" else None)
+    train: list[list[float]] = [[] for _ in mods]
+    evals: list[list[float]] = [[] for _ in mods]
+    for _ in range(rounds):
+        for i, m in enumerate(mods):
+            m.train()
+            train[i].append(timed(steps[i], dev))
+            m.eval()
+            with torch.no_grad():
+                m(x)
+                evals[i].append(timed(lambda m=m: m(x), dev))
+    spectra = []
+    for layer in layers:
+        torch.manual_seed(seed)
+        spectra.append(
+            singular_value_range(
+                layer.block(sv_channels, kernel_size), (sv_channels, sv_size, sv_size), seed=seed
+            )
+        )
+    anchor_of = {layer.kind: i for i, layer in enumerate(layers) if layer.is_anchor}
+    rows: list[dict[str, Any]] = []
+    mib = 2.0**20
+    for i, layer in enumerate(layers):
+        tr, ev = statistics.median(train[i]), statistics.median(evals[i])
+        a = anchor_of.get(layer.kind)
+        rows.append(
+            {
+                "kind": layer.kind,
+                "implementation": layer.implementation,
+                "train_ms": 1e3 * tr,
+                "eval_ms": 1e3 * ev,
+                "saved_mib": saved[i] / mib,
+                "cuda_peak_mib": None if peaks[i] is None else peaks[i] / mib,
+                "sv_min": spectra[i][0],
+                "sv_max": spectra[i][1],
+                "operator": spectra[i][2],
+                "train_vs_anchor": _ratio(tr, None if a is None else statistics.median(train[a])),
+                "eval_vs_anchor": _ratio(ev, None if a is None else statistics.median(evals[a])),
+                "saved_vs_anchor": _ratio(saved[i], None if a is None or not saved[a] else saved[a]),
+            }
+        )
+    return rows
+
+
 def _markdown(rows: list[dict[str, float | str]], header: str) -> str:
     lines = [
         header,
@@ -160,28 +415,95 @@ def _markdown(rows: list[dict[str, float | str]], header: str) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``lipnet bench layers [--device D] [--rounds N] [--width W] [--batch B] [--out F]``."""
-    device = getattr(args, "device", "cpu") or "cpu"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    threads = getattr(args, "threads", None)
-    if threads:
-        torch.set_num_threads(int(threads))
-    rows = bench_layers(
-        width=getattr(args, "width", 32), batch=getattr(args, "batch", 64),
-        rounds=getattr(args, "rounds", 10), device=device,
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def per_layer_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
+    """The rows of :func:`bench_per_layer` as a Markdown table under ``header``."""
+    lines = [
+        header,
+        "",
+        "| kind | implementation | train step (ms) | eval forward (ms) | saved for backward (MiB) | "
+        "CUDA peak (MiB) | σ_min | σ_max | operator | train / anchor | eval / anchor | saved / anchor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['implementation']} | {r['train_ms']:.2f} | {r['eval_ms']:.2f} | "
+            f"{r['saved_mib']:.2f} | {_cell(r['cuda_peak_mib'], '.2f')} | {r['sv_min']:.6f} | "
+            f"{r['sv_max']:.6f} | {r['operator']} | {_cell(r['train_vs_anchor'], '.2f')} | "
+            f"{_cell(r['eval_vs_anchor'], '.2f')} | {_cell(r['saved_vs_anchor'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def resolve_device(name: str | None) -> str:
+    """``auto`` (or nothing) becomes ``cuda`` when CUDA is available, else ``cpu``; others are kept."""
+    if not name or name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def device_label(device: str) -> str:
+    """The GPU's name on CUDA, else ``CPU, N threads``."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def _write(path: Path, text: str) -> None:
+    from lipnet.runs import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+
+
+def _per_layer_header(args: argparse.Namespace, device: str) -> str:
+    c, s = args.channels, args.size
+    memory = (
+        "tensors saved for backward (torch.autograd.graph.saved_tensors_hooks, excluding input and "
+        "parameters)"
     )
-    cpu = f"CPU, {torch.get_num_threads()} threads"
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu
-    batch = getattr(args, "batch", 64)
-    text = _markdown(rows, f"small_cnn, batch {batch}x3x32x32, {name}, torch {torch.__version__}")
+    if torch.device(device).type == "cuda":
+        memory += "; CUDA peak: torch.cuda.max_memory_allocated during a training step above the baseline"
+    return (
+        f"One channel-preserving 3x3 layer per kind, input {args.batch}x{c}x{s}x{s}, {device_label(device)}, "
+        f"torch {torch.__version__}; medians over {args.rounds} interleaved rounds. Train step: forward + "
+        f"backward + Adam. Memory: {memory}. σ range: float64 singular values of each freshly initialised "
+        f"layer at {args.sv_channels} channels, {args.sv_size}x{args.sv_size} (exact matrix for linear "
+        "layers; Jacobian at a random point for residual blocks: a local view only). Ratios: to the anchor "
+        "of the same kind."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: ``lipnet bench layers``: the small_cnn network table, or with ``--per-layer`` /
+    ``--kinds`` the per-layer table of :func:`bench_per_layer`. ``--out F`` writes the Markdown table
+    when ``F`` ends in ``.md``, else the rows as JSON."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.per_layer or args.kinds:
+        rows = bench_per_layer(
+            kinds=args.kinds,
+            channels=args.channels,
+            size=args.size,
+            batch=args.batch,
+            rounds=args.rounds,
+            device=device,
+            sv_channels=args.sv_channels,
+            sv_size=args.sv_size,
+        )
+        text = per_layer_markdown(rows, _per_layer_header(args, device))
+    else:
+        rows = bench_layers(width=args.width, batch=args.batch, rounds=args.rounds, device=device)
+        text = _markdown(
+            rows, f"small_cnn, batch {args.batch}x3x32x32, {device_label(device)}, torch {torch.__version__}"
+        )
     print(text)
-    out = getattr(args, "out", None)
-    if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
-        tmp.replace(path)
+    if args.out:
+        path = Path(args.out)
+        body = json.dumps({"device": device_label(device), "rows": rows}, indent=2)
+        _write(path, text + "\n" if path.suffix == ".md" else body)
     return 0

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lipnet.bench_anchors import deel_kind, orthogonium_kinds
 from lipnet.models.fmnist import fmnist_layers
-from lipnet.models.kinds import LayerKind
 
 __all__ = ["EPS", "SIZES", "Contender", "bench_fmnist", "contenders", "run", "to_csv", "to_markdown"]
 
@@ -66,46 +66,6 @@ class Contender:
         return f"{self.library}:{self.kind}"
 
 
-def _same(kernel_size: int) -> int:
-    return kernel_size // 2
-
-
-def _deel_kind() -> LayerKind:
-    import deel.torchlip as tl
-
-    return LayerKind(
-        name="spectral",
-        block=lambda c, k: tl.SpectralConv2d(c, c, k, padding=_same(k)),
-        conv=lambda i, o, k: tl.SpectralConv2d(i, o, k, padding=_same(k)),
-        dense=tl.SpectralLinear,
-        description="deel-torchlip spectral-normalised + Björck convolutions and dense layers",
-    )
-
-
-def _orthogonium_kinds() -> dict[str, LayerKind]:
-    from orthogonium.layers import AdaptiveOrthoConv2d, OrthoLinear
-    from orthogonium.layers.conv.AOL import AOLConv2D
-    from orthogonium.layers.conv.SLL import SDPBasedLipschitzResBlock
-
-    def aoc(i: int, o: int, k: int) -> nn.Module:
-        return AdaptiveOrthoConv2d(i, o, k, padding=_same(k), padding_mode="zeros")
-
-    def aol(i: int, o: int, k: int) -> nn.Module:
-        return AOLConv2D(i, o, k, padding=_same(k))
-
-    return {
-        "aoc": LayerKind("aoc", lambda c, k: aoc(c, c, k), aoc, OrthoLinear, "orthogonium AOC + OrthoLinear"),
-        "aol": LayerKind("aol", lambda c, k: aol(c, c, k), aol, OrthoLinear, "orthogonium AOL + OrthoLinear"),
-        "sll": LayerKind(
-            "sll",
-            lambda c, k: SDPBasedLipschitzResBlock(c, inner_dim_factor=2, kernel_size=k),
-            aoc,
-            OrthoLinear,
-            "orthogonium SLL blocks, AOC convolutions, OrthoLinear",
-        ),
-    }
-
-
 def contenders(size: str = "s", num_classes: int = 10) -> list[Contender]:
     """Every network of the table whose library is installed: lipnet's registered kinds first."""
     from lipnet.models import create
@@ -126,7 +86,7 @@ def contenders(size: str = "s", num_classes: int = 10) -> list[Contender]:
     try:
         import deel.torchlip as tl
 
-        deel = _deel_kind()
+        deel = deel_kind()
         out.append(
             Contender(
                 "deel-torchlip",
@@ -143,7 +103,7 @@ def contenders(size: str = "s", num_classes: int = 10) -> list[Contender]:
     try:
         from orthogonium.layers import MaxMin
 
-        for name, kind in _orthogonium_kinds().items():
+        for name, kind in orthogonium_kinds().items():
             out.append(
                 Contender(
                     "orthogonium",

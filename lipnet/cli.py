@@ -1,4 +1,4 @@
-"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit``, ``bench layers|fmnist``.
+"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit``, ``bench layers|fmnist|models``.
 
 Exit codes: 0 success, 1 training diverged, 2 bad input (unknown key, impossible value, missing
 dataset or run folder, corrupted checkpoint, unknown model), reported as one line on stderr
@@ -125,6 +125,12 @@ def _cmd_bench_fmnist(args: argparse.Namespace) -> int:
     return bench_fmnist.run(args)
 
 
+def _cmd_bench_models(args: argparse.Namespace) -> int:
+    from lipnet import bench_models
+
+    return bench_models.run(args)
+
+
 def _cmd_catalogue(args: argparse.Namespace) -> int:
     from lipnet import catalogue
 
@@ -208,7 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_layers.add_argument("--width", type=int, default=32, help="channels of the first conv (default 32)")
     p_layers.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (default 10)")
     p_layers.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p_layers.add_argument("--out", help="JSON file for the measured rows")
+    p_layers.add_argument(
+        "--per-layer", action="store_true", help="one layer per kind and its anchor, not the small_cnn nets"
+    )
+    p_layers.add_argument("--kinds", type=name_list, help="per-layer table of these kinds, e.g. aol,sll")
+    p_layers.add_argument("--channels", type=positive_int, default=64, help="per-layer channels (default 64)")
+    p_layers.add_argument("--size", type=positive_int, default=32, help="per-layer input size (default 32)")
+    p_layers.add_argument(
+        "--sv-channels", type=positive_int, default=8, help="channels of the singular-value check (default 8)"
+    )
+    p_layers.add_argument(
+        "--sv-size", type=positive_int, default=8, help="input size of the singular-value check (default 8)"
+    )
+    p_layers.add_argument("--out", help="output file: the Markdown table if it ends in .md, else JSON rows")
     p_layers.set_defaults(func=_cmd_bench_layers)
     p_fmnist = bench_sub.add_parser(
         "fmnist", help="train and certify lipnet, deel-torchlip and orthogonium nets on Fashion-MNIST"
@@ -238,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_fmnist.add_argument("--out", default="runs/fmnist", help="folder of fmnist.csv / fmnist.md")
     p_fmnist.add_argument("--quiet", action="store_true", help="no progress bars")
     p_fmnist.set_defaults(func=_cmd_bench_fmnist)
+    p_models = bench_sub.add_parser("models", help="training step of a model family with each layer kind")
+    p_models.add_argument("--model", help="model name (default: lipconvnet_m on CUDA, lipconvnet_xs on CPU)")
+    p_models.add_argument("--batch", type=positive_int, help="batch size (default: 256 on CUDA, 32 on CPU)")
+    p_models.add_argument("--kinds", type=name_list, help="layer kinds, e.g. aol,cpl (default: all)")
+    p_models.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds (default 5)")
+    p_models.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    p_models.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    p_models.add_argument("--out", help="output file: the Markdown table if it ends in .md, else JSON rows")
+    p_models.set_defaults(func=_cmd_bench_models)
     return parser
 
 

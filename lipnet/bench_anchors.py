@@ -1,0 +1,76 @@
+"""The anchor implementations the benchmarks compare lipnet's layer kinds against.
+
+Each is wrapped as an unregistered :class:`~lipnet.models.kinds.LayerKind` (its factories build the
+anchor library's own modules), so a model layout written against ``LayerKind`` builds the same network
+from either library. Nothing here is registered: ``conv=`` of the model families never selects them.
+
+* deel-torchlip: ``SpectralConv2d`` (spectral normalisation then Björck orthogonalisation of the
+  reshaped kernel; 1-Lipschitz) and ``SpectralLinear``;
+* orthogonium: AOC (``AdaptiveOrthoConv2d``, Boissin et al. 2025; orthogonal with circular padding,
+  1-Lipschitz with zero padding), AOL (``AOLConv2D``, Prach & Lampert 2022; 1-Lipschitz) and SLL
+  (``SDPBasedLipschitzResBlock``, Araujo et al. 2023; 1-Lipschitz residual block), with ``OrthoLinear``
+  dense layers (orthogonium has no AOL dense layer) and AOC channel-changing convolutions for SLL.
+
+Importing this module needs neither library; each function raises ``ImportError`` when its library is
+not installed.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lipnet.models.kinds import LayerKind
+
+__all__ = ["deel_kind", "orthogonium_kinds"]
+
+
+def _same(kernel_size: int) -> int:
+    return kernel_size // 2
+
+
+def deel_kind() -> LayerKind:
+    """deel-torchlip's ``SpectralConv2d`` / ``SpectralLinear`` (zero 'same' padding), named ``spectral``."""
+    import deel.torchlip as tl
+
+    return LayerKind(
+        name="spectral",
+        block=lambda c, k: tl.SpectralConv2d(c, c, k, padding=_same(k)),
+        conv=lambda i, o, k: tl.SpectralConv2d(i, o, k, padding=_same(k)),
+        dense=tl.SpectralLinear,
+        description="deel-torchlip spectral-normalised + Björck convolutions and dense layers",
+    )
+
+
+def orthogonium_kinds(*, aoc_padding_mode: str = "zeros", sll_inner_factor: int = 2) -> dict[str, LayerKind]:
+    """orthogonium's ``aoc``, ``aol`` and ``sll`` kinds, with orthogonium's default parametrisations.
+
+    ``aoc_padding_mode`` is the padding of the AOC convolutions (``"circular"``: orthogonal, as lipnet's
+    ``aoc`` kind; ``"zeros"``: 1-Lipschitz); ``sll_inner_factor`` is the ratio of the SLL blocks' inner
+    channels to their channels (lipnet's ``sll`` kind uses 1).
+    """
+    from orthogonium.layers import AdaptiveOrthoConv2d, OrthoLinear
+    from orthogonium.layers.conv.AOL import AOLConv2D
+    from orthogonium.layers.conv.SLL import SDPBasedLipschitzResBlock
+
+    if aoc_padding_mode not in ("zeros", "circular"):
+        raise ValueError(f"aoc_padding_mode must be 'zeros' or 'circular', got {aoc_padding_mode!r}")
+    if sll_inner_factor < 1:
+        raise ValueError(f"sll_inner_factor must be >= 1, got {sll_inner_factor}")
+
+    def aoc(i: int, o: int, k: int) -> nn.Module:
+        return AdaptiveOrthoConv2d(i, o, k, padding=_same(k), padding_mode=aoc_padding_mode)
+
+    def aol(i: int, o: int, k: int) -> nn.Module:
+        return AOLConv2D(i, o, k, padding=_same(k))
+
+    return {
+        "aoc": LayerKind("aoc", lambda c, k: aoc(c, c, k), aoc, OrthoLinear, "orthogonium AOC + OrthoLinear"),
+        "aol": LayerKind("aol", lambda c, k: aol(c, c, k), aol, OrthoLinear, "orthogonium AOL + OrthoLinear"),
+        "sll": LayerKind(
+            "sll",
+            lambda c, k: SDPBasedLipschitzResBlock(c, inner_dim_factor=sll_inner_factor, kernel_size=k),
+            aoc,
+            OrthoLinear,
+            "orthogonium SLL blocks, AOC convolutions, OrthoLinear",
+        ),
+    }
