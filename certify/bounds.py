@@ -513,18 +513,10 @@ def _register_deel() -> None:
     def pad_conv(module: nn.Module, input_shape: Shape | None) -> float:
         # PadConv{1,2}d: the symmetric ("mirror with edge") padding is applied by self.pad before a
         # 'valid' convolution; every other padding mode is nn.Conv's own.
-        from certify.conv_norm import conv_operator_bound
+        from certify.conv_norm import configured_conv_bound, conv_operator_bound
 
         if str(module.old_padding_mode).lower() != "symmetric":
-            return conv_operator_bound(
-                module.weight,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                groups=module.groups,
-                padding_mode=module.padding_mode,
-                input_shape=input_shape,
-            )
+            return configured_conv_bound(module, input_shape)
         if input_shape is None:
             raise ValueError(
                 f"{type(module).__name__} with symmetric padding needs the input shape to be bounded"

@@ -102,6 +102,7 @@ __all__ = [
     "adaptive_max_pool_bound",
     "avg_pool_bound",
     "batch_norm_bound",
+    "configured_conv_bound",
     "conv_module_bound",
     "conv_operator_bound",
     "lp_pool_bound",
@@ -722,6 +723,17 @@ def conv_module_bound(conv: nn.Conv1d | nn.Conv2d, input_shape: Sequence[int] | 
     _require_plain(
         conv, nn.Conv1d if isinstance(conv, nn.Conv1d) else nn.Conv2d, ("forward", "_conv_forward")
     )
+    return configured_conv_bound(conv, input_shape)
+
+
+def configured_conv_bound(conv: nn.Conv1d | nn.Conv2d, input_shape: Sequence[int] | None = None) -> float:
+    """:func:`conv_operator_bound` of ``conv.weight`` with ``conv``'s stride, padding, dilation, groups
+    and padding mode.
+
+    Unlike :func:`conv_module_bound` it does not check that ``conv`` computes ``nn.Conv``'s
+    forward: it is for callers that know it does (the library's own parametrized convolutions,
+    whose forward hooks a user may add) or that bound the rest of the computation themselves.
+    """
     return conv_operator_bound(
         conv.weight,
         stride=conv.stride,

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lipnet.models.sequential import LipschitzSequential
 
 __all__ = ["export"]
 
 _BEHAVIOUR = ("forward", "_conv_forward")
+_Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear)
 
 
 def _plain_behaviour(module: nn.Module, base: type[nn.Module]) -> bool:
@@ -37,6 +39,15 @@ def _plain_behaviour(module: nn.Module, base: type[nn.Module]) -> bool:
         if any(name in klass.__dict__ for name in _BEHAVIOUR):
             return False
     return False
+
+
+def _filled(out: _Layer, weight: Tensor, bias: Tensor | None) -> _Layer:
+    """``out`` holding the evaluated ``weight`` and the source layer's ``bias``."""
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias.detach())
+    return out
 
 
 def _plain_conv(layer: nn.Conv2d) -> nn.Conv2d:
@@ -54,11 +65,7 @@ def _plain_conv(layer: nn.Conv2d) -> nn.Conv2d:
         device=weight.device,
         dtype=weight.dtype,
     )
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.detach())
-    return out
+    return _filled(out, weight, layer.bias)
 
 
 def _plain_linear(layer: nn.Linear) -> nn.Linear:
@@ -70,11 +77,7 @@ def _plain_linear(layer: nn.Linear) -> nn.Linear:
         device=weight.device,
         dtype=weight.dtype,
     )
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.detach())
-    return out
+    return _filled(out, weight, layer.bias)
 
 
 def _convert(module: nn.Module) -> nn.Module:

@@ -6,21 +6,13 @@ import math
 
 import pytest
 import torch
-from test_attention_common import TOL, grads_flow, measured_lipschitz
+from test_attention_common import TOL, grads_flow, measured_lipschitz, sharpen
 from torch import Tensor
 
 from certify.exact import jacobian_spectral_norm
 from lipnet.attention import CBAM, SqueezeExcitation
 
 SHAPE = (4, 4, 4)
-
-
-def _sharpen(module: torch.nn.Module, factor: float) -> torch.nn.Module:
-    """Scale every weight so that the gates are far from constant (a harder test of the bound)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.mul_(factor)
-    return module
 
 
 def _zero_mean_channels(scale: float, seed: int = 0) -> Tensor:
@@ -31,7 +23,7 @@ def _zero_mean_channels(scale: float, seed: int = 0) -> Tensor:
 @pytest.mark.parametrize("factor", [1.0, 4.0])
 def test_se_bound_dominates_measured(factor: float) -> None:
     torch.manual_seed(0)
-    module = _sharpen(SqueezeExcitation(4, reduction=2, clamp=2.0, normalize=False), factor).double()
+    module = sharpen(SqueezeExcitation(4, reduction=2, clamp=2.0, normalize=False), factor).double()
     bound = module.lipschitz_bound(SHAPE)
     assert bound == module.lipschitz_bound()  # resolution-independent
     measured = measured_lipschitz(module, SHAPE, (0.1, 1.0, 30.0))
@@ -41,7 +33,7 @@ def test_se_bound_dominates_measured(factor: float) -> None:
 
 def test_se_normalized_is_at_most_one() -> None:
     torch.manual_seed(1)
-    module = _sharpen(SqueezeExcitation(4, reduction=2, clamp=3.0), 4.0).double()
+    module = sharpen(SqueezeExcitation(4, reduction=2, clamp=3.0), 4.0).double()
     assert module.lipschitz_bound(SHAPE) <= 1 + 1e-15
     assert measured_lipschitz(module, SHAPE, (0.3, 3.0, 100.0)) <= 1 + TOL
 
@@ -64,7 +56,7 @@ def test_se_clamp_is_active() -> None:
 @pytest.mark.parametrize("use_max", [False, True])
 def test_cbam_bound_dominates_measured(use_max: bool) -> None:
     torch.manual_seed(3)
-    module = _sharpen(CBAM(4, reduction=2, kernel_size=3, clamp=2.0, use_max=use_max, normalize=False), 3.0)
+    module = sharpen(CBAM(4, reduction=2, kernel_size=3, clamp=2.0, use_max=use_max, normalize=False), 3.0)
     module = module.double()
     bound = module.lipschitz_bound(SHAPE)
     if use_max:
@@ -90,7 +82,7 @@ def test_cbam_max_path_costs_more() -> None:
 
 def test_cbam_normalized_and_clamp_active() -> None:
     torch.manual_seed(5)
-    module = _sharpen(CBAM(4, reduction=2, kernel_size=3, use_max=True), 3.0).double()
+    module = sharpen(CBAM(4, reduction=2, kernel_size=3, use_max=True), 3.0).double()
     assert measured_lipschitz(module, SHAPE, (0.3, 3.0, 100.0)) <= 1 + TOL
     # Unclamped, the channel stage grows like SE on zero-mean channels (spatial gate made constant).
     module = CBAM(4, reduction=2, kernel_size=3, normalize=False).double()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention_common import TOL, grads_flow, measured_lipschitz
+from test_attention_common import TOL, grads_flow, measured_lipschitz, sharpen
 from torch import Tensor
 
 from certify.exact import dense_operator_norm, jacobian_spectral_norm
@@ -13,13 +13,6 @@ from lipnet.attention import BoundedTranslation, BoundedZoom, SoftGlimpse
 from lipnet.attention.spatial import _sample, sampling_column_sum
 
 SHAPE = (1, 4, 4)
-
-
-def _sharpen(module: torch.nn.Module, factor: float) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.mul_(factor)
-    return module
 
 
 def test_sampling_matches_grid_sample() -> None:
@@ -59,7 +52,7 @@ def test_sampling_norm_within_phi(scale: float) -> None:
 )
 def test_bound_dominates_measured_and_normalized_is_one(make) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    module = _sharpen(make(False), 2.0).double()
+    module = sharpen(make(False), 2.0).double()
     bound = module.lipschitz_bound(SHAPE)
     assert measured_lipschitz(module, SHAPE, (0.1, 1.0, 10.0)) <= bound * (1 + TOL)
     module.normalize = True

@@ -92,6 +92,14 @@ def check_int(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def check_maxmin_channels(name: str, value: int) -> int:
+    """``value`` checked as a channel count that :class:`~lipnet.activations.MaxMin` splits into pairs."""
+    check_int(name, value)
+    if value % 2:
+        raise ValueError(f"{name} must be even (MaxMin pairs channels), got {value}")
+    return value
+
+
 def _gate_sup(k2_over_s: np.ndarray, offset: float, slope: float) -> np.ndarray:
     """``sup_{p in [0,1]} (offset + slope p)^2 + K slope^2 p^2 (1-p)^2`` for each ``K`` of an array."""
     # Critical points: the derivative divided by 2 slope is

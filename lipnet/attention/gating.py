@@ -29,6 +29,7 @@ from lipnet.attention._bounds import (
     NormalizedModule,
     ball_projection,
     check_int,
+    check_maxmin_channels,
     check_positive,
     sigmoid_gate_bound_tensor,
     soft_clamp,
@@ -103,10 +104,8 @@ class FeedbackGating(NormalizedModule):
     ) -> None:
         super().__init__()
         check_int("in_channels", in_channels)
-        check_int("channels", channels)
+        check_maxmin_channels("channels", channels)
         check_int("reduction", reduction)
-        if channels % 2:
-            raise ValueError(f"channels must be even (MaxMin pairs channels), got {channels}")
         if channels % reduction:
             raise ValueError(f"channels ({channels}) must be divisible by reduction ({reduction})")
         self.in_channels, self.channels = in_channels, channels
@@ -188,9 +187,7 @@ class AttentionToScale(NormalizedModule):
         super().__init__()
         check_int("in_channels", in_channels)
         check_int("out_channels", out_channels)
-        check_int("hidden", hidden)
-        if hidden % 2:
-            raise ValueError(f"hidden must be even (MaxMin pairs channels), got {hidden}")
+        check_maxmin_channels("hidden", hidden)
         scales = tuple(scales)
         if len(scales) < 2:
             raise ValueError(f"attention to scale needs at least two scales, got {scales!r}")

@@ -21,6 +21,7 @@ from lipnet.attention._bounds import (
     SLACK,
     NormalizedModule,
     check_int,
+    check_maxmin_channels,
     check_positive,
     sigmoid_gate_bound_tensor,
     soft_clamp,
@@ -69,10 +70,8 @@ class MultiTaskAttentionNetwork(NormalizedModule):
     ) -> None:
         super().__init__()
         check_int("in_channels", in_channels)
-        check_int("channels", channels)
+        check_maxmin_channels("channels", channels)
         check_int("depth", depth)
-        if channels % 2:
-            raise ValueError(f"channels must be even (MaxMin pairs channels), got {channels}")
         task_channels = tuple(task_channels)
         if not task_channels:
             raise ValueError("task_channels must name at least one task")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lipnet.activations import MaxMin
 from lipnet.attention._bounds import (
     NormalizedModule,
-    check_int,
+    check_maxmin_channels,
     check_positive,
     sigmoid_gate_bound_tensor,
     soft_clamp,
@@ -43,9 +43,7 @@ class ResidualAttention(NormalizedModule):
 
     def __init__(self, channels: int, clamp: float = 1.0, normalize: bool = True) -> None:
         super().__init__()
-        check_int("channels", channels)
-        if channels % 2:
-            raise ValueError(f"channels must be even (MaxMin pairs channels), got {channels}")
+        check_maxmin_channels("channels", channels)
         self.channels = channels
         self.clamp = check_positive("clamp", clamp)
         self.normalize = bool(normalize)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from certify.conv_norm import conv_operator_bound
+from certify.conv_norm import configured_conv_bound
 from lipnet.layers.aol import AOLConvRescaling
 from lipnet.layers.bjorck import BjorckOrthonormal
 from lipnet.layers.rko import padding_sides, patch_multiplicity
@@ -29,15 +29,7 @@ Padding = str | int | tuple[int, int]
 class _BoundedConv2d(nn.Conv2d):
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 bound of this convolution's operator norm, as configured, from its actual kernel."""
-        return conv_operator_bound(
-            self.weight,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            padding_mode=self.padding_mode,
-            input_shape=input_shape,
-        )
+        return configured_conv_bound(self, input_shape)
 
 
 class BjorckConv2d(_BoundedConv2d):

@@ -478,55 +478,6 @@ def _poly_per_sample(a: Tensor, gamma: float, eps: Sequence[float]) -> Tensor:
     return per_sample
 
 
-class Poly1(LogitLoss):
-    r"""Poly-1 loss (Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss
-    Functions", ICLR 2022), on tau-scaled logits.
-
-    .. math::
-        \ell = \frac1\tau\Big[-\log p_y + \epsilon\,(1 - p_y)\Big]\quad(\gamma = 0),\qquad
-        \ell = \frac1\tau\Big[-(1-p_y)^\gamma\log p_y + \epsilon\,(1 - p_y)^{\gamma+1}\Big]
-        \quad(\text{Poly-1 focal}),
-
-    with ``p = softmax(tau f')``, ``f'_j = f_j + o [j != y]``. Since
-    ``-log p = sum_{j>=1} (1-p)^j / j``, ``epsilon`` perturbs the leading polynomial coefficient;
-    ``epsilon = 0`` gives :class:`TauCrossEntropy` (or :class:`Focal`). The logit gradient of the true
-    class is ``-(1 - p_y)(1 + epsilon p_y)`` (``gamma = 0``, ``tau = 1``): ``epsilon > 0`` keeps pushing
-    confident samples (larger margins). ``epsilon >= -1`` is required, which keeps the leading
-    coefficient non-negative and the loss decreasing in ``p_y``.
-
-    Args:
-        epsilon: Poly-1 coefficient ``>= -1`` (positive values push margins further).
-        tau: logit scale ``tau > 0``.
-        gamma: focal exponent ``>= 0``; ``0`` is the cross-entropy base, ``> 0`` Poly-1 focal.
-        offset: margin offset ``o >= 0`` in logit units (see :class:`TauCrossEntropy`).
-        validate: see :class:`LogitLoss`.
-    """
-
-    def __init__(
-        self,
-        epsilon: float,
-        tau: float = 1.0,
-        gamma: float = 0.0,
-        offset: float = 0.0,
-        validate: bool | None = None,
-    ) -> None:
-        super().__init__(validate)
-        name = type(self).__name__
-        self.epsilon = _poly_epsilons(name, [_real(name, "epsilon", epsilon)])[0]
-        self.tau = _positive(name, "tau", tau)
-        self.gamma = _non_negative(name, "gamma", gamma)
-        self.offset = _non_negative(name, "offset", offset)
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        logits = self._check_logits(logits)
-        target = self._check_labels(logits, target)
-        a = _soft_violation(logits, target, self.tau, self.offset)
-        return _poly_per_sample(a, self.gamma, (self.epsilon,)).mean() / self.tau
-
-    def extra_repr(self) -> str:
-        return f"epsilon={self.epsilon}, tau={self.tau}, gamma={self.gamma}, offset={self.offset}"
-
-
 class PolyN(LogitLoss):
     r"""Poly-N loss (Leng et al., ICLR 2022): the first ``N`` polynomial coefficients of CE perturbed.
 
@@ -570,3 +521,43 @@ class PolyN(LogitLoss):
 
     def extra_repr(self) -> str:
         return f"epsilons={list(self.epsilons)}, tau={self.tau}, gamma={self.gamma}, offset={self.offset}"
+
+
+class Poly1(PolyN):
+    r"""Poly-1 loss (Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss
+    Functions", ICLR 2022), on tau-scaled logits.
+
+    .. math::
+        \ell = \frac1\tau\Big[-\log p_y + \epsilon\,(1 - p_y)\Big]\quad(\gamma = 0),\qquad
+        \ell = \frac1\tau\Big[-(1-p_y)^\gamma\log p_y + \epsilon\,(1 - p_y)^{\gamma+1}\Big]
+        \quad(\text{Poly-1 focal}),
+
+    with ``p = softmax(tau f')``, ``f'_j = f_j + o [j != y]``. Since
+    ``-log p = sum_{j>=1} (1-p)^j / j``, ``epsilon`` perturbs the leading polynomial coefficient;
+    ``epsilon = 0`` gives :class:`TauCrossEntropy` (or :class:`Focal`). The logit gradient of the true
+    class is ``-(1 - p_y)(1 + epsilon p_y)`` (``gamma = 0``, ``tau = 1``): ``epsilon > 0`` keeps pushing
+    confident samples (larger margins). ``epsilon >= -1`` is required, which keeps the leading
+    coefficient non-negative and the loss decreasing in ``p_y``. It is :class:`PolyN` with
+    ``epsilons = [epsilon]``.
+
+    Args:
+        epsilon: Poly-1 coefficient ``>= -1`` (positive values push margins further).
+        tau: logit scale ``tau > 0``.
+        gamma: focal exponent ``>= 0``; ``0`` is the cross-entropy base, ``> 0`` Poly-1 focal.
+        offset: margin offset ``o >= 0`` in logit units (see :class:`TauCrossEntropy`).
+        validate: see :class:`LogitLoss`.
+    """
+
+    def __init__(
+        self,
+        epsilon: float,
+        tau: float = 1.0,
+        gamma: float = 0.0,
+        offset: float = 0.0,
+        validate: bool | None = None,
+    ) -> None:
+        super().__init__([_real(type(self).__name__, "epsilon", epsilon)], tau, gamma, offset, validate)
+        self.epsilon = self.epsilons[0]
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.epsilon}, tau={self.tau}, gamma={self.gamma}, offset={self.offset}"

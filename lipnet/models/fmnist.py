@@ -111,21 +111,22 @@ class FashionConvNet(LipschitzSequential):
         self.input_shape = (in_channels, input_size, input_size)
 
 
-@register_model
-def fmnist_convnet_s(
-    conv: str = "bjorck", num_classes: int = 10, in_channels: int = 1, input_size: int = 28
-) -> FashionConvNet:
-    """Small Fashion-MNIST :class:`FashionConvNet`: width 16, one block per stage, dense 64."""
-    return FashionConvNet(
-        in_channels, num_classes, width=16, blocks=1, hidden=64, conv=conv, input_size=input_size
+def _sized(size: str, label: str, width: int, blocks: int, hidden: int) -> Callable[..., FashionConvNet]:
+    """Defines and registers ``fmnist_convnet_<size>``: :class:`FashionConvNet` of one fixed size."""
+
+    def constructor(
+        conv: str = "bjorck", num_classes: int = 10, in_channels: int = 1, input_size: int = 28
+    ) -> FashionConvNet:
+        return FashionConvNet(in_channels, num_classes, width, blocks, hidden, conv, input_size)
+
+    # the registry and list_models() key on __name__; docs and repr read __qualname__ and __doc__
+    constructor.__name__ = constructor.__qualname__ = f"fmnist_convnet_{size}"
+    constructor.__doc__ = (
+        f"{label} Fashion-MNIST :class:`FashionConvNet`: width {width}, {blocks} "
+        f"block{'s' if blocks > 1 else ''} per stage, dense {hidden}."
     )
+    return register_model(constructor)
 
 
-@register_model
-def fmnist_convnet_m(
-    conv: str = "bjorck", num_classes: int = 10, in_channels: int = 1, input_size: int = 28
-) -> FashionConvNet:
-    """Medium Fashion-MNIST :class:`FashionConvNet`: width 32, two blocks per stage, dense 256."""
-    return FashionConvNet(
-        in_channels, num_classes, width=32, blocks=2, hidden=256, conv=conv, input_size=input_size
-    )
+fmnist_convnet_s = _sized("s", "Small", width=16, blocks=1, hidden=64)
+fmnist_convnet_m = _sized("m", "Medium", width=32, blocks=2, hidden=256)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -151,53 +153,28 @@ class LipConvNet(LipschitzSequential):
         self.input_shape = (in_channels, input_size, input_size)
 
 
-@register_model
-def lipconvnet_xs(
-    in_channels: int = 3,
-    num_classes: int = 10,
-    input_size: int = 32,
-    conv: str = "aol",
-    depth: int = 5,
-    kernel_size: int = 3,
-) -> LipConvNet:
-    """:class:`LipConvNet` of width 16 (Prach et al.'s XS); ``conv=`` any layer kind."""
-    return LipConvNet(in_channels, num_classes, input_size, conv, 16, depth, kernel_size)
+def _sized(size: str, width: int) -> Callable[..., LipConvNet]:
+    """Defines and registers ``lipconvnet_<size>``: :class:`LipConvNet` with ``width`` fixed by the name."""
+
+    def constructor(
+        in_channels: int = 3,
+        num_classes: int = 10,
+        input_size: int = 32,
+        conv: str = "aol",
+        depth: int = 5,
+        kernel_size: int = 3,
+    ) -> LipConvNet:
+        return LipConvNet(in_channels, num_classes, input_size, conv, width, depth, kernel_size)
+
+    # the registry and list_models() key on __name__; docs and repr read __qualname__ and __doc__
+    constructor.__name__ = constructor.__qualname__ = f"lipconvnet_{size}"
+    constructor.__doc__ = (
+        f":class:`LipConvNet` of width {width} (Prach et al.'s {size.upper()}); ``conv=`` any layer kind."
+    )
+    return register_model(constructor)
 
 
-@register_model
-def lipconvnet_s(
-    in_channels: int = 3,
-    num_classes: int = 10,
-    input_size: int = 32,
-    conv: str = "aol",
-    depth: int = 5,
-    kernel_size: int = 3,
-) -> LipConvNet:
-    """:class:`LipConvNet` of width 32 (Prach et al.'s S); ``conv=`` any layer kind."""
-    return LipConvNet(in_channels, num_classes, input_size, conv, 32, depth, kernel_size)
-
-
-@register_model
-def lipconvnet_m(
-    in_channels: int = 3,
-    num_classes: int = 10,
-    input_size: int = 32,
-    conv: str = "aol",
-    depth: int = 5,
-    kernel_size: int = 3,
-) -> LipConvNet:
-    """:class:`LipConvNet` of width 64 (Prach et al.'s M); ``conv=`` any layer kind."""
-    return LipConvNet(in_channels, num_classes, input_size, conv, 64, depth, kernel_size)
-
-
-@register_model
-def lipconvnet_l(
-    in_channels: int = 3,
-    num_classes: int = 10,
-    input_size: int = 32,
-    conv: str = "aol",
-    depth: int = 5,
-    kernel_size: int = 3,
-) -> LipConvNet:
-    """:class:`LipConvNet` of width 128 (Prach et al.'s L); ``conv=`` any layer kind."""
-    return LipConvNet(in_channels, num_classes, input_size, conv, 128, depth, kernel_size)
+lipconvnet_xs = _sized("xs", 16)
+lipconvnet_s = _sized("s", 32)
+lipconvnet_m = _sized("m", 64)
+lipconvnet_l = _sized("l", 128)

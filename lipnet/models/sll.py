@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from lipnet.layers import SLLConv2d, SLLLinear
@@ -77,25 +79,22 @@ class SLLNet(LipschitzSequential):
         self.input_shape = (in_channels, input_size, input_size)
 
 
-@register_model
-def sll_small(in_channels: int = 3, num_classes: int = 10, input_size: int = 32) -> SLLNet:
-    """:class:`SLLNet` small: 20 SLL convolutions of width 45, 7 SLL dense blocks of 2048 units."""
-    return SLLNet(in_channels, num_classes, input_size, width=45, n_conv=20, n_dense=7)
+def _sized(size: str, width: int, n_conv: int, n_dense: int) -> Callable[..., SLLNet]:
+    """Defines and registers ``sll_<size>``: :class:`SLLNet` with the paper's sizes for ``size``."""
+
+    def constructor(in_channels: int = 3, num_classes: int = 10, input_size: int = 32) -> SLLNet:
+        return SLLNet(in_channels, num_classes, input_size, width=width, n_conv=n_conv, n_dense=n_dense)
+
+    # the registry and list_models() key on __name__; docs and repr read __qualname__ and __doc__
+    constructor.__name__ = constructor.__qualname__ = f"sll_{size}"
+    constructor.__doc__ = (
+        f":class:`SLLNet` {size}: {n_conv} SLL convolutions of width {width}, "
+        f"{n_dense} SLL dense blocks of 2048 units."
+    )
+    return register_model(constructor)
 
 
-@register_model
-def sll_medium(in_channels: int = 3, num_classes: int = 10, input_size: int = 32) -> SLLNet:
-    """:class:`SLLNet` medium: 30 SLL convolutions of width 60, 10 SLL dense blocks of 2048 units."""
-    return SLLNet(in_channels, num_classes, input_size, width=60, n_conv=30, n_dense=10)
-
-
-@register_model
-def sll_large(in_channels: int = 3, num_classes: int = 10, input_size: int = 32) -> SLLNet:
-    """:class:`SLLNet` large: 50 SLL convolutions of width 90, 10 SLL dense blocks of 2048 units."""
-    return SLLNet(in_channels, num_classes, input_size, width=90, n_conv=50, n_dense=10)
-
-
-@register_model
-def sll_xlarge(in_channels: int = 3, num_classes: int = 10, input_size: int = 32) -> SLLNet:
-    """:class:`SLLNet` xlarge: 70 SLL convolutions of width 120, 15 SLL dense blocks of 2048 units."""
-    return SLLNet(in_channels, num_classes, input_size, width=120, n_conv=70, n_dense=15)
+sll_small = _sized("small", width=45, n_conv=20, n_dense=7)
+sll_medium = _sized("medium", width=60, n_conv=30, n_dense=10)
+sll_large = _sized("large", width=90, n_conv=50, n_dense=10)
+sll_xlarge = _sized("xlarge", width=120, n_conv=70, n_dense=15)
