@@ -83,18 +83,6 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _device(request: str) -> torch.device:
-    if request == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(request)
-    except RuntimeError:
-        raise ValueError(f"unknown device {request!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {request!r} was asked for but CUDA is not available")
-    return device
-
-
 def _batches(
     images: torch.Tensor, labels: torch.Tensor, size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -108,9 +96,10 @@ def run_audit(args: argparse.Namespace) -> int:
     from certify.bounds import UnboundableModuleError
     from certify.loading import load_model
     from lipnet import data
+    from lipnet.train import resolve_device
 
     try:
-        device = _device(args.device)
+        device = resolve_device(args.device)
         dataset = data.load(args.data, "test", data_dir=args.data_dir, n=args.n)
         loaded = load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, device=device)
         if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(dataset.input_shape):

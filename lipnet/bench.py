@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lipnet.activations import GroupSort
 from lipnet.models import create
 from lipnet.pooling import ScaledL2NormPool2d
+from lipnet.train import resolve_device
 
 __all__ = [
     "ANCHORS",
@@ -41,7 +42,6 @@ __all__ = [
     "bench_per_layer",
     "device_label",
     "per_layer_markdown",
-    "resolve_device",
     "run",
     "singular_value_range",
     "timed",
@@ -438,13 +438,6 @@ def per_layer_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     return "\n".join(lines)
 
 
-def resolve_device(name: str | None) -> str:
-    """``auto`` (or nothing) becomes ``cuda`` when CUDA is available, else ``cpu``; others are kept."""
-    if not name or name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def device_label(device: str) -> str:
     """The GPU's name on CUDA, else ``CPU, N threads``."""
     if torch.device(device).type == "cuda":
@@ -481,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     """CLI entry: ``lipnet bench layers``: the small_cnn network table, or with ``--per-layer`` /
     ``--kinds`` the per-layer table of :func:`bench_per_layer`. ``--out F`` writes the Markdown table
     when ``F`` ends in ``.md``, else the rows as JSON."""
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device or "auto"))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.per_layer or args.kinds:

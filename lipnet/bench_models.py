@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lipnet.bench import device_label, resolve_device, timed
+from lipnet.bench import device_label, timed
+from lipnet.train import resolve_device
 
 __all__ = ["EPOCH_IMAGES", "PUBLISHED_A100_S_PER_EPOCH", "bench_models", "models_markdown", "run"]
 
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from lipnet.runs import atomic_write_text
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device or "auto"))
     if args.threads:
         torch.set_num_threads(args.threads)
     on_cuda = torch.device(device).type == "cuda"

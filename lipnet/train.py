@@ -77,7 +77,10 @@ def resolve_device(request: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> the process's CUDA device when CUDA is available, else CPU; others as named."""
     if request == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(request)
+    try:
+        device = torch.device(request)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {request!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
