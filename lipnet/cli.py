@@ -107,16 +107,9 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_layers(args: argparse.Namespace) -> int:
-    try:
-        from lipnet import bench
-    except ModuleNotFoundError as err:
-        if err.name != "lipnet.bench":
-            raise
-        raise ConfigError(
-            "lipnet bench is not available in this installation (lipnet/bench.py is missing)"
-        ) from None
-    code = bench.run(args)
-    return int(code) if isinstance(code, int) else 0
+    from lipnet import bench
+
+    return bench.run(args)
 
 
 def _cmd_bench_fmnist(args: argparse.Namespace) -> int:
