@@ -38,18 +38,12 @@ import torch
 from torch import nn
 
 from lipnet.bench_anchors import deel_kind, orthogonium_kinds
-from lipnet.models.fmnist import fmnist_layers
+from lipnet.models.fmnist import SIZES, fmnist_layers
 
-__all__ = ["EPS", "SIZES", "Contender", "bench_fmnist", "contenders", "run", "to_csv", "to_markdown"]
+__all__ = ["EPS", "Contender", "bench_fmnist", "contenders", "run", "to_csv", "to_markdown"]
 
 #: Radii of the table, on the [0, 1] pixel scale (1.58 is about 2 / sqrt(1.6), deel-lip's largest).
 EPS: tuple[float, ...] = (0.1, 0.3, 0.5, 1.0, 1.58)
-
-#: Keyword arguments of :func:`~lipnet.models.fmnist.fmnist_layers` for ``fmnist_convnet_s`` / ``_m``.
-SIZES: dict[str, dict[str, int]] = {
-    "s": {"width": 16, "blocks": 1, "hidden": 64},
-    "m": {"width": 32, "blocks": 2, "hidden": 256},
-}
 
 
 @dataclass(frozen=True)

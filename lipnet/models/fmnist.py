@@ -19,7 +19,13 @@ from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential
 from lipnet.pooling import ScaledL2NormPool2d
 
-__all__ = ["FashionConvNet", "fmnist_convnet_m", "fmnist_convnet_s", "fmnist_layers"]
+__all__ = ["SIZES", "FashionConvNet", "fmnist_convnet_m", "fmnist_convnet_s", "fmnist_layers"]
+
+#: Keyword arguments of :func:`fmnist_layers` for ``fmnist_convnet_s`` / ``_m``.
+SIZES: dict[str, dict[str, int]] = {
+    "s": {"width": 16, "blocks": 1, "hidden": 64},
+    "m": {"width": 32, "blocks": 2, "hidden": 256},
+}
 
 
 def fmnist_layers(
@@ -128,5 +134,5 @@ def _sized(size: str, label: str, width: int, blocks: int, hidden: int) -> Calla
     return register_model(constructor)
 
 
-fmnist_convnet_s = _sized("s", "Small", width=16, blocks=1, hidden=64)
-fmnist_convnet_m = _sized("m", "Medium", width=32, blocks=2, hidden=256)
+fmnist_convnet_s = _sized("s", "Small", **SIZES["s"])
+fmnist_convnet_m = _sized("m", "Medium", **SIZES["m"])
