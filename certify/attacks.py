@@ -78,49 +78,64 @@ def pgd_l2(
     ``eps`` is a float or a tensor with one radius per sample; ``step_size`` is a fraction of eps.
     With ``target`` (one class per sample) the ascent is on ``f_t - f_y`` (a targeted attack, which
     finds the nearest boundary of a multi-class model where the untargeted margin may wander).
-    Each sample keeps the point with the largest untargeted margin over all steps and restarts.
+    Each sample keeps the point with the largest untargeted margin over all steps and restarts, and
+    leaves the batch as soon as that margin is positive (its prediction flipped): the attack exists to
+    find a flip, so later steps on such a sample would only cost time. Samples misclassified at ``x``
+    are never attacked. On a model with little robustness most of the batch leaves after a few steps.
     """
     x = x.detach()
     y = y.to(x.device)
     radius = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
     if (radius < 0).any() or not torch.isfinite(radius).all():
         raise ValueError("attack radii must be finite and >= 0")
-    r = radius.view(-1, *([1] * (x.ndim - 1)))
+    r_all = radius.view(-1, *([1] * (x.ndim - 1)))
     gen = torch.Generator(device=x.device).manual_seed(seed)
     best = x.clone()
     with torch.no_grad():
         best_margin = _margin(model(x), y)
+
+    def keep(idx: torch.Tensor, adv: torch.Tensor, m: torch.Tensor) -> None:
+        improved = m > best_margin[idx]
+        best[idx[improved]] = adv[improved]
+        best_margin[idx[improved]] = m[improved]
+
     for restart in range(restarts):
+        idx = torch.nonzero(best_margin <= 0).flatten()
+        if idx.numel() == 0:
+            break
+        xs, ys, r = x[idx], y[idx], r_all[idx]
+        ts = None if target is None else target.to(x.device)[idx]
         if restart == 0:
-            delta = torch.zeros_like(x)
+            delta = torch.zeros_like(xs)
         else:
-            noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            u = torch.rand((x.shape[0],), generator=gen, device=x.device, dtype=x.dtype)
+            noise = torch.randn(xs.shape, generator=gen, device=x.device, dtype=x.dtype)
+            u = torch.rand((xs.shape[0],), generator=gen, device=x.device, dtype=x.dtype)
             delta = noise / _flat_norm(noise).clamp_min(1e-12) * r * u.view(r.shape)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            adv = x + delta
-            logits = model(adv)
-            m = _margin(logits, y)
-            (grad,) = torch.autograd.grad(_objective(logits, y, target).sum(), delta)
+        for step in range(steps + 1):
+            delta.requires_grad_(step < steps)
+            adv = xs + delta
+            with torch.set_grad_enabled(step < steps):
+                logits = model(adv)
+            m = _margin(logits, ys)
+            keep(idx, adv.detach(), m.detach())
+            if step == steps:
+                break
+            (grad,) = torch.autograd.grad(_objective(logits, ys, ts).sum(), delta)
             with torch.no_grad():
-                improved = m.detach() > best_margin
-                best[improved] = adv.detach()[improved]
-                best_margin = torch.where(improved, m.detach(), best_margin)
                 delta = delta.detach() + step_size * r * grad / _flat_norm(grad).clamp_min(1e-12)
                 delta = delta * (r / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
                 if box is not None:
-                    delta = (x + delta).clamp(*box) - x
-        with torch.no_grad():
-            adv = x + delta
-            m = _margin(model(adv), y)
-            improved = m > best_margin
-            best[improved] = adv[improved]
-            best_margin = torch.where(improved, m, best_margin)
+                    delta = (xs + delta).clamp(*box) - xs
+                alive = best_margin[idx] <= 0
+                if not alive.all():
+                    if not alive.any():
+                        break
+                    idx, xs, ys, r, delta = idx[alive], xs[alive], ys[alive], r[alive], delta[alive]
+                    ts = None if ts is None else ts[alive]
     # Rounding in the projection may overshoot by an ulp; pull such points back inside.
     with torch.no_grad():
         d = best - x
-        best = x + d * (r / _flat_norm(d).clamp_min(1e-30)).clamp(max=1.0)
+        best = x + d * (r_all / _flat_norm(d).clamp_min(1e-30)).clamp(max=1.0)
     return best.detach()
 
 

@@ -83,3 +83,34 @@ def test_empirical_robust_accuracy_is_monotone(attack: str) -> None:
     assert accs[0] == pytest.approx(clean)
     assert accs[0] >= accs[1] >= accs[2]
     assert accs[2] < 0.2
+
+
+class _Counting(nn.Module):
+    """Counts the samples the wrapped model is evaluated on."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.samples = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.samples += x.shape[0]
+        return self.inner(x)
+
+
+def test_pgd_stops_attacking_a_sample_once_it_flips() -> None:
+    torch.manual_seed(0)
+    x, y = _blobs(40, 10, 3, seed=5)
+    model = _Counting(_train(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)), x, y, steps=80))
+    with torch.no_grad():
+        wrong = model(x).argmax(dim=1) != y
+    model.samples = 0
+    adv = pgd_l2(model, x, y, 3.0, steps=30, restarts=2)
+    with torch.no_grad():
+        flipped = model.inner(adv).argmax(dim=1) != y
+    # A ball of radius 3 holds the whole [0, 1]^10 box: every sample flips, most within a few steps,
+    # so far fewer than the full (1 + 2 * 31) * 40 evaluations are spent.
+    assert flipped.all()
+    assert model.samples < 0.25 * (1 + 2 * 31) * len(y)
+    # Already misclassified samples are returned unchanged, never attacked.
+    assert torch.equal(adv[wrong], x[wrong])

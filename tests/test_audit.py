@@ -206,6 +206,27 @@ def test_injected_wrong_bound_fails_the_audit() -> None:
     assert "VIOLATION: sample" in report.summary()
 
 
+def test_eps_attacks_reuse_smaller_balls_and_are_witnessed() -> None:
+    from certify.attacks import empirical_robust_accuracy
+
+    torch.manual_seed(3)
+    model = _trained_bn_stats(plain_bn_cnn())
+    loader = _self_labelled(model, 48, (3, 32, 32), seed=3)
+    eps = [0.02, 0.1, 0.5]
+    report = audit(
+        model, loader, eps=eps, attack="pgd", n_attack=48, pgd_steps=10, pgd_restarts=1, progress=False
+    )
+    accs = [report.empirical_accuracy[e] for e in report.eps]
+    assert accs == sorted(accs, reverse=True)
+    assert accs[0] > accs[-1]
+    x = torch.cat([b[0] for b in loader])
+    y = torch.cat([b[1] for b in loader])
+    for e, acc in zip(eps, accs, strict=True):
+        # every eps attacks at least the samples a direct attack would, starting from smaller balls' finds
+        direct = empirical_robust_accuracy(model, x, y, e, attack="pgd", steps=10, restarts=1)
+        assert acc <= direct + 1 / len(y)
+
+
 def test_cli_plain_batchnorm_cnn_from_a_state_dict(tmp_path: Path) -> None:
     torch.manual_seed(2)
     weights = tmp_path / "cnn.safetensors"
