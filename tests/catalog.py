@@ -20,11 +20,14 @@ from lipnet.attention import (
     BoundedDotProductAttention,
     BoundedTranslation,
     BoundedZoom,
+    CAMHead,
     FeedbackGating,
+    IntegralAttention,
     L2MultiheadAttention,
     LossAttentionMIL,
     LSEPooling,
     MemoryAttention,
+    MultiScaleAttentionAggregation,
     MultiTaskAttentionNetwork,
     ResidualAttention,
     SoftAttentionPooling,
@@ -215,4 +218,16 @@ CATALOG: dict[type[nn.Module], Factory] = {
     ],
     BoundedZoom: lambda: [Case(BoundedZoom(1, 4, hidden=3, min_scale=0.5, normalize=False), (1, 4, 4))],
     SoftGlimpse: lambda: [Case(SoftGlimpse(1, 2, radius=2.0, normalize=False), (1, 4, 4))],
+    MultiScaleAttentionAggregation: lambda: [
+        Case(MultiScaleAttentionAggregation(2, 3, scales=2, radius=2.0, normalize=False), (2, 4, 4)),
+        Case(MultiScaleAttentionAggregation(2, 3, scales=2, mask="elementwise", aggregate="max"), (2, 3, 2)),
+    ],
+    CAMHead: lambda: [
+        Case(CAMHead(3, 2, normalize=False), (3, 3, 3), affine=True),
+        Case(CAMHead(2, 3), (2, 2, 3), affine=True),
+    ],
+    IntegralAttention: lambda: [
+        Case(IntegralAttention(2, 2, hidden=2, normalize=False), (2, 4, 4)),
+        Case(IntegralAttention(1, 3, hidden=2), (1, 3, 3)),
+    ],
 }

@@ -6,10 +6,12 @@ projections inside the module make the constants hold on every input). Modules w
 ``normalize`` flag divide their output by that bound when it is set.
 """
 
+from lipnet.attention.cam import CAMHead, IntegralAttention, OnlineAttentionAccumulator
 from lipnet.attention.cbam import CBAM
 from lipnet.attention.gating import AttentionToScale, FeedbackGating
 from lipnet.attention.mil import LossAttentionMIL, LSEPooling, SoftAttentionPooling
 from lipnet.attention.mtan import MultiTaskAttentionNetwork
+from lipnet.attention.multiscale import MultiScaleAttentionAggregation
 from lipnet.attention.residual_attention import ResidualAttention
 from lipnet.attention.se import SqueezeExcitation
 from lipnet.attention.self_attention import BoundedDotProductAttention, L2MultiheadAttention, MemoryAttention
@@ -21,12 +23,16 @@ __all__ = [
     "BoundedDotProductAttention",
     "BoundedTranslation",
     "BoundedZoom",
+    "CAMHead",
     "FeedbackGating",
+    "IntegralAttention",
     "L2MultiheadAttention",
     "LSEPooling",
     "LossAttentionMIL",
     "MemoryAttention",
+    "MultiScaleAttentionAggregation",
     "MultiTaskAttentionNetwork",
+    "OnlineAttentionAccumulator",
     "ResidualAttention",
     "SoftAttentionPooling",
     "SoftGlimpse",
