@@ -92,6 +92,14 @@ def check_int(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def check_odd_kernel(kernel_size: int) -> int:
+    """``kernel_size`` checked as an odd int >= 1, so that zero padding ``k // 2`` keeps the size."""
+    check_int("kernel_size", kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (same-size zero padding), got {kernel_size}")
+    return kernel_size
+
+
 def check_maxmin_channels(name: str, value: int) -> int:
     """``value`` checked as a channel count that :class:`~lipnet.activations.MaxMin` splits into pairs."""
     check_int(name, value)

@@ -27,6 +27,7 @@ from lipnet.attention._bounds import (
     NormalizedModule,
     check_int,
     check_maxmin_channels,
+    check_odd_kernel,
     check_positive,
     spectral_norm,
 )
@@ -340,9 +341,7 @@ class IntegralAttention(NormalizedModule):
         check_int("in_channels", in_channels)
         check_int("num_classes", num_classes)
         check_maxmin_channels("hidden", hidden)
-        check_int("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (same-size zero padding), got {kernel_size}")
+        check_odd_kernel(kernel_size)
         self.in_channels, self.num_classes, self.hidden = in_channels, num_classes, hidden
         self.normalize = bool(normalize)
         self.conv1 = BjorckConv2d(in_channels, hidden, kernel_size, padding=kernel_size // 2)

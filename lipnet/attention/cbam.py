@@ -16,6 +16,7 @@ from certify.conv_norm import conv_operator_bound
 from lipnet.attention._bounds import (
     NormalizedModule,
     check_int,
+    check_odd_kernel,
     check_positive,
     rescaled,
     sigmoid_gate_bound_tensor,
@@ -60,11 +61,9 @@ class CBAM(NormalizedModule):
         super().__init__()
         check_int("channels", channels)
         check_int("reduction", reduction)
-        check_int("kernel_size", kernel_size)
+        check_odd_kernel(kernel_size)
         if channels % reduction:
             raise ValueError(f"channels ({channels}) must be divisible by reduction ({reduction})")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (same-size zero padding), got {kernel_size}")
         self.channels = channels
         self.clamp = check_positive("clamp", clamp)
         self.use_max = bool(use_max)

@@ -24,6 +24,7 @@ from lipnet.attention._bounds import (
     ball_projection,
     check_int,
     check_maxmin_channels,
+    check_odd_kernel,
     check_positive,
     rescaled,
     sigmoid_gate_bound_tensor,
@@ -114,9 +115,7 @@ class MultiScaleAttentionAggregation(NormalizedModule):
         check_maxmin_channels("channels", channels)
         check_int("num_attributes", num_attributes)
         check_int("scales", scales)
-        check_int("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (same-size zero padding), got {kernel_size}")
+        check_odd_kernel(kernel_size)
         if mask not in _MASKS:
             raise ValueError(f"mask must be one of {_MASKS}, got {mask!r}")
         if aggregate not in _AGGREGATES:
