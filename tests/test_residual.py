@@ -10,6 +10,7 @@ from torch import Tensor
 from certify.conv_norm import conv_operator_bound
 from certify.exact import dense_operator_norm
 from lipnet.layers import LinearResidualConv2d
+from lipnet.layers.cpl import _AmortisedSymbolBound
 from lipnet.layers.residual import symbol_norm_bound
 
 
@@ -177,3 +178,45 @@ def test_normalized_state_dict_round_trip_mid_period_in_training() -> None:
     clone.load_state_dict(layer.state_dict())
     assert torch.equal(clone(x), layer(x))
     assert torch.equal(clone.parametrizations.weight[0].norm_bound.anchor, norm_bound.anchor)
+
+
+def test_normalized_block_keeps_its_norm_within_tolerance_while_the_kernel_grows_and_shrinks() -> None:
+    """Every step: ``1 / ((1 + drift_tol) g) <= ||block|| <= 1`` (every-size norm, ``g`` the grid correction).
+
+    Adam grows the residual kernel, then shrinks it. The norm is the sup of the normalised symbol
+    over a fine grid. The previous refresh rule (``delta > drift_tol s0``) let the block fall below
+    the lower end while the kernel shrank (checked on the same kernels, so that the test fails if
+    the rule regresses).
+    """
+    torch.manual_seed(8)
+    tol = 0.1
+    layer = LinearResidualConv2d(4, 3, normalize=True, bound_grid=16, drift_tol=tol).double()
+    norm_bound = layer.parametrizations.weight[0].norm_bound
+    old = _AmortisedSymbolBound(
+        (4, 4, 3, 3), groups=1, grid=16, drift_tol=tol, drift_steps=6, dtype=torch.float64
+    )
+    g = norm_bound.grid_factor**0.5
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    x = torch.randn(4, 4, 6, 6, dtype=torch.float64)
+
+    def every_size_norm(kernel: Tensor) -> float:
+        symbol = torch.fft.rfft2(kernel, s=(128, 128)).permute(2, 3, 0, 1)
+        return float(torch.linalg.matrix_norm(symbol, ord=2).max())
+
+    old_too_small = 0
+    for step in range(40):
+        opt.zero_grad()
+        sign = -1.0 if step < 20 else 1.0
+        (-(layer(x) - x).square().mean() + sign * _raw(layer).square().sum()).backward()
+        opt.step()
+        with torch.no_grad():
+            normalized = layer.weight.detach()
+        merged = _raw(layer).detach().clone()
+        merged[:, :, 1, 1] += torch.eye(4, dtype=torch.float64)
+        assert 1.0 / ((1 + tol) * g) * (1 - 2e-6) <= every_size_norm(normalized) <= 1.0
+        drift, s0 = old.drift_bound(merged), old.anchor_bound
+        if not bool(torch.isfinite(s0) & (drift <= tol * s0)):
+            old.refresh(merged)
+            drift = torch.zeros((), dtype=torch.float64)
+        old_too_small += every_size_norm(merged) / float(old.anchor_bound + drift) < 1.0 / ((1 + tol) * g)
+    assert old_too_small > 0

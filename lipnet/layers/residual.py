@@ -29,8 +29,10 @@ In training the layer does not recompute it at every step: the merged kernel is 
 amortised bound of :class:`lipnet.layers.cpl._AmortisedSymbolBound`, ``s = s0 + delta`` with
 ``s0`` this grid bound at an anchor kernel ``M0`` (float64, no autograd) and ``delta`` the
 reshaped-kernel bound of ``M - M0``; by the triangle inequality ``s`` bounds the merged operator
-norm at every step, and the anchor moves to the current kernel whenever ``delta`` exceeds
-``drift_tol s0``.
+norm at every step, and the anchor moves to the current kernel (the grid bound is recomputed, in
+float64, certified by Cholesky factorisations: :mod:`lipnet.layers.cpl`) whenever ``s`` exceeds
+``1 + drift_tol`` times a first-order lower bound of the grid bound of the current kernel, so ``s``
+is never more than ``1 + drift_tol`` times that grid bound.
 """
 
 from __future__ import annotations
@@ -138,10 +140,12 @@ class LinearResidualConv2d(_BoundedConv2d):
     Guarantee: none by construction when ``normalize=False`` (the bound tells the constant); with
     ``normalize=True`` the merged kernel is divided by a sound bound ``s`` of its operator norm
     (:class:`ResidualKernel`), so the block is 1-Lipschitz at every step: a contraction whose norm
-    is at least ``(1 / g - drift_tol) / (1 + drift_tol)``, ``g`` the grid correction (1.02 for
-    3 x 3 kernels and ``bound_grid=32``, 1.087 at 16). The grid bound costs ``bound_grid^2 / 2`` float64
-    ``eigvalsh`` of ``c / groups``-sized matrices and runs only at construction and when the drift
-    bound exceeds ``drift_tol`` times it; every other training step costs one ``c x 9c`` Gram matrix.
+    is at least ``1 / ((1 + drift_tol) g)`` (up to a relative ``1e-6``), ``g`` the grid correction
+    (1.02 for 3 x 3 kernels and ``bound_grid=32``, 1.087 at 16). The grid bound costs
+    ``bound_grid^2 / 2`` float64 Cholesky factorisations of ``c / groups``-sized complex matrices (and
+    a few ``eigvalsh``) and runs only at the first call and when ``s`` is more than ``1 + drift_tol``
+    times a lower bound of the current grid bound; every other training step costs one ``c x 9c``
+    Gram matrix.
     The gradient of ``s`` is that of the grid bound at the anchor (see ``_AmortisedSymbolBound``).
     Padding is zeros or circular; the kernel size must be odd (the centre tap must exist).
     Initialised with torch's default Conv2d initialisation of ``W``.
