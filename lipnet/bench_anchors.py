@@ -11,6 +11,9 @@ from either library. Nothing here is registered: ``conv=`` of the model families
   (``SDPBasedLipschitzResBlock``, Araujo et al. 2023; 1-Lipschitz residual block), with ``OrthoLinear``
   dense layers (orthogonium has no AOL dense layer) and AOC channel-changing convolutions for SLL.
 
+:func:`anchor_kind` pairs each lipnet kind that has an anchor with it (:data:`MODEL_ANCHORS`), configured
+as lipnet's kind is, for ``lipnet bench models``.
+
 Importing this module needs neither library; each function raises ``ImportError`` when its library is
 not installed.
 """
@@ -21,7 +24,7 @@ from torch import nn
 
 from lipnet.models.kinds import LayerKind
 
-__all__ = ["deel_kind", "orthogonium_kinds"]
+__all__ = ["MODEL_ANCHORS", "anchor_kind", "deel_kind", "orthogonium_kinds"]
 
 
 def _same(kernel_size: int) -> int:
@@ -74,3 +77,27 @@ def orthogonium_kinds(*, aoc_padding_mode: str = "zeros", sll_inner_factor: int 
             "orthogonium SLL blocks, AOC convolutions, OrthoLinear",
         ),
     }
+
+
+#: The anchor of each lipnet kind that has one: ``(library, the anchor kind's name)``. The same methods
+#: as ``lipnet bench layers --per-layer`` compares (Björck against deel-torchlip's spectral + Björck).
+MODEL_ANCHORS: dict[str, tuple[str, str]] = {
+    "bjorck": ("deel-torchlip", "spectral"),
+    "aoc": ("orthogonium", "aoc"),
+    "aol": ("orthogonium", "aol"),
+    "sll": ("orthogonium", "sll"),
+}
+
+
+def anchor_kind(kind: str) -> tuple[str, LayerKind]:
+    """``(library, LayerKind)`` of the anchor of lipnet's ``kind`` (:data:`MODEL_ANCHORS`).
+
+    Configured as lipnet's kind: AOC with circular padding, SLL blocks with as many inner channels as
+    channels. ``ValueError`` for a kind without an anchor; ``ImportError`` when its library is missing.
+    """
+    if kind not in MODEL_ANCHORS:
+        raise ValueError(f"layer kind {kind!r} has no anchor; kinds with one: {', '.join(MODEL_ANCHORS)}")
+    library, name = MODEL_ANCHORS[kind]
+    if library == "deel-torchlip":
+        return library, deel_kind()
+    return library, orthogonium_kinds(aoc_padding_mode="circular", sll_inner_factor=1)[name]

@@ -1,16 +1,23 @@
-"""``lipnet bench layers --per-layer`` and ``lipnet bench models`` at tiny sizes; the spectrum probe."""
+"""``lipnet bench layers --per-layer`` and ``lipnet bench models`` at tiny sizes; the spectrum probe; the
+eval-vs-export measurement (with a fake clock: no test here asserts a timing)."""
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lipnet.bench import OPERATOR_JACOBIAN, OPERATOR_MATRIX, _saved_bytes, singular_value_range
+from lipnet.bench_models import EVAL_KWARGS, bench_eval, plain_share
 from lipnet.cli import main
+from lipnet.layers import AOLLinear, SLLConv2d, SLLLinear
+from lipnet.models import list_models
 
 #: The exported layers hold float32 weights: an AOL kernel rescaled in float32 can exceed norm 1 by
 #: a few float32 ulps, which the float64 spectrum of those weights shows.
@@ -21,8 +28,13 @@ PER_LAYER_COLUMNS = (
     "CUDA peak (MiB) | σ_min | σ_max | operator | train / anchor | eval / anchor | saved / anchor |"
 )
 MODELS_COLUMNS = (
-    "| kind | train step (ms) | images/s | s per 50k epoch | published A100 s/epoch (M) | eval forward (ms) "
-    "| exported eval (ms) | eval / exported |"
+    "| implementation | kind | train step (ms) | images/s | s per 50k epoch | published A100 s/epoch (M) | "
+    "train / anchor | eval forward (ms) | eval / anchor | exported eval (ms) | eval / exported | "
+    "plain share |"
+)
+EVAL_COLUMNS = (
+    "| model | kind | parameters (M) | plain share | eval min (ms) | eval median (ms) | exported min (ms) | "
+    "exported median (ms) | eval / exported (median) | eval / exported (min) | max rel. diff |"
 )
 
 
@@ -97,18 +109,174 @@ def test_bench_layers_per_layer(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "models.md"
-    argv = ["bench", "models", "--model", "lipconvnet_xs", "--kinds", "aol", "--batch", "2", "--rounds", "1"]
-    code, stdout, err = _run([*argv, "--device", "cpu", "--out", str(out)], capsys)
+def test_bench_models_with_anchor_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("orthogonium")
+    pytest.importorskip("deel.torchlip")
+    out = tmp_path / "models.json"
+    argv = ["bench", "models", "--model", "lipconvnet_xs", "--kinds", "aol,bjorck", "--batch", "2"]
+    argv += ["--input-size", "4", "--rounds", "1", "--device", "cpu"]
+    code, stdout, err = _run([*argv, "--out", str(out)], capsys)
     assert code == 0, err
-    assert MODELS_COLUMNS in stdout and "lipconvnet_xs, batch 2x3x32x32, CPU" in stdout
-    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| aol |")]
+    assert MODELS_COLUMNS in stdout and "lipconvnet_xs, batch 2x3x4x4, CPU" in stdout
+    assert "lipnet:aol vs orthogonium:aol" in stdout
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["lipnet:aol", "orthogonium:aol", "lipnet:bjorck", "deel-torchlip:spectral"]
+    for lipnet_row, anchor_row in (
+        ("lipnet:aol", "orthogonium:aol"),
+        ("lipnet:bjorck", "deel-torchlip:spectral"),
+    ):
+        ours, anchor = rows[lipnet_row], rows[anchor_row]
+        assert not ours["anchor"] and anchor["anchor"] and ours["kind"] == anchor["kind"]
+        assert ours["train_vs_anchor"] == pytest.approx(ours["train_ms"] / anchor["train_ms"], rel=1e-9)
+        assert ours["eval_vs_anchor"] == pytest.approx(ours["eval_ms"] / anchor["eval_ms"], rel=1e-9)
+        assert anchor["train_vs_anchor"] == anchor["eval_vs_anchor"] == 1.0
+    for r in rows.values():
+        assert r["images_per_s"] == pytest.approx(2e3 / r["train_ms"], rel=1e-9)
+        assert r["s_per_epoch"] == pytest.approx(50_000 / r["images_per_s"], rel=1e-9)
+        if r["plain_eval_ms"] is not None:
+            assert r["eval_vs_plain"] == pytest.approx(r["eval_ms"] / r["plain_eval_ms"], rel=1e-9)
+    assert (
+        rows["lipnet:aol"]["published_s_per_epoch"]
+        == rows["orthogonium:aol"]["published_s_per_epoch"]
+        == 19.6
+    )
+    assert rows["lipnet:bjorck"]["published_s_per_epoch"] is None
+    # lipnet's export turns every layer of the AOL net into a plain one
+    assert rows["lipnet:aol"]["plain_share"] == 1.0 and rows["lipnet:aol"]["plain_eval_ms"] > 0
+
+    md = tmp_path / "models.md"
+    code, stdout, err = _run([*argv[:5], "aol", *argv[6:], "--no-anchors", "--out", str(md)], capsys)
+    assert code == 0, err
+    table = md.read_text()
+    (row,) = [line for line in table.splitlines() if line.startswith("| lipnet:aol |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 8 and cells[4] == "19.6"
-    train_ms, images_per_s, s_per_epoch = (float(c) for c in cells[1:4])
-    assert images_per_s == pytest.approx(2e3 / train_ms, rel=1e-2)
-    assert s_per_epoch == pytest.approx(50_000 / images_per_s, rel=1e-2)
-    assert float(cells[7]) > 0
+    assert len(cells) == 12 and cells[5] == "19.6" and cells[6] == cells[8] == "–"
+    assert "orthogonium" not in table
     code, _, err = _run([*argv[:5], "nope", "--device", "cpu"], capsys)
     assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_models_anchors_need_a_model_that_takes_a_layer_kind(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("orthogonium")
+    argv = ["bench", "models", "--model", "small_cnn", "--kinds", "aol", "--batch", "2", "--rounds", "1"]
+    code, _, err = _run([*argv, "--device", "cpu"], capsys)
+    assert code == 2 and "--no-anchors" in err and "orthogonium:aol" in err
+
+
+class _FakeClock:
+    """A timer for :func:`bench_eval` that runs the call and returns a scripted time instead of measuring.
+
+    A call that runs a parametrized module is the model's (the export has none): it gets the next of
+    ``model_times``; any other call gets the next of ``export_times``. ``calls`` records which it was.
+    """
+
+    def __init__(self, model_times: list[float], export_times: list[float]) -> None:
+        self.model_times, self.export_times = list(model_times), list(export_times)
+        self.calls: list[str] = []
+
+    def __call__(self, fn: Callable[[], object], device: torch.device) -> float:
+        ran: list[nn.Module] = []
+        handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: ran.append(m))
+        try:
+            fn()
+        finally:
+            handle.remove()
+        if any(parametrize.is_parametrized(m) for m in ran):
+            self.calls.append("model")
+            return self.model_times.pop(0)
+        self.calls.append("export")
+        return self.export_times.pop(0)
+
+
+def test_bench_eval_pairs_each_model_with_its_export() -> None:
+    # the pairs take turns: small_cnn/aol gets the 1st, 3rd and 5th time of each list
+    clock = _FakeClock([3.0, 1.0, 2.0, 5.0, 1.0, 2.0], [1.0, 0.5, 4.0, 1.0, 0.25, 2.0])
+    rows, skipped = bench_eval(
+        models=["small_cnn"], kinds=["aol", "cpl", "bjorck"], batch=2, rounds=3, warmup=1, timer=clock
+    )
+    assert skipped == ["small_cnn:cpl"]  # small_cnn takes aol and bjorck only
+    assert [(r["model"], r["kind"]) for r in rows] == [("small_cnn", "aol"), ("small_cnn", "bjorck")]
+    # rounds alternate which goes first; pairs are interleaved within a round; warm-up is not timed
+    assert clock.calls == ["model", "export"] * 2 + ["export", "model"] * 2 + ["model", "export"] * 2
+    aol, bjorck = rows
+    assert (aol["eval_median_ms"], aol["eval_min_ms"]) == (2e3, 1e3)  # 3, 2, 1 s
+    assert (aol["exported_median_ms"], aol["exported_min_ms"]) == (1e3, 250.0)  # 1, 4, 0.25 s
+    assert (aol["ratio_median"], aol["ratio_min"]) == (2.0, 4.0)
+    assert (bjorck["ratio_median"], bjorck["ratio_min"]) == (2.0, 2.0)  # 1, 5, 2 over 0.5, 1, 2
+    for r in rows:
+        assert r["plain_share"] == 1.0 and r["max_diff"] <= 1e-6 and r["params"] > 0
+
+
+def test_bench_eval_models_without_kinds_and_residual_blocks() -> None:
+    clock = _FakeClock([1.0] * 2, [1.0] * 2)
+    rows, skipped = bench_eval(models=["sll_small"], kinds=["aol"], batch=2, rounds=2, warmup=0, timer=clock)
+    (row,) = rows
+    assert skipped == [] and row["kind"] is None and row["ratio_median"] == 1.0
+    from lipnet.models import create
+
+    model = create("sll_small", **EVAL_KWARGS["sll_small"])
+    head = model[-1]
+    assert isinstance(head, AOLLinear)
+    # export converts the AOL head only: the SLL blocks are copied unchanged
+    total = sum(p.numel() for p in model.parameters())
+    assert row["plain_share"] == pytest.approx(sum(p.numel() for p in head.parameters()) / total, rel=1e-12)
+    assert row["params"] == pytest.approx(total / 1e6, rel=1e-12)
+
+
+def test_bench_eval_refuses_an_export_that_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the module, not the function lipnet.export that the package re-exports under the same name
+    module = importlib.import_module("lipnet.export")
+    real = module.export
+
+    def shifted(model: nn.Module) -> nn.Module:
+        return nn.Sequential(real(model), _Shift())
+
+    monkeypatch.setattr(module, "export", shifted)
+    with pytest.raises(RuntimeError, match="differs from the model"):
+        bench_eval(models=["small_cnn"], kinds=["aol"], batch=2, rounds=1, timer=_FakeClock([], []))
+
+
+class _Shift(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1e-3
+
+
+def test_eval_kwargs_name_registered_models_and_plain_share() -> None:
+    assert set(EVAL_KWARGS) <= set(list_models())
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), AOLLinear(4, 2), nn.Conv2d(1, 1, 1, bias=False))
+    assert plain_share(net) == pytest.approx((12 + 4 + 1) / (12 + 4 + 8 + 2 + 1), rel=1e-12)
+    assert plain_share(nn.ReLU()) == 1.0
+
+
+def test_bench_models_eval_only_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval.json"
+    argv = ["bench", "models", "--eval-only", "--models", "small_cnn", "--kinds", "aol", "--batch", "2"]
+    code, stdout, err = _run([*argv, "--rounds", "1", "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert EVAL_COLUMNS in stdout and "| small_cnn | aol |" in stdout
+    body = json.loads(out.read_text())
+    assert body["batch"] == 2 and [r["kind"] for r in body["rows"]] == ["aol"]
+    code, _, err = _run([*argv[:4], "nope", "--device", "cpu"], capsys)
+    assert code == 2 and "nope" in err
+
+
+@pytest.mark.parametrize("block", [SLLLinear(6, 4), SLLConv2d(3, 2, 3)])
+def test_sll_eval_forward_reuses_its_scaled_weight(block: nn.Module) -> None:
+    # the eval forward of a warm SLL block is the frozen block's two products: the rescaled weight of
+    # the second one is cached until the weights change, and never cached in training
+
+    def expected() -> torch.Tensor:
+        steps = 2.0 * block.inverse_scales()
+        return block.weight * steps.reshape(-1, *(1,) * (block.weight.ndim - 1))
+
+    block.eval()
+    with torch.no_grad():
+        first = block.step_weight()
+        assert block.step_weight() is first and torch.equal(first, expected())
+        block.weight.mul_(0.5)  # an in-place update, as an optimizer step
+        again = block.step_weight()
+        assert again is not first and torch.equal(again, expected())
+    block.train()
+    assert block.step_weight() is not block.step_weight()

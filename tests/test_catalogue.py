@@ -1,58 +1,203 @@
-"""``lipnet catalogue --quick``: every available method trained, certified and tabulated."""
+"""``lipnet catalogue``: every task builds and certifies, the quick table end to end, filters, resume."""
 
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from certify.attacks import pgd_l2
 from certify.bounds import lipschitz_bound
+from certify.radius import certified_radius
 from lipnet import catalogue
+from lipnet.attention import SqueezeExcitation
+from lipnet.catalogue.networks import image_network
+from lipnet.catalogue.runner import train_method
+from lipnet.catalogue.tasks import TaskData
 from lipnet.cli import main
+from lipnet.metrics import sign_radius
+
+TINY = catalogue.TaskSettings(n_train=48, n_test=24, epochs=1, lr=1e-2, tau=4.0, batch_size=16, width=8)
+
+
+def _read(out: Path) -> list[dict[str, str]]:
+    with open(out / "catalogue.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_quick_catalogue_writes_a_sound_table(lipnet_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "cat"
     assert main(["catalogue", "--quick", "--quiet", "--out", str(out), "--threads", "1"]) == 0
-    with open(out / "catalogue.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    expected = {("baseline", "classification"), ("baseline", "attributes")}
-    assert expected <= {(r["method"], r["task"]) for r in rows}
-    assert len({r["method"] for r in rows}) == min(2, len(catalogue.available_methods()))
+    rows = _read(out)
+    # The baseline and the first attention method of every task.
+    expected = {(m, t) for t in catalogue.TASKS for m in catalogue.available_methods(t)[:2]}
+    assert {(r["method"], r["task"]) for r in rows} == expected
     for r in rows:
         clean = float(r["clean_accuracy"])
         certs = [float(r[k]) for k in r if k.startswith("certified@")]
         assert len(certs) == 3 and certs == sorted(certs, reverse=True) and certs[0] <= clean
         # Certified accuracy is a lower bound of robust accuracy; PGD gives an upper bound of it.
-        assert float(r["robust_accuracy"]) >= certs[0] - 1 / 16
-        assert 0 < float(r["lipschitz"]) <= 1.0 + 1e-6
-        assert int(r["params"]) > 0
+        assert float(r["robust_accuracy"]) >= certs[0] - 1e-9
+        assert 0 < float(r["lipschitz"]) < 10 and float(r["lipschitz_raw"]) > 0
+        assert int(r["params"]) > 0 and float(r["train_seconds"]) >= 0
+        settings = json.loads(r["settings"])
+        assert settings["width"] == catalogue.QUICK[r["task"]].width and settings["seed"] == 0
+        if r["method"] == "baseline":
+            assert r["delta_metric"] == "+0.0000" and r["params_ratio"] == "1.00"
+        else:
+            assert r["delta_metric"] and float(r["params_ratio"]) > 0
+    by_task = {r["task"]: json.loads(r["details"]) for r in rows if r["method"] != "baseline"}
+    assert "F1" in by_task["attributes"] and len(by_task["attributes"]["clean"]) == 6
+    assert set(by_task["multitask"]["accuracy"]) == {"class", "colour", "mask_pixel"}
+    assert 0 <= by_task["mil"]["instance_AUC"] <= 1
     md = (out / "catalogue.md").read_text()
     assert "lipnet catalogue --quick" in md and "| baseline | attributes | mA |" in md
+    assert "## Settings per task" in md
+    assert (out / "catalogue.png").is_file() or "matplotlib" not in md
+
+
+@pytest.mark.parametrize("task", list(catalogue.TASKS))
+def test_every_method_of_every_task_builds_and_is_bounded(lipnet_data: Path, task: str) -> None:
+    t = catalogue.TASKS[task]
+    data = t.load("test", 12, 0)
+    shape = data.input_shape
+    for method in t.methods():
+        torch.manual_seed(0)
+        model = t.build(method, TINY, data).eval()
+        with torch.no_grad():
+            out = model(data.dataset.images[:3])
+        assert out.shape[0] == 3 and torch.isfinite(out).all(), method
+        lip = lipschitz_bound(model, shape)
+        # Normalised modules inside 1-Lipschitz layers: the network's bound is at most ~1.
+        assert 0 < lip <= 1.0 + 1e-4, (method, lip)
+        assert catalogue.raw_bound(model, shape) > 0
+        assert all(m.normalize for m in model.modules() if isinstance(getattr(m, "normalize", None), bool))
+
+
+def _trained(task: str, method: str) -> tuple[nn.Module, TaskData]:
+    t = catalogue.TASKS[task]
+    train, test = t.load("train", TINY.n_train, 0), t.load("test", TINY.n_test, 0)
+    torch.manual_seed(0)
+    model = t.build(method, TINY, train)
+    train_method(t, method, model, train, replace(TINY, epochs=2), seed=0)
+    return model, test
+
+
+def _attack_inside(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii: torch.Tensor) -> int:
+    """Number of certified samples whose prediction PGD flips inside 0.99 times their radius."""
+    certified = radii > 0
+    if not bool(certified.any()):
+        return 0
+    xs, ys, rs = x[certified], y[certified], radii[certified].float() * 0.99
+    adv = pgd_l2(model, xs, ys, rs, steps=30, restarts=2, step_size=0.5)
+    assert bool(((adv - xs).flatten(1).norm(dim=1) <= rs * (1 + 1e-5)).all())
+    with torch.no_grad():
+        return int((model(adv).argmax(dim=1) != ys).sum())
+
+
+@pytest.mark.parametrize(
+    ("task", "method"),
+    [
+        ("classification", "SqueezeExcitation"),
+        ("mil", "baseline"),
+        ("mil", "LossAttentionMIL"),
+        ("cluttered", "SoftGlimpse"),
+    ],
+)
+def test_certificates_survive_an_attack_inside_the_radius(lipnet_data: Path, task: str, method: str) -> None:
+    model, test = _trained(task, method)
+    ds = test.dataset
+    lip = lipschitz_bound(model, ds.input_shape)
+    with torch.no_grad():
+        logits = model(ds.images)
+    radii = certified_radius(logits, ds.labels, lip)
+    assert bool((radii > 0).any()), "nothing certified: the test would prove nothing"
+    assert _attack_inside(model, ds.images, ds.labels, radii) == 0
+
+
+class _Pair(nn.Module):
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.model(x)[:, self.index]
+        return torch.stack([-f, f], dim=1)
+
+
+def test_per_attribute_certificates_survive_an_attack(lipnet_data: Path) -> None:
+    model, test = _trained("attributes", "MultiScaleAttentionAggregation")
+    ds, targets = test.dataset, test.targets[0]
+    bounds = catalogue.TASKS["attributes"].attribute_bounds(
+        "MultiScaleAttentionAggregation", model, ds.input_shape
+    )
+    assert bool((bounds <= lipschitz_bound(model, ds.input_shape) * (1 + 1e-9)).all())
+    with torch.no_grad():
+        logits = model(ds.images)
+    radii = sign_radius(logits, targets, bounds)
+    assert bool((radii > 0).any())
+    for c in range(targets.shape[1]):
+        flips = _attack_inside(_Pair(model, c), ds.images, targets[:, c].long(), radii[:, c])
+        assert flips == 0, f"attribute {c}"
+
+
+def test_filters_and_resume(lipnet_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cat"
+    args = ["catalogue", "--quick", "--tasks", "mil,scale", "--methods", "baseline", "--out", str(out)]
+    assert main([*args, "--threads", "1"]) == 0
+    first = _read(out)
+    assert {(r["method"], r["task"]) for r in first} == {("baseline", "mil"), ("baseline", "scale")}
+    capsys.readouterr()
+    # Same settings: nothing is trained again and the rows are kept as they were.
+    assert main([*args, "--threads", "1"]) == 0
+    assert "already in the output folder" in capsys.readouterr().out
+    assert _read(out) == first
+    # Different settings for one task: that row is trained again, the other one is kept.
+    assert main([*args[:3], "mil", *args[4:], "--tau", "3", "--threads", "1", "--quiet"]) == 0
+    again = {r["task"]: r for r in _read(out)}
+    assert catalogue.QUICK["mil"].tau != 3.0 and json.loads(again["mil"]["settings"])["tau"] == 3.0
+    assert again["scale"] == next(r for r in first if r["task"] == "scale")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--methods", "NoSuchAttention"],
+        ["--tasks", "nosuchtask"],
+        ["--width", "3"],
+        ["--lr", "-1"],
+        ["--tau", "nan"],
+        ["--attack-n", "-2"],
+    ],
+)
+def test_bad_input_exits_2(lipnet_data: Path, tmp_path: Path, extra: list[str]) -> None:
+    assert main(["catalogue", "--quick", "--quiet", "--out", str(tmp_path / "x"), *extra]) == 2
+    assert not (tmp_path / "x" / "catalogue.csv").exists()
+
+
+def test_a_corrupted_table_is_not_overwritten(lipnet_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cat"
+    out.mkdir()
+    (out / "catalogue.csv").write_text("not,a\ncatalogue,table\n")
+    assert main(["catalogue", "--quick", "--quiet", "--tasks", "mil", "--out", str(out)]) == 2
+    assert (out / "catalogue.csv").read_text() == "not,a\ncatalogue,table\n"
 
 
 def test_raw_bound_switches_normalisation_off_and_restores_it() -> None:
-    if "SqueezeExcitation" not in catalogue.available_methods():
-        pytest.skip("lipnet.attention does not export SqueezeExcitation yet")
     torch.manual_seed(0)
-    net = catalogue.build_network("SqueezeExcitation", 10, width=4)
-    module = net[3]
-    normalised = lipschitz_bound(net, catalogue.INPUT_SHAPE)
+    module = SqueezeExcitation(4, normalize=True)
+    net = image_network(10, 4, middle=module)
+    shape = (3, 32, 32)
+    normalised = lipschitz_bound(net, shape)
     module.normalize = False
-    expected = lipschitz_bound(net, catalogue.INPUT_SHAPE)
+    expected = lipschitz_bound(net, shape)
     module.normalize = True
-    assert catalogue._raw_bound(net) == pytest.approx(expected, rel=1e-12)
+    assert expected != pytest.approx(normalised, rel=1e-6)
+    assert catalogue.raw_bound(net, shape) == pytest.approx(expected, rel=1e-12)
     assert module.normalize is True
-    assert lipschitz_bound(net, catalogue.INPUT_SHAPE) == pytest.approx(normalised, rel=1e-12)
-
-
-def test_unknown_method_and_bad_eps_raise() -> None:
-    with pytest.raises(ValueError, match="not available"):
-        catalogue.run_catalogue(["NoSuchAttention"], n_train=8, n_test=8, epochs=1)
-    with pytest.raises(ValueError, match="eps"):
-        catalogue.run_catalogue([catalogue.BASELINE], n_train=8, n_test=8, epochs=1, eps=[])
-    with pytest.raises(ValueError, match="unknown or unavailable"):
-        catalogue.build_network("NoSuchAttention", 10)
-    assert catalogue.available_methods()[0] == catalogue.BASELINE
+    assert lipschitz_bound(net, shape) == pytest.approx(normalised, rel=1e-12)

@@ -631,3 +631,17 @@ def test_augment_is_driven_by_its_generator() -> None:
         aug(x[0])
     with pytest.raises(ValueError, match="crop_padding"):
         Augment(crop_padding=-1)
+
+
+def test_loader_carries_extra_targets_with_the_same_samples() -> None:
+    ds = _toy(n=20)
+    multi_hot = torch.arange(40.0).view(20, 2)
+    index = torch.arange(20)
+    loader = DeviceLoader(ds, 6, shuffle=True, seed=3, targets=(multi_hot, index))
+    seen = []
+    for x, y, t, i in loader:
+        assert torch.equal(x, ds.images[i]) and torch.equal(y, ds.labels[i]) and torch.equal(t, multi_hot[i])
+        seen += i.tolist()
+    assert sorted(seen) == list(range(20))
+    with pytest.raises(ValueError, match=r"targets\[0\]"):
+        DeviceLoader(ds, 6, targets=(torch.zeros(19),))

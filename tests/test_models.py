@@ -98,19 +98,79 @@ def test_bethune_vgg_has_the_papers_weight_count() -> None:
 
 
 def test_lipconvnet_layout_matches_the_paper() -> None:
-    # At 32x32: ChannelPad, 1x1 layer, 5 stages of 5 layers (3x3, the last stage 1x1), channels
-    # doubled at each of the 5 downsamplings, dense(32 width, classes).
+    # At 32x32 (the authors' simplified_conv_net.py): ChannelPad, 1x1 layer, 5 stages of 5 layers
+    # (3x3, the last stage 1x1), channels doubled at each of the 5 downsamplings, then the square
+    # head dense(32 width, 32 width) and its first num_classes outputs.
     model = models.create("lipconvnet_xs", conv="aol")
     assert isinstance(model, LipConvNet)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.in_channels for c in convs] == [16] + [16] * 5 + [32] * 5 + [64] * 5 + [128] * 5 + [256] * 5
     assert [c.kernel_size[0] for c in convs] == [1] + [3] * 20 + [1] * 5
-    assert isinstance(model[-1], nn.Linear) and model[-1].in_features == 512
-    assert sum(isinstance(m, FirstChannels) for m in model) == 5
-    # plain-conv parameter count of the paper's layout minus its unused head rows (docstring)
-    paper = 1_572_288
-    ours = sum(p.numel() for p in model.parameters())
-    assert ours == paper - (512 * 512 + 512) + (512 * 10 + 10)
+    head = model[-2]
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (512, 512)
+    assert isinstance(model[-1], FirstChannels) and model[-1].channels == 10
+    assert sum(isinstance(m, FirstChannels) for m in model) == 6
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+#: The paper's parameter counts ("about 1.6 / 6.3 / 25 / 100 M", Prach et al. CVPR 2024) and the exact
+#: count of the authors' layout with plain convolutions and biases (what AOL and Björck parametrise):
+#: w^2 + w + 5 sum_i (k_i^2 c_i^2 + c_i) + F^2 + F, c_i = w 2^i, k = 3 3 3 3 1, F = 32 w.
+LIPCONVNET_PAPER_PARAMS = {"xs": 1.6e6, "s": 6.3e6, "m": 25e6, "l": 100e6}
+
+
+def _paper_layout_count(w: int) -> int:
+    stages = sum(5 * (k * k * (w * 2**i) ** 2 + w * 2**i) for i, k in enumerate((3, 3, 3, 3, 1)))
+    return w * w + w + stages + (32 * w) ** 2 + 32 * w
+
+
+@pytest.mark.parametrize(("size", "width"), [("xs", 16), ("s", 32), ("m", 64), ("l", 128)])
+def test_lipconvnet_parameter_counts_match_the_paper(size: str, width: int) -> None:
+    # built on the meta device: the count needs shapes, not 400 MB of weights for size L
+    with torch.device("meta"):
+        counts = {
+            k: sum(p.numel() for p in models.create(f"lipconvnet_{size}", conv=k).parameters())
+            for k in ("aol", "bjorck")
+        }
+    assert counts["aol"] == counts["bjorck"] == _paper_layout_count(width)
+    if size == "xs":  # the formula evaluated by hand
+        assert counts["aol"] == 1_572_288
+    # the paper rounds to two significant figures (1.57 M is "about 1.6 M")
+    assert counts["aol"] == pytest.approx(LIPCONVNET_PAPER_PARAMS[size], rel=0.02)
+
+
+@pytest.mark.parametrize("kind", ["aol", "sll"])
+def test_lipconvnet_split_head_gives_the_logits(kind: str) -> None:
+    torch.manual_seed(0)
+    model = models.create("lipconvnet_xs", conv=kind, num_classes=5, input_size=4, depth=1).eval()
+    x = torch.randn(3, 3, 4, 4)
+    body, head = split_head(model)  # type: ignore[misc]
+    assert isinstance(head, nn.Linear) and head.out_features == 5 and head.in_features == model.features
+    with torch.no_grad():
+        assert torch.allclose(head(body(x)), model(x), atol=1e-6)
+        if kind == "aol":  # the rows of the square head that produce the logits, and its bias
+            assert len(body) == len(model) - 2
+            assert torch.equal(head.weight, model[-2].weight[:5])
+            assert torch.equal(head.bias, model[-2].bias[:5])
+        else:  # a residual head stays in the body; the projection onto the first 5 features is [I 0]
+            assert len(body) == len(model) - 1 and head.bias is None
+            assert torch.equal(head.weight, torch.eye(5, model.features))
+    # the last-layer certificate bounds the body, which is 1-Lipschitz as a whole
+    assert lipschitz_bound(body, (3, 4, 4)) <= 1 + 1e-6
+
+
+def test_lipconvnet_takes_a_layer_kind_object() -> None:
+    from lipnet.layers import BjorckLinear, SLLConv2d
+    from lipnet.models.kinds import LayerKind, get_layer_kind
+
+    aol = get_layer_kind("aol")
+    mixed = LayerKind("mixed", lambda c, k: SLLConv2d(c, kernel_size=k), aol.conv, BjorckLinear, "test kind")
+    model = LipConvNet(3, 4, input_size=4, conv=mixed, width=4, depth=1)
+    assert all(isinstance(model[i], SLLConv2d) for i in (1, 3, 7))
+    assert isinstance(model[-2], BjorckLinear) and (model[-2].in_features, model[-2].out_features) == (16, 16)
+    assert model(torch.randn(2, 3, 4, 4)).shape == (2, 4)
+    with pytest.raises(ValueError, match="unknown layer kind"):
+        LipConvNet(conv="mixed")
 
 
 def test_lipconvnet_width_comes_from_the_name() -> None:
@@ -128,6 +188,7 @@ def test_lipconvnet_width_comes_from_the_name() -> None:
         ("bethune_vgg", dict(conv="nope")),
         ("lipconvnet_xs", dict(input_size=24)),
         ("lipconvnet_xs", dict(in_channels=17)),
+        ("lipconvnet_xs", dict(input_size=2, depth=1, num_classes=33)),
         ("liresnet", dict(input_size=12)),
         ("sll_small", dict(input_size=6)),
     ],
@@ -185,4 +246,5 @@ def test_cifar10_configs_load_and_build(name: str) -> None:
     assert cfg.data.name == "cifar10"
     model = build_model(cfg.model)
     assert isinstance(model, LipschitzSequential)
-    assert isinstance(model[-1], nn.Linear) and model[-1].out_features == 10
+    _, head = split_head(model)  # type: ignore[misc]
+    assert isinstance(head, nn.Linear) and head.out_features == 10

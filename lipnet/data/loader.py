@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ def _check_int(name: str, value: object, low: int) -> int:
 class DeviceLoader:
     """Iterate over ``(x, y)`` batches of an :class:`ImageDataset`, already on ``device``.
 
+    With ``targets`` (further per-sample tensors: multi-hot attributes, masks, instance labels, sample
+    indices, ...) each batch is ``(x, y, *targets)``, every tensor indexed by the same samples.
+
     The dataset's tensors are moved to ``device`` once, at construction; each batch is then an index
     into them, so no worker processes or host-to-device copies are involved.
 
@@ -56,6 +59,8 @@ class DeviceLoader:
         drop_last: drop this rank's last batch when it is smaller than ``batch_size``.
         rank: this process's rank in ``[0, world_size)``.
         world_size: number of processes sharing the dataset.
+        targets: extra tensors whose first dimension is ``len(dataset)``, batched alongside the labels
+            (never augmented).
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class DeviceLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        targets: Sequence[Tensor] = (),
     ) -> None:
         if not isinstance(dataset, ImageDataset):
             raise TypeError(f"DeviceLoader needs an ImageDataset, got {type(dataset).__name__}")
@@ -88,6 +94,13 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
+        for k, t in enumerate(targets):
+            if not isinstance(t, Tensor) or t.ndim < 1 or t.shape[0] != len(dataset):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"targets[{k}] must be a tensor with first dimension {len(dataset)}, got {got}"
+                )
+        self.targets = tuple(t.to(self.device) for t in targets)
         self.epoch = 0
         self.num_samples = math.ceil(len(dataset) / world_size)
 
@@ -114,7 +127,7 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         order = self.indices().to(self.device)
         generator = None
         if self.augment is not None:
@@ -125,4 +138,4 @@ class DeviceLoader:
             x, y = self.images[batch], self.labels[batch]
             if self.augment is not None:
                 x = self.augment(x, generator)
-            yield x, y
+            yield (x, y, *(t[batch] for t in self.targets))

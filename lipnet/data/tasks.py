@@ -73,12 +73,15 @@ def _generator(seed: int, split: str, salt: int) -> torch.Generator:
 
 @dataclass(eq=False)
 class AttributeTask:
-    """Multi-label attributes. ``targets`` float ``(N, A)`` multi-hot; ``priors`` the designed frequencies."""
+    """Multi-label attributes. ``targets`` float ``(N, A)`` multi-hot; ``priors`` the designed frequencies;
+    ``labels (N,)`` the shapes10 class of each image (not an attribute: kept so the images stay a
+    labelled dataset)."""
 
     images: Tensor
     targets: Tensor
     names: list[str]
     priors: Tensor
+    labels: Tensor
 
 
 def attribute_task(
@@ -113,7 +116,7 @@ def attribute_task(
         threshold = hi - prior * (hi - lo) if sign > 0 else lo + prior * (hi - lo)
         columns.append(value > threshold if sign > 0 else value < threshold)
     targets = torch.stack(columns, dim=1).to(torch.float32)
-    return AttributeTask(ds.images, targets, names, torch.tensor(p, dtype=torch.float64))
+    return AttributeTask(ds.images, targets, names, torch.tensor(p, dtype=torch.float64), ds.labels)
 
 
 @dataclass(eq=False)

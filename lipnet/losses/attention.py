@@ -183,7 +183,9 @@ class AttentionVariance(WeightedFocal):
     changing are emphasised, the variance-based emphasis of Chang, Learned-Miller & McCallum ("Active
     Bias", NeurIPS 2017) that Sarafianos et al. build on. The standard deviations are detached (they are
     weights, not a target) and the history is updated *after* the loss is computed, from the detached
-    probabilities, only in training mode. This is the form implemented here; the paper's exact
+    probabilities, only in training mode. Each occurrence of a sample in a batch is one visit: a batch
+    holding sample ``i`` twice records two entries for it, in batch order (both rows are weighted by the
+    deviation recorded before the batch). This is the form implemented here; the paper's exact
     bookkeeping (per-iteration vs per-epoch history) is not specified beyond that.
 
     Call as ``loss(logits, target, index)`` with ``index`` the int64 dataset indices ``(N,)`` of the
@@ -257,11 +259,22 @@ class AttentionVariance(WeightedFocal):
         out = ((1 + self.strength * sd) * entries).mean() / self.tau
         if self.training:
             with torch.no_grad():
-                probs = torch.sigmoid(self.tau * logits.detach()).to(self.history.dtype)
-                slot = self.seen[index] % self.window
-                self.history[index, slot] = probs.to(self.history.device)
-                self.seen[index] += 1
+                self._record(index, torch.sigmoid(self.tau * logits.detach()).to(self.history.dtype))
         return out
+
+    def _record(self, index: Tensor, probs: Tensor) -> None:
+        # Every occurrence of a sample in the batch is one visit, recorded in batch order. The
+        # occurrence rank r (0 for a sample's first row in the batch) gives each visit its own slot,
+        # (seen + r) mod window; of more than `window` occurrences only the last `window` are kept,
+        # as sequential recording would, so no two writes hit the same slot.
+        n = index.shape[0]
+        same = index[:, None] == index[None, :]
+        rank = torch.tril(same, diagonal=-1).sum(dim=1)
+        count = same.sum(dim=1)
+        keep = rank >= count - self.window
+        slot = (self.seen[index] + rank) % self.window
+        self.history[index[keep], slot[keep]] = probs.to(self.history.device)[keep]
+        self.seen.index_add_(0, index, torch.ones(n, dtype=self.seen.dtype, device=index.device))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}, strength={self.strength}"

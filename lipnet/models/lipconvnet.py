@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipnet.activations import MaxMin
-from lipnet.models.kinds import get_layer_kind
+from lipnet.models.kinds import LayerKind, get_layer_kind
 from lipnet.models.registry import register_model
-from lipnet.models.sequential import LipschitzSequential, linear_head
+from lipnet.models.sequential import LipschitzSequential
 from lipnet.pooling import InvertibleDownsampling
 
 __all__ = [
@@ -88,24 +89,35 @@ class LipConvNet(LipschitzSequential):
     """The ConvNet of Prach, Brau, Buttazzo & Lampert, "1-Lipschitz Layers Compared: Memory, Speed,
     and Certifiable Robustness" (CVPR 2024), in the layers of one layer kind.
 
-    Layout (that of the authors' code, ``simplified_conv_net.py``): :class:`ChannelPad` to ``width``
-    channels; a 1x1 ``block(width)`` and MaxMin; then ``log2(input_size)`` stages ``i = 0, 1, ...``,
-    each ``depth`` x [``block(width 2^i, k)``, MaxMin] (``k = 3``, and ``k = 1`` in the stage at 2x2
-    resolution, where a 3x3 kernel has no room), followed by :class:`FirstChannels` (half of the
-    channels) and a 2x2 :class:`~lipnet.pooling.InvertibleDownsampling` (PixelUnshuffle), so the
-    channels double at each downsampling; no BatchNorm, no skips. At 1x1 resolution the features
-    are flattened into the linear head ``dense(width 2^stages, num_classes)``, the last child
-    (``certify`` splits it off for the last-layer certificate). Every convolution is
-    channel-preserving, so the kind's ``block`` factory builds all of them (residual blocks for
-    ``sll`` / ``cpl``).
+    Layout (that of the authors' code, ``models/simplified_conv_net.py`` of
+    github.com/berndprach/1LipschitzLayersCompared, sizes ``ConvNet{XS,S,M,L}`` of its
+    ``DEFAULT_MODELS``): :class:`ChannelPad` to ``width`` channels; a 1x1 ``block(width)`` and
+    MaxMin; then ``log2(input_size)`` stages ``i = 0, 1, ...``, each ``depth`` x
+    [``block(width 2^i, k)``, MaxMin] (``k = 3``, and ``k = 1`` in the stage at 2x2 resolution,
+    where a 3x3 kernel has no room), followed by :class:`FirstChannels` (half of the channels) and
+    a 2x2 :class:`~lipnet.pooling.InvertibleDownsampling` (PixelUnshuffle), so the channels double
+    at each downsampling; no BatchNorm, no skips. The head, at 1x1 resolution with
+    ``F = width input_size`` features, is the paper's: a square ``F -> F`` layer of the kind and
+    its first ``num_classes`` outputs as logits (:class:`FirstChannels`). The authors build it as a
+    1x1 convolution of the kind (a dense layer for Cayley and BCOP); on a 1x1 map that is the
+    kind's ``dense(F, F)`` after flattening, which is what this class uses: an ``nn.Linear`` for
+    AOL / Björck / orthogonal kinds, a residual block for ``sll`` / ``cpl`` (as in the paper).
+    Every other layer is channel-preserving, so the kind's ``block`` factory builds all of them.
+    Differences from the authors' code: the ``cayley`` and ``aoc`` kinds' square head is a Björck
+    dense layer (theirs: ``CayleyLinear``; orthogonal either way); their ``AdaptiveMaxPool2d(1)``
+    before the head (the identity on a 1x1 map) is left out; initialisations are the kinds' own
+    (theirs, for AOL: Dirac-initialised blocks, orthogonally initialised first and head layers).
 
-    The head differs from the paper's in one respect: the paper uses a ``(F, F)`` 1x1 convolution
-    (``F = 32 width`` at 32x32) and keeps its first ``num_classes`` outputs, so ``F^2 - F num_classes``
-    of its weights never reach the output (for orthogonal kinds, the kept rows are any
-    orthonormal rows, which ``dense(F, num_classes)`` parametrises directly). With plain 3x3
-    convolutions and biases the paper's layout has 1.57 / 6.29 / 25.1 / 100.5 M parameters for
-    width 16 / 32 / 64 / 128; this one has ``F^2 - F num_classes`` fewer (1.31 / 5.24 / 20.9 / 83.7 M
-    at 10 classes); the counts of other kinds follow their layer parametrisations.
+    Parameters: with plain convolutions and biases (the count of the ``aol`` and ``bjorck`` kinds)
+    the layout has ``w^2 + w + sum_i depth (k_i^2 c_i^2 + c_i) + F^2 + F`` parameters
+    (``c_i = w 2^i``), i.e. 1,572,288 / 6,283,136 / 25,120,512 / 100,457,984 for width 16 / 32 /
+    64 / 128 at 32x32 (the paper's "about 1.6 / 6.3 / 25 / 100 M"); the other kinds' counts
+    follow their layer parametrisations (``lipconvnet_xs``: ``sll`` 1,575,296, ``aoc`` 919,488).
+    ``F^2 - F num_classes`` weights of the square head do not produce logits, but with AOL and
+    Björck they shape the rows that do, through the normalisation of the whole square matrix.
+
+    Last-layer certificate: :meth:`split_head` returns the linear map onto the logits that
+    ``certify`` needs (see there); the model itself ends with :class:`FirstChannels`.
 
     Guarantee: every child is 1-Lipschitz when the kind's layers are, so the network is;
     ``lipschitz_bound`` is the product of the children's sound bounds.
@@ -113,6 +125,9 @@ class LipConvNet(LipschitzSequential):
     Reported on CIFAR-10 (clean / certified at 36/255): CPL, size M, 2-hour budget on one A100:
     certified 61.6% (issue 3; clean accuracy not verified here); the other sizes and kinds: not
     verified. Config: ``experiments/configs/cifar10_lipconvnet_m_cpl.yaml``.
+
+    ``conv`` is a registered kind's name or a :class:`~lipnet.models.kinds.LayerKind` (e.g. one of
+    the anchor libraries' kinds in :mod:`lipnet.bench_anchors`, for benchmarks).
     """
 
     def __init__(
@@ -120,12 +135,12 @@ class LipConvNet(LipschitzSequential):
         in_channels: int = 3,
         num_classes: int = 10,
         input_size: int = 32,
-        conv: str = "aol",
+        conv: str | LayerKind = "aol",
         width: int = 16,
         depth: int = 5,
         kernel_size: int = 3,
     ) -> None:
-        kind = get_layer_kind(conv)
+        kind = conv if isinstance(conv, LayerKind) else get_layer_kind(conv)
         if input_size < 2 or input_size & (input_size - 1):
             raise ValueError(f"input_size must be a power of 2 >= 2 (halved down to 1x1), got {input_size}")
         if width < 2 or width % 2:
@@ -136,8 +151,12 @@ class LipConvNet(LipschitzSequential):
             )
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        features = width * input_size
+        if not 2 <= num_classes <= features:
+            raise ValueError(
+                f"num_classes must be in [2, width * input_size = {features}] (the first outputs of the "
+                f"square head), got {num_classes}"
+            )
         if kernel_size < 1 or kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
         layers: list[nn.Module] = [ChannelPad(width), kind.block(width, 1), MaxMin()]
@@ -148,9 +167,44 @@ class LipConvNet(LipschitzSequential):
                 layers += [kind.block(channels, k), MaxMin()]
             layers += [FirstChannels(channels // 2), InvertibleDownsampling(2)]
             channels, size = 2 * channels, size // 2
-        layers += [nn.Flatten(), linear_head(kind, channels, num_classes)]
+        layers += [nn.Flatten(), kind.dense(channels, channels), FirstChannels(num_classes)]
         super().__init__(*layers)
         self.input_shape = (in_channels, input_size, input_size)
+        #: ``F``, the features of the square head.
+        self.features = channels
+
+    def split_head(self) -> tuple[nn.Module, nn.Linear]:
+        """``(body, head)`` with ``model(x) == head(body(x))`` and ``head`` linear, for ``certify``.
+
+        When the square head layer is a plain-behaving ``nn.Linear`` (its forward is
+        ``nn.Linear``'s, whatever parametrizes its weight), ``body`` is the network up to the
+        flattening and ``head`` a new ``nn.Linear`` holding the first ``num_classes`` rows of the
+        weight and bias the layer uses now (in the current mode; ``certify`` calls this in eval
+        mode): the last-layer certificate then uses the rows that produce the logits. Otherwise
+        (a residual head, ``sll`` / ``cpl``) ``body`` ends with that layer and ``head`` is the
+        coordinate projection :class:`FirstChannels` as an ``nn.Linear`` ``[I 0]`` without bias,
+        whose rows give the same radius as the global certificate. ``head`` is a copy: call this
+        again after the weights change.
+        """
+        dense, first = self[-2], self[-1]
+        if not isinstance(first, FirstChannels):
+            raise TypeError(f"LipConvNet must end with FirstChannels, ends with {type(first).__name__}")
+        n = first.channels
+        with torch.no_grad():
+            if isinstance(dense, nn.Linear) and type(dense).forward is nn.Linear.forward:
+                weight = dense.weight.detach()[:n].clone()
+                bias = None if dense.bias is None else dense.bias.detach()[:n].clone()
+                body = self[:-2]
+            else:
+                ref = next(self.parameters())
+                weight = torch.eye(n, self.features, device=ref.device, dtype=ref.dtype)
+                bias = None
+                body = self[:-1]
+            head = nn.Linear(weight.shape[1], n, bias is not None, device=weight.device, dtype=weight.dtype)
+            head.weight.copy_(weight)
+            if bias is not None:
+                head.bias.copy_(bias)
+        return body, head
 
 
 def _sized(size: str, width: int) -> Callable[..., LipConvNet]:
@@ -160,7 +214,7 @@ def _sized(size: str, width: int) -> Callable[..., LipConvNet]:
         in_channels: int = 3,
         num_classes: int = 10,
         input_size: int = 32,
-        conv: str = "aol",
+        conv: str | LayerKind = "aol",
         depth: int = 5,
         kernel_size: int = 3,
     ) -> LipConvNet:
