@@ -60,6 +60,13 @@ def cayley_transform(matrices: Tensor) -> Tensor:
     eye = torch.eye(q, dtype=matrices.dtype, device=matrices.device)
     rhs = torch.cat((eye - a, -2.0 * rest), dim=-2)
     # X (I + A) = rhs: both blocks share one factorisation of I + A.
+    if matrices.device.type == "cpu" and torch.get_num_threads() > 1 and q >= 128:
+        # torch's batched CPU LU returns wrong factors with several threads at this size
+        # (pytorch/pytorch#142815): solve one matrix at a time there.
+        lhs = (eye + a).reshape(-1, q, q)
+        flat = rhs.reshape(-1, *rhs.shape[-2:])
+        solved = [torch.linalg.solve(m, r, left=False) for m, r in zip(lhs, flat, strict=True)]
+        return torch.stack(solved).reshape(rhs.shape)
     return torch.linalg.solve(eye + a, rhs, left=False)
 
 
