@@ -17,6 +17,7 @@ from certify.radius import certified_radius
 from lipnet import catalogue
 from lipnet.attention import SqueezeExcitation
 from lipnet.catalogue.networks import image_network
+from lipnet.catalogue.report import CatalogueRow, read_rows, write_outputs
 from lipnet.catalogue.runner import train_method
 from lipnet.catalogue.tasks import TaskData
 from lipnet.cli import main
@@ -201,3 +202,23 @@ def test_raw_bound_switches_normalisation_off_and_restores_it() -> None:
     assert catalogue.raw_bound(net, shape) == pytest.approx(expected, rel=1e-12)
     assert module.normalize is True
     assert lipschitz_bound(net, shape) == pytest.approx(normalised, rel=1e-12)
+
+
+@pytest.mark.parametrize("seconds", [0.04, 0.06, 12.34])
+def test_a_table_read_back_writes_the_same_table(tmp_path: Path, seconds: float) -> None:
+    """Resume rewrites the table from the CSV: that must not change a byte (the CI failure of
+    2026-11-30: a time ratio from unrounded seconds, 0.04 s / 0.04 s, became 0.0 s / 0.0 s on read-back)."""
+    eps = [36 / 255, 72 / 255]
+    cert = {"36/255": 0.123456, "72/255": 0.05}
+    base = CatalogueRow("baseline", "mil", "bag accuracy", 0.51234, 0.5, cert, 0.25, "pgd-5",
+                        0.3225912345678, 0.3225912345678, 100, seconds, "{}", "{}")  # fmt: skip
+    other = replace(base, method="SE", metric_value=0.61239, lipschitz=1.0000001234567)
+    other = replace(other, train_seconds=2 * seconds)
+    write_outputs([base, other], eps, tmp_path, "cmd", plot=False)
+    first = (tmp_path / "catalogue.csv").read_bytes(), (tmp_path / "catalogue.md").read_bytes()
+    rows = read_rows(tmp_path / "catalogue.csv")
+    assert [r.lipschitz for r in rows] == [base.lipschitz, other.lipschitz]
+    write_outputs(rows, eps, tmp_path, "cmd", plot=False)
+    assert ((tmp_path / "catalogue.csv").read_bytes(), (tmp_path / "catalogue.md").read_bytes()) == first
+    # The Markdown table rounds a bound up, never down: 1.0000001234567 prints as 1.00001.
+    assert "| 1.00001 |" in first[1].decode()

@@ -6,6 +6,7 @@ import csv
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
 from lipnet.runs import atomic_write_bytes, atomic_write_text, eps_label
@@ -57,25 +58,38 @@ def _baselines(rows: Sequence[CatalogueRow]) -> dict[str, CatalogueRow]:
 
 
 def _deltas(row: CatalogueRow, base: CatalogueRow | None, eps0: str) -> list[str]:
-    """The cost against the task's plain baseline: metric deltas and parameter / time ratios."""
+    """The cost against the task's plain baseline: metric deltas and parameter / time ratios.
+
+    Computed from the values as the table prints them (4 decimals, seconds to 0.1 s), so that a table
+    read back by :func:`read_rows` and written again is the same table.
+    """
     if base is None:
         return ["", "", "", "", ""]
+    seconds, base_seconds = round(row.train_seconds, 1), round(base.train_seconds, 1)
     return [
-        f"{row.metric_value - base.metric_value:+.4f}",
-        f"{row.clean_accuracy - base.clean_accuracy:+.4f}",
-        f"{row.certified[eps0] - base.certified[eps0]:+.4f}",
+        f"{round(row.metric_value, 4) - round(base.metric_value, 4):+.4f}",
+        f"{round(row.clean_accuracy, 4) - round(base.clean_accuracy, 4):+.4f}",
+        f"{round(row.certified[eps0], 4) - round(base.certified[eps0], 4):+.4f}",
         f"{row.params / base.params:.2f}",
-        f"{row.train_seconds / max(base.train_seconds, 1e-9):.2f}",
+        "" if base_seconds == 0 else f"{seconds / base_seconds:.2f}",
     ]
 
 
-def _flat(row: CatalogueRow, eps: Sequence[float], base: CatalogueRow | None) -> list[object]:
+def _ceil6(x: float) -> str:
+    """``x`` to 6 significant digits, rounded up: a printed bound must stay an upper bound."""
+    d = Decimal(repr(x))
+    return str(d.quantize(Decimal(1).scaleb(d.adjusted() - 5), rounding=ROUND_CEILING).normalize())
+
+
+def _flat(row: CatalogueRow, eps: Sequence[float], base: CatalogueRow | None, exact: bool) -> list[object]:
+    """One row as printed; ``exact`` writes the bounds in full (``repr``) so the CSV reads back exactly."""
     cert = row.certified
+    bound = repr if exact else _ceil6
     return [
         row.method, row.task, row.metric, f"{row.metric_value:.4f}", f"{row.clean_accuracy:.4f}",
         *(f"{cert[eps_label(e)]:.4f}" for e in eps),
         "" if row.robust_accuracy is None else f"{row.robust_accuracy:.4f}", row.attack,
-        f"{row.lipschitz_raw:.6g}", f"{row.lipschitz:.6g}", row.params, f"{row.train_seconds:.1f}",
+        bound(row.lipschitz_raw), bound(row.lipschitz), row.params, f"{row.train_seconds:.1f}",
         *_deltas(row, base, eps_label(eps[0])),
         row.settings, row.details,
     ]  # fmt: skip
@@ -125,7 +139,9 @@ def _markdown_table(rows: Sequence[CatalogueRow], eps: Sequence[float]) -> str:
     base = _baselines(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(str(v) for v in _flat(row, eps, base.get(row.task))[:-2]) + " |")
+        lines.append(
+            "| " + " | ".join(str(v) for v in _flat(row, eps, base.get(row.task), False)[:-2]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +202,7 @@ def write_outputs(
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(columns(eps))
-    writer.writerows(_flat(r, eps, base.get(r.task)) for r in rows)
+    writer.writerows(_flat(r, eps, base.get(r.task), True) for r in rows)
     written = [out / "catalogue.csv", out / "catalogue.md"]
     atomic_write_text(written[0], buf.getvalue())
     note = (
