@@ -434,11 +434,15 @@ def eval_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, text: str, body: str) -> None:
+def _emit(out: str | None, text: str, body: dict[str, object]) -> None:
+    """Print the table ``text``; with ``out``, write it there (``.md``) or ``body`` as JSON (else)."""
     from lipnet.runs import atomic_write_text
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text + "\n" if path.suffix == ".md" else body)
+    print(text)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text + "\n" if path.suffix == ".md" else json.dumps(body, indent=2))
 
 
 def _run_eval(args: argparse.Namespace, device: str) -> int:
@@ -457,11 +461,8 @@ def _run_eval(args: argparse.Namespace, device: str) -> int:
     )
     if skipped:
         header += f" Not built (the constructor refuses the kind): {', '.join(skipped)}."
-    text = eval_markdown(rows, header)
-    print(text)
-    if args.out:
-        body = {"device": device_label(device), "batch": batch, "rows": rows, "skipped": skipped}
-        _write(Path(args.out), text, json.dumps(body, indent=2))
+    body = {"device": device_label(device), "batch": batch, "rows": rows, "skipped": skipped}
+    _emit(args.out, eval_markdown(rows, header), body)
     return 0
 
 
@@ -517,9 +518,6 @@ def run(args: argparse.Namespace) -> int:
         _, missing = _implementations(args.kinds or list_layer_kinds(), anchors)
         if missing:
             header += f" Not installed, skipped: {', '.join(missing)}."
-    text = models_markdown(rows, header)
-    print(text)
-    if args.out:
-        body = {"device": device_label(device), "model": model, "batch": batch, "rows": rows}
-        _write(Path(args.out), text, json.dumps(body, indent=2))
+    body = {"device": device_label(device), "model": model, "batch": batch, "rows": rows}
+    _emit(args.out, models_markdown(rows, header), body)
     return 0
