@@ -200,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_cat.add_argument("--attack", choices=["auto", "autoattack", "pgd"], help="attack (default pgd)")
     p_cat.add_argument("--attack-n", type=non_negative_int, help="test samples attacked (default 100)")
     p_cat.add_argument("--attack-steps", type=positive_int, help="PGD steps (default 20)")
-    p_cat.add_argument("--restart", action="store_true", help="ignore rows already in the output folder")
+    p_cat.add_argument(
+        "--restart",
+        action="store_true",
+        help="train the selected rows again even where the output folder has them (other rows are kept)",
+    )
     p_cat.add_argument("--seed", type=non_negative_int, default=0)
     p_cat.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p_cat.add_argument("--quiet", action="store_true", help="no per-method lines")

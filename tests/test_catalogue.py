@@ -222,3 +222,17 @@ def test_a_table_read_back_writes_the_same_table(tmp_path: Path, seconds: float)
     assert ((tmp_path / "catalogue.csv").read_bytes(), (tmp_path / "catalogue.md").read_bytes()) == first
     # The Markdown table rounds a bound up, never down: 1.0000001234567 prints as 1.00001.
     assert "| 1.00001 |" in first[1].decode()
+
+
+def test_restart_retrains_the_selected_rows_and_keeps_the_others(lipnet_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cat"
+    args = ["catalogue", "--quick", "--quiet", "--methods", "baseline", "--out", str(out), "--threads", "1"]
+    assert main([*args, "--tasks", "mil,scale"]) == 0
+    first = {r["task"]: r for r in _read(out)}
+    (out / "catalogue.csv").write_text((out / "catalogue.csv").read_text().replace("pgd-5", "pgd-5*"))
+    assert main([*args, "--tasks", "scale", "--restart"]) == 0
+    again = {r["task"]: r for r in _read(out)}
+    assert set(again) == {"mil", "scale"}
+    assert again["mil"]["attack"] == "pgd-5*"  # kept as it was in the table
+    assert again["scale"]["attack"] == "pgd-5"
+    assert again["scale"]["metric_value"] == first["scale"]["metric_value"]

@@ -235,7 +235,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    previous = [] if args.restart else read_rows(out / "catalogue.csv")
+    try:
+        previous = read_rows(out / "catalogue.csv")
+    except ValueError:
+        if not args.restart:
+            raise
+        previous = []
     say = None if args.quiet else (lambda line: print(line, flush=True))
     command = "lipnet catalogue " + " ".join(
         ["--quick"] * quick
@@ -265,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
         attack_n=attack_n,
         attack_steps=attack_steps,
         seed=args.seed,
-        done=previous,
+        # --restart trains the selected rows again; the table keeps the rows of the others.
+        done=[] if args.restart else previous,
         progress=say,
         on_row=keep,
     )
