@@ -63,6 +63,9 @@ size n, padded size n_pad = n + l + r, span K = d (k - 1) + 1):
    reflect ``1 + [l > 0] + [r > 0]``, replicate ``1 + l + r`` (an input of size 1).
 6. Known size with a small dense matrix (``in_dim * out_dim <= _DENSE_ENTRIES``): the exact norm
    from :mod:`certify.exact`; this is what makes reflect / replicate / extra circular padding tight.
+   A pointwise convolution (every span 1, zero or no padding) is exact without it: each output
+   pixel reads one distinct input pixel or a zero pad, so the norm is the largest ``||W_g||``
+   (0 when every output pixel reads a pad).
 
 Pooling (separable: a 2-D window is a product of 1-D windows, and torch's divisor is a product of
 per-axis lengths, so the 2-D operator is the Kronecker product of two 1-D operators and its norm
@@ -640,6 +643,12 @@ def _sized_bound(weight: Tensor, kernel: Tensor, geo: _Geometry, groups: int, in
         if geo.mode == "circular" and max(left, right) > n:
             raise ValueError(f"circular padding {(left, right)} cannot exceed the input size {n}")
     out = tuple((n - k) // s + 1 for n, k, s in zip(padded, geo.spans, geo.stride, strict=True))
+    if all(k == 1 for k in geo.spans) and (not geo.padded or geo.mode == "zeros"):
+        reads = all(
+            any(left <= o * s < left + n for o in range(m))
+            for n, (left, _), s, m in zip(spatial, geo.pads, geo.stride, out, strict=True)
+        )
+        return max(matrix_spectral_norm(block) for block in kernel) if reads else 0.0
     in_dim = math.prod(input_shape)
     out_dim = weight.shape[0] * math.prod(out)
     if in_dim * out_dim <= _DENSE_ENTRIES and min(in_dim, out_dim) <= _DENSE_SIDE:

@@ -487,3 +487,32 @@ def test_non_finite_weights_are_refused() -> None:
         conv_operator_bound(weight)
     with pytest.raises(ValueError, match="kh, kw"):
         conv_operator_bound(torch.randn((2, 2, 3, 3, 3)))
+
+
+
+@pytest.mark.parametrize(
+    ("groups", "padding", "stride", "shape"),
+    [
+        (1, 0, 1, (8, 5, 6)),
+        (2, 0, 1, (8, 5, 6)),
+        (1, 1, 1, (8, 5, 6)),
+        (2, 0, 2, (8, 5, 6)),
+        (1, 2, 3, (8, 1, 1)),
+    ],
+)
+def test_pointwise_convolutions_are_exact_without_the_dense_matrix(
+    groups: int, padding: int, stride: int, shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1x1 kernels skip the dense path (it cost seconds per training step in MTAN's normalisation);
+    the last case reads only zero pads (norm 0)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 1, stride=stride, padding=padding, groups=groups, bias=False).double()
+
+    def refused(*args: object, **kwargs: object) -> float:
+        raise AssertionError("the dense path was taken")
+
+    monkeypatch.setattr(conv_norm, "dense_operator_norm", refused)
+    bound = conv_module_bound(conv, shape)
+    matrix = dense_matrix(conv, shape)
+    exact = float(torch.linalg.matrix_norm(matrix, ord=2)) if matrix.abs().max() > 0 else 0.0
+    assert exact <= bound <= exact * (1 + 1e-8)
