@@ -11,6 +11,7 @@ from torch import Tensor
 
 from certify.exact import jacobian_spectral_norm
 from lipnet.attention import LossAttentionMIL, LSEPooling, SoftAttentionPooling
+from lipnet.catalogue.networks import CentredPooling
 
 SHAPE = (5, 4)  # (K instances, features)
 
@@ -81,6 +82,41 @@ def test_loss_attention_projection_is_active() -> None:
         points.append((logits - bias) @ torch.linalg.pinv(w).T)
     assert max(jacobian_spectral_norm(unprojected, x) for x in points) > 2 * bound
     assert max(jacobian_spectral_norm(module, x) for x in points) <= bound * (1 + TOL)
+
+
+def test_centred_pooling_bound_and_normalization() -> None:
+    torch.manual_seed(5)
+    pool = SoftAttentionPooling(4, attention_dim=6, radius=1.0, normalize=False).double()
+    with torch.no_grad():
+        pool.score.weight.mul_(3.0)
+    module = CentredPooling(pool, normalize=False)
+    bound = module.lipschitz_bound(SHAPE)
+    assert bound == pytest.approx(math.sqrt(1 / SHAPE[0] + pool.lipschitz_bound(SHAPE) ** 2), rel=1e-12)
+    assert module.lipschitz_bound() >= bound
+    assert measured_lipschitz(module, SHAPE, (0.3, 2.0, 50.0)) <= bound * (1 + TOL)
+    module.normalize = True
+    assert module.lipschitz_bound(SHAPE) <= 1 + 1e-15
+    assert measured_lipschitz(module, SHAPE, (0.5, 50.0)) <= 1 + TOL
+    # With the pooling switched off (zero values) only the mean is left: exactly 1 / sqrt(K).
+    empty = CentredPooling(SoftAttentionPooling(4, radius=1e-300, normalize=False).double(), normalize=False)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    assert jacobian_spectral_norm(empty, x) == pytest.approx(1 / math.sqrt(SHAPE[0]), rel=1e-9)
+
+
+def test_centred_pooling_ignores_a_common_offset() -> None:
+    # The encoder's biases shift every instance of a bag alike. Centred, the pooling moves with the
+    # offset and keeps reading the instances; projected around the origin, far away every instance
+    # is on the sphere and the output no longer depends on them.
+    torch.manual_seed(6)
+    pool = SoftAttentionPooling(4, attention_dim=6, radius=2.0, normalize=False).double()
+    module = CentredPooling(pool, normalize=False)
+    x = torch.randn(2, *SHAPE, dtype=torch.float64)
+    offset = 1000.0 * torch.randn(4, dtype=torch.float64)
+    assert torch.allclose(module(x + offset), module(x) + offset, atol=1e-9)
+    assert torch.allclose(module.attention(x + offset), pool.attention(x - x.mean(1, keepdim=True)))
+    far = x[0] + offset
+    assert jacobian_spectral_norm(pool, far) < 0.01 * jacobian_spectral_norm(module, far)
+    grads_flow(module, x)
 
 
 def test_lse_pooling_is_one_lipschitz_and_tight() -> None:

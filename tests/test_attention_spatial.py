@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,9 @@ def test_sampling_norm_within_phi(scale: float) -> None:
         lambda n: BoundedTranslation(1, 4, hidden=4, max_shift=1.5, radius=2.0, normalize=n),
         lambda n: BoundedZoom(1, 4, hidden=4, max_shift=1.5, min_scale=0.5, radius=2.0, normalize=n),
         lambda n: SoftGlimpse(1, 2, stride=1, radius=2.0, normalize=n),
+        lambda n: BoundedTranslation(1, 4, hidden=4, radius=2.0, normalize=n, transform_bound=2.0),
+        lambda n: BoundedZoom(1, 4, hidden=4, min_scale=0.6, radius=2.0, normalize=n, transform_bound=2.0),
+        lambda n: SoftGlimpse(1, 2, stride=1, radius=2.0, normalize=n, attention_bound=2.0),
     ],
 )
 def test_bound_dominates_measured_and_normalized_is_one(make) -> None:  # noqa: ANN001
@@ -70,6 +75,71 @@ def test_zoom_at_scale_one_is_the_translation_bound() -> None:
         zoom.loc2.weight[2:] = 0.0
     assert zoom.lipschitz_bound() == pytest.approx(shift.lipschitz_bound(), rel=1e-8)
     assert BoundedZoom(1, 4, min_scale=0.5).loc2.out_features == 3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BoundedTranslation(1, 4, hidden=4, max_shift=1.5, radius=2.0, transform_bound=0.7),
+        lambda: BoundedZoom(1, 4, hidden=4, max_shift=1.5, min_scale=0.5, radius=2.0, transform_bound=0.7),
+    ],
+)
+def test_transform_bound_fixes_the_localisation_price(make) -> None:  # noqa: ANN001
+    torch.manual_seed(5)
+    module = make().double()
+    module.normalize = False
+    bound = module.lipschitz_bound(SHAPE)
+    assert bound == pytest.approx(sampling_column_sum(getattr(module, "min_scale", 1.0)) + 0.7, rel=1e-6)
+    x = 2.0 * torch.randn(3, *SHAPE, dtype=torch.float64)
+    before = module(x)
+    with torch.no_grad():  # what Adam does to free weights: only their directions are used now
+        module.loc1.weight.mul_(50.0)
+        module.loc2.weight.mul_(50.0)
+    assert module.lipschitz_bound(SHAPE) == pytest.approx(bound, rel=1e-9)
+    assert torch.allclose(module(x), before, atol=1e-12)
+    module.transform_bound = None  # the same weights, used as they are
+    assert module.lipschitz_bound(SHAPE) > 10 * bound
+
+
+def test_glimpse_bound_pays_the_values_once() -> None:
+    # Uniform weights make the glimpse the mean of the K crops: a convex combination of
+    # coordinate restrictions, so norm <= 1 (the bound), although each pixel is in m = 4 windows.
+    module = SoftGlimpse(1, 2, stride=1, radius=5.0, normalize=False).double()
+    with torch.no_grad():
+        module.score.weight.zero_()
+    assert module.lipschitz_bound(SHAPE) == pytest.approx(1.0, rel=1e-8)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    assert 0.5 < jacobian_spectral_norm(module, x) <= module.lipschitz_bound(SHAPE) * (1 + TOL)
+
+
+def test_glimpse_peak_weight_refinement_is_sound() -> None:
+    # Scores within [-R ||w||, R ||w||] keep every weight near 1 / K: the bound then uses
+    # sqrt(max q) < 1 / sqrt 2; ascend the Jacobian where that matters.
+    torch.manual_seed(7)
+    module = SoftGlimpse(1, 2, stride=1, radius=2.0, normalize=False).double()
+    with torch.no_grad():
+        module.score.weight.mul_(0.3 / module.score.weight.norm())
+    w = module.score.weight.norm().item()
+    bound = module.lipschitz_bound(SHAPE)
+    peak = 1.0 / math.sqrt(1.0 + 8.0 * math.exp(-2.0 * 2.0 * w))  # K = 9 windows, m = 4, R = 2
+    assert peak < 0.6 and bound == pytest.approx(1 + 2 * 2.0 * w * peak, rel=1e-6)
+    assert module.lipschitz_bound() == pytest.approx(1 + 2 * 2.0 * w / math.sqrt(2), rel=1e-6)
+    assert measured_lipschitz(module, SHAPE, (0.3, 1.0, 10.0)) <= bound * (1 + TOL)
+
+
+def test_glimpse_attention_bound_holds_for_every_size() -> None:
+    torch.manual_seed(8)
+    module = SoftGlimpse(1, 2, stride=1, radius=2.0, normalize=False, attention_bound=0.6).double()
+    assert module.lipschitz_bound() == pytest.approx(1.6, rel=1e-6)
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    before = module(x)
+    with torch.no_grad():
+        module.score.weight.mul_(40.0)
+    assert torch.allclose(module(x), before, atol=1e-12)
+    for shape in ((1, 4, 4), (1, 3, 6), (1, 5, 5)):
+        bound = module.lipschitz_bound(shape)
+        assert bound <= module.lipschitz_bound() * (1 + 1e-12)
+        assert measured_lipschitz(module, shape, (0.5, 5.0)) <= bound * (1 + TOL)
 
 
 @pytest.mark.parametrize("kind", ["translation", "glimpse"])

@@ -236,3 +236,29 @@ def test_restart_retrains_the_selected_rows_and_keeps_the_others(lipnet_data: Pa
     assert again["mil"]["attack"] == "pgd-5*"  # kept as it was in the table
     assert again["scale"]["attack"] == "pgd-5"
     assert again["scale"]["metric_value"] == first["scale"]["metric_value"]
+
+
+def test_spatial_and_mil_attention_cost_their_documented_price(lipnet_data: Path) -> None:
+    # The configuration that makes these rows learn (docs/catalogue.md): the input-dependent part of
+    # each spatial module costs 0.5 whatever the weights, and MIL attention uses beta rho = sqrt 2.
+    from lipnet.catalogue.networks import CentredPooling
+
+    cluttered = catalogue.TASKS["cluttered"]
+    data = cluttered.load("test", 12, 0)
+    price = {"BoundedTranslation": 1.5, "BoundedZoom": 2.0, "SoftGlimpse": 1.5}
+    for method, raw in price.items():
+        torch.manual_seed(0)
+        model = cluttered.build(method, TINY, data)
+        module = next(m for m in model.modules() if type(m).__name__ == method)
+        module.normalize = False
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(30.0)
+        assert module.lipschitz_bound() == pytest.approx(raw, rel=1e-6), method
+    mil = catalogue.TASKS["mil"]
+    bags = mil.load("test", 12, 0)
+    lam = mil.build("LossAttentionMIL", TINY, bags).aggregator
+    assert lam.beta * lam.radius == pytest.approx(2**0.5)
+    sap = mil.build("SoftAttentionPooling", TINY, bags)
+    assert isinstance(sap.aggregator[0], CentredPooling) and sap.aggregator[0].pool.radius == lam.radius
+    assert sap.instance_scores(bags.dataset.images[:2]).shape == (2, mil.bag_size)

@@ -94,10 +94,21 @@ def _sample(u: Tensor, shift: Tensor, scale: Tensor | None) -> Tensor:
 
 
 class _LocalisedSampler(NormalizedModule):
-    """Shared parts: fixed input size, localisation MLP ``g``, image projection onto a ball."""
+    """Shared parts: fixed input size, localisation MLP ``g``, image projection onto a ball.
+
+    With ``transform_bound`` the two layers of ``g`` are spectrally normalised (Miyato et al., ICLR
+    2018), the second times the gain ``transform_bound / c`` where ``c`` is the subclass's coefficient
+    in ``L = Phi(s_min) + c Lip(g)``; otherwise ``g`` uses its weights as trained.
+    """
 
     def __init__(
-        self, channels: int, input_size: int | tuple[int, int], hidden: int, outputs: int, radius: float
+        self,
+        channels: int,
+        input_size: int | tuple[int, int],
+        hidden: int,
+        outputs: int,
+        radius: float,
+        transform_bound: float | None,
     ) -> None:
         super().__init__()
         check_int("channels", channels)
@@ -108,6 +119,9 @@ class _LocalisedSampler(NormalizedModule):
         self.input_size = (check_int("input height", size[0]), check_int("input width", size[1]))
         self.channels = channels
         self.radius = check_positive("radius", radius)
+        self.transform_bound = (
+            None if transform_bound is None else check_positive("transform_bound", transform_bound)
+        )
         self.loc1 = nn.Linear(channels * self.input_size[0] * self.input_size[1], hidden)
         self.loc2 = nn.Linear(hidden, outputs)
 
@@ -124,11 +138,27 @@ class _LocalisedSampler(NormalizedModule):
                 f"{type(self).__name__} is built for {(self.channels, *self.input_size)}, got {input_shape}"
             )
 
+    def _transform_coefficient(self) -> float:
+        """``c`` in ``L = Phi(s_min) + c Lip(g)``: what one unit of ``Lip(g)`` costs."""
+        raise NotImplementedError
+
+    def _loc_weights(self) -> tuple[Tensor, Tensor]:
+        """The weights of ``g`` that the forward uses (and that the bound is computed from)."""
+        w1, w2 = self.loc1.weight, self.loc2.weight
+        if self.transform_bound is None:
+            return w1, w2
+        # Left free, Adam's per-coordinate steps grow ||W1|| ||W2||, and the bound with it, about
+        # fourfold within the first epoch of the catalogue's task: normalising fixes Lip(g).
+        gain = self.transform_bound / self._transform_coefficient()
+        return w1 / spectral_norm(w1).to(w1.dtype), w2 * (gain / spectral_norm(w2).to(w2.dtype))
+
     def _localise(self, x: Tensor) -> Tensor:
-        return self.loc2(self.loc1(x.flatten(1)).relu())
+        w1, w2 = self._loc_weights()
+        return F.linear(F.linear(x.flatten(1), w1, self.loc1.bias).relu(), w2, self.loc2.bias)
 
     def _loc_lipschitz(self) -> Tensor:
-        return spectral_norm(self.loc1.weight) * spectral_norm(self.loc2.weight)
+        w1, w2 = self._loc_weights()
+        return spectral_norm(w1) * spectral_norm(w2)
 
 
 class BoundedTranslation(_LocalisedSampler):
@@ -143,8 +173,13 @@ class BoundedTranslation(_LocalisedSampler):
         L = 1 + 2 sqrt(2) R t_max ||W1|| ||W2||
 
     (exact float64 spectral norms). The image-gradient term is why the projection is needed:
-    a one-pixel shift moves an image by up to ``2 ||U||``. Guarantee: ``L``-Lipschitz on all of
-    R^{C x H x W}; with ``normalize=True`` at most 1-Lipschitz (up to the rounding of ``L``).
+    a one-pixel shift moves an image by up to ``2 ||U||``. With ``transform_bound=b`` both layers are
+    spectrally normalised and ``W2`` scaled so that the second term is ``b``: ``L = 1 + b`` (from the
+    normalised weights, up to rounding). The price of that is inherent, not a slack of the proof:
+    for two inputs in the ball, ``|t - t'| <= b ||U - U'|| / (2 sqrt 2 R) <= b / sqrt 2`` pixels, so
+    a cheap transform is an almost input-independent one (the bias ``b2`` still sets a fixed shift).
+    Guarantee: ``L``-Lipschitz on all of R^{C x H x W}; with ``normalize=True`` at most 1-Lipschitz
+    (up to the rounding of ``L``).
     """
 
     def __init__(
@@ -155,8 +190,9 @@ class BoundedTranslation(_LocalisedSampler):
         max_shift: float = 2.0,
         radius: float = 1.0,
         normalize: bool = True,
+        transform_bound: float | None = None,
     ) -> None:
-        super().__init__(channels, input_size, hidden, 2, radius)
+        super().__init__(channels, input_size, hidden, 2, radius, transform_bound)
         self.max_shift = check_positive("max_shift", max_shift)
         self.normalize = bool(normalize)
 
@@ -169,15 +205,18 @@ class BoundedTranslation(_LocalisedSampler):
         y = _sample(_project_image(x, self.radius), self.shift(x), None)
         return self._normalized(y, tuple(x.shape[1:]))
 
+    def _transform_coefficient(self) -> float:
+        return 2.0 * math.sqrt(2.0) * self.radius * self.max_shift
+
     def _raw_bound(self, input_shape: tuple[int, ...] | None) -> Tensor:
         self._shape(input_shape)
-        moving = 2.0 * math.sqrt(2.0) * self.radius * self.max_shift * self._loc_lipschitz()
+        moving = self._transform_coefficient() * self._loc_lipschitz() * SLACK
         return (sampling_column_sum(1.0) + moving) * SLACK
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, input_size={self.input_size}, max_shift={self.max_shift}, "
-            f"radius={self.radius}, normalize={self.normalize}"
+            f"radius={self.radius}, normalize={self.normalize}, transform_bound={self.transform_bound}"
         )
 
 
@@ -197,8 +236,11 @@ class BoundedZoom(_LocalisedSampler):
 
     which is ``1 + 2 sqrt 2 R t_max ||W1|| ||W2||`` (:class:`BoundedTranslation`) at ``s_min = 1``.
     Zooming in costs ``Phi(s_min) ~ 1 / s_min`` (the sampling reads pixels several times) and a
-    scale term growing with the image side. Guarantee: ``L``-Lipschitz on all of R^{C x H x W};
-    with ``normalize=True`` at most 1-Lipschitz (up to the rounding of ``L``).
+    scale term growing with the image side. With ``transform_bound=b`` the localisation net is
+    spectrally normalised with the gain that makes the second term ``b``: ``L = Phi(s_min) + b``
+    (from the normalised weights, up to rounding), the first term being what even a constant zoom
+    costs. Guarantee: ``L``-Lipschitz on all of R^{C x H x W}; with ``normalize=True`` at most
+    1-Lipschitz (up to the rounding of ``L``).
     """
 
     def __init__(
@@ -210,8 +252,9 @@ class BoundedZoom(_LocalisedSampler):
         min_scale: float = 0.5,
         radius: float = 1.0,
         normalize: bool = True,
+        transform_bound: float | None = None,
     ) -> None:
-        super().__init__(channels, input_size, hidden, 3, radius)
+        super().__init__(channels, input_size, hidden, 3, radius, transform_bound)
         self.max_shift = check_positive("max_shift", max_shift)
         self.min_scale = check_positive("min_scale", min_scale)
         if self.min_scale > 1.0:
@@ -231,18 +274,22 @@ class BoundedZoom(_LocalisedSampler):
         y = _sample(_project_image(x, self.radius), centre, scale)
         return self._normalized(y, tuple(x.shape[1:]))
 
+    def _transform_coefficient(self) -> float:
+        h, w = self.input_size
+        k = math.sqrt(sampling_column_sum(self.min_scale) * 2.0 * math.ceil(2.0 / self.min_scale))
+        params = math.sqrt(2.0 * self.max_shift**2 + ((1.0 - self.min_scale) * (h + w - 2) / 8.0) ** 2)
+        return k * self.radius * params
+
     def _raw_bound(self, input_shape: tuple[int, ...] | None) -> Tensor:
         self._shape(input_shape)
-        h, w = self.input_size
-        phi = sampling_column_sum(self.min_scale)
-        k = math.sqrt(phi * 2.0 * math.ceil(2.0 / self.min_scale))
-        params = math.sqrt(2.0 * self.max_shift**2 + ((1.0 - self.min_scale) * (h + w - 2) / 8.0) ** 2)
-        return (phi + k * self.radius * params * self._loc_lipschitz() * SLACK) * SLACK
+        moving = self._transform_coefficient() * self._loc_lipschitz() * SLACK
+        return (sampling_column_sum(self.min_scale) + moving) * SLACK
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, input_size={self.input_size}, max_shift={self.max_shift}, "
-            f"min_scale={self.min_scale}, radius={self.radius}, normalize={self.normalize}"
+            f"min_scale={self.min_scale}, radius={self.radius}, normalize={self.normalize}, "
+            f"transform_bound={self.transform_bound}"
         )
 
 
@@ -261,20 +308,35 @@ class SoftGlimpse(NormalizedModule):
     of ``glimpse x glimpse`` pixels at stride ``stride``; glimpse ``k`` is ``G_k = crop_k(U~)``;
     scores ``h_k = w^T vec(G_k)``; output ``z = sum_k softmax(h)_k G_k`` (``(C, glimpse, glimpse)``).
 
-    Bound (Lemma 2 with centre 0): every glimpse has ``||G_k|| <= ||U~|| <= R``; the stacked crops
-    are ``sqrt(m)``-Lipschitz in Frobenius norm, ``m`` the largest number of windows covering
-    one pixel (exact for the input size, ``ceil(glimpse / stride)^2`` for every size), so the values
-    move by ``<= sqrt(m) ||dU||`` and the scores by ``<= ||w|| sqrt(m) ||dU||``. Hence
+    Bound (Lemma 2 with centre 0, re-derived). ``z - z' = sum_k p_k (G_k - G'_k) + sum_k (p_k - p'_k)
+    G'_k``. The first part is a convex combination of crops (coordinate restrictions, norm 1) of
+    ``U~ - U~'``: at most ``||dU||``. For the second, along the score segment,
+    ``sum_k q_k (dh_k - mean_q dh) G'_k`` has norm ``<= R sqrt(Var_q dh) <= R min(1 / sqrt 2,
+    sqrt(max q)) ||dh||`` (``||G'_k|| <= R``; Popoviciu; ``Var_q <= max q ||dh||^2``), and
+    ``||dh|| <= ||w|| sqrt(m) ||dU||``: the stacked crops are ``sqrt(m)``-Lipschitz in Frobenius norm,
+    ``m`` the largest number of windows covering one pixel (exact for the input size,
+    ``ceil(glimpse / stride)^2`` for every size). The scores lie in ``[-R ||w||, R ||w||]``, so
+    ``max q <= 1 / (1 + (K - 1) e^{-2 R ||w||})``. Hence
 
-        L = sqrt(m) (1 + R ||w|| / sqrt 2).
+        L = 1 + sqrt(m) R ||w|| min(1 / sqrt 2, (1 + (K - 1) e^{-2 R ||w||})^{-1/2})
 
-    Guarantee: ``L``-Lipschitz on all of R^{C x H x W}; with ``normalize=True`` at most
-    1-Lipschitz (up to the rounding of ``L``). Its hard counterpart (argmax or sampled location)
-    is not Lipschitz at all (module docstring).
+    (``1 / sqrt 2`` when the size, hence ``K``, is unknown). With ``attention_bound=b`` the score
+    vector is normalised, ``w = gain v / ||v||`` with ``gain = sqrt 2 b / (sqrt(m) R)`` for the input's
+    size, so that ``L <= 1 + b`` for every size: the scores then differ by at most
+    ``2 R gain = 2 sqrt 2 b / sqrt(m)`` between locations, a soft choice that sharpens only as fast
+    as its price. Guarantee: ``L``-Lipschitz on all of R^{C x H x W}; with ``normalize=True`` at most
+    1-Lipschitz (up to the rounding of ``L``). Its hard counterpart (argmax or sampled location) is
+    not Lipschitz at all (module docstring).
     """
 
     def __init__(
-        self, channels: int, glimpse: int, stride: int = 1, radius: float = 1.0, normalize: bool = True
+        self,
+        channels: int,
+        glimpse: int,
+        stride: int = 1,
+        radius: float = 1.0,
+        normalize: bool = True,
+        attention_bound: float | None = None,
     ) -> None:
         super().__init__()
         self.channels = check_int("channels", channels)
@@ -282,6 +344,9 @@ class SoftGlimpse(NormalizedModule):
         self.stride = check_int("stride", stride)
         self.radius = check_positive("radius", radius)
         self.normalize = bool(normalize)
+        self.attention_bound = (
+            None if attention_bound is None else check_positive("attention_bound", attention_bound)
+        )
         # no bias: a score offset common to all locations cancels in the softmax
         self.score = nn.Linear(channels * glimpse * glimpse, 1, bias=False)
 
@@ -294,23 +359,49 @@ class SoftGlimpse(NormalizedModule):
         patches = F.unfold(_project_image(x, self.radius), self.glimpse, stride=self.stride)
         return patches.transpose(1, 2)  # (N, K, C g g)
 
+    def _cover(self, hw: tuple[int | None, ...]) -> int:
+        """``m``: the largest number of windows covering one pixel, for ``(H, W)`` or every size."""
+        return math.prod(_cover_count(n, self.glimpse, self.stride) for n in hw)
+
+    def _score_weight(self, hw: tuple[int | None, ...]) -> Tensor:
+        """The score vector the forward uses on inputs of size ``hw`` (and the bound is computed from)."""
+        v = self.score.weight
+        if self.attention_bound is None:
+            return v
+        # As for the spatial transformers' localisation net: left free, Adam's steps grow ||w|| (and the
+        # bound) many times over. The gain depends on the size only through m, and sqrt(m) * gain is the
+        # same for every size, so the every-size bound 1 + attention_bound holds for each size too.
+        gain = math.sqrt(2.0) * self.attention_bound / (math.sqrt(self._cover(hw)) * self.radius)
+        return v * (gain / spectral_norm(v).to(v.dtype))
+
+    def _weights(self, glimpses: Tensor, hw: tuple[int, ...]) -> Tensor:
+        return F.linear(glimpses, self._score_weight(hw)).squeeze(-1).softmax(dim=-1)
+
     def attention(self, x: Tensor) -> Tensor:
         """The location weights, shape ``(N, K)`` (windows in row-major order)."""
-        return self.score(self._glimpses(x)).squeeze(-1).softmax(dim=-1)
+        return self._weights(self._glimpses(x), tuple(x.shape[2:]))
 
     def forward(self, x: Tensor) -> Tensor:
         g = self._glimpses(x)
-        p = self.score(g).squeeze(-1).softmax(dim=-1)
+        p = self._weights(g, tuple(x.shape[2:]))
         z = (p.unsqueeze(-1) * g).sum(dim=1).unflatten(1, (self.channels, self.glimpse, self.glimpse))
         return self._normalized(z, tuple(x.shape[1:]))
 
     def _raw_bound(self, input_shape: tuple[int, ...] | None) -> Tensor:
-        hw = (None, None) if input_shape is None else input_shape[1:]
-        m = math.prod(_cover_count(n, self.glimpse, self.stride) for n in hw)
-        return math.sqrt(m) * (1.0 + self.radius * spectral_norm(self.score.weight) / math.sqrt(2.0)) * SLACK
+        hw: tuple[int | None, ...] = (
+            (None, None) if input_shape is None else tuple(int(n) for n in input_shape[1:])
+        )
+        m = self._cover(hw)
+        w = spectral_norm(self._score_weight(hw))
+        spread = w.new_tensor(1.0 / math.sqrt(2.0))
+        if input_shape is not None:
+            k = math.prod((int(n) - self.glimpse) // self.stride + 1 for n in input_shape[1:])
+            peak = (1.0 + (k - 1) * torch.exp(-2.0 * self.radius * w)).rsqrt() * SLACK
+            spread = torch.minimum(spread, peak)
+        return (1.0 + math.sqrt(m) * self.radius * w * spread * SLACK) * SLACK
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, glimpse={self.glimpse}, stride={self.stride}, "
-            f"radius={self.radius}, normalize={self.normalize}"
+            f"radius={self.radius}, normalize={self.normalize}, attention_bound={self.attention_bound}"
         )

@@ -7,8 +7,9 @@ Image tasks (classification, attributes, scale, cluttered) use
 (Björck-orthogonal convolutions and dense layer, GroupSort, 2x2 scaled L2-norm pooling) with the
 method's module between ``stem`` and ``tail`` (feature-map attention), at ``late`` (token attention
 over the ``8 x 8`` pixels of the last feature map: 64 tokens, where the 256 pixels of the first map
-would cost 16 times more per attention matrix), or in front of ``stem`` (the spatial transformers and
-the soft glimpse act on the image). The baseline has nothing there.
+would cost 16 times more per attention matrix; the bounded translation and zoom, where a shift of one
+pixel moves the content by four image pixels), or in front of ``stem`` (the soft glimpse acts on the
+image). The baseline has nothing there.
 Bags, multi-task and localisation networks are built from the same pieces (see their classes).
 
 Every class here has a ``lipschitz_bound(input_shape=None)`` composed from the sound float64 bounds of
@@ -31,6 +32,7 @@ from lipnet.pooling import ScaledAvgPool2d, ScaledL2NormPool2d
 __all__ = [
     "BagNetwork",
     "CAMNetwork",
+    "CentredPooling",
     "InstanceMean",
     "MultiTaskBaseline",
     "MultiTaskNetwork",
@@ -127,6 +129,61 @@ class InstanceMean(nn.Module):
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         return 1.0 if input_shape is None else 1.0 / math.sqrt(int(input_shape[0]))
+
+
+class CentredPooling(nn.Module):
+    """The bag mean plus a pooling of the deviations from it, ``z = m + P(H - 1 m^T)``, ``m = mean_k h_k``.
+
+    For an attention pooling ``P(D) = sum_k alpha_k(D) Pi_rho(d_k)`` (weights summing to 1) this is
+    ``sum_k alpha_k h_k`` wherever the projection is inactive: the same weighted sum, with the ball
+    centred on the bag mean instead of the origin and the weights computed from the deviations. An
+    offset common to all instances of a bag (which the encoder's biases produce at no Lipschitz cost)
+    then neither saturates the projection nor reaches the scores. Without the centring, the
+    catalogue's encoder moves its features to norm ~30 in the first epoch, every instance lands on the
+    sphere of radius rho and the pooled output is nearly constant.
+
+    Bound: ``H = 1 m^T + C H`` is an orthogonal decomposition (``C`` the centring projection), so with
+    ``a = ||1 dm^T||_F = sqrt(K) ||dm||`` and ``b = ||C dH||_F``, ``a^2 + b^2 = ||dH||^2`` and
+    ``||dz|| <= a / sqrt(K) + Lip(P) b <= sqrt(1 / K + Lip(P)^2) ||dH||`` (Cauchy-Schwarz), with
+    ``Lip(P)`` the pooling's bound on ``(K, F)`` bags (``K = 1`` in ``1 / K`` when ``K`` is unknown).
+    With ``normalize=True`` the output is divided by that bound (rounded to the output's dtype), so the
+    map is at most 1-Lipschitz up to that rounding, as the attention modules' normalisation.
+    """
+
+    def __init__(self, pool: nn.Module, normalize: bool = True) -> None:
+        super().__init__()
+        self.pool = pool
+        self.normalize = bool(normalize)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = x.mean(dim=1, keepdim=True)
+        z = m.squeeze(1) + self.pool(x - m)
+        if not self.normalize:
+            return z
+        return z / torch.tensor(self._raw_bound(tuple(x.shape[1:])), dtype=z.dtype, device=z.device)
+
+    def attention(self, x: Tensor) -> Tensor:
+        """The pooling's instance weights on the centred bag, ``(N, K)``."""
+        return self.pool.attention(x - x.mean(dim=1, keepdim=True))
+
+    def _raw_bound(self, input_shape: tuple[int, ...] | None) -> float:
+        k = 1 if input_shape is None else int(input_shape[0])
+        return math.sqrt(1.0 / k + module_bound(self.pool, input_shape) ** 2)
+
+    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
+        shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        if not self.normalize:
+            return self._raw_bound(shape)
+        ref = next(iter(self.parameters()), None)
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        if shape is None:
+            # each input size is divided by its own bound: only that division's rounding remains
+            return 1.0 / (1.0 - torch.finfo(dtype).eps / 2.0)
+        raw = self._raw_bound(shape)
+        return raw / float(torch.tensor(raw, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}"
 
 
 class BagNetwork(nn.Module):

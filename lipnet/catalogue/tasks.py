@@ -30,6 +30,7 @@ from lipnet.activations import GroupSort
 from lipnet.catalogue.networks import (
     BagNetwork,
     CAMNetwork,
+    CentredPooling,
     InstanceMean,
     MultiTaskBaseline,
     MultiTaskNetwork,
@@ -299,12 +300,28 @@ def _labelled(
 class ClutteredTask(ClassificationTask):
     """Objects at 3/4 size anywhere over clutter (spatial transformer, Jaderberg et al., NeurIPS 2015).
 
-    The spatial modules act on the image in front of the backbone: a bounded translation, an RA-CNN
-    zoom with bounded scale, and the soft glimpse (the expectation of a ``16 x 16`` glimpse under a
-    softmax over locations, the Lipschitz relaxation of hard RAM/DRAM glimpses), all with the image
-    projected onto the ball of radius ``R`` = the median norm of the training images (the projection is
-    the identity on half of them; a smaller ``R`` would shrink the images, a larger one the
-    normalised output). Certificate as in classification.
+    Three bounded spatial modules; each pays ``price = 0.5`` for its input-dependent part (its
+    localisation net or score vector is normalised to that price: ``transform_bound`` /
+    ``attention_bound``), and each projects its input onto the ball of radius ``R`` = the median norm of
+    the training images (the identity on half of the images; the late feature maps, norm ~4.5 once
+    trained, stay inside it):
+
+    * a translation STN and an RA-CNN zoom (Fu et al., CVPR 2017; scale in ``[3/4, 1]``, the objects'
+      size) on the last ``(2w, 8, 8)`` feature map, before the dense layer, which is not translation
+      invariant; a shift of at most one pixel there moves the content by up to four image pixels (the
+      STN paper inserts its module anywhere in a network). Raw bounds ``1 + 0.5`` and
+      ``Phi(3/4) + 0.5 = 2`` (the zoomed sampling reads pixels up to 1.5 times);
+    * the soft glimpse (the expected ``28 x 28`` glimpse, stride 2, under a softmax over its 9
+      locations: the Lipschitz relaxation of RAM/DRAM's hard glimpses) on the image, the backbone
+      reading the glimpse; raw bound at most ``1 + 0.5``.
+
+    The price caps what the input can change: for two inputs in the ball the shift differs by at most
+    ``0.5 ||U - U'|| / (2 sqrt 2 R) <= 0.35`` map pixels, and the glimpse scores (on ``32 x 32``
+    images) by at most 0.47, so each module is close to an input-independent transform (the
+    localisation bias; for the glimpse, nearly the mean of its 9 crops) plus a small input-dependent
+    part. Left unnormalised, the weights grow under Adam within an epoch, the raw bounds reach
+    75-1000, the normalised output shrinks by as much and no row learns. Certificate as in
+    classification.
     """
 
     name = "cluttered"
@@ -315,7 +332,12 @@ class ClutteredTask(ClassificationTask):
         "BoundedZoom": ("BoundedZoom",),
         "SoftGlimpse": ("SoftGlimpse",),
     }
-    glimpse = 16
+    glimpse = 28
+    glimpse_stride = 2
+    #: Lipschitz price of each module's input-dependent part (the term added to its input-independent bound).
+    price = 0.5
+    #: Largest shift on the ``8 x 8`` map, in its pixels.
+    max_shift = 1.0
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
         t = task_data.cluttered_task(n, split=split, seed=seed, scale=self.scale)
@@ -332,9 +354,26 @@ class ClutteredTask(ClassificationTask):
         cls: Any = _attention_class(method)
         r = train.info["radius"]
         if method == "SoftGlimpse":
-            front = cls(c, self.glimpse, stride=4, radius=r, normalize=True)
+            front = cls(
+                c,
+                self.glimpse,
+                stride=self.glimpse_stride,
+                radius=r,
+                normalize=True,
+                attention_bound=self.price,
+            )
             return image_network(k, w, side=side, front=front, front_side=self.glimpse)
-        return image_network(k, w, side=side, front=cls(c, side, radius=r, normalize=True))
+        extra = {"min_scale": self.scale} if method == "BoundedZoom" else {}
+        late = cls(
+            2 * w,
+            side // 4,
+            max_shift=self.max_shift,
+            radius=r,
+            normalize=True,
+            transform_bound=self.price,
+            **extra,
+        )
+        return image_network(k, w, side=side, late=late)
 
 
 class AttributesTask(CatalogueTask):
@@ -582,6 +621,16 @@ class MILTask(CatalogueTask):
     pooling of the instance logits, soft attention pooling of the instance features, and loss-based
     attention (Shi et al., AAAI 2020) trained with its instance regulariser (:class:`MILInstance`,
     ``lambda = 2``). Bag sizes are fixed (no padding: the MIL modules have no mask argument).
+
+    Both attention poolings project onto balls of radius ``rho = 4``, above the norms their values
+    take (trained: deviations from the bag mean ~0.75, instance logits ~0.5; none was clipped on the
+    test bags), so the projection only guards the bound; the attention's price is
+    ``rho Lip(scores) / sqrt 2``. Soft attention pools the deviations from the bag mean
+    (:class:`CentredPooling`: the same weighted sum with the ball centred on the bag mean; centred on
+    the origin, the encoder's common offset grows to norm ~30, every instance is projected onto the
+    sphere and the pooled output is nearly constant). Loss-based attention has ``beta = sqrt 2 / rho``,
+    so its raw bound is ``||W|| (1 + beta rho / sqrt 2) = 2 ||W||`` (with ``beta = rho = 1`` the
+    features drift the same way and the output is nearly constant too).
     Metrics: bag accuracy (task metric, clean accuracy), instance AUC of the attention weights (or of
     the instance margins without attention), certified bag accuracy ``margin / (sqrt 2 L)`` with ``L``
     the whole network's bound on a bag, PGD on whole bags.
@@ -599,6 +648,8 @@ class MILTask(CatalogueTask):
     # "ring", the class the baseline classifier recognises best: the bag label must be learnable.
     target = 1
     features = 32
+    #: Radius of the attention poolings' balls (values: centred instance features, instance logits).
+    radius = 4.0
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
         # n counts instances, so that a task's budget is in images whatever the task.
@@ -626,9 +677,11 @@ class MILTask(CatalogueTask):
         elif method == "LSEPooling":
             aggregator = nn.Sequential(BjorckLinear(f, 2), cls())
         elif method == "SoftAttentionPooling":
-            aggregator = nn.Sequential(cls(f, normalize=True), BjorckLinear(f, 2))
+            pool = CentredPooling(cls(f, radius=self.radius, normalize=True))
+            aggregator = nn.Sequential(pool, BjorckLinear(f, 2))
         else:
-            aggregator = cls(f, 2, normalize=True)
+            beta = math.sqrt(2.0) / self.radius
+            aggregator = cls(f, 2, beta=beta, radius=self.radius, normalize=True)
         return BagNetwork(encoder, aggregator, feature_dim=f)
 
     def init_state(self, method: str, model: nn.Module, train: TaskData, settings: TaskSettings) -> State:
