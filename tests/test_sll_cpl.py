@@ -614,3 +614,38 @@ def test_layer_kinds(name: str, block_type: type[nn.Module], dense_type: type[nn
     assert kind.dense(6, 3)(torch.randn(2, 6)).shape == (2, 3)
     assert kind.conv(3, 5, 3)(torch.randn(1, 3, 4, 4)).shape == (1, 5, 4, 4)
     assert "AOLConv2d" in kind.description
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES[::2], ids=IDS[::2])
+def test_eval_caches_the_rescaled_weight_until_it_is_invalidated(
+    make: Callable[[], Block], shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm eval forward reuses ``step_weight``; training mode, an update or a load recompute it."""
+    torch.manual_seed(0)
+    block = make().eval()
+    x = torch.randn((3, *shape))
+
+    def fresh() -> Tensor:
+        return block.weight * block.step_sizes().reshape(-1, *(1,) * (block.weight.ndim - 1))
+
+    with torch.no_grad():
+        first = block.step_weight()
+        assert block.step_weight() is first
+        torch.testing.assert_close(first, fresh(), rtol=0, atol=0)
+        calls = []
+        rescale = type(block).step_sizes
+        monkeypatch.setattr(block, "step_sizes", lambda: calls.append(1) or rescale(block))
+        out = block(x)
+        torch.testing.assert_close(block(x), out, rtol=0, atol=0)
+        assert not calls  # the warm forward did not rescale the weight again
+        block.weight.mul_(0.5)  # an in-place update, as an optimizer step makes
+        moved = block.step_weight()
+        assert moved is not first and len(calls) == 1
+        torch.testing.assert_close(moved, fresh(), rtol=0, atol=0)
+        other = make()
+        block.load_state_dict(other.state_dict())
+        assert block.step_weight() is not moved
+        torch.testing.assert_close(block.step_weight(), other.eval().step_weight(), rtol=0, atol=0)
+    block.train()
+    with torch.no_grad():
+        assert block.step_weight() is not block.step_weight()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from certify.bounds import FLOAT64_SLACK
 from lipnet.layers.parametrization import CachedParametrization
 
-__all__ = ["CayleyConv2d", "cayley_transform"]
+__all__ = ["CayleyConv2d", "cayley_transform", "fourier_conv2d", "frequency_matrices_bound"]
 
 Device = torch.device | str | None
 Size2 = int | tuple[int, int]
@@ -94,6 +94,38 @@ def _frequency_matrices(weight: Tensor, size: tuple[int, int]) -> Tensor:
     mirror = (-torch.arange(h, device=q.device)) % h
     selected = q.index_select(1, index)
     return q.index_copy(1, index, 0.5 * (selected + selected[mirror].conj()))
+
+
+def fourier_conv2d(x: Tensor, q: Tensor) -> Tensor:
+    """The circular convolution of ``x`` ``(N, c_in, h, w)`` whose DFT symbol is ``q``.
+
+    ``q`` has shape ``(h, w // 2 + 1, c_out, c_in)``; the result is ``irfft2(Q(f) rfft2(x)(f))``, one
+    ``c_out x c_in`` by ``c_in x N`` product per frequency of the half spectrum: the forward pass of
+    :class:`CayleyConv2d` (after any space-to-depth step).
+    """
+    h, w2 = q.shape[:2]
+    # frequencies flattened in front, so that one batched product covers them all
+    spectrum = torch.fft.rfft2(x).flatten(2).permute(2, 1, 0)
+    product = (q.flatten(0, 1) @ spectrum).permute(2, 1, 0).reshape(x.shape[0], -1, h, w2)
+    return torch.fft.irfft2(product, s=x.shape[-2:])
+
+
+def frequency_matrices_bound(q: Tensor) -> float:
+    """Sound float64 bound of ``max_f sigma_max(Q(f))``: the norm of the circular convolution of symbol ``q``.
+
+    The matrices are converted to complex128; the largest eigenvalue of each Gram matrix (smaller
+    side) is computed in float64 and the result multiplied by ``1 + FLOAT64_SLACK``. It bounds the
+    operator :func:`fourier_conv2d` applies for any ``q``: by Parseval each frequency's output is
+    ``Q(f)`` times its input, and on the columns ``0`` and ``w / 2``, which ``irfft2`` reads as
+    conjugate-symmetric, a ``q`` that is not (rounding) is projected orthogonally onto such columns,
+    a contraction. For a symmetric ``q`` (:func:`_frequency_matrices` makes it so) it is the norm.
+    """
+    q64 = q.detach().to(device="cpu", dtype=torch.complex128)
+    if not torch.isfinite(torch.view_as_real(q64)).all():
+        raise ValueError("the frequency matrices contain NaN or Inf: no Lipschitz bound exists")
+    gram = q64.mH @ q64 if q64.shape[-1] <= q64.shape[-2] else q64 @ q64.mH
+    top = torch.linalg.eigvalsh(gram)[..., -1].max().clamp_min(0.0).item()
+    return math.sqrt(top) * (1.0 + FLOAT64_SLACK)
 
 
 class _CayleySpectrum(CachedParametrization):
@@ -214,12 +246,7 @@ class CayleyConv2d(nn.Module):
         self._check_size((x.shape[2], x.shape[3]))
         if self.stride > 1:
             x = F.pixel_unshuffle(x, self.stride)
-        q = self.frequency_matrices()
-        h, w2 = q.shape[:2]
-        # one (c_out x c_in') @ (c_in' x N) product per frequency, frequencies flattened in front
-        spectrum = torch.fft.rfft2(x).flatten(2).permute(2, 1, 0)
-        product = (q.flatten(0, 1) @ spectrum).permute(2, 1, 0).reshape(x.shape[0], -1, h, w2)
-        y = torch.fft.irfft2(product, s=x.shape[-2:])
+        y = fourier_conv2d(x, self.frequency_matrices())
         if self.bias is not None:
             y = y + self.bias[:, None, None]
         return y
@@ -228,11 +255,9 @@ class CayleyConv2d(nn.Module):
         """Sound float64 bound: ``max_f sigma_max(Q(f))`` of the frequency matrices the layer applies.
 
         The matrices are those of the current mode (the eval cache, or the same deterministic
-        computation as the training forward), converted to complex128; the largest eigenvalue of
-        each Gram matrix (smaller side) is computed in float64 and the result multiplied by
-        ``1 + FLOAT64_SLACK``. It is 1 up to the rounding of the Cayley transform in the layer's
-        dtype. The bound is for the layer's input size (``input_shape``, per sample ``(C, H, W)``,
-        must match it when both are known).
+        computation as the training forward), bounded by :func:`frequency_matrices_bound`. It is 1
+        up to the rounding of the Cayley transform in the layer's dtype. The bound is for the layer's
+        input size (``input_shape``, per sample ``(C, H, W)``, must match it when both are known).
         """
         known = self._known_size()
         if input_shape is not None:
@@ -253,12 +278,7 @@ class CayleyConv2d(nn.Module):
                 q = _frequency_matrices(self.weight, self._grid(size))
             else:
                 q = self.frequency_matrices()
-        q64 = q.detach().to(device="cpu", dtype=torch.complex128)
-        if not torch.isfinite(torch.view_as_real(q64)).all():
-            raise ValueError("CayleyConv2d: the frequency matrices contain NaN or Inf")
-        gram = q64.mH @ q64 if q64.shape[-1] <= q64.shape[-2] else q64 @ q64.mH
-        top = torch.linalg.eigvalsh(gram)[..., -1].max().clamp_min(0.0).item()
-        return math.sqrt(top) * (1.0 + FLOAT64_SLACK)
+        return frequency_matrices_bound(q)
 
     def extra_repr(self) -> str:
         known = self._known_size()

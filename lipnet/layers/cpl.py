@@ -15,7 +15,7 @@ reference code is a lower bound that can make it expansive. The layer is 1-Lipsc
 orthogonal. Guard: ``h^2`` is floored at ``eps > 0`` (a larger ``h`` again), so ``W -> 0`` gives a
 vanishing update instead of ``0 / 0``.
 
-Step norm ``h^2`` (cached in eval mode):
+Step norm ``h^2`` (cached in eval mode, as is the rescaled weight ``(2 / h^2) W``):
 
 * dense: the Gram iteration bound :func:`~lipnet.layers.bjorck.gram_norm_bound` of the smaller
   Gram matrix of ``W`` (Delattre et al., ICML 2023): ``||W||^2 <= ||G^(2^p)||_F^(1 / 2^p)``,
@@ -88,6 +88,7 @@ uses, the Lipschitz constant is at most ``max(1, 2 a^2 / h^2 - 1)``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -373,7 +374,40 @@ class _AmortisedSymbolBound(nn.Module):
         )
 
 
-class CPLLinear(nn.Module):
+class _CPLBlock(nn.Module, ABC):
+    """The eval caches of a CPL block: its step norm ``h^2`` and its rescaled weight ``(2 / h^2) W``."""
+
+    weight: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache = _EvalCache()
+        self._step_cache = _EvalCache()
+
+    @abstractmethod
+    def norm_sq(self) -> Tensor:
+        """``h^2``, a sound bound of the squared norm of the inner linear map, in the weight's dtype."""
+
+    def step_sizes(self) -> Tensor:
+        """``2 / h^2`` for each inner unit (first dim of ``weight``): the factor in front of ``relu``."""
+        return (2.0 / self.norm_sq()).expand(self.weight.shape[0])
+
+    def step_weight(self) -> Tensor:
+        """``(2 / h^2) weight``, the weight of the block's second product, cached in eval mode.
+
+        Cached like ``h^2`` (:class:`~lipnet.layers.sll._EvalCache`: recomputed in training mode, when
+        an autograd graph is needed, and when the weight changes, e.g. by an optimizer step or
+        ``load_state_dict``), so that a warm eval forward is the two products of a frozen block and
+        nothing else.
+        """
+
+        def compute() -> Tensor:
+            return self.weight * self.step_sizes().reshape(-1, *(1,) * (self.weight.ndim - 1))
+
+        return self._step_cache.get(self.training, (self.weight,), compute)
+
+
+class CPLLinear(_CPLBlock):
     """Dense convex potential layer ``y = x - (2 / h^2) W relu(W^T x + b)`` (Meunier et al., ICML 2022).
 
     ``weight`` is ``W^T``, of shape ``(inner_features, features)`` (``inner_features`` defaults to
@@ -402,7 +436,6 @@ class CPLLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(inner, features, **kw))
         self.bias = nn.Parameter(torch.empty(inner, **kw))
         _init_parameters(self.weight, self.bias)
-        self._cache = _EvalCache()
 
     def norm_sq(self) -> Tensor:
         """``h^2``, the sound bound of ``||W||_2^2`` that sets the step, in the weight's dtype."""
@@ -418,7 +451,7 @@ class CPLLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         res = F.relu(F.linear(x, self.weight, self.bias))
         # the step 2 / h^2 scales the small weight, not the activations
-        return x - F.linear(res, (self.weight * (2.0 / self.norm_sq())).mT)
+        return x - F.linear(res, self.step_weight().mT)
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 bound ``max(1, 2 ||W||_2^2 / h^2 - 1)`` (exact float64 SVD of ``W``)."""
@@ -434,7 +467,7 @@ class CPLLinear(nn.Module):
         )
 
 
-class CPLConv2d(nn.Module):
+class CPLConv2d(_CPLBlock):
     """Convolutional convex potential layer ``y = x - (2 / h^2) C^T relu(C x + b)`` (Meunier et al. 2022).
 
     ``C`` is the stride-1 convolution with kernel ``weight`` of shape ``(inner_channels, channels,
@@ -451,9 +484,9 @@ class CPLConv2d(nn.Module):
     bound of the grid bound of the current weight. So ``h`` is at most ``1 + drift_tol`` times the
     grid bound of the current weight, itself within the grid correction
     ``(1 - sigma^2 / 4)^(-1/2)``, ``sigma = 2 (k - 1) pi / grid_size``, of the exact every-size norm
-    (1.087 at ``grid_size=16`` for ``k = 3``, 1.02 at 32). In eval mode ``h^2`` is cached. The
-    forward pass never needs an exact norm: a looser ``h`` is a proportionally smaller step, never
-    an unsound one.
+    (1.087 at ``grid_size=16`` for ``k = 3``, 1.02 at 32). In eval mode ``h^2`` and the rescaled
+    kernel are cached. The forward pass never needs an exact norm: a looser ``h`` is a proportionally
+    smaller step, never an unsound one.
     """
 
     def __init__(
@@ -499,7 +532,6 @@ class CPLConv2d(nn.Module):
             drift_steps=norm_steps,
             **kw,
         )
-        self._cache = _EvalCache()
 
     def norm_sq(self) -> Tensor:
         """``h^2``, the sound bound of ``||C||_2^2`` (every input size) that sets the step."""
@@ -512,8 +544,7 @@ class CPLConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         res = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
         # the step 2 / h^2 scales the small kernel, not the activations
-        back = self.weight * (2.0 / self.norm_sq())
-        return x - F.conv_transpose2d(res, back, padding=self.padding)
+        return x - F.conv_transpose2d(res, self.step_weight(), padding=self.padding)
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 bound ``max(1, 2 a^2 / h^2 - 1)``, ``a`` = ``conv_operator_bound`` of ``C``.

@@ -147,6 +147,10 @@ class _SLLBlock(nn.Module, ABC):
 
         return self._cache.get(self.training, (self.weight, self.log_q), compute)
 
+    def step_sizes(self) -> Tensor:
+        """``2 / (t + eps)`` per inner unit (first dim of ``weight``): the factor in front of ``relu``."""
+        return 2.0 * self.inverse_scales()
+
     def step_weight(self) -> Tensor:
         """``weight`` with each inner unit ``i`` (first dim) scaled by ``2 / (t_i + eps)``, cached in eval.
 
@@ -157,8 +161,7 @@ class _SLLBlock(nn.Module, ABC):
         """
 
         def compute() -> Tensor:
-            steps = 2.0 * self.inverse_scales()
-            return self.weight * steps.reshape(-1, *(1,) * (self.weight.ndim - 1))
+            return self.weight * self.step_sizes().reshape(-1, *(1,) * (self.weight.ndim - 1))
 
         return self._step_cache.get(self.training, (self.weight, self.log_q), compute)
 
