@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import find_spec
 
+import torch
 from torch import nn
 
 from lipnet.activations import FullSort, GroupSort, HouseholderActivation, MaxMin
@@ -34,6 +35,8 @@ from lipnet.attention import (
     SoftGlimpse,
     SqueezeExcitation,
 )
+from lipnet.catalogue.networks import CentredPooling
+from lipnet.export import FourierConv2d, PotentialStep
 from lipnet.layers import (
     AOCConv2d,
     AOLConv2d,
@@ -112,12 +115,14 @@ CATALOG: dict[type[nn.Module], Factory] = {
         Case(CayleyConv2d(4, 2, 3, stride=2, bias=False, input_size=4), (4, 4, 4), affine=True),
     ],
     # orthogonium is an optional extra: without it AOCConv2d cannot be built and has no cases.
-    AOCConv2d: lambda: [
-        Case(AOCConv2d(4, 4, 3), (4, 5, 5), affine=True),
-        Case(AOCConv2d(4, 8, 3, stride=2, padding=1, padding_mode="zeros"), (4, 6, 6), affine=True),
-    ]
-    if find_spec("orthogonium")
-    else [],
+    AOCConv2d: lambda: (
+        [
+            Case(AOCConv2d(4, 4, 3), (4, 5, 5), affine=True),
+            Case(AOCConv2d(4, 8, 3, stride=2, padding=1, padding_mode="zeros"), (4, 6, 6), affine=True),
+        ]
+        if find_spec("orthogonium")
+        else []
+    ),
     LinearResidualConv2d: lambda: [
         Case(LinearResidualConv2d(3), (3, 5, 5), affine=True),
         Case(
@@ -215,9 +220,39 @@ CATALOG: dict[type[nn.Module], Factory] = {
     ],
     BoundedTranslation: lambda: [
         Case(BoundedTranslation(1, 4, hidden=3, radius=2.0, normalize=False), (1, 4, 4)),
+        Case(BoundedTranslation(2, 4, hidden=3, radius=2.0, normalize=False, transform_bound=0.5), (2, 4, 4)),
     ],
-    BoundedZoom: lambda: [Case(BoundedZoom(1, 4, hidden=3, min_scale=0.5, normalize=False), (1, 4, 4))],
-    SoftGlimpse: lambda: [Case(SoftGlimpse(1, 2, radius=2.0, normalize=False), (1, 4, 4))],
+    BoundedZoom: lambda: [
+        Case(BoundedZoom(1, 4, hidden=3, min_scale=0.5, normalize=False), (1, 4, 4)),
+        Case(BoundedZoom(1, 4, hidden=3, min_scale=0.75, normalize=False, transform_bound=0.5), (1, 4, 4)),
+    ],
+    SoftGlimpse: lambda: [
+        Case(SoftGlimpse(1, 2, radius=2.0, normalize=False), (1, 4, 4)),
+        Case(SoftGlimpse(2, 3, radius=2.0, normalize=False, attention_bound=0.5), (2, 5, 5)),
+    ],
+    # Frozen export layers with arbitrary weights: a symbol that is not a real convolution's, and an
+    # outer weight that is not the rescaled adjoint of the inner one (the bound pays for the difference).
+    FourierConv2d: lambda: [
+        Case(
+            FourierConv2d(torch.randn(4, 3, 2, 3, dtype=torch.cfloat), torch.randn(2), 1, (4, 4)), (3, 4, 4)
+        ),
+        Case(FourierConv2d(torch.randn(2, 2, 2, 8, dtype=torch.cfloat), None, 2, (4, 4)), (2, 4, 4)),
+    ],
+    PotentialStep: lambda: [
+        Case(PotentialStep(nn.Linear(4, 3), nn.Linear(3, 4, bias=False), torch.rand(3)), (4,)),
+        Case(
+            PotentialStep(
+                nn.Conv2d(2, 3, 3, padding=1),
+                nn.ConvTranspose2d(3, 2, 3, padding=1, bias=False),
+                torch.rand(3),
+            ),
+            (2, 4, 4),
+        ),
+    ],
+    CentredPooling: lambda: [
+        Case(CentredPooling(SoftAttentionPooling(4, attention_dim=3, radius=2.0), normalize=False), (5, 4)),
+        Case(CentredPooling(SoftAttentionPooling(4, attention_dim=3, radius=2.0)), (3, 4)),
+    ],
     MultiScaleAttentionAggregation: lambda: [
         Case(MultiScaleAttentionAggregation(2, 3, scales=2, radius=2.0, normalize=False), (2, 4, 4)),
         Case(MultiScaleAttentionAggregation(2, 3, scales=2, mask="elementwise", aggregate="max"), (2, 3, 2)),

@@ -53,7 +53,9 @@ def _model_classes() -> Iterator[type]:
 def bounded_classes() -> set[type]:
     """Every class of lipnet's public surface that implements ``lipschitz_bound``."""
     found: set[type] = set()
-    for module in (lipnet.layers, lipnet.activations, lipnet.pooling, lipnet.attention):
+    # lipnet.export is also the name of the function that the package exports
+    export_module = importlib.import_module("lipnet.export")
+    for module in (lipnet.layers, lipnet.activations, lipnet.pooling, lipnet.attention, export_module):
         found.update(_public_classes(module))
     found.update(_model_classes())
     return {c for c in found if issubclass(c, nn.Module) and callable(getattr(c, "lipschitz_bound", None))}
