@@ -15,9 +15,9 @@ the same network with plain frozen weights (:func:`lipnet.export`).
 Eval table (:func:`bench_eval`, ``--eval-only``): every registered model at a small size
 (:data:`EVAL_KWARGS`) with every layer kind it takes, eval forward against its export, with warm-up,
 alternating order and many rounds (min and median). The target is eval / exported <= 1.1. The export
-copies modules that are not parametrized ``nn.Conv2d`` / ``nn.Linear`` (SLL / CPL residual blocks, Cayley,
-AOC) unchanged, so for those the ratio compares their warm eval path with itself; the column
-``plain share`` says which fraction of the exported weights sits in plain torch layers.
+freezes every layer (:mod:`lipnet.export`: SLL / CPL blocks become a plain ``nn.Conv2d`` and
+``nn.ConvTranspose2d`` in a residual step, Cayley an FFT with a frozen symbol); the column ``plain share``
+says which fraction of the exported parameters sits in plain torch convolution and linear layers.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ Timer = Callable[[Callable[[], object], torch.device], float]
 
 
 def plain_share(model: nn.Module) -> float:
-    """Fraction of ``model``'s parameters held by modules of type exactly ``nn.Conv2d`` or ``nn.Linear``.
+    """Fraction of ``model``'s parameters held by modules of type exactly ``nn.Conv2d``,
+    ``nn.ConvTranspose2d`` or ``nn.Linear``.
 
     Parametrized layers (torch generates a subclass for them) and every other module count as not plain;
     a model without parameters has share 1.
@@ -91,7 +92,7 @@ def plain_share(model: nn.Module) -> float:
     plain = sum(
         p.numel()
         for m in model.modules()
-        if type(m) in (nn.Conv2d, nn.Linear)
+        if type(m) in (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
         for p in m.parameters(recurse=False)
     )
     return 1.0 if total == 0 else plain / total
@@ -455,9 +456,9 @@ def _run_eval(args: argparse.Namespace, device: str) -> int:
         f"Eval forward vs lipnet.export (plain frozen weights), batch {batch}, {device_label(device)}, "
         f"torch {torch.__version__}; every model at a small size (lipnet.bench_models.EVAL_KWARGS), 3 "
         f"warm-up forwards, {rounds} rounds alternating which goes first, no_grad, eval mode. Target: "
-        "eval / exported <= 1.1. plain share: fraction of the exported weights in plain nn.Conv2d / "
-        "nn.Linear (export copies residual, Cayley and AOC layers unchanged, so for those the ratio "
-        "compares their eval path with itself)."
+        "eval / exported <= 1.1. plain share: fraction of the exported parameters in plain nn.Conv2d / "
+        "nn.ConvTranspose2d / nn.Linear (the export freezes every layer; Cayley becomes an FFT with a frozen "
+        "symbol, SLL and CPL blocks residual steps of plain convolutions)."
     )
     if skipped:
         header += f" Not built (the constructor refuses the kind): {', '.join(skipped)}."
@@ -506,8 +507,8 @@ def run(args: argparse.Namespace) -> int:
         f"s per epoch = {EPOCH_IMAGES:,} images at that rate. Published (Prach et al., CVPR 2024, "
         f"LipConvNet-M on one A100, s per 50k-image epoch): {published}. Eval: no_grad, eval mode, warm "
         "caches, against lipnet.export(model) (plain frozen weights; n/a where the export fails or differs); "
-        "target eval / exported <= 1.1; plain share: fraction of the exported weights in plain nn.Conv2d / "
-        "nn.Linear."
+        "target eval / exported <= 1.1; plain share: fraction of the exported parameters in plain "
+        "nn.Conv2d / nn.ConvTranspose2d / nn.Linear."
     )
     if anchors:
         pairs = ", ".join(f"lipnet:{k} vs {lib}:{name}" for k, (lib, name) in MODEL_ANCHORS.items())
