@@ -238,7 +238,7 @@ def singular_value_range(
     from certify.exact import dense_matrix
     from lipnet.export import export
 
-    probe = export(layer).to(device="cpu", dtype=torch.float64)
+    probe = export(layer, input_shape).to(device="cpu", dtype=torch.float64)
     try:
         matrix = dense_matrix(probe, input_shape)
         how = OPERATOR_MATRIX

@@ -140,18 +140,22 @@ class AOCConv2d(nn.Module):
         tensors = [p for p in self.conv.parameters() if p is not bias]
         return tensors + list(self.conv.buffers())
 
-    def _key(self) -> _Key:
-        return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in self._sources())
+    @staticmethod
+    def _key(sources: list[Tensor]) -> _Key:
+        return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
 
     def kernel(self) -> Tensor:
         """The ``(out, in / groups, k, k)`` kernel the layer applies, cached in eval mode."""
-        needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in self._sources())
-        if self.training or needs_graph:
+        if self.training:
             return self.conv.weight
-        if self._cache_value is None or self._cache_key != self._key():
+        # walking orthogonium's parametrized module is most of a warm eval forward's overhead: once
+        sources = self._sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self.conv.weight
+        if self._cache_value is None or self._cache_key != self._key(sources):
             value = self.conv.weight.detach()
             # the key is taken after the computation, which may update state it reads
-            self._cache_value, self._cache_key = value, self._key()
+            self._cache_value, self._cache_key = value, self._key(self._sources())
         return self._cache_value
 
     def clear_cache(self) -> None:
