@@ -35,7 +35,15 @@ from lipnet.attention import (
     SoftGlimpse,
     SqueezeExcitation,
 )
-from lipnet.catalogue.networks import CentredPooling
+from lipnet.catalogue.networks import (
+    BagNetwork,
+    CAMNetwork,
+    CentredPooling,
+    InstanceMean,
+    MultiTaskBaseline,
+    MultiTaskNetwork,
+    PixelTokens,
+)
 from lipnet.export import FourierConv2d, PotentialStep
 from lipnet.layers import (
     AOCConv2d,
@@ -248,6 +256,44 @@ CATALOG: dict[type[nn.Module], Factory] = {
             ),
             (2, 4, 4),
         ),
+    ],
+    # The catalogue's task networks (lipnet.catalogue.networks), at tiny sizes.
+    PixelTokens: lambda: [
+        Case(PixelTokens(L2MultiheadAttention(4, heads=1, normalize=False)), (4, 2, 2)),
+        Case(PixelTokens(MemoryAttention(4, slots=3), residual=False), (4, 2, 2)),
+    ],
+    InstanceMean: lambda: [Case(InstanceMean(), (3, 4), affine=True)],
+    BagNetwork: lambda: [
+        Case(
+            BagNetwork(
+                nn.Sequential(nn.Flatten(), BjorckLinear(4, 3)), InstanceMean(), 3, instance_channels=1
+            ),
+            (3, 2, 2),
+            affine=True,
+        ),
+        Case(
+            BagNetwork(
+                nn.Sequential(nn.Flatten(), BjorckLinear(4, 4)),
+                nn.Sequential(
+                    CentredPooling(SoftAttentionPooling(4, attention_dim=2, radius=2.0)), BjorckLinear(4, 2)
+                ),
+                4,
+                instance_channels=1,
+            ),
+            (2, 2, 2),
+        ),
+    ],
+    MultiTaskBaseline: lambda: [Case(MultiTaskBaseline(2, (1, 2), depth=2), (2, 3, 3))],
+    MultiTaskNetwork: lambda: [
+        Case(MultiTaskNetwork(2, MultiTaskBaseline(2, (2, 2, 1)), 3, 2, feature_side=2), (3, 4, 4)),
+        Case(
+            MultiTaskNetwork(2, MultiTaskAttentionNetwork(2, 2, (2, 2, 1), clamp=2.0), 3, 2, feature_side=2),
+            (3, 4, 4),
+        ),
+    ],
+    CAMNetwork: lambda: [
+        Case(CAMNetwork(2, CAMHead(4, 3)), (3, 4, 4)),
+        Case(CAMNetwork(2, CAMHead(4, 2, normalize=False)), (3, 4, 4)),
     ],
     CentredPooling: lambda: [
         Case(CentredPooling(SoftAttentionPooling(4, attention_dim=3, radius=2.0), normalize=False), (5, 4)),

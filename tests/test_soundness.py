@@ -55,7 +55,9 @@ def bounded_classes() -> set[type]:
     found: set[type] = set()
     # lipnet.export is also the name of the function that the package exports
     export_module = importlib.import_module("lipnet.export")
-    for module in (lipnet.layers, lipnet.activations, lipnet.pooling, lipnet.attention, export_module):
+    networks = importlib.import_module("lipnet.catalogue.networks")
+    modules = (lipnet.layers, lipnet.activations, lipnet.pooling, lipnet.attention, export_module, networks)
+    for module in modules:
         found.update(_public_classes(module))
     found.update(_model_classes())
     return {c for c in found if issubclass(c, nn.Module) and callable(getattr(c, "lipschitz_bound", None))}
