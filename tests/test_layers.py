@@ -362,3 +362,35 @@ def test_small_cnn_rejects_bad_arguments() -> None:
     for kwargs in bad:
         with pytest.raises(ValueError):
             create("small_cnn", **kwargs)
+
+
+def _reference_bjorck(w: torch.Tensor, iterations: int, order: int) -> torch.Tensor:
+    """The Björck iteration written out on the matrix, from the same Gram-iteration pre-scaling."""
+    wide = w.shape[-2] <= w.shape[-1]
+    gram = w @ w.mT if wide else w.mT @ w
+    w = w / gram_norm_bound(gram, 2).sqrt()[..., None, None]
+    eye = torch.eye(gram.shape[-1], dtype=w.dtype)
+    for _ in range(iterations):
+        residual = eye - (w @ w.mT if wide else w.mT @ w)
+        powers = [torch.linalg.matrix_power(residual, i) for i in range(order + 1)]
+        terms = [math.comb(2 * i, i) / 4**i * p for i, p in enumerate(powers)]
+        poly = sum(terms[1:], terms[0])
+        w = poly @ w if wide else w @ poly
+    return w
+
+
+# (8, 8), (7, 9), (9, 7) and (2, 6, 8) take the iteration on the matrix, (4, 9) and (9, 4) the Gram-space one
+@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (9, 7), (2, 6, 8), (4, 9), (9, 4)])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_bjorck_both_schedules_are_the_bjorck_iteration(shape: tuple[int, ...], order: int) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for iterations in (1, 2, 4):
+        got = bjorck_orthonormalize(w, iterations, order=order)
+        torch.testing.assert_close(got, _reference_bjorck(w, iterations, order), atol=1e-11, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (10, 14), (14, 10)])
+def test_bjorck_direct_schedule_stops_at_the_tolerance(shape: tuple[int, int]) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    s = _svd(bjorck_orthonormalize(w, 200, order=2, tol=1e-12))
+    torch.testing.assert_close(s, torch.ones_like(s), atol=1e-12, rtol=0)

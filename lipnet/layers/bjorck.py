@@ -67,6 +67,22 @@ def _polynomial(residual: Tensor, eye: Tensor, coeffs: list[float]) -> Tensor:
     return poly
 
 
+def _bjorck_direct(
+    w: Tensor, gram: Tensor, eye: Tensor, coeffs: list[float], iterations: int, tol: float | None, wide: bool
+) -> Tensor:
+    """The Björck iteration on the pre-scaled matrix ``w`` itself; ``gram`` is its smaller Gram matrix."""
+    for step in range(iterations):
+        if step:
+            gram = _gram(w)
+        residual = eye - gram
+        converged = tol is not None and bool(torch.linalg.matrix_norm(residual).max() <= tol)
+        poly = _polynomial(residual, eye, coeffs)
+        w = poly @ w if wide else w @ poly
+        if converged:
+            break
+    return w
+
+
 def bjorck_orthonormalize(
     matrix: Tensor,
     iterations: int,
@@ -86,6 +102,12 @@ def bjorck_orthonormalize(
     Runs ``iterations`` steps; with ``tol``, stops once ``||I - G_k||_F <= tol`` (after one more
     step, which takes the error to about ``tol^(order + 1)``) and ends with one Björck step on
     the product itself, which removes the rounding accumulated in the Gram-space recursion.
+
+    Near-square matrices (larger side below 1.5 times the smaller) run the same iteration on the
+    ``m x n`` iterate itself, ``W_{k+1} = P(I - W_k W_k^T) W_k``: a step then costs
+    ``2 m^2 n + m^3`` multiply-adds instead of ``4 m^3`` (for a square matrix 11 products in 3
+    steps instead of 13), the tolerance is checked on the actual iterate, and no final step is
+    needed. Same iterates, pre-scaling and stopping rule in exact arithmetic.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -98,6 +120,9 @@ def bjorck_orthonormalize(
     tiny = torch.finfo(matrix.dtype).tiny
     bound_sq = gram_norm_bound(gram, bound_steps).clamp_min(tiny)[..., None, None]
     gram = gram / bound_sq
+    small, large = sorted(matrix.shape[-2:])
+    if 2 * large < 3 * small:
+        return _bjorck_direct(matrix / bound_sq.sqrt(), gram, eye, coeffs, iterations, tol, wide)
     transform = eye / bound_sq.sqrt()
     for step in range(iterations):
         residual = eye - gram
