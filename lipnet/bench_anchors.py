@@ -11,6 +11,19 @@ from either library. Nothing here is registered: ``conv=`` of the model families
   (``SDPBasedLipschitzResBlock``, Araujo et al. 2023; 1-Lipschitz residual block), with ``OrthoLinear``
   dense layers (orthogonium has no AOL dense layer) and AOC channel-changing convolutions for SLL.
 
+Like with like: in a network, unlike in one wide layer at full resolution, the weight parametrisations
+dominate a CPU training step (the 256-channel 1x1 layers at 2x2 resolution and the 512x512 head of
+``lipconvnet_xs`` cost more than all the convolutions), so the anchors' iteration counts matter. lipnet's
+AOC runs :data:`~lipnet.layers.aoc.AOC_BJORCK_ITERATIONS` (25) Björck steps after a sound Gram-iteration
+pre-scaling, orthogonium's default 12 after a power-iteration estimate (a lower bound). 12 steps leave an
+ill-conditioned weight far from orthogonal whichever the pre-scaling (a Gaussian 256x256: smallest singular
+value 0.17 after 12 steps, 1.00 after 25), and the step count, not the pre-scaling, makes the time (a
+256-channel 1x1 AOC: 84 ms lipnet, 78 ms orthogonium at 25 steps, 38 ms at 12). So :func:`anchor_kind`
+builds the AOC anchor with 25 steps and orthogonium's own pre-scaling: the same method at the same
+orthogonality, differing in implementation.
+The dense layers are each library's own (lipnet's Björck: 3 order-2 steps; ``OrthoLinear``: 12 order-1
+steps; ``SpectralLinear``: order-1 steps until the change is below 1e-3, at most 15).
+
 :func:`anchor_kind` pairs each lipnet kind that has an anchor with it (:data:`MODEL_ANCHORS`), configured
 as lipnet's kind is, for ``lipnet bench models``.
 
@@ -44,24 +57,43 @@ def deel_kind() -> LayerKind:
     )
 
 
-def orthogonium_kinds(*, aoc_padding_mode: str = "zeros", sll_inner_factor: int = 2) -> dict[str, LayerKind]:
+def orthogonium_kinds(
+    *, aoc_padding_mode: str = "zeros", sll_inner_factor: int = 2, aoc_iterations: int | None = None
+) -> dict[str, LayerKind]:
     """orthogonium's ``aoc``, ``aol`` and ``sll`` kinds, with orthogonium's default parametrisations.
 
     ``aoc_padding_mode`` is the padding of the AOC convolutions (``"circular"``: orthogonal, as lipnet's
     ``aoc`` kind; ``"zeros"``: 1-Lipschitz); ``sll_inner_factor`` is the ratio of the SLL blocks' inner
-    channels to their channels (lipnet's ``sll`` kind uses 1).
+    channels to their channels (lipnet's ``sll`` kind uses 1); ``aoc_iterations``, when given, replaces
+    the number of Björck steps of the AOC convolutions' orthogonaliser (orthogonium's default: 12), keeping
+    orthogonium's power-iteration pre-scaling.
     """
     from orthogonium.layers import AdaptiveOrthoConv2d, OrthoLinear
     from orthogonium.layers.conv.AOL import AOLConv2D
     from orthogonium.layers.conv.SLL import SDPBasedLipschitzResBlock
+    from orthogonium.model_factory.classparam import ClassParam
+    from orthogonium.reparametrizers import BatchedBjorckOrthogonalization, OrthoParams
 
     if aoc_padding_mode not in ("zeros", "circular"):
         raise ValueError(f"aoc_padding_mode must be 'zeros' or 'circular', got {aoc_padding_mode!r}")
     if sll_inner_factor < 1:
         raise ValueError(f"sll_inner_factor must be >= 1, got {sll_inner_factor}")
+    if aoc_iterations is not None and aoc_iterations < 1:
+        raise ValueError(f"aoc_iterations must be >= 1, got {aoc_iterations}")
+    ortho_params = (
+        OrthoParams()
+        if aoc_iterations is None
+        else OrthoParams(
+            orthogonalizer=ClassParam(
+                BatchedBjorckOrthogonalization, beta=0.5, niters=aoc_iterations, pass_through=False
+            )
+        )
+    )
 
     def aoc(i: int, o: int, k: int) -> nn.Module:
-        return AdaptiveOrthoConv2d(i, o, k, padding=_same(k), padding_mode=aoc_padding_mode)
+        return AdaptiveOrthoConv2d(
+            i, o, k, padding=_same(k), padding_mode=aoc_padding_mode, ortho_params=ortho_params
+        )
 
     def aol(i: int, o: int, k: int) -> nn.Module:
         return AOLConv2D(i, o, k, padding=_same(k))
@@ -92,12 +124,19 @@ MODEL_ANCHORS: dict[str, tuple[str, str]] = {
 def anchor_kind(kind: str) -> tuple[str, LayerKind]:
     """``(library, LayerKind)`` of the anchor of lipnet's ``kind`` (:data:`MODEL_ANCHORS`).
 
-    Configured as lipnet's kind: AOC with circular padding, SLL blocks with as many inner channels as
-    channels. ``ValueError`` for a kind without an anchor; ``ImportError`` when its library is missing.
+    Configured as lipnet's kind: AOC with circular padding and lipnet's number of Björck steps
+    (:data:`~lipnet.layers.aoc.AOC_BJORCK_ITERATIONS`; see the module docstring), SLL blocks with as many
+    inner channels as channels. ``ValueError`` for a kind without an anchor; ``ImportError`` when its
+    library is missing.
     """
     if kind not in MODEL_ANCHORS:
         raise ValueError(f"layer kind {kind!r} has no anchor; kinds with one: {', '.join(MODEL_ANCHORS)}")
     library, name = MODEL_ANCHORS[kind]
     if library == "deel-torchlip":
         return library, deel_kind()
-    return library, orthogonium_kinds(aoc_padding_mode="circular", sll_inner_factor=1)[name]
+    from lipnet.layers.aoc import AOC_BJORCK_ITERATIONS
+
+    kinds = orthogonium_kinds(
+        aoc_padding_mode="circular", sll_inner_factor=1, aoc_iterations=AOC_BJORCK_ITERATIONS
+    )
+    return library, kinds[name]

@@ -281,3 +281,22 @@ def test_sll_eval_forward_reuses_its_scaled_weight(block: nn.Module) -> None:
         assert again is not first and torch.equal(again, expected())
     block.train()
     assert block.step_weight() is not block.step_weight()
+
+
+def test_aoc_anchor_runs_as_many_bjorck_steps_as_lipnet_aoc() -> None:
+    pytest.importorskip("orthogonium")
+    from orthogonium.reparametrizers import BatchedBjorckOrthogonalization
+
+    from lipnet.bench_anchors import anchor_kind, orthogonium_kinds
+    from lipnet.layers.aoc import AOC_BJORCK_ITERATIONS, AOCConv2d
+
+    def steps(layer: nn.Module) -> set[int]:
+        return {m.niters for m in layer.modules() if isinstance(m, BatchedBjorckOrthogonalization)}
+
+    library, kind = anchor_kind("aoc")
+    assert library == "orthogonium"
+    assert steps(kind.block(8, 3)) == steps(kind.block(8, 1)) == {AOC_BJORCK_ITERATIONS}
+    assert steps(AOCConv2d(8, 8, 3)) == {AOC_BJORCK_ITERATIONS}
+    assert steps(orthogonium_kinds()["aoc"].block(8, 3)) == {12}  # orthogonium's default, unless asked
+    with pytest.raises(ValueError, match="aoc_iterations"):
+        orthogonium_kinds(aoc_iterations=0)
