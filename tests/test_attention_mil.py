@@ -11,6 +11,7 @@ from torch import Tensor
 
 from certify.exact import jacobian_spectral_norm
 from lipnet.attention import LossAttentionMIL, LSEPooling, SoftAttentionPooling
+from lipnet.attention._bounds import SLACK
 from lipnet.catalogue.networks import CentredPooling
 
 SHAPE = (5, 4)  # (K instances, features)
@@ -91,7 +92,8 @@ def test_centred_pooling_bound_and_normalization() -> None:
         pool.score.weight.mul_(3.0)
     module = CentredPooling(pool, normalize=False)
     bound = module.lipschitz_bound(SHAPE)
-    assert bound == pytest.approx(math.sqrt(1 / SHAPE[0] + pool.lipschitz_bound(SHAPE) ** 2), rel=1e-12)
+    formula = math.sqrt(1 / SHAPE[0] + pool.lipschitz_bound(SHAPE) ** 2)
+    assert formula <= bound <= formula * SLACK * (1 + 1e-15)  # the closed form times the float64 slack
     assert module.lipschitz_bound() >= bound
     assert measured_lipschitz(module, SHAPE, (0.3, 2.0, 50.0)) <= bound * (1 + TOL)
     module.normalize = True

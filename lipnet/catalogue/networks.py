@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from certify.bounds import module_bound
 from lipnet.activations import GroupSort, MaxMin
+from lipnet.attention._bounds import SLACK, NormalizedModule
 from lipnet.layers import BjorckConv2d, BjorckLinear
 from lipnet.pooling import ScaledAvgPool2d, ScaledL2NormPool2d
 
@@ -131,7 +132,7 @@ class InstanceMean(nn.Module):
         return 1.0 if input_shape is None else 1.0 / math.sqrt(int(input_shape[0]))
 
 
-class CentredPooling(nn.Module):
+class CentredPooling(NormalizedModule):
     """The bag mean plus a pooling of the deviations from it, ``z = m + P(H - 1 m^T)``, ``m = mean_k h_k``.
 
     For an attention pooling ``P(D) = sum_k alpha_k(D) Pi_rho(d_k)`` (weights summing to 1) this is
@@ -157,30 +158,16 @@ class CentredPooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m = x.mean(dim=1, keepdim=True)
-        z = m.squeeze(1) + self.pool(x - m)
-        if not self.normalize:
-            return z
-        return z / torch.tensor(self._raw_bound(tuple(x.shape[1:])), dtype=z.dtype, device=z.device)
+        return self._normalized(m.squeeze(1) + self.pool(x - m), tuple(x.shape[1:]))
 
     def attention(self, x: Tensor) -> Tensor:
         """The pooling's instance weights on the centred bag, ``(N, K)``."""
         return self.pool.attention(x - x.mean(dim=1, keepdim=True))
 
-    def _raw_bound(self, input_shape: tuple[int, ...] | None) -> float:
+    def _raw_bound(self, input_shape: tuple[int, ...] | None) -> Tensor:
         k = 1 if input_shape is None else int(input_shape[0])
-        return math.sqrt(1.0 / k + module_bound(self.pool, input_shape) ** 2)
-
-    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
-        shape = None if input_shape is None else tuple(int(s) for s in input_shape)
-        if not self.normalize:
-            return self._raw_bound(shape)
-        ref = next(iter(self.parameters()), None)
-        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        if shape is None:
-            # each input size is divided by its own bound: only that division's rounding remains
-            return 1.0 / (1.0 - torch.finfo(dtype).eps / 2.0)
-        raw = self._raw_bound(shape)
-        return raw / float(torch.tensor(raw, dtype=dtype))
+        pool = module_bound(self.pool, input_shape)
+        return torch.tensor(math.sqrt(1.0 / k + pool * pool) * SLACK, dtype=torch.float64)
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}"
