@@ -88,7 +88,7 @@ uses, the Lipschitz constant is at most ``max(1, 2 a^2 / h^2 - 1)``.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ from torch import Tensor, nn
 from certify.bounds import FLOAT64_SLACK, matrix_spectral_norm
 from certify.conv_norm import conv_operator_bound
 from lipnet.layers.bjorck import gram_norm_bound
-from lipnet.layers.sll import _EvalCache
+from lipnet.layers.sll import _EvalCache, _GradientStepBlock
 
 __all__ = ["CPLConv2d", "CPLLinear"]
 
@@ -374,15 +374,13 @@ class _AmortisedSymbolBound(nn.Module):
         )
 
 
-class _CPLBlock(nn.Module, ABC):
-    """The eval caches of a CPL block: its step norm ``h^2`` and its rescaled weight ``(2 / h^2) W``."""
-
-    weight: Tensor
+class _CPLBlock(_GradientStepBlock):
+    """A CPL block: the step ``2 / h^2`` of every inner unit, ``h^2`` cached in eval mode like the
+    rescaled weight ``(2 / h^2) W`` (:meth:`~lipnet.layers.sll._GradientStepBlock.step_weight`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._cache = _EvalCache()
-        self._step_cache = _EvalCache()
 
     @abstractmethod
     def norm_sq(self) -> Tensor:
@@ -391,20 +389,6 @@ class _CPLBlock(nn.Module, ABC):
     def step_sizes(self) -> Tensor:
         """``2 / h^2`` for each inner unit (first dim of ``weight``): the factor in front of ``relu``."""
         return (2.0 / self.norm_sq()).expand(self.weight.shape[0])
-
-    def step_weight(self) -> Tensor:
-        """``(2 / h^2) weight``, the weight of the block's second product, cached in eval mode.
-
-        Cached like ``h^2`` (:class:`~lipnet.layers.sll._EvalCache`: recomputed in training mode, when
-        an autograd graph is needed, and when the weight changes, e.g. by an optimizer step or
-        ``load_state_dict``), so that a warm eval forward is the two products of a frozen block and
-        nothing else.
-        """
-
-        def compute() -> Tensor:
-            return self.weight * self.step_sizes().reshape(-1, *(1,) * (self.weight.ndim - 1))
-
-        return self._step_cache.get(self.training, (self.weight,), compute)
 
 
 class CPLLinear(_CPLBlock):

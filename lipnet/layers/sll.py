@@ -101,7 +101,44 @@ def _kernel_correlation(kernel: Tensor) -> Tensor:
     return F.conv2d(kernel, kernel, padding=(kh - 1, kw - 1))
 
 
-class _SLLBlock(nn.Module, ABC):
+class _GradientStepBlock(nn.Module, ABC):
+    """A block ``y = x - W^T diag(s) relu(W x + b)`` (SLL, CPL): its steps ``s`` and its rescaled weight.
+
+    ``weight`` holds ``W`` (inner units along the first dimension). Subclasses give
+    :meth:`step_sizes`; :meth:`_step_sources` lists the tensors the steps are computed from (the key
+    of the eval cache of :meth:`step_weight`).
+    """
+
+    weight: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._step_cache = _EvalCache()
+
+    @abstractmethod
+    def step_sizes(self) -> Tensor:
+        """The step ``s_i >= 0`` of each inner unit (first dim of ``weight``), the factor before ``relu``."""
+
+    def _step_sources(self) -> tuple[Tensor, ...]:
+        return (self.weight,)
+
+    def step_weight(self) -> Tensor:
+        """``diag(s) W``, the weight of the block's second product (applied by its adjoint), eval-cached.
+
+        Cached by :class:`_EvalCache` (recomputed in training mode, when an autograd graph is needed and
+        when a source tensor changes, e.g. by an optimizer step or ``load_state_dict``), so that a warm
+        eval forward is the two products of a frozen block and nothing else, which matters when the
+        weight is large next to the batch (a dense block of 2048 inner units at batch 1 spent half its
+        time rescaling the weight).
+        """
+
+        def compute() -> Tensor:
+            return self.weight * self.step_sizes().reshape(-1, *(1,) * (self.weight.ndim - 1))
+
+        return self._step_cache.get(self.training, self._step_sources(), compute)
+
+
+class _SLLBlock(_GradientStepBlock):
     """Shared parameters and scales of the SLL blocks; subclasses give the Gram operator and forward."""
 
     #: Dimensions of one input sample: 1 for dense blocks, 3 (C, H, W) for convolutions.
@@ -118,7 +155,6 @@ class _SLLBlock(nn.Module, ABC):
             raise ValueError(f"eps must be a finite number > 0, got {eps}")
         self.eps = eps
         self._cache = _EvalCache()
-        self._step_cache = _EvalCache()
 
     def _init_parameters(self) -> None:
         nn.init.xavier_normal_(self.weight)
@@ -151,19 +187,8 @@ class _SLLBlock(nn.Module, ABC):
         """``2 / (t + eps)`` per inner unit (first dim of ``weight``): the factor in front of ``relu``."""
         return 2.0 * self.inverse_scales()
 
-    def step_weight(self) -> Tensor:
-        """``weight`` with each inner unit ``i`` (first dim) scaled by ``2 / (t_i + eps)``, cached in eval.
-
-        The weight of the block's second product (``2 W T^(-1)``, applied through its adjoint): a warm
-        eval forward is then the two products of a frozen block and nothing else, which matters when
-        the weight is large next to the batch (a dense block of 2048 inner units at batch 1 spent half
-        its time rescaling the weight).
-        """
-
-        def compute() -> Tensor:
-            return self.weight * self.step_sizes().reshape(-1, *(1,) * (self.weight.ndim - 1))
-
-        return self._step_cache.get(self.training, (self.weight, self.log_q), compute)
+    def _step_sources(self) -> tuple[Tensor, ...]:
+        return (self.weight, self.log_q)
 
     def _check_shape(self, input_shape: tuple[int, ...] | None, ndim: int) -> None:
         features = self.weight.shape[1]
