@@ -21,7 +21,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,42 +400,48 @@ def bench_per_layer(
     return rows
 
 
-def _markdown(rows: list[dict[str, float | str]], header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| network | train step (ms) | eval forward (ms) | train / deel-torchlip | eval / plain |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['network']} | {r['train_ms']:.1f} | {r['eval_ms']:.1f} | {r['train_vs_deel']:.2f} | "
-            f"{r['eval_vs_plain']:.2f} |"
-        )
+def markdown_table(header: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """``header``, a blank line, then the Markdown table of ``columns`` and the formatted cells ``rows``."""
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
-def _cell(value: float | None, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
+def cell(value: float | None, fmt: str, missing: str = "–") -> str:
+    """``value`` formatted with ``fmt``, or ``missing`` for ``None``."""
+    return missing if value is None else format(value, fmt)
+
+
+def _markdown(rows: list[dict[str, float | str]], header: str) -> str:
+    columns = ["network", "train step (ms)", "eval forward (ms)", "train / deel-torchlip", "eval / plain"]
+    return markdown_table(
+        header,
+        columns,
+        (
+            [str(r["network"]), f"{r['train_ms']:.1f}", f"{r['eval_ms']:.1f}", f"{r['train_vs_deel']:.2f}",
+             f"{r['eval_vs_plain']:.2f}"]
+            for r in rows
+        ),
+    )  # fmt: skip
 
 
 def per_layer_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     """The rows of :func:`bench_per_layer` as a Markdown table under ``header``."""
-    lines = [
+    columns = [
+        "kind", "implementation", "train step (ms)", "eval forward (ms)", "saved for backward (MiB)",
+        "CUDA peak (MiB)", "σ_min", "σ_max", "operator", "train / anchor", "eval / anchor", "saved / anchor",
+    ]  # fmt: skip
+    return markdown_table(
         header,
-        "",
-        "| kind | implementation | train step (ms) | eval forward (ms) | saved for backward (MiB) | "
-        "CUDA peak (MiB) | σ_min | σ_max | operator | train / anchor | eval / anchor | saved / anchor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['kind']} | {r['implementation']} | {r['train_ms']:.2f} | {r['eval_ms']:.2f} | "
-            f"{r['saved_mib']:.2f} | {_cell(r['cuda_peak_mib'], '.2f')} | {r['sv_min']:.6f} | "
-            f"{r['sv_max']:.6f} | {r['operator']} | {_cell(r['train_vs_anchor'], '.2f')} | "
-            f"{_cell(r['eval_vs_anchor'], '.2f')} | {_cell(r['saved_vs_anchor'], '.2f')} |"
-        )
-    return "\n".join(lines)
+        columns,
+        (
+            [str(r["kind"]), str(r["implementation"]), f"{r['train_ms']:.2f}", f"{r['eval_ms']:.2f}",
+             f"{r['saved_mib']:.2f}", cell(r["cuda_peak_mib"], ".2f"), f"{r['sv_min']:.6f}",
+             f"{r['sv_max']:.6f}", str(r["operator"]), cell(r["train_vs_anchor"], ".2f"),
+             cell(r["eval_vs_anchor"], ".2f"), cell(r["saved_vs_anchor"], ".2f")]
+            for r in rows
+        ),
+    )  # fmt: skip
 
 
 def device_label(device: str) -> str:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lipnet.bench import markdown_table
 from lipnet.bench_anchors import deel_kind, orthogonium_kinds
 from lipnet.models.fmnist import SIZES, fmnist_layers
 
@@ -339,22 +340,21 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
     """The rows as a Markdown table (percentages), under ``header``."""
     eps = " / ".join(_eps_name(e) for e in EPS)
-    lines = [
-        header,
-        "",
-        f"| library | kind | params | epochs | s/epoch | clean | certified at ε = {eps} | mean radius | "
-        f"empirical robust at ε = {eps} | sound bound |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
+    columns = [
+        "library", "kind", "params", "epochs", "s/epoch", "clean", f"certified at ε = {eps}", "mean radius",
+        f"empirical robust at ε = {eps}", "sound bound",
+    ]  # fmt: skip
+
+    def cells(r: dict[str, Any]) -> list[str]:
         robust = " / ".join(f"{100 * a:.1f}" for a in r["robust"]) if r["robust"] is not None else "—"
-        lines.append(
-            f"| {r['library']} | {r['kind']} | {r['params']:,} | {r['epochs']:.2f} | "
-            f"{r['sec_per_epoch']:.1f} | "
-            f"{100 * r['clean']:.2f} | {' / '.join(f'{100 * a:.1f}' for a in r['cert'])} | "
-            f"{r['mean_radius']:.3f} | {robust} | {r['bound']:.6f} |"
-        )
-    return "\n".join(lines) + "\n"
+        return [
+            str(r["library"]), str(r["kind"]), f"{r['params']:,}", f"{r['epochs']:.2f}",
+            f"{r['sec_per_epoch']:.1f}", f"{100 * r['clean']:.2f}",
+            " / ".join(f"{100 * a:.1f}" for a in r["cert"]), f"{r['mean_radius']:.3f}", robust,
+            f"{r['bound']:.6f}",
+        ]  # fmt: skip
+
+    return markdown_table(header, columns, (cells(r) for r in rows)) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:

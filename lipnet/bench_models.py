@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lipnet.bench import device_label, timed
+from lipnet.bench import cell, device_label, markdown_table, timed
 from lipnet.models.kinds import LayerKind
 from lipnet.train import resolve_device
 
@@ -390,49 +390,45 @@ def bench_eval(
     return rows, skipped
 
 
-def _cell(value: float | None, fmt: str, missing: str = "n/a") -> str:
-    return missing if value is None else format(value, fmt)
-
-
 def models_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     """The rows of :func:`bench_models` as a Markdown table under ``header``."""
-    lines = [
+    columns = [
+        "implementation", "kind", "train step (ms)", "images/s", "s per 50k epoch",
+        "published A100 s/epoch (M)", "train / anchor", "eval forward (ms)", "eval / anchor",
+        "exported eval (ms)", "eval / exported", "plain share",
+    ]  # fmt: skip
+    return markdown_table(
         header,
-        "",
-        "| implementation | kind | train step (ms) | images/s | s per 50k epoch | "
-        "published A100 s/epoch (M) | train / anchor | eval forward (ms) | eval / anchor | "
-        "exported eval (ms) | eval / exported | plain share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['implementation']} | {r['kind']} | {r['train_ms']:.1f} | {r['images_per_s']:.1f} | "
-            f"{r['s_per_epoch']:.1f} | {_cell(r['published_s_per_epoch'], '.1f', '–')} | "
-            f"{_cell(r['train_vs_anchor'], '.2f', '–')} | {r['eval_ms']:.2f} | "
-            f"{_cell(r['eval_vs_anchor'], '.2f', '–')} | {_cell(r['plain_eval_ms'], '.2f')} | "
-            f"{_cell(r['eval_vs_plain'], '.2f')} | {_cell(r['plain_share'], '.2f')} |"
-        )
-    return "\n".join(lines)
+        columns,
+        (
+            [str(r["implementation"]), str(r["kind"]), f"{r['train_ms']:.1f}", f"{r['images_per_s']:.1f}",
+             f"{r['s_per_epoch']:.1f}", cell(r["published_s_per_epoch"], ".1f"),
+             cell(r["train_vs_anchor"], ".2f"), f"{r['eval_ms']:.2f}", cell(r["eval_vs_anchor"], ".2f"),
+             cell(r["plain_eval_ms"], ".2f", "n/a"), cell(r["eval_vs_plain"], ".2f", "n/a"),
+             cell(r["plain_share"], ".2f", "n/a")]
+            for r in rows
+        ),
+    )  # fmt: skip
 
 
 def eval_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     """The rows of :func:`bench_eval` as a Markdown table under ``header``."""
-    lines = [
+    columns = [
+        "model", "kind", "parameters (M)", "plain share", "eval min (ms)", "eval median (ms)",
+        "exported min (ms)", "exported median (ms)", "eval / exported (median)", "eval / exported (min)",
+        "max rel. diff",
+    ]  # fmt: skip
+    return markdown_table(
         header,
-        "",
-        "| model | kind | parameters (M) | plain share | eval min (ms) | eval median (ms) | "
-        "exported min (ms) | exported median (ms) | eval / exported (median) | eval / exported (min) | "
-        "max rel. diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['kind'] or '–'} | {r['params']:.2f} | {r['plain_share']:.2f} | "
-            f"{r['eval_min_ms']:.2f} | {r['eval_median_ms']:.2f} | {r['exported_min_ms']:.2f} | "
-            f"{r['exported_median_ms']:.2f} | {r['ratio_median']:.2f} | {r['ratio_min']:.2f} | "
-            f"{r['max_diff']:.1e} |"
-        )
-    return "\n".join(lines)
+        columns,
+        (
+            [str(r["model"]), str(r["kind"] or "–"), f"{r['params']:.2f}", f"{r['plain_share']:.2f}",
+             f"{r['eval_min_ms']:.2f}", f"{r['eval_median_ms']:.2f}", f"{r['exported_min_ms']:.2f}",
+             f"{r['exported_median_ms']:.2f}", f"{r['ratio_median']:.2f}", f"{r['ratio_min']:.2f}",
+             f"{r['max_diff']:.1e}"]
+            for r in rows
+        ),
+    )  # fmt: skip
 
 
 def _emit(out: str | None, text: str, body: dict[str, object]) -> None:
