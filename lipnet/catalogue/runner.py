@@ -52,7 +52,7 @@ QUICK: dict[str, TaskSettings] = {name: TaskSettings(64, 32, 1, 1e-2, 2.0, 16, 8
 
 
 def available_methods(task: str) -> list[str]:
-    """The baseline and every method of ``task`` whose classes :mod:`lipnet.attention` exports."""
+    """The baseline and every attention method of ``task``, in table order."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
     return TASKS[task].methods()
@@ -201,7 +201,7 @@ def run_catalogue(
 
 def _order(rows: Sequence[CatalogueRow]) -> list[CatalogueRow]:
     """Table order: tasks as in :data:`TASKS`, the baseline first, then the methods in task order."""
-    rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(TASKS[t].requires)}
+    rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(TASKS[t].methods())}
     return sorted(rows, key=lambda r: rank.get((r.task, r.method), (len(rank), 0)))
 
 

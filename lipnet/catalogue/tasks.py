@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import lipnet.attention as attention
 from certify.attacks import empirical_robust_accuracy
 from certify.bounds import lipschitz_bound, module_bound
 from certify.radius import certified_accuracy, certified_radius
@@ -138,13 +139,9 @@ class Evaluation:
     details: dict[str, Any]
 
 
-def _attention_class(name: str) -> type[nn.Module] | None:
-    import lipnet.attention as attention
-
-    if name not in getattr(attention, "__all__", ()):
-        return None
-    cls = getattr(attention, name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+def _attention_class(name: str) -> Any:
+    """The :mod:`lipnet.attention` class called ``name``."""
+    return getattr(attention, name)
 
 
 def _logits(model: nn.Module, x: Tensor, batch: int = 250) -> Tensor:
@@ -183,12 +180,12 @@ class CatalogueTask:
 
     name = ""
     metric = ""
-    #: method name -> the :mod:`lipnet.attention` classes it needs (empty for the baseline).
-    requires: dict[str, tuple[str, ...]] = {}
+    #: The baseline, then the :mod:`lipnet.attention` classes trained on this task, in table order.
+    METHODS: tuple[str, ...] = ()
 
     def methods(self) -> list[str]:
-        """The baseline and every method whose classes :mod:`lipnet.attention` exports, in table order."""
-        return [m for m, needs in self.requires.items() if all(_attention_class(c) for c in needs)]
+        """:attr:`METHODS` as a list."""
+        return list(self.METHODS)
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
         raise NotImplementedError
@@ -248,16 +245,16 @@ class ClassificationTask(CatalogueTask):
 
     name = "classification"
     metric = "accuracy"
-    requires = {
-        BASELINE: (),
-        "SqueezeExcitation": ("SqueezeExcitation",),
-        "CBAM": ("CBAM",),
-        "ResidualAttention": ("ResidualAttention",),
-        "FeedbackGating": ("FeedbackGating",),
-        "BoundedDotProductAttention": ("BoundedDotProductAttention",),
-        "L2MultiheadAttention": ("L2MultiheadAttention",),
-        "MemoryAttention": ("MemoryAttention",),
-    }
+    METHODS = (
+        BASELINE,
+        "SqueezeExcitation",
+        "CBAM",
+        "ResidualAttention",
+        "FeedbackGating",
+        "BoundedDotProductAttention",
+        "L2MultiheadAttention",
+        "MemoryAttention",
+    )
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
         return _shapes(split, n, seed)
@@ -284,7 +281,7 @@ class ScaleTask(ClassificationTask):
 
     name = "scale"
     scale_range = (0.4, 1.0)
-    requires = {BASELINE: (), "AttentionToScale": ("AttentionToScale",)}
+    METHODS = (BASELINE, "AttentionToScale")
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
         t = task_data.scale_task(n, split=split, seed=seed, scale_range=self.scale_range)
@@ -326,12 +323,7 @@ class ClutteredTask(ClassificationTask):
 
     name = "cluttered"
     scale = 0.75
-    requires = {
-        BASELINE: (),
-        "BoundedTranslation": ("BoundedTranslation",),
-        "BoundedZoom": ("BoundedZoom",),
-        "SoftGlimpse": ("SoftGlimpse",),
-    }
+    METHODS = (BASELINE, "BoundedTranslation", "BoundedZoom", "SoftGlimpse")
     glimpse = 28
     glimpse_stride = 2
     #: Lipschitz price of each module's input-dependent part (the term added to its input-independent bound).
@@ -393,7 +385,7 @@ class AttributesTask(CatalogueTask):
 
     name = "attributes"
     metric = "mA"
-    requires = {BASELINE: (), "MultiScaleAttentionAggregation": ("MultiScaleAttentionAggregation",)}
+    METHODS = (BASELINE, "MultiScaleAttentionAggregation")
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
         t = task_data.attribute_task(n, split=split, seed=seed)
@@ -527,7 +519,7 @@ class MultitaskTask(CatalogueTask):
     name = "multitask"
     metric = "mean task acc"
     class_maps = 4
-    requires = {BASELINE: (), "MultiTaskAttentionNetwork": ("MultiTaskAttentionNetwork",)}
+    METHODS = (BASELINE, "MultiTaskAttentionNetwork")
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
         t = task_data.multitask(n, split=split, seed=seed)
@@ -638,12 +630,7 @@ class MILTask(CatalogueTask):
 
     name = "mil"
     metric = "bag accuracy"
-    requires = {
-        BASELINE: (),
-        "LSEPooling": ("LSEPooling",),
-        "SoftAttentionPooling": ("SoftAttentionPooling",),
-        "LossAttentionMIL": ("LossAttentionMIL",),
-    }
+    METHODS = (BASELINE, "LSEPooling", "SoftAttentionPooling", "LossAttentionMIL")
     bag_size = 4
     # "ring", the class the baseline classifier recognises best: the bag label must be learnable.
     target = 1
@@ -737,12 +724,7 @@ class LocalisationTask(CatalogueTask):
 
     name = "localisation"
     metric = "mIoU"
-    requires = {
-        BASELINE: (),
-        "CAMHead": ("CAMHead",),
-        "OnlineAttentionAccumulator": ("CAMHead", "OnlineAttentionAccumulator"),
-        "IntegralAttention": ("CAMHead", "OnlineAttentionAccumulator", "IntegralAttention"),
-    }
+    METHODS = (BASELINE, "CAMHead", "OnlineAttentionAccumulator", "IntegralAttention")
     theta = 0.5
 
     def load(self, split: str, n: int, seed: int) -> TaskData:
@@ -757,7 +739,7 @@ class LocalisationTask(CatalogueTask):
         head: Any = _attention_class("CAMHead")
         integral = None
         if method == "IntegralAttention":
-            integral = _attention_class("IntegralAttention")(2 * w, k, hidden=w, normalize=True)  # type: ignore[misc]
+            integral = _attention_class("IntegralAttention")(2 * w, k, hidden=w, normalize=True)
         return CAMNetwork(w, head(2 * w, k, normalize=True), integral)
 
     def init_state(self, method: str, model: nn.Module, train: TaskData, settings: TaskSettings) -> State:
