@@ -190,12 +190,12 @@ OPERATOR_JACOBIAN = "Jacobian at random x"
 
 
 def _anchor_block(kind: str) -> Callable[[int, int], nn.Module]:
-    """``block(channels, kernel_size)`` of the anchor of ``kind``; ``ImportError`` without its library."""
-    from lipnet.bench_anchors import deel_kind, orthogonium_kinds
+    """``block(channels, kernel_size)`` of the anchor of ``kind``, configured as
+    :func:`lipnet.bench_anchors.anchor_kind` configures it for the model benchmark; ``ImportError``
+    without its library."""
+    from lipnet.bench_anchors import anchor_kind
 
-    if kind == "bjorck":
-        return deel_kind().block
-    return orthogonium_kinds(aoc_padding_mode="circular", sll_inner_factor=1)[kind].block
+    return anchor_kind(kind)[1].block
 
 
 @dataclass(frozen=True)
