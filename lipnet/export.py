@@ -295,9 +295,16 @@ def _plain_behaviour(module: nn.Module, base: type[nn.Module], methods: tuple[st
 
 
 def _filled(out: _Layer, weight: Tensor, bias: Tensor | None) -> _Layer:
-    """``out`` holding ``weight`` and ``bias`` (copies)."""
+    """``out`` holding copies of ``weight``, in its memory layout (strides), and of ``bias``.
+
+    The layout is kept because it selects the kernel: a dense residual block applies the transposed
+    view ``step_weight().mT``, and ``F.linear`` with that view runs another BLAS product, with
+    another summation order, than with a contiguous copy (1 float32 ulp apart on the blocks' outputs,
+    measured). With the source's layout the copy repeats the source's operations bit for bit.
+    """
     with torch.no_grad():
-        out.weight.copy_(weight)
+        # clone keeps the strides of a non-overlapping dense tensor (such as a transposed view)
+        out.weight = nn.Parameter(weight.detach().clone())
         if bias is not None:
             out.bias.copy_(bias.detach())
     return out
@@ -403,11 +410,13 @@ def export(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.M
     """A deep copy of ``model`` in eval mode made of plain layers (see the module docstring).
 
     Each converted layer holds the values that ``model``'s layer uses in eval mode (computed once
-    here, under ``torch.no_grad``), so the copy's eval outputs equal ``model``'s up to the
-    floating-point differences of the two code paths: none for layers that repeat their source's
-    operations (convolutions, the convolutional residual blocks, Cayley); a dense residual block
-    holds its transposed weight contiguously, and a ``split_head`` head computes only the logit
-    rows, which can change the rounding. ``model`` itself is not modified.
+    here, under ``torch.no_grad``), in the memory layout the layer passes them to its product (a
+    dense residual block's transposed ``step_weight().mT`` included), so it repeats its source's
+    operations and the copy's eval outputs equal ``model``'s bit for bit, except at a
+    ``split_head`` head: the copy computes only the logit rows, another product whose float32
+    rounding can differ (each logit of both stays within ``gamma_(n+1) (|W| |g| + |b|)`` of the
+    exact one, ``n`` the head's input features; Higham 2002, section 3.1). ``model`` itself is not
+    modified.
 
     ``input_shape`` (per sample, e.g. ``(3, 32, 32)``; default: ``model.input_shape`` when the model
     declares one, as lipnet's model families do) is used only when a
