@@ -1,8 +1,15 @@
 """Shared fixtures: one torch thread per test, a private data folder for generated datasets, and a tiny
-training config."""
+training config.
+
+Two environment variables rerun the suite under other float conditions, to find tolerances that
+hold only for one reduction order or one treatment of subnormals: ``LIPNET_TEST_THREADS=n`` (torch
+threads per test process, default 1) and ``LIPNET_TEST_FLUSH_DENORMAL=1``
+(``torch.set_flush_denormal(True)``: subnormal floats read and computed as zero).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,16 +19,49 @@ import torch
 from lipnet.config import Config, dump_config, load_config
 
 
+def _test_threads() -> int:
+    value = os.environ.get("LIPNET_TEST_THREADS", "").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"LIPNET_TEST_THREADS must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _flush_denormal_requested() -> bool:
+    value = os.environ.get("LIPNET_TEST_FLUSH_DENORMAL", "").strip() or "0"
+    if value not in ("0", "1"):
+        raise pytest.UsageError(f"LIPNET_TEST_FLUSH_DENORMAL must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+#: Read once at collection, so that a bad value is one error rather than one per test.
+_THREADS = _test_threads()
+_FLUSH_DENORMAL = _flush_denormal_requested()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread() -> Iterator[None]:
     # pytest -n 2 on two shared cores: a second OpenMP thread per worker only adds spin-waits on
     # every small BLAS/LAPACK call (about ten times slower on the tests' tiny tensors). Session
     # scope, so that module-scoped fixtures run with the same thread count as the tests that
-    # compare against them (float reductions depend on it).
+    # compare against them (float reductions depend on it). LIPNET_TEST_THREADS overrides the
+    # count, to check that no tolerance depends on the reduction order of one thread.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(_THREADS)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flush_denormal() -> Iterator[None]:
+    # LIPNET_TEST_FLUSH_DENORMAL=1: subnormals read and computed as zero (FTZ/DAZ), as on machines
+    # or builds that set it, to check that no tolerance relies on gradual underflow
+    if not _FLUSH_DENORMAL:
+        yield
+        return
+    if not torch.set_flush_denormal(True):
+        raise pytest.UsageError("LIPNET_TEST_FLUSH_DENORMAL=1 but this CPU cannot flush denormals")
+    yield
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="session")
