@@ -44,12 +44,18 @@ size n, padded size n_pad = n + l + r, span K = d (k - 1) + 1):
    (a) is the sharper one for generic kernels, (b) for nearly orthogonal ones. The cells tile
    half the torus (``H(-w)`` is the conjugate of ``H(w)`` for a real kernel), so the max of the
    right-hand side over the cells bounds lambda*. A cell is retired once a Cholesky factorisation
-   certifies that its right-hand side is at most ``(1 + _RTOL)^2`` times an eigenvalue computed
-   at some frequency; the others are split in three per axis. The global bound
-   ``lambda_max(A_0) + sum_{e != 0} ||A_e||_F`` (exact for an orthogonal convolution) also holds
-   and the min is returned. Past a work budget the remaining cells are bounded from their exact
-   eigenvalues. Float64 rounding of H and of its eigenvalues is added explicitly
-   (``_GramSymbol.error``).
+   certifies that its right-hand side is at most ``(1 + _RTOL)^2`` times the reference, the
+   largest eigenvalue computed so far; at the others ``lambda_max(H(c))`` is computed, which
+   raises the reference and retires the cells whose right-hand side is below it, and the rest are
+   split in three per axis. (A reference left more than ``_RTOL`` below the max would keep every
+   cell above it open at every level: a ninefold growth per level, a minute for a trained
+   16-channel kernel whose top eigenvalues are nearly equal.) A flat symbol needs
+   ``sigma^2 / 4 <= 2 _RTOL``: about three levels for a 3x3 kernel, 7 700 cells at most. The
+   global bound ``lambda_max(A_0) + sum_{e != 0} ||A_e||_F`` (exact for an orthogonal
+   convolution) also holds and the min is returned. The refinement has a budget counted in cells
+   (:func:`_refinement_budget`, about a second of one core); past it the open cells keep their
+   own right-hand side, at most ``1 / (1 - sigma^2 / 4)`` times the reference. Float64 rounding
+   of H and of its eigenvalues is added explicitly (``_GramSymbol.error``).
 3. Known size, zero padding: put the padded input, rounded up to a multiple of s, on a circle of
    ``L = ceil(n_pad / s)`` phase samples; no window wraps, so the layer is ``R C_L E`` with C_L a
    circular convolution whose norm is exactly the max over the L-point DFT grid of sigma_max
@@ -122,9 +128,11 @@ _GRID_TARGET = (1.0 + 1e-6) ** 2
 _GRID_ROUNDS = 3
 #: Exponential type of the initial cells of the branch and bound (correction factor 1/(1 - 1/4)).
 _SIGMA0 = 1.0
-#: Refinement budget of the branch and bound in (frequencies * groups * side^3), and its floor in
-#: frequencies; past it the failing cells are bounded from exact eigenvalues (still sound, looser).
-_CONTINUUM_WORK = 1 << 34
+#: Refinement budget of the branch and bound, counted in cells (never in seconds, so that the bound
+#: does not depend on the machine): at most _CONTINUUM_WORK / _cell_work(symbol) refined cells (about
+#: a second of one core: 80 000 cells for 16 channels), and never fewer than _MIN_REFINED. Past it
+#: the open cells keep their own bound from exact eigenvalues (still sound, looser).
+_CONTINUUM_WORK = 1 << 30
 _MIN_REFINED = 2_000
 #: Power iterations behind the guesses that choose where to compute exact eigenvalues, and how
 #: many of them.
@@ -518,6 +526,17 @@ def _continuum_points(kernel: Tensor) -> int:
     return _half_torus(_initial_counts(tuple(t - 1 for t in _trim(kernel).shape[3:]))).shape[0]
 
 
+def _refinement_budget(symbol: _GramSymbol) -> int:
+    """Most cells :func:`_continuum_sup` may refine for ``symbol``.
+
+    A cell costs a Cholesky factorisation (``side^3 / 3`` complex operations per group), the sum
+    that builds ``H`` there (a few dozen ``side^2`` terms) and a fixed overhead; the weights make
+    one unit about a nanosecond of one core at every side.
+    """
+    side = symbol.side
+    return max(_MIN_REFINED, _CONTINUUM_WORK // (symbol.groups * (side**3 + 32 * side**2 + 1024)))
+
+
 def _continuum_sup(kernel: Tensor) -> float:
     """Certified ``sup_w sigma_max(K(w))`` over the continuous torus, within about ``_RTOL`` (item 2)."""
     kernel = _trim(kernel)
@@ -536,7 +555,7 @@ def _continuum_sup(kernel: Tensor) -> float:
     offsets = torch.zeros((3 ** len(active), nd), dtype=torch.float64)
     offsets[:, active] = _index_grid((3,) * len(active)).to(torch.float64) - 1
     offsets = offsets[offsets.abs().sum(1) > 0] * (2.0 / 3.0)
-    budget = max(_MIN_REFINED, _CONTINUUM_WORK // (symbol.groups * symbol.side**3))
+    budget = _refinement_budget(symbol)
     refined = 0
     while True:
         if symbol.global_top <= target * best:
@@ -550,13 +569,23 @@ def _continuum_sup(kernel: Tensor) -> float:
         if len(failed) == 0:
             top = target * best
             break
+        # Exact eigenvalues at the failed centres (the true ones are at most symbol.error above):
+        # the reference `best` becomes the largest of them, and each cell gets its own bound. With
+        # a reference left below the max by more than _RTOL (a guess from a few power iterations
+        # on a symbol whose top eigenvalues are nearly equal), every cell above it would fail at
+        # every level and the refinement would grow ninefold per level.
+        values = failed.exact() + symbol.error
+        best = max(best, float(values.max()))
+        upper = torch.minimum((values - sigma2 * symbol.floor / 4) / denom, values + curvature).amax(dim=1)
+        still = upper > target * best
+        if not bool(still.any()):
+            top = target * best
+            break
+        failed, upper = failed.take(still), upper[still]
         if refined + len(failed) * offsets.shape[0] > budget:
-            # Out of budget: the failed cells' own bound, from exact eigenvalues at their centres.
-            values = failed.exact()
-            upper = torch.minimum((values - sigma2 * symbol.floor / 4) / denom, values + curvature)
+            # Out of budget: the open cells keep their own bound (max over them of `upper`).
             top = max(target * best, float(upper.max()))
             break
-        best = max(best, failed.best())
         children = (failed.points[:, None, :] + offsets[None] * half).reshape(-1, nd)
         refined += children.shape[0]
         cells = _Frequencies(symbol, torch.cat([failed.points, children]))
