@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.radius import certified_accuracy, certified_radius, certify, parse_eps, split_head
+from certify.radius import (
+    certified_accuracy,
+    certified_radius,
+    certify,
+    parse_eps,
+    row_distances,
+    split_head,
+)
 
 
 def _linear_problem(
@@ -128,3 +135,84 @@ def test_certify_uses_the_last_layer_rule_for_a_linear_head() -> None:
     assert glob.rule == "global"
     assert torch.all(glob.radii <= res.radii + 1e-12)
     assert "clean" in res.to_markdown()
+
+
+def _near_duplicate_problem(
+    c: int, gap: float, dtype: torch.dtype, seed: int = 0, d: int = 64
+) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """An identity body and a linear head whose rows come in pairs ``gap`` apart, and inputs near them.
+
+    Rows of norm about 24 make ``||a||^2 + ||b||^2 - 2 a.b`` lose the distance of a pair entirely
+    (its rounding, ~1e-16 * 576, is far above ``gap^2``). Each pair gets two inputs on which it wins,
+    so the binding constraint of every sample is its near-duplicate partner.
+    """
+    g = torch.Generator().manual_seed(seed)
+    w = 3.0 * torch.randn(c, d, generator=g, dtype=torch.float64)
+    u = torch.randn(c // 2, d, generator=g, dtype=torch.float64)
+    w[1::2] = w[0::2] + gap * u / u.norm(dim=1, keepdim=True)
+    head = nn.Linear(d, c, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.zero_()
+    x = 0.5 * w[0::2].repeat_interleave(2, dim=0) + torch.randn(c, d, generator=g, dtype=torch.float64)
+    return nn.Sequential(nn.Identity(), head), x, head.weight.detach().to(torch.float64)
+
+
+@pytest.mark.parametrize("gap", [1e-8, 1e-7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("c", [10, 26, 100])
+def test_near_duplicate_rows_never_overclaim(c: int, dtype: torch.dtype, gap: float) -> None:
+    """Regression: ``torch.cdist`` above 25 rows lost the distance of nearly equal rows (radius x50).
+
+    The radii of :func:`certify` (forward in the head's dtype) and of the float64 logits of the same
+    weights are compared with the exact per-pair distances to the decision boundaries, and an
+    attack along ``w_j - w_y`` shows where the prediction really flips: just beyond the exact radius,
+    never inside a certified one.
+    """
+    model, x, w = _near_duplicate_problem(c, gap, dtype)
+    b = torch.zeros(c, dtype=torch.float64)
+    logits = x @ w.T  # float64, of the stored weights
+    y = logits.argmax(dim=1)
+    exact = _exact_boundary_distance(w, b, x, y)
+    # The exact distances are float64 roots of explicit differences: relative error below 1e-13.
+    limit = exact * (1 + 1e-12)
+    result = certify(model, [(x.to(dtype), y)], eps=[0.0], progress=False)
+    assert result.rule == "last-layer" and result.lipschitz == pytest.approx(1.0)
+    radii64 = certified_radius(logits, y, result.lipschitz, last_layer_weight=w)
+    for radii in (result.radii, radii64):
+        assert torch.all(radii <= limit), float((radii / exact.clamp_min(1e-300)).max())
+    assert (radii64 > 0).sum() >= c // 2  # the float64 certificate is not vacuous
+    for i in torch.nonzero(radii64 > 0).flatten().tolist():
+        yi = int(y[i])
+        others = [j for j in range(c) if j != yi]
+        dist = torch.stack([(logits[i, yi] - logits[i, j]) / (w[yi] - w[j]).norm() for j in others])
+        j = others[int(dist.argmin())]
+        direction = (w[j] - w[yi]) / (w[j] - w[yi]).norm()
+        inside = x[i] + 0.999 * float(radii64[i]) * direction
+        beyond = x[i] + 1.001 * float(exact[i]) * direction
+        assert int((inside @ w.T).argmax()) == yi
+        assert int((beyond @ w.T).argmax()) != yi
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_row_distances_are_explicit_differences(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    w[3] = w[4] + 1e-6 * torch.randn(5, generator=g, dtype=torch.float64)
+    w[7] = w[8]
+    w = w.to(dtype).to(torch.float64)
+    exact = torch.stack([(w[i] - w).norm(dim=1) for i in range(37)])
+    whole = row_distances(w)
+    chunked = row_distances(w, chunk_elements=7)  # one row at a time
+    assert torch.equal(whole, chunked) and torch.equal(whole, whole.T)
+    # upper bounds, within the documented (F + 8) u inflation plus one ulp of the exact values
+    assert torch.all(whole >= exact) and torch.allclose(whole, exact, rtol=1e-14, atol=0.0)
+    assert whole[3, 4] > 0 and whole[7, 8] == 0 and whole.diagonal().eq(0).all()
+
+
+def test_row_distances_of_tiny_rows_do_not_underflow() -> None:
+    # 2^-600 apart: every square underflows to 0 in float64, the power-of-two scaling avoids it
+    w = torch.ldexp(torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64), torch.tensor(-600))
+    assert float(w.diff(dim=0).norm()) == 0.0  # what an unscaled norm gives
+    got = float(row_distances(w)[0, 1])
+    assert got >= math.ldexp(5.0, -600) and got == pytest.approx(math.ldexp(5.0, -600), rel=1e-14)
