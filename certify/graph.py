@@ -349,8 +349,13 @@ def _close(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         if a.shape != b.shape:
             return False
-        scale = float(b.detach().abs().max().item()) if b.numel() else 0.0
-        return bool(torch.allclose(a.detach(), b.detach(), rtol=1e-4, atol=1e-5 * max(scale, 1e-12)))
+        a, b = a.detach(), b.detach()
+        # The scale comes from the finite entries (a NaN or an infinity says nothing of it, and made the
+        # tolerance NaN); NaN matches NaN, so that a model whose output is NaN on some inputs is still
+        # compared with its trace, and its NaN is reported as such by the caller.
+        finite = torch.isfinite(b)
+        scale = float(b[finite].abs().max().item()) if bool(finite.any()) else 0.0
+        return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-12), equal_nan=True))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_close(u, v) for u, v in zip(a, b, strict=True))
     return type(a) is type(b)

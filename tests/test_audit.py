@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import certify.report
-from certify.audit import audit
+from certify.audit import BOUND_TOLERANCE, audit, empirical_lipschitz_lower
 from lipnet.audit_cli import add_audit_parser, run_audit
 
 
@@ -82,6 +83,22 @@ def lying_cnn() -> nn.Module:
     return nn.Sequential(*model[:3], Underclaiming(), *model[3:])
 
 
+class NaNWhenBright(nn.Module):
+    """The identity, except all NaN for every sample whose first pixel is above 0.3 (claims bound 1)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bright = x.flatten(1)[:, 0] > 0.3
+        return torch.where(bright.view(-1, *([1] * (x.ndim - 1))), torch.full_like(x, math.nan), x)
+
+    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
+        return 1.0
+
+
+def nan_when_bright() -> nn.Module:
+    """A model whose logits are NaN on some inputs (an architecture for ``--arch``)."""
+    return nn.Sequential(NaNWhenBright(), nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lipnet")
     add_audit_parser(parser.add_subparsers(dest="command"))
@@ -89,33 +106,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _cli(tmp_path: Path, model: str, *extra: str, out: str = "out") -> tuple[int, Path]:
-    args = _parse(
-        [
-            "--model",
-            model,
-            "--data",
-            "shapes10",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--n",
-            "64",
-            "--n-attack",
-            "12",
-            "--attack",
-            "pgd",
-            "--pgd-steps",
-            "10",
-            "--eps",
-            "36/255,72/255",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--out",
-            str(tmp_path / out),
-            *extra,
-        ]
-    )
-    return run_audit(args), tmp_path / out
+    return run_audit(_parse(_audit_argv(tmp_path, model, *extra, out=out))), tmp_path / out
+
+
+def _audit_argv(tmp_path: Path, model: str, *extra: str, out: str = "out") -> list[str]:
+    """Arguments of ``lipnet audit`` (after the command name) on 64 shapes10 images, PGD, CPU."""
+    return [
+        *("--model", model, "--data", "shapes10", "--data-dir", str(tmp_path / "data")),
+        *("--n", "64", "--n-attack", "12", "--attack", "pgd", "--pgd-steps", "10"),
+        *("--eps", "36/255,72/255", "--device", "cpu", "--quiet", "--out", str(tmp_path / out)),
+        *extra,
+    ]
 
 
 def _trained_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -362,3 +363,43 @@ def test_normalisation_and_input_checks() -> None:
         audit(model, loader, eps=[0.1], mean=[0.5], progress=False)
     with pytest.raises(ValueError, match="unknown attack"):
         audit(model, loader, eps=[0.1], attack="fgsm", progress=False)
+
+
+def test_cli_refuses_a_model_with_nan_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: NaN logits made the graph check's tolerance NaN (a traceback, exit 1 = "broken")."""
+    from lipnet import data
+    from lipnet.cli import main
+
+    weights = tmp_path / "nan.pt"
+    torch.save(nan_when_bright().state_dict(), weights)
+    argv = _audit_argv(tmp_path, str(weights), "--arch", "test_audit:nan_when_bright")
+    code = main(["audit", *argv])
+    err = capsys.readouterr().err
+    images = data.load("shapes10", "test", data_dir=tmp_path / "data", n=64).images
+    bright = int((images.flatten(1)[:, 0] > 0.3).sum())
+    # NaN on some inputs, not all, and on the first one: the graph check (run on it) sees a NaN too
+    assert 0 < bright < 64 and images[0].flatten()[0] > 0.3
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"lipnet audit: error: the model's outputs contain NaN on {bright} inputs (of 64")
+    assert not (tmp_path / "out").exists()
+
+
+def test_audit_counts_inputs_with_infinite_outputs() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.fill_(1e38)  # float32 overflow when the pixels sum above about 3.4
+    x = torch.tensor([[0.9] * 4, [0.1] * 4, [1.0] * 4]).view(3, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"contain Inf on 2 inputs \(of 3 audited\)"):
+        audit(model, [(x, torch.zeros(3, dtype=torch.long))], eps=[0.1], attack="none", progress=False)
+
+
+def test_difference_quotient_is_not_fooled_by_rounding() -> None:
+    """Regression: ``x + 1e4`` (1-Lipschitz) measured 3.8 in float32 and would fail a correct bound."""
+
+    class Offset(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x.flatten(1) + 1e4
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    lower = empirical_lipschitz_lower(Offset(), x, iterations=5, steps=25)
+    assert 0.99 < lower <= 1.0 + BOUND_TOLERANCE
