@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.bounds import FLOAT64_SLACK
+from lipnet.layers.sll import _EvalCache
 
 __all__: list[str] = []
 
@@ -215,21 +216,46 @@ class NormalizedModule(nn.Module):
     dtype; the normalised map's bound is then ``raw / fl(raw)``, at most ``1 / (1 - u)`` with ``u`` the
     unit roundoff of the module's dtype (the rounding of the divisor), and it is what
     :meth:`lipschitz_bound` returns: at most 1-Lipschitz up to that rounding.
+
+    The forward's divisor (:meth:`_divisor_value`, the raw bound unless a subclass divides by
+    something else) is cached in eval mode with the layers' cache
+    (:class:`lipnet.layers.sll._EvalCache`): reused while no parameter or buffer of the module
+    changed (their version counters, bumped by optimiser steps and ``load_state_dict``, are in the
+    key, with the input shape), recomputed in training mode and whenever an autograd graph is
+    needed. The value is the same tensor the uncached forward divided by, so outputs are unchanged.
+    :meth:`lipschitz_bound` always recomputes.
     """
 
     normalize: bool
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._divisor_cache = _EvalCache()
+
     def _raw_bound(self, input_shape: tuple[int, ...] | None) -> Tensor:
         raise NotImplementedError
+
+    def _divisor_value(self, input_shape: tuple[int, ...] | None) -> Tensor:
+        """What the normalised forward divides by (float64): the raw bound for that input shape."""
+        return self._raw_bound(input_shape)
+
+    def _divisor(self, input_shape: tuple[int, ...] | None) -> Tensor:
+        """:meth:`_divisor_value`, reused in eval mode while the weights are unchanged (class docstring)."""
+        return self._divisor_cache.get(
+            self.training,
+            [*self.parameters(), *self.buffers()],
+            lambda: self._divisor_value(input_shape),
+            extra=(input_shape,),
+        )
 
     def _dtype(self) -> torch.dtype:
         ref = next(iter(self.parameters()), None)
         return ref.dtype if ref is not None else torch.get_default_dtype()
 
-    def _normalized(self, y: Tensor, input_shape: tuple[int, ...]) -> Tensor:
+    def _normalized(self, y: Tensor, input_shape: tuple[int, ...] | None) -> Tensor:
         if not self.normalize:
             return y
-        return y / self._raw_bound(input_shape).to(device=y.device, dtype=y.dtype)
+        return y / self._divisor(input_shape).to(device=y.device, dtype=y.dtype)
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 upper bound of the L2 Lipschitz constant (for ``input_shape``, or every shape)."""

@@ -128,15 +128,15 @@ class CAMHead(NormalizedModule):
         self.register_buffer("kappa", torch.ones(num_classes))
         self.register_buffer("kappa_seen", torch.zeros(num_classes, dtype=torch.bool))
 
-    def _divisor(self, ref: Tensor) -> Tensor:
+    def _divisor_like(self, ref: Tensor) -> Tensor:
         if not self.normalize:
             return ref.new_tensor(1.0)
-        return self._raw_bound(None).to(device=ref.device, dtype=ref.dtype)
+        return self._divisor(None).to(device=ref.device, dtype=ref.dtype)
 
     def maps(self, x: Tensor) -> Tensor:
         """Class activation maps ``M (N, K, H, W)``, divided by ``||W||`` when normalising."""
         _check_image(x, self.in_channels, type(self).__name__)
-        return torch.einsum("kc,nchw->nkhw", self.fc.weight, x) / self._divisor(x)
+        return torch.einsum("kc,nchw->nkhw", self.fc.weight, x) / self._divisor_like(x)
 
     def attention(self, x: Tensor) -> Tensor:
         """Attention maps ``clamp(M_c / kappa_c, 0, 1)``, shape ``(N, K, H, W)``."""
@@ -150,12 +150,13 @@ class CAMHead(NormalizedModule):
     def forward(self, x: Tensor) -> Tensor:
         _check_image(x, self.in_channels, type(self).__name__)
         pooled = x.sum(dim=(2, 3)) / math.sqrt(x.shape[2] * x.shape[3])
-        return self._normalized(self.fc(pooled), tuple(x.shape[1:]))
+        # the bound holds for every size: one cache entry (None) serves forward, maps and logits
+        return self._normalized(self.fc(pooled), None)
 
     def logits_from_maps(self, maps: Tensor) -> Tensor:
         """The logits of :meth:`forward` from the maps of :meth:`maps` (one pass gives both)."""
         pooled = maps.sum(dim=(2, 3)) / math.sqrt(maps.shape[2] * maps.shape[3])
-        return pooled + self.fc.bias / self._divisor(maps)
+        return pooled + self.fc.bias / self._divisor_like(maps)
 
     @torch.no_grad()
     def update_kappa(self, maps: Tensor, target: Tensor) -> None:

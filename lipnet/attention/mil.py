@@ -162,7 +162,7 @@ class LossAttentionMIL(NormalizedModule):
         alpha = (self.beta * torch.logsumexp(z, dim=-1)).softmax(dim=-1)
         bag = (alpha.unsqueeze(-1) * z).sum(dim=1)
         if self.normalize:
-            divisor = self._raw_bound(tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
+            divisor = self._divisor(tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
             bag, z = bag / divisor, z / divisor
         return bag, alpha, z
 

@@ -132,9 +132,13 @@ class MultiTaskAttentionNetwork(NormalizedModule):
         outputs = self._raw_outputs(x)
         if not self.normalize:
             return tuple(outputs)
-        shape = tuple(x.shape[1:])
-        bounds = self._task_raw_bounds(shape)
+        bounds = self._divisor(tuple(x.shape[1:])).unbind()
         return tuple(y / b.to(device=y.device, dtype=y.dtype) for y, b in zip(outputs, bounds, strict=True))
+
+    def _divisor_value(self, input_shape: tuple[int, ...] | None) -> Tensor:
+        """Every task is divided by its own ``L_t``: the float64 vector of them, on the weights' device."""
+        device = next(self.parameters()).device
+        return torch.stack([b.to(device) for b in self._task_raw_bounds(input_shape)])
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat(self.task_outputs(x), dim=1)

@@ -192,7 +192,7 @@ class MultiScaleAttentionAggregation(NormalizedModule):
         branches = self._raw_branches(x)
         if not self.normalize:
             return tuple(branches)
-        divisor = self._raw_bound(tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
+        divisor = self._divisor(tuple(x.shape[1:])).to(device=x.device, dtype=x.dtype)
         return tuple(b / divisor for b in branches)
 
     def forward(self, x: Tensor) -> Tensor:
