@@ -17,6 +17,21 @@ metrics history), with the name and SHA-256 of its tensor file. Nothing is pickl
 the commit point: a new tensor file is written under a new name first, then the sidecar is
 replaced atomically, so a crash or a failing write at any moment leaves the previous checkpoint
 whole. ``final`` is the sidecar of the last epoch's tensors (no second copy of the weights).
+
+Crash safety. ``lipnet train`` commits files in this order: config.yaml; per epoch the checkpoint
+(tensors, then ``last.json``), then metrics.jsonl and metrics.csv; at the end ``final.json``,
+radii.safetensors, summary.md, curves.png and, last of all, results.json. A run is finished
+(:meth:`RunFolder.is_finished`) when results.json, summary.md and the ``final`` checkpoint exist;
+since results.json is written last, a run killed at any moment before it is not finished and
+``--resume`` redoes what is missing. The metrics files are derived data: resume rewrites them from
+the history in the ``last`` checkpoint when they disagree (:meth:`RunFolder.sync_metrics`).
+
+While a run is trained its folder holds ``train.lock``, an advisory lock (``fcntl.flock``; the
+kernel releases it when the process dies, so a killed run never blocks the next one). Without
+``fcntl`` the lock file is created exclusively and names the holder's pid; a killed holder then
+leaves it behind, and the error says which file to delete. Temporary files of the atomic writer
+(``.NAME.<16 hex digits>.tmp``) that a kill left behind are deleted when a run is opened under
+the lock (:meth:`RunFolder.remove_leftovers`).
 """
 
 from __future__ import annotations
@@ -27,15 +42,23 @@ import hashlib
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Mapping
+import re
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from lipnet.config import Config, ConfigError, dump_config, load_config
+
+fcntl: ModuleType | None
+try:
+    import fcntl
+except ImportError:  # Windows: the lock falls back to an exclusively created pid file
+    fcntl = None
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -64,21 +87,29 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted, or not one that lipnet wrote."""
 
 
+#: Name of the atomic writer's temporary file of ``NAME``: ``.NAME.<16 hex digits>.tmp``. Only names
+#: of this form are deleted as leftovers of a killed write.
+_TMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
     Readers see either the old file or the new one, never a partial write; on any error the
-    temporary file is removed and the old file is untouched.
+    temporary file is removed and the old file is untouched. A process killed mid-write leaves
+    the temporary file ``.NAME.<16 hex digits>.tmp`` behind (see :meth:`RunFolder.remove_leftovers`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_path(path)
+    # O_EXCL: never write through a file or link that is already there (64 random bits make a
+    # collision an error in theory only); mode 0o666 & ~umask, as a plain open() would create it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        if hasattr(os, "fchmod"):
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -208,6 +239,7 @@ class RunFolder:
         self.certify_path = self.path / "certify.json"
         self.radii_path = self.path / "radii.safetensors"
         self.checkpoint_dir = self.path / "checkpoints"
+        self.lock_path = self.path / "train.lock"
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -216,6 +248,106 @@ class RunFolder:
     def is_started(self) -> bool:
         """Whether a run has already written its config or a checkpoint here."""
         return self.config_path.exists() or self.has_checkpoint("last") or self.results_path.exists()
+
+    def is_finished(self) -> bool:
+        """Whether the run has finished: results.json (written last), summary.md and ``final`` exist."""
+        return self.results_path.exists() and self.summary_path.exists() and self.has_checkpoint("final")
+
+    # lock and leftovers -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's ``train.lock`` for the ``with`` block; :class:`RunError` if another holds it.
+
+        With ``fcntl`` the lock is ``flock(LOCK_EX | LOCK_NB)`` on ``train.lock``: the kernel drops it
+        when the holder dies, so a lock file left by a killed run does not block. The holder writes
+        its pid into the file (for the error message) and deletes the file before it unlocks.
+        Without ``fcntl`` the file is created with ``O_CREAT | O_EXCL``; a killed holder leaves it
+        behind and the error names it. The folder is created when missing, and removed again at the
+        end when it is still empty (a run refused for bad input leaves nothing behind).
+        """
+        created = not self.path.exists()
+        try:
+            fd = self._acquire_flock() if fcntl is not None else self._acquire_pid_file()
+        except OSError as err:  # e.g. a read-only folder, or a file system without locks
+            raise RunError(f"cannot lock {self.lock_path}: {err}") from None
+        try:
+            yield
+        finally:
+            # Delete before unlocking: a process that opened the old file meanwhile finds, once it
+            # holds the lock, that the path no longer names its file, and starts over (_acquire_flock).
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):  # not empty (a run was written) or already gone
+                    self.path.rmdir()
+
+    def _holder(self) -> str:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            pid = self.lock_path.read_text(encoding="utf-8").strip()
+            if pid.isdigit():
+                return f"pid {pid}"
+        return "pid unknown"
+
+    def _acquire_flock(self) -> int:
+        assert fcntl is not None
+        # A few rounds cover the holder deleting the file between our open() and flock().
+        for _ in range(10):
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # the folder was removed under us (an emptied refused run)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    current = os.stat(self.lock_path)
+                except FileNotFoundError:
+                    current = None
+                mine = os.fstat(fd)
+                if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                    return fd
+            except BlockingIOError:
+                os.close(fd)
+                raise RunError(
+                    f"{self.path} is in use by another lipnet train ({self._holder()}, holding "
+                    f"{self.lock_path}): wait for it to end, or choose another --out"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # locked a file its holder had already deleted: lock the new one
+        raise RunError(f"could not lock {self.lock_path}: it keeps being replaced by other processes")
+
+    def _acquire_pid_file(self) -> int:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            raise RunError(
+                f"{self.path} is in use by another lipnet train ({self._holder()}, holding "
+                f"{self.lock_path}); if that process is no longer running, delete {self.lock_path}"
+            ) from None
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete what a killed run left behind; call it only while holding :meth:`lock`.
+
+        That is: the atomic writer's temporary files (``.NAME.<16 hex digits>.tmp``) in the run
+        folder and in ``checkpoints/``, and tensor files that no checkpoint sidecar names. Returns
+        the deleted paths. Nothing else is touched.
+        """
+        removed = []
+        if self.path.is_dir():
+            for p in self.path.iterdir():
+                if _TMP_NAME.fullmatch(p.name) and p.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                        removed.append(p)
+        return removed + self._remove_unreferenced()  # checkpoints/: temporaries and orphans
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_text(self.config_path, dump_config(cfg))
@@ -232,16 +364,33 @@ class RunFolder:
     # metrics ----------------------------------------------------------------------------------
     def write_metrics(self, history: Iterable[Mapping[str, Any]]) -> None:
         """Rewrite metrics.jsonl and metrics.csv from the full history (one row per epoch)."""
+        jsonl, table = _metrics_text(history)
+        atomic_write_text(self.metrics_jsonl, jsonl)
+        atomic_write_text(self.metrics_csv, table)
+
+    def sync_metrics(self, history: Iterable[Mapping[str, Any]]) -> bool:
+        """Make metrics.jsonl and metrics.csv hold exactly ``history``; True when a file changed.
+
+        ``history`` is a checkpoint's, the source of truth: the metrics files are written after the
+        checkpoint of their epoch, so a kill in between leaves them one epoch behind. An empty
+        history means no epoch was committed: the metrics files are deleted.
+        """
         rows = [dict(r) for r in history]
-        atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-        columns: list[str] = []
-        for r in rows:
-            columns.extend(k for k in r if k not in columns)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.metrics_csv, buf.getvalue())
+        if not rows:
+            changed = False
+            for path in (self.metrics_jsonl, self.metrics_csv):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    changed = True
+            return changed
+        jsonl, table = _metrics_text(rows)
+        if (
+            _read_bytes(self.metrics_jsonl) == jsonl.encode()
+            and _read_bytes(self.metrics_csv) == table.encode()
+        ):
+            return False
+        self.write_metrics(rows)
+        return True
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_jsonl.exists():
@@ -378,15 +527,47 @@ class RunFolder:
             meta=dict(sidecar.get("meta", {})),
         )
 
-    def _remove_unreferenced(self) -> None:
-        """Delete tensor files (and stale temporaries) that no committed sidecar names."""
-        keep = set()
+    def _remove_unreferenced(self) -> list[Path]:
+        """Delete tensor files (and stale temporaries) that no committed sidecar names; returns them.
+
+        When a sidecar exists but cannot be read, no tensor file is deleted: the one it names cannot
+        be told apart from an orphan, and deleting it would destroy what the error is about.
+        """
+        if not self.checkpoint_dir.is_dir():
+            return []
+        keep: set[Any] = set()
+        readable = True
         for tag in _TAGS:
-            with contextlib.suppress(CheckpointError):
-                if self.has_checkpoint(tag):
+            if self.has_checkpoint(tag):
+                try:
                     keep.add(self._read_sidecar(tag).get("tensors"))
+                except CheckpointError:
+                    readable = False
+        removed = []
         for p in self.checkpoint_dir.iterdir():
-            stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
-            if (p.suffix == ".safetensors" and p.name not in keep) or stale_tmp:
+            orphan = readable and p.suffix == ".safetensors" and p.name not in keep
+            if orphan or _TMP_NAME.fullmatch(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+                    removed.append(p)
+        return removed
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _metrics_text(history: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
+    """The text of metrics.jsonl and of metrics.csv for ``history`` (one row per epoch)."""
+    rows = [dict(r) for r in history]
+    columns: list[str] = []
+    for r in rows:
+        columns.extend(k for k in r if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return "".join(json.dumps(r) + "\n" for r in rows), buf.getvalue()

@@ -8,8 +8,8 @@ run folder ``OUT/runs/tau-0.5`` ..., then writes
 * ``OUT/sweep.md``: the same as a Markdown table (percentages);
 * ``OUT/curve.png``: the trade-off (see :func:`lipnet.plots.plot_sweep`), when matplotlib is present.
 
-A sweep is resumable value by value: a run folder with ``results.json`` is not retrained, a
-half-done one resumes from its last checkpoint, and the attack results are cached per run in
+A sweep is resumable value by value: a finished run folder (``results.json``, written last) is not
+retrained, a half-done one resumes from its last checkpoint, and the attack results are cached per run in
 ``empirical.json``. Every run's config is checked against the sweep's before anything is trained,
 so a sweep never mixes runs of different configs.
 
@@ -238,7 +238,7 @@ def run_sweep(
     violations: list[str] = []
     for value, run_cfg in configs:
         run = RunFolder(run_cfg.out or "")
-        if run.has_results():
+        if run.is_finished():
             log(f"{param}={value:g}: already trained ({run.path})")
         else:
             log(f"{param}={value:g}: {'resuming' if run.is_started() else 'training'} {run.path}")

@@ -3,11 +3,17 @@
 ``train(cfg)`` trains ``cfg.model`` on ``cfg.data`` with ``cfg.loss`` and writes the run folder
 ``cfg.out`` (see :mod:`lipnet.runs`): the config, one metrics row per epoch (with the sound
 Lipschitz bound of the model at that epoch), a ``last`` checkpoint after every epoch, and at the end
-a ``final`` checkpoint, the certification of the final model on the test set (``results.json``) and
-``summary.md``.
+a ``final`` checkpoint, the per-sample radii, ``summary.md``, ``curves.png`` and, last, the
+certification of the final model on the test set (``results.json``, the mark of a finished run).
+
+The folder is locked for the whole call (a second ``train`` into it raises :class:`RunError`), and
+a run killed at any moment resumes to the same folder as an uninterrupted run: resume deletes the
+killed writes' leftovers, rewrites the metrics files from the checkpoint's history when they lag
+behind it, and redoes the end-of-run certification and files when ``results.json`` is missing.
 
 Everything that can be wrong with the input (config, model or loss arguments, dataset, run folder)
-is checked before the first file is written. ``train(cfg, resume=True)`` continues from the
+is checked before the first file is written (only the lock file, ``train.lock``, is there during
+the checks, and it goes when the call ends). ``train(cfg, resume=True)`` continues from the
 ``last`` checkpoint and ends with the same weights as an uninterrupted run (bitwise on CPU): the
 checkpoint holds the model, the optimiser state, the step counter (the learning rate is a function
 of it) and every RNG state.
@@ -26,7 +32,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,10 +341,26 @@ def certify_on_test(
 # the loop
 
 
-def _prepare_run(cfg: Config, resume: bool) -> RunFolder:
+def _open_run(
+    cfg: Config, resume: bool, dist: _Dist, device: torch.device, held: contextlib.ExitStack
+) -> RunFolder:
+    """The run folder ``cfg.out``, locked and checked; what a killed run left behind is deleted.
+
+    Rank 0 takes the folder's lock into ``held`` (released when the ``train`` call ends) and every
+    rank learns whether it could, so that all of them raise together. The folder is checked under
+    the lock, so two runs started at once cannot both find it empty.
+    """
     if cfg.out is None:
         raise ConfigError("out: no run folder given (set out in the config or pass --out)")
     run = RunFolder(cfg.out)
+    refused: RunError | None = None
+    if dist.main:
+        try:
+            held.enter_context(run.lock())
+        except RunError as err:
+            refused = err
+    if dist.sum([float(refused is not None)], device)[0]:
+        raise refused or RunError(f"{run.path} is in use by another lipnet train (rank 0 could not lock it)")
     if resume:
         saved = run.read_config()
         diff = config_diff(saved, cfg, ignore=RESUME_IGNORES)
@@ -351,7 +373,41 @@ def _prepare_run(cfg: Config, resume: bool) -> RunFolder:
         raise RunError(
             f"{run.path} already holds a run: continue it with --resume {run.path}, or choose another --out"
         )
+    if dist.main:
+        run.remove_leftovers()
     return run
+
+
+def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)`` (strict); weights that do not fit -> a one-line :class:`RunError`.
+
+    The message starts with ``what`` and names the tensors that differ (missing from the checkpoint,
+    not in the model, or of another shape), the first three when there are more:
+    ``12 tensors differ, first 3: ...``.
+    """
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        own = model.state_dict()
+        diffs = []
+        for key, tensor in own.items():
+            if key not in state:
+                diffs.append(f"{key} missing from the checkpoint")
+            elif tuple(state[key].shape) != tuple(tensor.shape):
+                diffs.append(
+                    f"{key} has shape {tuple(state[key].shape)} in the checkpoint, {tuple(tensor.shape)} "
+                    "in the model"
+                )
+        diffs += [f"{key} is not in the model" for key in state if key not in own]
+        if len(diffs) == 1:
+            detail = f"1 tensor differs: {diffs[0]}"
+        elif len(diffs) <= 3:
+            detail = f"{len(diffs)} tensors differ: " + "; ".join(diffs)
+        elif diffs:
+            detail = f"{len(diffs)} tensors differ, first 3: " + "; ".join(diffs[:3])
+        else:  # names and shapes agree: torch refused for another reason, say which
+            detail = " ".join(str(err).split())
+        raise RunError(f"{what}: {detail}") from None
 
 
 def _summary(cfg: Config, results: dict[str, Any]) -> str:
@@ -394,7 +450,9 @@ def train(
     ``stop_after_epoch`` ends this call after that epoch, as if the process had been stopped there
     (the run stays resumable). ``log`` receives one line per epoch (rank 0; default: tqdm.write
     when ``progress`` is on). Bad input raises :class:`ConfigError`, :class:`RunError` or the data
-    module's errors before anything is written.
+    module's errors before anything is written; so does a folder that another ``train`` holds
+    (:class:`RunError`), and a checkpoint that does not fit the configured model (:class:`RunError`
+    naming the tensors).
     """
     from tqdm.auto import tqdm
 
@@ -414,16 +472,19 @@ def train(
         log = lambda _line: None  # noqa: E731
     show = progress and dist.main
     dist.start(device)
+    held = contextlib.ExitStack()
     try:
-        run = _prepare_run(cfg, resume)
-        if resume and run.has_results() and run.has_checkpoint("final"):
+        run = _open_run(cfg, resume, dist, device, held)
+        if resume and run.is_finished():
             model, _ = load_run_model(run.path, "final", device)
             log(f"{run.path} has already finished; nothing to do")
             history = run.read_metrics()
             return TrainResult(run.path, model, history, True, run.read_results() if dist.main else None)
         train_ds, test_ds = load_split(cfg, "train"), load_split(cfg, "test")
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model).to(device)
+        # in_channels / input_size / num_classes from the data where the config leaves them out
+        model_spec = cfg.model.for_data(train_ds.input_shape, train_ds.num_classes)
+        model = build_model(model_spec).to(device)
         loss_fn = build_loss(cfg)
         input_shape = _check_model_fits(model, train_ds, cfg)
         optimizer = build_optimizer(model.parameters(), cfg)
@@ -432,7 +493,12 @@ def train(
         start_epoch, step, train_time = 0, 0, 0.0
         if resume and run.has_checkpoint("last"):
             ckpt = run.load_checkpoint("last")
-            model.load_state_dict(ckpt.model)
+            _load_weights(
+                model,
+                ckpt.model,
+                f"cannot resume {run.path}: its 'last' checkpoint does not fit model {cfg.model.name!r} "
+                "as config.yaml describes it",
+            )
             optimizer.load_state_dict(ckpt.state["optimizer"])
             _set_rng_state(ckpt.state["rng"])
             history = list(ckpt.meta["history"])
@@ -441,6 +507,9 @@ def train(
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         if dist.main and not resume:
             run.write_config(cfg)
+        if dist.main and resume and run.sync_metrics(history):
+            # killed between a checkpoint and its metrics rows: the checkpoint's history is the truth
+            log(f"rewrote {run.metrics_jsonl.name} and {run.metrics_csv.name} from the checkpoint")
 
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -502,6 +571,15 @@ def train(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     logits = train_model(x)
+                if logits.device.type == "cpu" and not bool(torch.isfinite(logits).all()):
+                    # The loss would refuse these logits as bad input (ValueError, exit 2); mid-training
+                    # they mean the weights diverged. Checked on the host only, where it costs no device
+                    # sync; on an accelerator the NaN reaches the epoch loss, checked below.
+                    kept = f"keeps its last checkpoint (epoch {epoch})" if epoch else "has no checkpoint yet"
+                    raise TrainingDivergedError(
+                        f"the logits became NaN or Inf at step {step + 1} (epoch {epoch + 1}): lower "
+                        f"optim.lr; {run.path} {kept}"
+                    )
                 loss = loss_fn(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -546,7 +624,7 @@ def train(
                     model_state=model.state_dict(),
                     state={"optimizer": optimizer.state_dict(), "rng": _rng_state()},
                     meta={
-                        "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs},
+                        "model": {"name": cfg.model.name, "kwargs": model_spec.kwargs},
                         "input_shape": list(input_shape),
                         "num_classes": train_ds.num_classes,
                         "history": history,
@@ -576,7 +654,7 @@ def train(
             run.write_radii(per_sample)
             results = {
                 "run": str(run.path),
-                "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs},
+                "model": {"name": cfg.model.name, "kwargs": model_spec.kwargs},
                 "loss": {"name": cfg.loss.name, "kwargs": cfg.loss.kwargs},
                 "data": {"name": cfg.data.name, "n_train": len(train_ds), "n_test": len(test_ds)},
                 "epochs": epochs,
@@ -585,13 +663,15 @@ def train(
                 "final_epoch": history[-1],
                 "certify": cert,
             }
-            run.write_results(results)
             run.write_summary(_summary(cfg, results))
             plot_history(history, run.curves_path)
+            # last: results.json marks the run finished, so every other file is there before it
+            run.write_results(results)
             log(certification_table(cert))
         dist.barrier()
         return TrainResult(run.path, model.eval(), history, True, results)
     finally:
+        held.close()
         dist.close()
 
 
@@ -609,12 +689,9 @@ def load_run_model(
     model = build_model(
         ModelConfig(name=spec.get("name", cfg.model.name), kwargs=dict(spec.get("kwargs", {})))
     )
-    try:
-        model.load_state_dict(ckpt.model)
-    except RuntimeError as err:
-        raise RunError(
-            f"checkpoint '{tag}' of {run.path} does not fit model {spec.get('name')!r}: {err}"
-        ) from None
+    _load_weights(
+        model, ckpt.model, f"checkpoint '{tag}' of {run.path} does not fit model {spec.get('name')!r}"
+    )
     if device is None:
         device = cfg.device
     if isinstance(device, str):

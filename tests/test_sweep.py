@@ -83,6 +83,31 @@ def test_sweep_resumes_value_by_value(
     assert swept.csv_path.read_text(encoding="utf-8") == before
 
 
+def test_sweep_resumes_a_value_without_its_summary(
+    swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lipnet.train
+
+    out = swept.csv_path.parent
+    before = swept.csv_path.read_text(encoding="utf-8")
+    # results.json without summary.md: a run killed at the end (as the old write order allowed) is
+    # not finished, whatever results.json says
+    unfinished = RunFolder(out / "runs" / "tau-0.5")
+    unfinished.summary_path.unlink()
+    calls: list[tuple[str | None, bool]] = []
+    real_train = lipnet.train.train
+
+    def spy(cfg: Config, **kwargs: object) -> lipnet.train.TrainResult:
+        calls.append((cfg.out, bool(kwargs.get("resume"))))
+        return real_train(cfg, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lipnet.train, "train", spy)
+    run_sweep(_base(tiny_config), "tau", [0.5, 10.0], out, progress=False)
+    assert calls == [(str(unfinished.path), True)]
+    assert unfinished.is_finished() and "| n | clean |" in unfinished.summary_path.read_text(encoding="utf-8")
+    assert swept.csv_path.read_text(encoding="utf-8") == before
+
+
 def test_sweep_refuses_runs_of_another_config(
     swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
