@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "DATA_ARGS",
     "RESUME_IGNORES",
     "SWEEP_PARAMS",
     "CertifyConfig",
@@ -58,6 +60,8 @@ _OPTIMIZERS = ("adam", "adamw", "sgd")
 _SCHEDULES = ("cosine", "onecycle", "none")
 _ATTACKS = ("auto", "pgd", "autoattack")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: torch.finfo(torch.float32).max: the optimisers apply lr to float32 weights as a float32 scalar.
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -100,12 +104,111 @@ def _parse_eps(value: object) -> float:
 class ModelConfig:
     """A model of the registry: ``lipnet.models.create(name, **kwargs)``.
 
-    ``in_channels``, ``num_classes`` and ``input_size`` are filled in from the dataset when the
-    constructor accepts them and the config leaves them out.
+    ``in_channels``, ``input_size`` and ``num_classes`` describe the data, not the architecture:
+    training fills them in from the dataset (:meth:`for_data`) for each one the constructor names as
+    a parameter and the config leaves out, so ``small_cnn`` trains on 1x28x28 Fashion-MNIST without
+    extra keys. A value the config gives is kept as it is.
     """
 
     name: str = "small_cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming ``model.<key>`` unless the registry has ``name`` and its
+        constructor takes every key of ``kwargs``, each value of its annotated type (int, float, str,
+        bool, None, literals, sequences and unions of them; other annotations are left to the
+        constructor), and every required argument other than the data arguments of :meth:`for_data`.
+
+        Cheap (no model is built), so that a command rejects a bad ``--set model.key=value`` before it
+        loads any data. Imports :mod:`lipnet.models`.
+        """
+        from lipnet.models import get_model
+
+        try:
+            fn = get_model(self.name)
+        except ValueError as err:
+            raise ConfigError(f"model.name: {err}") from None
+        params = inspect.signature(fn).parameters
+        named = [p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        for key in self.kwargs:
+            if key not in named and not takes_any:
+                raise ConfigError(
+                    f"model.{key}: {self.name} has no argument {key!r}; it takes {', '.join(named)}"
+                )
+        for key in named:
+            required = params[key].default is inspect.Parameter.empty
+            if required and key not in self.kwargs and key not in DATA_ARGS:
+                raise ConfigError(f"model.{key}: {self.name} needs this argument (set model.{key}=...)")
+        try:
+            hints = typing.get_type_hints(fn)
+        except (NameError, TypeError):  # an annotation that does not resolve: the constructor checks
+            hints = {}
+        for key, value in self.kwargs.items():
+            if key in hints and not _matches(value, hints[key]):
+                raise ConfigError(f"model.{key}: {self.name} expects {_type_name(hints[key])}, got {value!r}")
+
+    def for_data(self, input_shape: Sequence[int], num_classes: int) -> ModelConfig:
+        """A copy for a dataset of ``(C, H, W)`` images and ``num_classes`` classes: its kwargs gain
+        ``in_channels = C``, ``input_size = H`` (square images only) and ``num_classes``, each only where
+        the constructor names it as a parameter and ``kwargs`` does not set it. Imports
+        :mod:`lipnet.models`."""
+        from lipnet.models import get_model
+
+        try:
+            params = inspect.signature(get_model(self.name)).parameters
+        except ValueError as err:
+            raise ConfigError(f"model.name: {err}") from None
+        shape = [int(s) for s in input_shape]
+        found: dict[str, int] = {"num_classes": int(num_classes)}
+        if len(shape) == 3:
+            found["in_channels"] = shape[0]
+            if shape[1] == shape[2]:
+                found["input_size"] = shape[1]
+        kwargs = copy.deepcopy(self.kwargs)
+        for key, value in found.items():
+            if key in params and key not in kwargs:
+                kwargs[key] = value
+        return ModelConfig(self.name, kwargs)
+
+
+#: The model arguments that describe the data; :meth:`ModelConfig.for_data` fills them in.
+DATA_ARGS: tuple[str, ...] = ("in_channels", "input_size", "num_classes")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from YAML) has the annotated type ``hint``; True for annotations this
+    cannot judge (classes YAML never produces are judged by ``isinstance``)."""
+    if hint is Any or hint is object:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 @dataclass
@@ -388,6 +491,11 @@ def _validate(cfg: Config) -> None:
         _finite(getattr(o, key), f"optim.{key}")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr!r}")
+    if 10.0 * o.lr > _FLOAT32_MAX:
+        # Adam's first step is lr / (1 - 0.9) = 10 lr; above float32's range torch fails mid-step.
+        raise ConfigError(
+            f"optim.lr must be <= {_FLOAT32_MAX / 10:.3g} (10 lr must fit in float32), got {o.lr!r}"
+        )
     if o.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
     if not 0.0 <= o.momentum < 1.0:

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from torch import nn
 
-__all__ = ["create", "list_models", "register_model"]
+__all__ = ["create", "get_model", "list_models", "register_model"]
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
@@ -27,10 +27,14 @@ def list_models(pattern: str = "") -> list[str]:
     return sorted(name for name in _MODELS if pattern in name)
 
 
-def create(name: str, **kwargs: object) -> nn.Module:
-    """Build the model registered as ``name`` with its keyword arguments."""
+def get_model(name: str) -> Callable[..., nn.Module]:
+    """The constructor registered as ``name`` (its signature says which arguments it takes)."""
     try:
-        fn = _MODELS[name]
+        return _MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
-    return fn(**kwargs)
+
+
+def create(name: str, **kwargs: object) -> nn.Module:
+    """Build the model registered as ``name`` with its keyword arguments."""
+    return get_model(name)(**kwargs)
