@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,7 +134,11 @@ def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -
                 f"{path} is not a valid safetensors file (truncated or corrupted?): {err}"
             ) from None
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about any pickle protocol above 2 and asks the user to file an issue; the
+            # refusal below already explains what is wrong and what to do.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path} can only be loaded by unpickling arbitrary Python objects, which could run any code "
@@ -151,12 +156,21 @@ def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -
 
 
 def _unpickling_reason(err: BaseException) -> str:
-    """The informative line of torch's weights_only refusal (it names the offending global)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    for line in text.splitlines():
-        if "Unsupported global" in line or "WeightsUnpickler error" in line:
-            return " ".join(line.split())[:300]
-    return " ".join(text.split())[:300]
+    """What torch's weights_only unpickler refused, in our words: the Python global the file names, or
+    the pickle opcode it cannot run (e.g. FRAME, 149, in a ``pickle.dump`` file of protocol 4 or 5);
+    torch's advice around it (re-run with ``weights_only=False``, file an issue) is dropped."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())
+    detail = text.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0].strip()
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    if found:
+        return f"it names the Python global {found.group(1)}"
+    found = re.search(r"Unsupported operand (\d+)", detail)
+    if found:
+        return (
+            f"it uses pickle opcode {found.group(1)}, which torch's weights-only reader does not run; "
+            "pickle.dump writes such files, torch.save does not by default"
+        )
+    return (detail or text)[:300]
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
