@@ -105,14 +105,16 @@ def test_cifar10_missing_folder_says_how_to_get_it(tmp_path: Path) -> None:
         load("cifar10", data_dir=tmp_path)
     message = str(info.value)
     assert str(tmp_path / "cifar-10-batches-py") in message
-    assert "--download" in message and "--data-dir" in message and cifar_module.CIFAR10_URL in message
+    # the way the commands spell a download (no command has a --download flag)
+    assert "--set data.download=true" in message and "--download" not in message
+    assert "--data-dir" in message and "data.data_dir" in message and cifar_module.CIFAR10_URL in message
     assert isinstance(info.value, FileNotFoundError)
 
 
 def test_cifar10_missing_file_is_named(tmp_path: Path) -> None:
     fx = write_cifar10(tmp_path)
     (fx.folder / "data_batch_2").unlink()
-    with pytest.raises(DatasetNotFoundError, match=r"data_batch_2.*--download"):
+    with pytest.raises(DatasetNotFoundError, match=r"data_batch_2.*--set data\.download=true"):
         load("cifar10", data_dir=tmp_path)
     (fx.folder / "batches.meta").unlink()
     with pytest.raises(DatasetNotFoundError, match="batches.meta"):
@@ -129,7 +131,7 @@ def test_cifar10_damaged_file_is_named(tmp_path: Path, damage: str) -> None:
     )
     with pytest.raises(DatasetCorruptError, match="data_batch_4") as info:
         load("cifar10", data_dir=tmp_path)
-    assert "--download" in str(info.value) and isinstance(info.value, ValueError)
+    assert "--set data.download=true" in str(info.value) and isinstance(info.value, ValueError)
 
 
 def test_cifar10_wrong_content_is_refused(tmp_path: Path) -> None:
@@ -307,7 +309,7 @@ def test_damaged_gzip_is_named(tmp_path: Path, damage: str) -> None:
     path.write_bytes(bytes(raw))
     with pytest.raises(DatasetCorruptError, match="train-images-idx3-ubyte.gz") as info:
         load("mnist", data_dir=tmp_path)
-    assert "--download" in str(info.value)
+    assert "--set data.download=true" in str(info.value)
 
 
 def test_idx_dataset_structure_is_checked(tmp_path: Path) -> None:
@@ -326,7 +328,9 @@ def test_idx_dataset_structure_is_checked(tmp_path: Path) -> None:
 
 
 def test_idx_missing_files_say_how_to_get_them(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFoundError, match=r"MNIST train files not found.*--download") as info:
+    with pytest.raises(
+        DatasetNotFoundError, match=r"MNIST train files not found.*--set data\.download=true"
+    ) as info:
         load("mnist", data_dir=tmp_path)
     assert str(tmp_path / "mnist") in str(info.value)
     fx = write_idx_dataset(tmp_path / "mnist", gz=True)
@@ -335,7 +339,7 @@ def test_idx_missing_files_say_how_to_get_them(tmp_path: Path) -> None:
         load("mnist", "test", data_dir=tmp_path)
     source = dataclasses.replace(FASHION_MNIST, system_dirs=(tmp_path / "no-debian",))
     with pytest.raises(
-        DatasetNotFoundError, match=r"apt-get install dataset-fashion-mnist.*--download.*data-dir"
+        DatasetNotFoundError, match=r"apt-get install dataset-fashion-mnist.*data\.download=true.*data-dir"
     ):
         load_idx_dataset(source, "train", data_dir=tmp_path)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from lipnet.data.dataset import ImageDataset
-from lipnet.data.errors import DatasetCorruptError, DatasetNotFoundError
+from lipnet.data.errors import DATA_DIR_HINT, DOWNLOAD_HINT, DatasetCorruptError, DatasetNotFoundError
 from lipnet.data.fetch import DownloadError, download_file, resolve_data_dir, safe_extract_tar
 from lipnet.data.safe_pickle import restricted_load
 
@@ -28,10 +28,9 @@ _PIXELS = 3 * 32 * 32
 
 def _how_to_get(data_dir: Path) -> str:
     return (
-        "Get CIFAR-10 in one of two ways: pass --download (download=True in Python), which fetches "
+        f"Get CIFAR-10 in one of two ways: let lipnet download it ({DOWNLOAD_HINT}), which fetches "
         f"{CIFAR10_URL} (163 MB, md5 {CIFAR10_MD5}) and extracts it; or put the extracted "
-        f"'{CIFAR10_FOLDER}' folder under --data-dir (now {data_dir.resolve()}; "
-        "the default is $LIPNET_DATA, else ./data)."
+        f"'{CIFAR10_FOLDER}' folder in the data folder (now {data_dir.resolve()}; {DATA_DIR_HINT})."
     )
 
 

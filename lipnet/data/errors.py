@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DatasetCorruptError", "DatasetNotFoundError"]
+__all__ = ["DATA_DIR_HINT", "DOWNLOAD_HINT", "DatasetCorruptError", "DatasetNotFoundError"]
+
+#: How a user asks for a download, in the messages of a missing dataset: the config key (there is no
+#: ``--download`` flag; ``certify`` and ``audit`` read data that training or the user put in place).
+DOWNLOAD_HINT = "--set data.download=true for lipnet train and sweep, download=True in Python"
+
+#: Where the data folder comes from, in the messages of a missing dataset.
+DATA_DIR_HINT = (
+    "data.data_dir in the config, --data-dir for lipnet certify, audit and bench fmnist; "
+    "the default is $LIPNET_DATA, else ./data"
+)
 
 
 class DatasetNotFoundError(FileNotFoundError):

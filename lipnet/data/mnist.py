@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lipnet.data.dataset import ImageDataset
-from lipnet.data.errors import DatasetCorruptError, DatasetNotFoundError
+from lipnet.data.errors import DATA_DIR_HINT, DOWNLOAD_HINT, DatasetCorruptError, DatasetNotFoundError
 from lipnet.data.fetch import DownloadError, download_file, resolve_data_dir
 from lipnet.data.idx import read_idx
 
@@ -95,13 +95,12 @@ MNIST = IdxSource(
 def _how_to_get(source: IdxSource, root: Path) -> str:
     ways = [source.system_hint] if source.system_hint else []
     ways.append(
-        f"pass --download (download=True in Python), which fetches the official files from "
+        f"let lipnet download them ({DOWNLOAD_HINT}), which fetches the official files from "
         f"{source.mirrors[0]} and checks their md5"
     )
     ways.append(
         f"put the four IDX files ({', '.join(_FILES['train'] + _FILES['test'])}, each optionally "
-        f"gzipped as .gz) in {(root / source.folder).resolve()} (the data folder is --data-dir, "
-        "default $LIPNET_DATA, else ./data)"
+        f"gzipped as .gz) in {(root / source.folder).resolve()} (the data folder: {DATA_DIR_HINT})"
     )
     count = "two" if len(ways) == 2 else "three"
     return f"Get {source.title} in one of {count} ways: " + "; or ".join(ways) + "."
