@@ -1,15 +1,22 @@
 """Argument types shared by the ``lipnet`` sub-commands: each turns a string into a value or raises
-``argparse.ArgumentTypeError`` with a message that says what was expected."""
+``argparse.ArgumentTypeError`` with a message that says what was expected; and the check of an output
+path, made before a command does any work."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
+    "AUTOATTACK_ATTACKS",
     "Parser",
+    "autoattack_list",
+    "check_output_path",
     "eps_list",
     "float_list",
     "increasing_eps_list",
@@ -17,6 +24,7 @@ __all__ = [
     "name_list",
     "non_negative_int",
     "one_line",
+    "positive_float",
     "positive_int",
 ]
 
@@ -72,6 +80,22 @@ def name_list(text: str) -> list[str]:
     return _items(text, str, "apgd-ce,apgd-t")
 
 
+#: The attacks pyautoattack's ``version="custom"`` runs. It rejects another name only when it attacks,
+#: after the bound and the certificates have been computed, so ``--attacks`` is checked on parsing.
+AUTOATTACK_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+
+
+def autoattack_list(text: str) -> list[str]:
+    """``"apgd-ce,apgd-t"`` -> ``["apgd-ce", "apgd-t"]``, each one of :data:`AUTOATTACK_ATTACKS`."""
+    names = name_list(text)
+    unknown = [n for n in names if n not in AUTOATTACK_ATTACKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown AutoAttack attack(s) {', '.join(unknown)}; choose from {', '.join(AUTOATTACK_ATTACKS)}"
+        )
+    return names
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
@@ -92,6 +116,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate, a temperature, a time in seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def json_object(text: str) -> dict[str, Any]:
     """A JSON object such as ``'{"width": 16}'``."""
     try:
@@ -101,3 +136,22 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 16}}', got {text!r}")
     return value
+
+
+def check_output_path(path: str | Path, flag: str, *, folder: bool) -> None:
+    """Raise ``ValueError`` (naming ``flag``) unless ``path`` can become the output folder (``folder``)
+    or file: it is not a file where a folder is wanted or the reverse, and its nearest existing
+    ancestor is a writable folder. Nothing is created: the command creates what it needs once every
+    other argument has been checked, so bad input leaves no empty folder behind."""
+    target = Path(path)
+    if folder and target.exists() and not target.is_dir():
+        raise ValueError(f"{flag} {target}: is a file, expected a folder")
+    if not folder and target.is_dir():
+        raise ValueError(f"{flag} {target}: is a folder, expected a file name")
+    ancestor = target if target.exists() else target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {target}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {target}: {ancestor} is not writable")

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from lipnet.argtypes import (
+    autoattack_list,
+    check_output_path,
     eps_list,
     float_list,
     json_object,
-    name_list,
     non_negative_int,
     one_line,
     positive_int,
@@ -66,7 +67,7 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--attack", choices=["autoattack", "pgd", "none"], default="autoattack")
     p.add_argument(
         "--attacks",
-        type=name_list,
+        type=autoattack_list,
         default=["apgd-ce", "apgd-t"],
         help="AutoAttack attacks to run (default apgd-ce,apgd-t)",
     )
@@ -76,7 +77,7 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--std", type=float_list, help="the model's input normalisation std, per channel")
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", required=True, help="folder for audit.json, audit.md and radii.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_audit)
@@ -94,14 +95,21 @@ def run_audit(args: argparse.Namespace) -> int:
     """Run ``lipnet audit`` for parsed ``args``; returns the exit code (0 passed, 1 failed, 2 bad input)."""
     from certify.audit import audit
     from certify.bounds import UnboundableModuleError
+    from certify.folding import Normalize
     from certify.loading import load_model
     from lipnet import data
     from lipnet.train import resolve_device
 
     try:
+        # Every argument and the model are checked before the test set is read or generated.
+        check_output_path(args.out, "--out", folder=True)
+        if (args.mean is None) != (args.std is None):
+            raise ValueError("give both --mean and --std (the model's input normalisation), or neither")
+        if args.mean is not None:
+            Normalize(args.mean, args.std)  # raises ValueError for a zero std or mismatched lengths
         device = resolve_device(args.device)
-        dataset = data.load(args.data, "test", data_dir=args.data_dir, n=args.n)
         loaded = load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, device=device)
+        dataset = data.load(args.data, "test", data_dir=args.data_dir, n=args.n)
         if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(dataset.input_shape):
             raise ValueError(
                 f"the model expects inputs of shape {loaded.input_shape}, but {args.data} images have shape "

@@ -243,11 +243,12 @@ def bench_fmnist(
     from certify.attacks import autoattack_available
     from certify.bounds import lipschitz_bound
     from lipnet import data, losses
+    from lipnet.data.mnist import FASHION_MNIST
     from lipnet.train import resolve_device
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if time_cap is not None and time_cap <= 0:
+    if time_cap is not None and not time_cap > 0:  # NaN too
         raise ValueError(f"time cap must be positive seconds, got {time_cap}")
     if attack_n < 0:
         raise ValueError(f"attack_n must be >= 0, got {attack_n}")
@@ -257,10 +258,11 @@ def bench_fmnist(
         attack = "autoattack" if autoattack_available() else "pgd"
     attack_label = f"pgd ({attack_steps} steps)" if attack == "pgd" else "autoattack (apgd-ce, apgd-t)"
     dev = resolve_device(device)
+    # Unknown model names and a bad tau fail before any data is read (Fashion-MNIST has 10 classes).
+    chosen = _select(contenders(size, len(FASHION_MNIST.classes)), models)
+    loss_fn = losses.create("tau_ce", tau=tau)
     train_ds = data.load("fashion_mnist", "train", data_dir=data_dir, n=n_train)
     test_ds = data.load("fashion_mnist", "test", data_dir=data_dir, n=n_test)
-    chosen = _select(contenders(size, train_ds.num_classes), models)
-    loss_fn = losses.create("tau_ce", tau=tau)
     train_loader = data.DeviceLoader(train_ds, batch_size, shuffle=True, seed=seed, device=dev)
     shape = tuple(int(s) for s in test_ds.images.shape[1:])
     n_attack = min(attack_n, len(test_ds))
@@ -364,7 +366,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     attack = args.attack
     if attack == "auto":
         from certify.attacks import autoattack_available
@@ -391,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def write(rows: list[dict[str, Any]]) -> None:
+        # Created with the first row, so that bad arguments (rejected before it) leave no folder.
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "fmnist.csv", to_csv(rows))
         atomic_write_text(out / "fmnist.md", to_markdown(rows, header))
 

@@ -1,23 +1,30 @@
-"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit``, ``bench layers|fmnist|models``.
+"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit``, ``catalogue``,
+``bench layers|fmnist|models``, and ``lipnet --version``.
 
-Exit codes: 0 success, 1 training diverged, 2 bad input (unknown key, impossible value, missing
-dataset or run folder, corrupted checkpoint, unknown model), reported as one line on stderr
-without a traceback; 130 interrupted. Anything else is a bug and keeps its traceback.
+Exit codes: 0 success, 1 training diverged (or a sweep found a broken certificate), 2 bad input
+(unknown key, impossible value, missing dataset, config, model or run folder, corrupted
+checkpoint, unknown model, an output path that cannot be written), reported as one line on stderr,
+``lipnet <command>: error: ...``, without a traceback; 130 interrupted. Every argument is checked
+before any data is generated or any model trained. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lipnet.argtypes import (
     Parser,
+    check_output_path,
     float_list,
     increasing_eps_list,
     name_list,
     non_negative_int,
     one_line,
+    positive_float,
     positive_int,
 )
 from lipnet.audit_cli import add_audit_parser
@@ -34,6 +41,19 @@ def _config(args: argparse.Namespace) -> Config:
         cfg.device = args.device
         cfg.validate()
     return cfg
+
+
+def _check_buildable(cfg: Config) -> None:
+    """Reject a model or loss that cannot be built before any data is loaded (both are cheap to check)."""
+    from lipnet.train import build_loss
+
+    cfg.model.check()
+    build_loss(cfg)
+
+
+def _is_main_process() -> bool:
+    # torchrun starts one process per device with RANK set; only rank 0 reports.
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -58,8 +78,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             cfg.out = args.out
         elif cfg.out is None:
             cfg.out = str(Path("runs") / Path(args.config).stem)
+        check_output_path(cfg.out, "--out", folder=True)
+    _check_buildable(cfg)
     result = train(cfg, resume=args.resume is not None, progress=not args.quiet)
-    print(f"run folder: {result.run_dir}")
+    if _is_main_process():
+        print(f"run folder: {result.run_dir}")
     return 0
 
 
@@ -72,9 +95,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.attack_n is not None:
         cfg.sweep.attack_n = args.attack_n
     cfg.validate()
+    _check_buildable(cfg)
     chosen = [(p, getattr(args, f"{p}s")) for p in SWEEP_PARAMS if getattr(args, f"{p}s") is not None]
     param, values = chosen[0] if chosen else (cfg.sweep.param, cfg.sweep.values)
     out = args.out or cfg.out or str(Path("runs") / f"{Path(args.config).stem}-sweep")
+    check_output_path(out, "--out", folder=True)
     result = run_sweep(cfg, param, values, out, progress=not args.quiet)
     print(result.md_path.read_text(encoding="utf-8"))
     print(f"wrote {result.csv_path}, {result.md_path}" + (f", {result.png_path}" if result.png_path else ""))
@@ -95,7 +120,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         test_ds,
         eps,
         n=n,
-        batch_size=args.batch_size or cfg.certify.batch_size,
+        batch_size=args.batch_size if args.batch_size is not None else cfg.certify.batch_size,
         device=next(model.parameters()).device,
         progress=not args.quiet,
     )
@@ -109,25 +134,38 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 def _cmd_bench_layers(args: argparse.Namespace) -> int:
     from lipnet import bench
 
+    if args.out is not None:
+        check_output_path(args.out, "--out", folder=False)
     return bench.run(args)
 
 
 def _cmd_bench_fmnist(args: argparse.Namespace) -> int:
     from lipnet import bench_fmnist
 
+    check_output_path(args.out, "--out", folder=True)
     return bench_fmnist.run(args)
 
 
 def _cmd_bench_models(args: argparse.Namespace) -> int:
     from lipnet import bench_models
 
+    if args.out is not None:
+        check_output_path(args.out, "--out", folder=False)
     return bench_models.run(args)
 
 
 def _cmd_catalogue(args: argparse.Namespace) -> int:
     from lipnet import catalogue
 
+    check_output_path(args.out, "--out", folder=True)
     return catalogue.run(args)
+
+
+def _version() -> str:
+    try:
+        return version("lipnet")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="lipnet", description="Certifiably robust 1-Lipschitz networks: train, sweep, certify."
     )
+    parser.add_argument("--version", action="version", version=f"lipnet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -167,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--alphas", type=float_list, help="HKR alpha values in [0, 1], e.g. 0.9,0.99")
     p_sweep.add_argument("--out", help="sweep folder (default: runs/<config name>-sweep)")
     p_sweep.add_argument("--attack", choices=["auto", "pgd", "autoattack"], help="empirical attack")
-    p_sweep.add_argument("--attack-n", type=int, help="test images attacked per value (0: no attack)")
+    p_sweep.add_argument(
+        "--attack-n", type=non_negative_int, help="test images attacked per value (0: no attack)"
+    )
     p_sweep.set_defaults(func=_cmd_sweep)
 
     p_cert = sub.add_parser("certify", help="certify a run's final checkpoint on its test set")
@@ -175,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cert.add_argument(
         "--eps", type=increasing_eps_list, help="radii, e.g. 36/255,72/255 (default: the run's)"
     )
-    p_cert.add_argument("--n", type=int, help="certify the first N test images (default: the run's)")
+    p_cert.add_argument("--n", type=positive_int, help="certify the first N test images (default: the run's)")
     p_cert.add_argument("--checkpoint", choices=["final", "last"], default="final")
-    p_cert.add_argument("--batch-size", type=int)
+    p_cert.add_argument("--batch-size", type=positive_int, help="images per batch (default: the run's)")
     p_cert.add_argument("--data-dir", help="dataset folder (default: the run's)")
     p_cert.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     p_cert.add_argument("--quiet", action="store_true")
@@ -193,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_cat.add_argument("--n-train", type=positive_int, help="training images per task (all tasks)")
     p_cat.add_argument("--n-test", type=positive_int, help="test images per task (all tasks)")
     p_cat.add_argument("--epochs", type=positive_int, help="epochs per method (all tasks)")
-    p_cat.add_argument("--lr", type=float, help="Adam learning rate (all tasks)")
-    p_cat.add_argument("--tau", type=float, help="logit temperature tau (all tasks)")
+    p_cat.add_argument("--lr", type=positive_float, help="Adam learning rate (all tasks)")
+    p_cat.add_argument("--tau", type=positive_float, help="tau, which multiplies the logits (all tasks)")
     p_cat.add_argument("--batch-size", type=positive_int, help="batch size (all tasks)")
     p_cat.add_argument("--width", type=positive_int, help="backbone width, even (all tasks)")
     p_cat.add_argument("--attack", choices=["auto", "autoattack", "pgd"], help="attack (default pgd)")
@@ -214,10 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = p_bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
     p_layers = bench_sub.add_parser("layers", help="speed and memory of the 1-Lipschitz layers")
     p_layers.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
-    p_layers.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    p_layers.add_argument("--width", type=int, default=32, help="channels of the first conv (default 32)")
-    p_layers.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (default 10)")
-    p_layers.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p_layers.add_argument("--batch", type=positive_int, default=64, help="batch size (default 64)")
+    p_layers.add_argument(
+        "--width", type=positive_int, default=32, help="channels of the first conv (default 32)"
+    )
+    p_layers.add_argument(
+        "--rounds", type=positive_int, default=10, help="interleaved timing rounds (default 10)"
+    )
+    p_layers.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p_layers.add_argument(
         "--per-layer", action="store_true", help="one layer per kind and its anchor, not the small_cnn nets"
     )
@@ -237,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_fmnist.add_argument("--epochs", type=positive_int, default=5, help="epochs per model (default 5)")
     p_fmnist.add_argument(
-        "--time-cap", type=float, default=300.0, help="training seconds per model (default 300)"
+        "--time-cap", type=positive_float, default=300.0, help="training seconds per model (default 300)"
     )
     p_fmnist.add_argument(
         "--models", type=name_list, help="subset, e.g. lipnet:aol,deel-torchlip:spectral (default: all)"
@@ -250,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_fmnist.add_argument("--attack", choices=["auto", "autoattack", "pgd"], default="auto")
     p_fmnist.add_argument("--attack-steps", type=positive_int, default=50, help="PGD steps (default 50)")
-    p_fmnist.add_argument("--tau", type=float, default=5.0, help="τ of τ-CE (τ multiplies the logits)")
-    p_fmnist.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    p_fmnist.add_argument(
+        "--tau", type=positive_float, default=5.0, help="τ of τ-CE (τ multiplies the logits)"
+    )
+    p_fmnist.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
     p_fmnist.add_argument("--batch-size", type=positive_int, default=128)
     p_fmnist.add_argument("--seed", type=non_negative_int, default=0)
     p_fmnist.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
@@ -280,6 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The sub-parser of the command that ``args`` were parsed for (``lipnet bench layers``'s, ...)."""
+    for dest in ("command", "bench_command"):
+        sub = next(
+            (a for a in parser._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest), None
+        )
+        if sub is None or getattr(args, dest, None) is None:
+            break
+        parser = sub.choices[getattr(args, dest)]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``lipnet`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     from certify.bounds import UnboundableModuleError
@@ -287,16 +346,22 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # argparse would report these from the top-level parser ("lipnet: error:"); the command's
+            # own parser names the command, as every other error of the command does.
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else 2
-    name = f"lipnet {args.command}"
+    name = " ".join(["lipnet", args.command, *([args.bench_command] if args.command == "bench" else [])])
     try:
         return int(args.func(args))
     except TrainingDivergedError as err:
         print(f"{name}: error: {one_line(err)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, UnboundableModuleError) as err:
+    except (ValueError, OSError, UnboundableModuleError) as err:
+        # OSError: a path given on the command line that cannot be read or written (FileNotFoundError,
+        # PermissionError, a full disk), or a dataset download that failed: input, not a bug.
         print(f"{name}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,6 +68,41 @@ def test_train_on_a_cifar10_folder(
     assert RunFolder(out).read_config().data.name == "cifar10"
 
 
+def test_model_takes_its_input_shape_from_the_data(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """small_cnn defaults to 3x32x32 inputs; on 1x28x28 MNIST files it gets in_channels=1 and
+    input_size=28 from the data (the config sets neither), and certify rebuilds the same model."""
+    from fixtures import write_idx_dataset
+
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=32, n_test=8, gz=False)
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(config_file), "--out", str(out), "--quiet"]
+    data = ["--set", "data.name=mnist", "--set", f"data.data_dir={tmp_path / 'data'}"]
+    code, _, err = _run([*argv, *data, "--set", "data.n_train=32", "--set", "data.n_test=8"], capsys)
+    assert code == 0, err
+    run = RunFolder(out)
+    assert "in_channels" not in run.read_config().model.kwargs  # config.yaml: what the user wrote
+    kwargs = run.load_checkpoint("final").meta["model"]["kwargs"]
+    assert kwargs["in_channels"] == 1 and kwargs["input_size"] == 28 and kwargs["num_classes"] == 10
+    code, _, err = _run(["certify", str(out), "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_diverged_training_exits_1_with_the_lr_hint(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An absurd learning rate makes the logits NaN mid-epoch: that is divergence (exit 1, lower
+    optim.lr), not bad input (exit 2, which the loss's own NaN check used to give)."""
+    out = tmp_path / "run"
+    lr = ["--set", "optim.lr=1e30", "--set", "optim.schedule=none", "--set", "optim.epochs=3"]
+    code, _, err = _run(["train", "--config", str(config_file), "--out", str(out), "--quiet", *lr], capsys)
+    assert code == 1, err
+    _one_line_error(err)
+    assert "NaN" in err and "lower optim.lr" in err
+    assert not RunFolder(out).has_checkpoint("final")
+
+
 def test_certify_a_run(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["certify", str(trained), "--eps", "36/255,0.5", "--n", "16", "--quiet"], capsys)
     assert code == 0, err
