@@ -24,9 +24,12 @@ input side) or ``A A^T`` (the output side), ``||A||^2 = lambda_max(G)``.
    ``colours * channels`` applications of G (a convolution and its adjoint, by autograd, in
    float64) give every nonzero entry. Rounding: each entry comes from inner products of at most
    ``m1 = c_in K`` and ``m2 = c_out K copies`` terms (K taps, ``copies`` the largest number of
-   padded positions that copy one pixel), so ``|G_computed - G| <= gamma_(m1 + m2) |A|^T |A|``
-   entrywise, and ``|| |A|^T |A| ||_2 <= ||A||_1 ||A||_inf`` (column and row sums of ``|A|``, bounded
-   by ``copies max_b sum_(a, taps) |W|`` and ``max_a sum_(b, taps) |W|``): the term ``e_G``.
+   padded positions that copy one pixel), so ``|G_computed - G| <= gamma_(m1 + m2) B^T B``
+   entrywise (``B B^T`` on the output side), B the layer with kernel ``|W|`` (``B >= |A|``: it adds
+   the taps that read one pixel without cancellation), and ``||B^T B||_2 <= ||B||_1 ||B||_inf``
+   (column and row sums, at most ``copies max_b sum_(a, taps) |W|`` and ``max_a sum_(b, taps) |W|``):
+   the term ``e_G``. The factorisation reads the lower triangle; the symmetric matrix it defines is
+   within the same entrywise bound of G.
 3. Estimate. Lanczos with full reorthogonalisation, on the same matrix-free G, gives the top
    Ritz value theta and its residual r (``beta_k |s_k|``). This is only a guess.
 4. Certificate. For ``nu = theta (1 + rho) + r`` (rho = 1e-9, else 1e-6, 1e-3), the block
@@ -43,9 +46,11 @@ input side) or ``A A^T`` (the output side), ``||A||^2 = lambda_max(G)``.
    (doubled for the rounding of that sum). The returned value is the root times
    ``1 + FLOAT64_SLACK``.
 
-Cost: ``colours * channels`` convolution pairs, a few hundred Lanczos steps (one pair each) and
-``blocks * block^3`` for one factorisation (block ``h * channels * (other sizes)``); for a 16-channel
-3x3 convolution on 32x32 inputs, 16 blocks of 1024 (a few seconds of one core).
+Cost: ``colours * channels`` convolution pairs, up to a few hundred Lanczos steps (one pair each)
+and ``blocks * block^3`` for one factorisation (block ``h * channels * (other sizes)``): for a
+16-channel 3x3 convolution on 32x32 inputs, 400 probes and 16 blocks of 1024, about 8 s of one core
+(:func:`gram_work` is the factorisation's share, and the caller's limit). Memory is held to
+``_LANCZOS_STEPS * dim + probes * dim`` floats by the size limits (``_MAX_DIM``, ``_MAX_RESPONSES``).
 """
 
 from __future__ import annotations
@@ -74,6 +79,14 @@ _LANCZOS_CHECK = 10
 _LANCZOS_RTOL = 1e-11
 #: Probes pushed through G at once (memory: this many inputs and outputs of the layer).
 _PROBE_BATCH = 256
+#: Limits beyond which the method is not tried (infinite work): sizes per axis (the per-axis
+#: adjacency and colouring are dense ``n x n``), the side of G (the Lanczos basis holds
+#: ``_LANCZOS_STEPS * dim`` floats) and the probe responses (``probes * dim`` floats).
+_MAX_AXIS = 1024
+_MAX_DIM = 1 << 16
+_MAX_RESPONSES = 1 << 25
+#: Work charged per block on top of ``block^3`` (the Python loop and the gathers of one block).
+_BLOCK_OVERHEAD = 1 << 17
 
 
 def _gamma(n: int) -> float:
@@ -137,21 +150,20 @@ class _Side:
         costs = []
         for n, h in zip(self.sizes, heights, strict=True):
             block = min(h, n) * self.dim // n
-            costs.append((-(-n // min(h, n))) * block**3)
+            costs.append((-(-n // min(h, n))) * (block**3 + _BLOCK_OVERHEAD))
         self.axis = min(range(len(costs)), key=costs.__getitem__)
         self.height = min(heights[self.axis], self.sizes[self.axis])
-        self.work = costs[self.axis]
-
-    def colours(self) -> tuple[Tensor, int]:
-        """Per flat spatial position its colour (product of the per-axis colours), and their count."""
-        per_axis = [_colouring(a) for a in self.adjacency]
+        # Per flat spatial position its colour (product of the per-axis colours), and their count.
+        per_axis = [_colouring(a) for a in adjacency]
         counts = [int(c.max()) + 1 for c in per_axis]
         flat = torch.zeros(self.sizes, dtype=torch.long)
         for axis, c in enumerate(per_axis):
             shape = [1] * len(self.sizes)
             shape[axis] = -1
             flat = flat * counts[axis] + c.reshape(shape)
-        return flat.flatten(), math.prod(counts)
+        self.colour, self.n_colours = flat.flatten(), math.prod(counts)
+        fits = self.dim <= _MAX_DIM and self.n_colours * channels * self.dim <= _MAX_RESPONSES
+        self.work = float(costs[self.axis]) if fits else math.inf
 
     def blocks(self) -> list[Tensor]:
         """Flat indices (channel-major layout ``(c, *sizes)``) of each block, in order."""
@@ -202,10 +214,13 @@ def _operators(
 
 def _sides(
     weight: Tensor, stride: Shape, dilation: Shape, pads: Sequence[tuple[int, int]], mode: str, sizes: Shape
-) -> tuple[_Side, _Side, int, bool]:
+) -> tuple[_Side, _Side, int, bool] | None:
     """Input and output sides, the largest number of padded positions that copy one pixel, and
-    whether any output reads an input pixel (else the layer is zero: every window reads pads)."""
+    whether any output reads an input pixel (else the layer is zero: every window reads pads);
+    None when an axis is longer than ``_MAX_AXIS``."""
     axes = list(zip(sizes, weight.shape[2:], stride, dilation, pads, strict=True))
+    if any(n + left + right > _MAX_AXIS for n, _, _, _, (left, right) in axes):
+        return None
     reads = [_axis_reads(n, k, s, d, p, mode) for n, k, s, d, p in axes]
     copies = math.prod(_copies(n, p, mode) for n, _, _, _, p in axes)
     inputs = _Side(weight.shape[1], [(r.T @ r) > 0 for r in reads])
@@ -215,10 +230,11 @@ def _sides(
 
 def gram_work(
     weight: Tensor, stride: Shape, dilation: Shape, pads: Sequence[tuple[int, int]], mode: str, sizes: Shape
-) -> int:
-    """``blocks * block^3`` of the cheaper side of :func:`banded_gram_norm` (its dominant cost)."""
-    inputs, outputs, _, _ = _sides(weight, stride, dilation, pads, mode, sizes)
-    return min(inputs.work, outputs.work)
+) -> float:
+    """``blocks * (block^3 + _BLOCK_OVERHEAD)`` of the cheaper side of :func:`banded_gram_norm` (its
+    dominant cost), infinite past the size limits (``_MAX_AXIS``, ``_MAX_DIM``, ``_MAX_RESPONSES``)."""
+    sides = _sides(weight, stride, dilation, pads, mode, sizes)
+    return math.inf if sides is None else min(sides[0].work, sides[1].work)
 
 
 def _lanczos(apply: Callable[[Tensor], Tensor], dim: int) -> tuple[float, float]:
@@ -272,7 +288,7 @@ def _certify(
             return None
         frobenius += float((factor * factor).sum())
         previous = factor
-    return frobenius
+    return frobenius if math.isfinite(frobenius) else None
 
 
 def banded_gram_norm(
@@ -283,19 +299,22 @@ def banded_gram_norm(
     pads: Sequence[tuple[int, int]],
     mode: str,
     input_shape: Shape,
-    max_work: int,
+    max_work: float,
 ) -> float | None:
     """Certified L2 norm of one group of a convolution on ``input_shape``, within about 1e-8 of exact.
 
     ``weight`` is float64 ``(out, in, *k)`` (1 or 2 spatial axes; one group); ``pads`` the
     ``(left, right)`` padding per axis, ``mode`` torch's padding mode (zeros, reflect, replicate,
     circular); ``input_shape`` ``(in, *sizes)``. Returns ``sqrt(bound of lambda_max(G)) * (1 +
-    FLOAT64_SLACK)`` (module docstring), or None when ``blocks * block^3`` of the cheaper side exceeds
-    ``max_work`` or no margin closes the certificate; 0 when the layer is zero (a zero kernel, or
-    windows that read only zero pads).
+    FLOAT64_SLACK)`` (module docstring), or None when :func:`gram_work` exceeds ``max_work`` or no
+    margin closes the certificate; 0 when the layer is zero (a zero kernel, or windows that read only
+    zero pads).
     """
     sizes = tuple(input_shape[1:])
-    inputs, outputs, copies, reads = _sides(weight, stride, dilation, pads, mode, sizes)
+    sides = _sides(weight, stride, dilation, pads, mode, sizes)
+    if sides is None:
+        return None
+    inputs, outputs, copies, reads = sides
     if not (reads and bool(weight.any())):
         return 0.0
     side = inputs if inputs.work <= outputs.work else outputs
@@ -309,7 +328,7 @@ def banded_gram_norm(
         return second(first(x.reshape(-1, *shape))).reshape(x.shape[0], -1)
 
     # Every nonzero entry of G from colours * channels probes (item 2 of the module docstring).
-    colour, n_colours = side.colours()
+    colour, n_colours = side.colour, side.n_colours
     spatial = math.prod(side.sizes)
     probe_of = torch.arange(side.dim) // spatial * n_colours + colour.repeat(side.channels)
     n_probes = side.channels * n_colours

@@ -11,7 +11,8 @@ modules ``nn.Conv1d``/``nn.Conv2d``, ``nn.AvgPool1d/2d``, ``nn.AdaptiveAvgPool1d
 Every value is an upper bound of the Lipschitz constant of the layer as configured, computed in
 float64 on CPU from the actual weights and multiplied by ``1 + FLOAT64_SLACK``. Without an input
 shape it holds for every input size; with one (per sample, ``(C, H, W)`` or ``(C, L)``) it holds
-for that size and is usually tighter, and exact when the dense matrix is small.
+for that size and is usually tighter: exact when the dense matrix is small, and within 1e-8 of
+exact for reflect, replicate and circular padding up to a work limit (item 7).
 
 Convolutions (notation per spatial axis: kernel k, dilation d, stride s, padding (l, r), input
 size n, padded size n_pad = n + l + r, span K = d (k - 1) + 1):
@@ -152,9 +153,10 @@ _GUESSES = 128
 _DENSE_ENTRIES = 1 << 22
 _DENSE_SIDE = 1024
 #: The banded Gram certificate (item 7) is used for reflect, replicate and circular padding when its
-#: factorisation costs at most this many (blocks * block^3, summed over groups): a 16-channel 3x3
-#: convolution on 32x32 inputs, about 5 to 10 s of one core, fits.
-_GRAM_WORK = 1 << 34
+#: factorisation costs at most this much (certify.conv_gram.gram_work, summed over groups): a
+#: 16-channel 3x3 convolution on 32x32 inputs (1.7e10, about 8 s of one core) fits, a 32-channel
+#: one (1.4e11) does not.
+_GRAM_WORK = 2 * 10**10
 #: A DFT grid is used instead of the branch and bound when (points * groups * side^3) is below
 #: this (about a second of LAPACK on one core) or when it has fewer points than the branch and
 #: bound would start with.

@@ -115,8 +115,20 @@ def test_the_work_limit_and_a_zero_kernel() -> None:
     weight = torch.ones((2, 2, 3, 3), dtype=torch.float64)
     args = ((1, 1), (1, 1), ((1, 1), (1, 1)), "reflect")
     work = gram_work(weight, *args, (12, 12))
-    assert work == 6 * (2 * 12 * 2) ** 3  # blocks of 2 rows: 6 blocks of 2 * 12 * 2 unknowns
+    # blocks of 2 rows: 6 blocks of 2 * 12 * 2 unknowns
+    assert work == 6 * ((2 * 12 * 2) ** 3 + conv_gram._BLOCK_OVERHEAD)
     kw = {"stride": (1, 1), "dilation": (1, 1), "pads": ((1, 1), (1, 1)), "mode": "reflect"}
     assert banded_gram_norm(weight, input_shape=(2, 12, 12), max_work=work - 1, **kw) is None
     assert banded_gram_norm(weight, input_shape=(2, 12, 12), max_work=work, **kw) is not None
     assert banded_gram_norm(torch.zeros_like(weight), input_shape=(2, 12, 12), max_work=0, **kw) == 0.0
+
+
+def test_inputs_past_the_size_limits_are_left_to_the_other_bounds() -> None:
+    weight = torch.ones((1, 1, 3), dtype=torch.float64)
+    long = conv_gram._MAX_AXIS  # with the padding, one more than an axis may hold
+    assert gram_work(weight, (1,), (1,), ((1, 1),), "reflect", (long,)) == math.inf
+    kw = {"stride": (1,), "dilation": (1,), "pads": ((1, 1),), "mode": "reflect"}
+    assert banded_gram_norm(weight, input_shape=(1, long), max_work=math.inf, **kw) is None
+    wide = torch.ones((300, 300, 3, 3), dtype=torch.float64)  # 300 * 16 * 16 > _MAX_DIM on both sides
+    assert gram_work(wide, (1, 1), (1, 1), ((1, 1), (1, 1)), "reflect", (16, 16)) == math.inf
+    assert gram_work(wide[:16, :16], (1, 1), (1, 1), ((1, 1), (1, 1)), "reflect", (16, 16)) < math.inf
