@@ -8,7 +8,7 @@ side by side in one process with interleaved rounds so that machine load hits al
 The reported figure is the median over rounds; ratios are to deel-torchlip and to the plain net.
 
 ``lipnet bench layers --per-layer`` (or ``--kinds``) times one channel-preserving layer of every
-registered kind (:func:`lipnet.models.kinds.list_layer_kinds`) next to its anchor implementation
+registered kind (:func:`lipnet.layers.kinds.list_layer_kinds`) next to its anchor implementation
 (:data:`ANCHORS`), also interleaved: training step, eval forward, memory (bytes of the tensors saved
 for backward, on every device; the CUDA allocator's peak on CUDA) and the singular-value range of the
 layer's exact operator on a small input (:func:`singular_value_range`); see :func:`bench_per_layer`.
@@ -209,7 +209,7 @@ class _Layer:
 
 
 def _layers(kinds: Sequence[str]) -> list[_Layer]:
-    from lipnet.models.kinds import get_layer_kind
+    from lipnet.layers.kinds import get_layer_kind
 
     out: list[_Layer] = []
     for kind in kinds:
@@ -311,7 +311,7 @@ def bench_per_layer(
     Ratios are to the anchor of the same kind (``None`` for kinds without one, and for the memory ratio
     when the anchor saves nothing). Anchors whose library is not installed are skipped.
     """
-    from lipnet.models.kinds import list_layer_kinds
+    from lipnet.layers.kinds import list_layer_kinds
 
     known = list_layer_kinds()
     chosen = list(dict.fromkeys(kinds)) if kinds else known

@@ -1,6 +1,6 @@
 """The anchor implementations the benchmarks compare lipnet's layer kinds against.
 
-Each is wrapped as an unregistered :class:`~lipnet.models.kinds.LayerKind` (its factories build the
+Each is wrapped as an unregistered :class:`~lipnet.layers.kinds.LayerKind` (its factories build the
 anchor library's own modules), so a model layout written against ``LayerKind`` builds the same network
 from either library. Nothing here is registered: ``conv=`` of the model families never selects them.
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lipnet.models.kinds import LayerKind
+from lipnet.layers.kinds import LayerKind
 
 __all__ = ["MODEL_ANCHORS", "anchor_kind", "deel_kind", "orthogonium_kinds"]
 

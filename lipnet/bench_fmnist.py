@@ -4,7 +4,7 @@ Every contender is the same architecture (:func:`lipnet.models.fmnist.fmnist_lay
 ``m``) built from one library's layers:
 
 * lipnet: :class:`~lipnet.models.fmnist.FashionConvNet` with each layer kind registered when the bench
-  runs (:func:`lipnet.models.kinds.list_layer_kinds`);
+  runs (:func:`lipnet.layers.kinds.list_layer_kinds`);
 * deel-torchlip: ``SpectralConv2d``, ``GroupSort2``, ``ScaledL2NormPool2d``, ``SpectralLinear``;
 * orthogonium: AOC (``AdaptiveOrthoConv2d`` + ``OrthoLinear``), AOL (``AOLConv2D``; orthogonium has no
   AOL dense layer, so its dense layers are ``OrthoLinear``) and SLL (``SDPBasedLipschitzResBlock`` for
@@ -63,8 +63,8 @@ class Contender:
 
 def contenders(size: str = "s", num_classes: int = 10) -> list[Contender]:
     """Every network of the table whose library is installed: lipnet's registered kinds first."""
+    from lipnet.layers.kinds import list_layer_kinds
     from lipnet.models import create
-    from lipnet.models.kinds import list_layer_kinds
     from lipnet.pooling import ScaledL2NormPool2d
 
     if size not in SIZES:

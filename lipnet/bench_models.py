@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lipnet.bench import cell, device_label, markdown_table, timed
-from lipnet.models.kinds import LayerKind
+from lipnet.layers.kinds import LayerKind
 from lipnet.train import resolve_device
 
 __all__ = [
@@ -180,7 +180,7 @@ def bench_models(
     (:func:`lipnet.bench.timed`), replaceable for tests.
     """
     from lipnet.export import export
-    from lipnet.models.kinds import list_layer_kinds
+    from lipnet.layers.kinds import list_layer_kinds
 
     known = list_layer_kinds()
     chosen = list(dict.fromkeys(kinds)) if kinds else known
@@ -324,8 +324,8 @@ def bench_eval(
     (:func:`lipnet.bench.timed`), replaceable for tests.
     """
     from lipnet.export import export
+    from lipnet.layers.kinds import list_layer_kinds
     from lipnet.models import create
-    from lipnet.models.kinds import list_layer_kinds
 
     if batch < 1 or rounds < 1 or warmup < 0:
         raise ValueError(f"batch and rounds must be >= 1 and warmup >= 0, got {batch}, {rounds}, {warmup}")
@@ -477,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_only:
         return _run_eval(args, device)
     from lipnet.bench_anchors import MODEL_ANCHORS
-    from lipnet.models.kinds import list_layer_kinds
+    from lipnet.layers.kinds import list_layer_kinds
 
     on_cuda = torch.device(device).type == "cuda"
     model = args.model or ("lipconvnet_m" if on_cuda else "lipconvnet_xs")

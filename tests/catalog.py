@@ -44,7 +44,6 @@ from lipnet.catalogue.networks import (
     MultiTaskNetwork,
     PixelTokens,
 )
-from lipnet.export import FourierConv2d, PotentialStep
 from lipnet.layers import (
     AOCConv2d,
     AOLConv2d,
@@ -52,11 +51,15 @@ from lipnet.layers import (
     BatchCentering,
     BjorckConv2d,
     BjorckLinear,
+    BoundedConv2d,
+    BoundedLinear,
     CayleyConv2d,
     CPLConv2d,
     CPLLinear,
+    FourierConv2d,
     LinearResidualConv2d,
     OrthogonalLinear,
+    PotentialStep,
     SLLConv2d,
     SLLLinear,
 )
@@ -90,6 +93,12 @@ class Case:
 Factory = Callable[[], list[Case]]
 
 CATALOG: dict[type[nn.Module], Factory] = {
+    # the bases without a parametrization: plain layers whose bound is that of their raw weights
+    BoundedLinear: lambda: [Case(BoundedLinear(5, 3), (5,), affine=True)],
+    BoundedConv2d: lambda: [
+        Case(BoundedConv2d(2, 3, 3, padding=1), (2, 5, 5), affine=True),
+        Case(BoundedConv2d(3, 2, 3, stride=2, padding=1, padding_mode="reflect"), (3, 6, 6), affine=True),
+    ],
     OrthogonalLinear: lambda: [
         Case(OrthogonalLinear(5, 7), (5,), affine=True),
         Case(OrthogonalLinear(6, 3, orthogonal_map="cayley"), (6,), affine=True),

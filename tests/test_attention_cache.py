@@ -11,7 +11,7 @@ from catalog import CATALOG
 from torch import Tensor
 
 from lipnet.attention._bounds import NormalizedModule
-from lipnet.layers.sll import _EvalCache
+from lipnet.layers.parametrization import EvalTensorCache
 
 _CASES = [
     pytest.param(factory, i, id=f"{cls.__name__}-{i}")
@@ -39,7 +39,7 @@ def _count_bound_calls(module: NormalizedModule) -> list[int]:
 
 def _fresh(module: NormalizedModule, x: Tensor) -> Tensor:
     """The eval output with the divisor recomputed from the current weights (an emptied cache)."""
-    module._divisor_cache = _EvalCache()
+    module._divisor_cache = EvalTensorCache()
     with torch.no_grad():
         return module(x)
 

@@ -12,8 +12,8 @@ from fixtures import write_idx
 
 from lipnet.bench_fmnist import EPS, contenders
 from lipnet.cli import main
+from lipnet.layers.kinds import list_layer_kinds
 from lipnet.models import create
-from lipnet.models.kinds import list_layer_kinds
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -4,7 +4,7 @@ Every model family (each registered model's class, built tiny) with every layer 
 the copy's outputs equal the model's, no lipnet layer (parametrization, eval cache, step
 rescaling) is left in it, its bound is a bound (Jacobian norms) no larger than the model's, and
 ``certify`` gives the same rule and radii. Then the two frozen forms the export introduces:
-:class:`~lipnet.export.PotentialStep` (SLL / CPL blocks) and :class:`~lipnet.export.FourierConv2d`
+:class:`~lipnet.layers.PotentialStep` (SLL / CPL blocks) and :class:`~lipnet.layers.FourierConv2d`
 (Cayley), against exact operators, with adversarial weights and bad arguments.
 """
 
@@ -25,10 +25,18 @@ from certify.bounds import lipschitz_bound
 from certify.exact import dense_matrix, dense_operator_norm, jacobian_spectral_norm
 from certify.radius import certify, split_head
 from lipnet import models
-from lipnet.export import FourierConv2d, PotentialStep
-from lipnet.layers import CayleyConv2d, CPLConv2d, CPLLinear, SLLConv2d, SLLLinear
+from lipnet.layers import (
+    AOLConv2d,
+    CayleyConv2d,
+    CPLConv2d,
+    CPLLinear,
+    FourierConv2d,
+    PotentialStep,
+    SLLConv2d,
+    SLLLinear,
+    list_layer_kinds,
+)
 from lipnet.models.fmnist import FashionConvNet
-from lipnet.models.kinds import list_layer_kinds
 from lipnet.models.lipconvnet import LipConvNet
 from lipnet.models.sll import SLLNet
 
@@ -160,7 +168,9 @@ def test_export_is_plain_with_the_same_outputs_bound_and_certificates(family: st
     assert bool((difference <= 2.0 * _product_error_bound(copy_head, features)).all()), difference.max()
     assert type(exported) is nn.Sequential and not exported.training
     for m in exported.modules():
-        assert not type(m).__module__.startswith("lipnet.layers"), type(m)
+        # the two frozen forms live beside the layers they freeze; no other lipnet layer may be left
+        frozen_form = type(m) in (FourierConv2d, PotentialStep)
+        assert frozen_form or not type(m).__module__.startswith("lipnet.layers"), type(m)
         assert not hasattr(m, "parametrizations")
         if next(m.parameters(recurse=False), None) is not None:
             assert type(m) in _WEIGHTED, type(m)
@@ -361,3 +371,50 @@ def test_frozen_forms_refuse_bad_arguments() -> None:
         FourierConv2d(torch.zeros(4, 3, 2, 2), None, 1, (4, 4))
     with pytest.raises(ValueError, match="stride"):
         FourierConv2d(torch.zeros(2, 2, 2, 2, dtype=torch.complex64), None, 3, (4, 4))
+
+
+class _ShiftedSLL(SLLConv2d):
+    """Computes something else than SLLConv2d: the export of its base class does not apply."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + 1.0
+
+
+class _RenamedAOL(AOLConv2d):
+    """Computes exactly what AOLConv2d computes: exported like it."""
+
+
+class _Frozen(nn.Module):
+    """A third-party layer with its own export(): the walker knows no layer class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * x
+
+    def export(self) -> nn.Module:
+        # a container: the walker walks the children of what export() returns
+        return nn.Sequential(_Half(), nn.Identity())
+
+
+class _Half(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * x
+
+
+def test_the_walker_follows_each_layer_export_and_its_behaviour() -> None:
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.export = nn.Linear(2, 2)  # a child named export is not an export() method
+    model = nn.Sequential(_ShiftedSLL(2), _RenamedAOL(2, 2, 3, padding=1), _Frozen(), holder)
+    exported = lipnet.export(model)
+    # a subclass that redefines forward keeps its class (and is still bounded by its own method)
+    assert type(exported[0]) is _ShiftedSLL
+    assert type(exported[1]) is nn.Conv2d
+    assert type(exported[2]) is nn.Sequential and type(exported[2][0]) is _Half
+    assert type(exported[3]) is nn.Module and type(exported[3].export) is nn.Linear
+    x = torch.randn((2, 2, 5, 5))
+    with torch.no_grad():
+        assert torch.equal(exported[:3](x), model.eval()[:3](x))

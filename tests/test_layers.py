@@ -1,4 +1,4 @@
-"""lipnet.layers: orthogonality, the eval cache, export, AOL, RKO scaling, batch centering."""
+"""lipnet.layers: orthogonality, the eval cache, export, AOL, RKO scaling, batch centering, attach."""
 
 from __future__ import annotations
 
@@ -12,22 +12,31 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+import lipnet
 from certify.bounds import lipschitz_bound
 from certify.exact import dense_operator_norm
 from certify.radius import split_head
 from lipnet.layers import (
     AOLConv2d,
+    AOLConvRescaling,
     AOLLinear,
+    AOLRescaling,
     BatchCentering,
     BjorckConv2d,
     BjorckLinear,
+    BjorckOrthonormal,
     OrthogonalLinear,
+    aol,
+    bjorck,
     bjorck_orthonormalize,
     gram_norm_bound,
+    orthogonal,
     patch_multiplicity,
 )
 from lipnet.layers.aol import aol_conv_scales
-from lipnet.layers.rko import patch_multiplicity_1d
+from lipnet.layers.base import frozen_conv2d, frozen_linear
+from lipnet.layers.parametrization import EvalCache
+from lipnet.layers.patches import patch_multiplicity_1d
 from lipnet.models import create
 
 
@@ -394,3 +403,128 @@ def test_bjorck_direct_schedule_stops_at_the_tolerance(shape: tuple[int, int]) -
     w = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     s = _svd(bjorck_orthonormalize(w, 200, order=2, tol=1e-12))
     torch.testing.assert_close(s, torch.ones_like(s), atol=1e-12, rtol=0)
+
+
+# --- functional attach --------------------------------------------------------------------
+
+
+def _attached_cases() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    return [
+        ("aol-linear", aol(nn.Linear(6, 4)), (6,)),
+        ("aol-conv", aol(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2)), (4, 6, 6)),
+        ("bjorck-linear", bjorck(nn.Linear(5, 7)), (5,)),
+        ("bjorck-conv", bjorck(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")), (2, 5, 5)),
+        ("orthogonal-linear", orthogonal(nn.Linear(6, 3)), (6,)),
+    ]
+
+
+def test_attach_constrains_the_given_module_and_keeps_its_raw_weight() -> None:
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(6, 4), nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    raw_linear, raw_conv = linear.weight.detach().clone(), conv.weight.detach().clone()
+    assert aol(linear) is linear and bjorck(conv) is conv
+    assert type(linear).__mro__[1] is nn.Linear and type(conv).__mro__[1] is nn.Conv2d
+    assert torch.equal(linear.parametrizations.weight.original, raw_linear)
+    assert torch.equal(conv.parametrizations.weight.original, raw_conv)
+    assert isinstance(linear.parametrizations.weight[0], AOLRescaling)
+    orthonormal = conv.parametrizations.weight[0]
+    assert isinstance(orthonormal, BjorckOrthonormal) and orthonormal.groups == 2
+    # the scale 1 / sqrt(C) of the patch multiplicity, as BjorckConv2d's
+    assert orthonormal.scale == 1.0 / math.sqrt(patch_multiplicity((3, 3), (1, 1), (1, 1), (1, 1), "zeros"))
+    conv.eval()
+    with torch.no_grad():
+        # in eval mode each group's reshaped kernel is the scaled polar factor: singular values sqrt(1/9)
+        groups = conv.weight.reshape(2, 3, -1).double()
+        torch.testing.assert_close(
+            torch.linalg.svdvals(groups), torch.full((2, 3), 1 / 3, dtype=torch.float64), rtol=0, atol=1e-6
+        )
+    dense = orthogonal(nn.Linear(6, 3))
+    assert isinstance(dense.parametrizations.weight[-1], EvalCache)
+    with torch.no_grad():
+        torch.testing.assert_close(dense.weight @ dense.weight.T, torch.eye(3), rtol=0, atol=1e-6)
+    # removable, like torch's own parametrizations
+    parametrize.remove_parametrizations(linear, "weight")
+    assert not parametrize.is_parametrized(linear)
+
+
+@pytest.mark.parametrize(
+    ("make", "attach"),
+    [
+        (lambda: AOLLinear(6, 4), lambda m: aol(m)),
+        (lambda: AOLConv2d(4, 6, 3, stride=2, padding=1, groups=2), lambda m: aol(m)),
+        (lambda: BjorckLinear(7, 5), lambda m: bjorck(m)),
+        (lambda: BjorckConv2d(2, 4, 3, padding=1, padding_mode="circular"), lambda m: bjorck(m)),
+        (lambda: OrthogonalLinear(6, 3), lambda m: orthogonal(m)),
+    ],
+)
+def test_layer_classes_are_the_attach_on_their_base(make: object, attach: object) -> None:
+    torch.manual_seed(0)
+    layer: nn.Module = make()  # type: ignore[operator]
+    # a plain torch layer of the same geometry, constrained by the attach, then given the same raw weight
+    plain = frozen_conv2d(layer) if isinstance(layer, nn.Conv2d) else frozen_linear(layer)  # type: ignore[arg-type]
+    attached: nn.Module = attach(plain)  # type: ignore[operator]
+    attached.load_state_dict(layer.state_dict())
+    chain, own = attached.parametrizations.weight, layer.parametrizations.weight
+    assert [type(p) for p in chain] == [type(p) for p in own]
+    for mode in (True, False):
+        layer.train(mode)
+        attached.train(mode)
+        with torch.no_grad():
+            assert torch.equal(attached.weight, layer.weight)
+
+
+def test_attach_refuses_what_it_cannot_constrain() -> None:
+    with pytest.raises(ValueError, match="reflect"):
+        aol(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="circular"):
+        aol(nn.Conv2d(2, 2, 3, padding=2, padding_mode="circular"))
+    with pytest.raises(TypeError, match="Conv1d"):
+        aol(nn.Conv1d(2, 2, 3))  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="Conv1d"):
+        bjorck(nn.Conv1d(2, 2, 3))  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="Conv2d"):
+        orthogonal(nn.Conv2d(2, 2, 3))  # type: ignore[arg-type]
+
+    class Doubled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    for attach in (aol, bjorck, orthogonal):
+        with pytest.raises(TypeError, match="redefines"):
+            attach(Doubled(3, 3))
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_attached_modules_are_bounded_and_export_to_plain_layers(index: int) -> None:
+    torch.manual_seed(index)
+    name, module, shape = _attached_cases()[index]
+    model = nn.Sequential(module).eval()
+    # certify's rule for nn.Conv2d / nn.Linear reads the parametrized weight: the guarantee holds
+    bound = min(lipschitz_bound(model, shape), lipschitz_bound(model))
+    assert bound <= 1 + 1e-6, name
+    exported = lipnet.export(model)
+    frozen = exported[0]
+    assert type(frozen) is type(module).__mro__[1] and not parametrize.is_parametrized(frozen), name
+    with torch.no_grad():
+        assert torch.equal(frozen.weight, module.weight)
+        x = torch.randn((4, *shape))
+        assert torch.equal(exported(x), model(x))
+    assert lipschitz_bound(exported, shape) == pytest.approx(lipschitz_bound(model, shape), rel=1e-12)
+
+
+def test_layer_export_gives_the_eval_form_and_keeps_the_mode() -> None:
+    torch.manual_seed(0)
+    layer = BjorckLinear(6, 4).train()
+    frozen = layer.export()
+    assert layer.training and type(frozen) is nn.Linear
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(frozen.weight, layer.weight)  # the converged eval weight, not 3 train steps
+        assert torch.equal(frozen.bias, layer.bias)
+    conv = AOLConv2d(2, 4, 3, stride=2, padding=1, dilation=1, padding_mode="circular")
+    plain = conv.export()
+    assert type(plain) is nn.Conv2d
+    for key in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size"):
+        assert getattr(plain, key) == getattr(conv, key), key
+    assert isinstance(conv.parametrizations.weight[0], AOLConvRescaling)
+

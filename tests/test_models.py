@@ -12,7 +12,7 @@ from certify.bounds import lipschitz_bound
 from certify.radius import split_head
 from lipnet import models
 from lipnet.config import load_config
-from lipnet.models.kinds import list_layer_kinds
+from lipnet.layers.kinds import list_layer_kinds
 from lipnet.models.lipconvnet import ChannelPad, FirstChannels, LipConvNet
 from lipnet.models.sequential import LipschitzSequential
 from lipnet.models.vgg import BethuneVGG
@@ -161,7 +161,7 @@ def test_lipconvnet_split_head_gives_the_logits(kind: str) -> None:
 
 def test_lipconvnet_takes_a_layer_kind_object() -> None:
     from lipnet.layers import BjorckLinear, SLLConv2d
-    from lipnet.models.kinds import LayerKind, get_layer_kind
+    from lipnet.layers.kinds import LayerKind, get_layer_kind
 
     aol = get_layer_kind("aol")
     mixed = LayerKind("mixed", lambda c, k: SLLConv2d(c, kernel_size=k), aol.conv, BjorckLinear, "test kind")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from certify.exact import dense_matrix, dense_operator_norm
 from lipnet.layers import AOCConv2d, CayleyConv2d
 from lipnet.layers.cayley import cayley_transform
-from lipnet.models.kinds import get_layer_kind
+from lipnet.layers.kinds import get_layer_kind
 
 
 def _float32_matrix(layer: nn.Module, shape: tuple[int, ...]) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor
 from certify.conv_norm import conv_operator_bound
 from certify.exact import dense_operator_norm
 from lipnet.layers import LinearResidualConv2d
-from lipnet.layers.cpl import _AmortisedSymbolBound
+from lipnet.layers.cpl import AmortisedSymbolBound
 from lipnet.layers.residual import symbol_norm_bound
 
 
@@ -192,7 +192,7 @@ def test_normalized_block_keeps_its_norm_within_tolerance_while_the_kernel_grows
     tol = 0.1
     layer = LinearResidualConv2d(4, 3, normalize=True, bound_grid=16, drift_tol=tol).double()
     norm_bound = layer.parametrizations.weight[0].norm_bound
-    old = _AmortisedSymbolBound(
+    old = AmortisedSymbolBound(
         (4, 4, 3, 3), groups=1, grid=16, drift_tol=tol, drift_steps=6, dtype=torch.float64
     )
     g = norm_bound.grid_factor**0.5

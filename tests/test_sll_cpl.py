@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from certify.conv_norm import conv_operator_bound
 from certify.exact import dense_matrix, dense_operator_norm, jacobian_spectral_norm
 from lipnet.layers import CPLConv2d, CPLLinear, SLLConv2d, SLLLinear, cpl
-from lipnet.layers.cpl import _AmortisedSymbolBound
-from lipnet.models.kinds import get_layer_kind
+from lipnet.layers.cpl import AmortisedSymbolBound
+from lipnet.layers.kinds import get_layer_kind
 
 TOL = 1e-6
 Block = SLLLinear | SLLConv2d | CPLLinear | CPLConv2d
@@ -347,12 +347,12 @@ def _grid_sigmas(w: Tensor, grid: int, groups: int = 1) -> Tensor:
     return torch.linalg.matrix_norm(torch.fft.rfft2(blocks, s=(grid, grid)).permute(0, 3, 4, 1, 2), ord=2)
 
 
-def _grid_bound(bound: _AmortisedSymbolBound, w: Tensor) -> float:
+def _grid_bound(bound: AmortisedSymbolBound, w: Tensor) -> float:
     """``sqrt(grid_factor) max_grid sigma_max``: the grid bound of ``w`` without rounding allowances."""
     return bound.grid_factor**0.5 * float(_grid_sigmas(w, bound.grid, bound.groups).max())
 
 
-def _old_rule_bound(bound: _AmortisedSymbolBound, w: Tensor) -> tuple[float, bool]:
+def _old_rule_bound(bound: AmortisedSymbolBound, w: Tensor) -> tuple[float, bool]:
     """The previous refresh rule, ``delta > drift_tol h0``, on ``bound``'s anchor: ``(h, refreshed)``."""
     drift, h0 = bound.drift_bound(w), bound.anchor_bound.double()
     if bool(torch.isfinite(h0) & (drift <= bound.drift_tol * h0)):
@@ -381,7 +381,7 @@ def test_certified_grid_maximum_matches_eigvalsh_at_every_frequency(
     if ranking == "reversed, chunked":
         monkeypatch.setattr(cpl, "_CHUNK_ENTRIES", 3 * shape[0] * shape[1])
     gen = torch.Generator().manual_seed(10)
-    bound = _AmortisedSymbolBound(
+    bound = AmortisedSymbolBound(
         shape, groups=groups, grid=grid, drift_tol=0.05, drift_steps=6, dtype=torch.float64
     )
     for scale in (1.0, 1e-3):
@@ -411,7 +411,7 @@ def test_amortised_bound_covers_adversarial_drift(direction: str) -> None:
     shape = (5, 4, 3, 3)
     w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
     if direction == "top pair at the peak":
-        probe = _AmortisedSymbolBound(
+        probe = AmortisedSymbolBound(
             shape, groups=1, grid=16, drift_tol=0.05, drift_steps=6, dtype=torch.float64
         )
         probe.refresh(w0)
@@ -428,7 +428,7 @@ def test_amortised_bound_covers_adversarial_drift(direction: str) -> None:
         move = torch.randn(shape, generator=gen, dtype=torch.float64)
     move = move / move.norm() * w0.norm()
     for alpha in (0.01, 0.1, 1.0, 3.0):
-        bound = _AmortisedSymbolBound(
+        bound = AmortisedSymbolBound(
             shape, groups=1, grid=16, drift_tol=1e3, drift_steps=6, dtype=torch.float64
         )
         bound(w0)
@@ -449,10 +449,10 @@ def test_anchor_stays_while_the_norm_grows_along_its_top_singular_pair() -> None
     gen = torch.Generator().manual_seed(12)
     shape = (6, 6, 3, 3)
     w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
-    bound = _AmortisedSymbolBound(
+    bound = AmortisedSymbolBound(
         shape, groups=1, grid=16, drift_tol=0.05, drift_steps=6, dtype=torch.float64
     )
-    old = _AmortisedSymbolBound(shape, groups=1, grid=16, drift_tol=0.05, drift_steps=6, dtype=torch.float64)
+    old = AmortisedSymbolBound(shape, groups=1, grid=16, drift_tol=0.05, drift_steps=6, dtype=torch.float64)
     bound(w0)
     move = bound.tangent / bound.tangent.norm() * 0.03 * w0.norm()
     old_refreshes = 0
@@ -485,10 +485,10 @@ def test_step_norm_stays_within_tolerance_of_the_current_grid_bound_across_adam_
         opt.step()
         trajectory.append(block.weight.detach().clone())
     tol = 0.05
-    new = _AmortisedSymbolBound(
+    new = AmortisedSymbolBound(
         (6, 4, 3, 3), groups=1, grid=16, drift_tol=tol, drift_steps=6, dtype=torch.float64
     )
-    old = _AmortisedSymbolBound(
+    old = AmortisedSymbolBound(
         (6, 4, 3, 3), groups=1, grid=16, drift_tol=tol, drift_steps=6, dtype=torch.float64
     )
     new_refreshes = old_refreshes = old_too_loose = 0

@@ -27,7 +27,9 @@ import lipnet.attention
 import lipnet.layers
 import lipnet.models
 import lipnet.pooling
+from certify.bounds import lipschitz_bound
 from certify.exact import dense_operator_norm
+from lipnet.layers import LipschitzBounded, aol, bjorck, orthogonal
 
 TOL = 1e-6
 SEEDS = (0, 1)
@@ -157,3 +159,55 @@ def test_lipschitz_bound_is_sound(cls: type, index: int) -> None:
             if case.affine:
                 exact = dense_operator_norm(module, case.input_shape)
                 assert exact <= bound * (1 + TOL), f"{cls.__name__}#{index}: exact norm {exact!r} > {bound!r}"
+
+
+def test_every_bounded_class_follows_the_public_protocol() -> None:
+    for cls in bounded_classes():
+        for case in CATALOG[cls]():
+            assert isinstance(case.module, LipschitzBounded), cls.__qualname__
+
+
+#: Plain torch layers constrained by the functional attach: certify bounds them with its rules for
+#: nn.Linear / nn.Conv2d, from the parametrized weight, and each must be 1-Lipschitz as promised.
+ATTACHED: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
+    "aol-linear-wide": lambda: (aol(nn.Linear(5, 7)), (5,)),
+    "aol-linear-narrow": lambda: (aol(nn.Linear(9, 4)), (9,)),
+    "aol-conv": lambda: (aol(nn.Conv2d(2, 4, 3, padding=1)), (2, 6, 6)),
+    "aol-conv-strided-groups": lambda: (aol(nn.Conv2d(4, 4, 3, stride=2, groups=2)), (4, 7, 7)),
+    "aol-conv-circular": lambda: (aol(nn.Conv2d(3, 2, 3, padding=1, padding_mode="circular")), (3, 5, 5)),
+    "bjorck-linear": lambda: (bjorck(nn.Linear(5, 7)), (5,)),
+    "bjorck-conv": lambda: (bjorck(nn.Conv2d(2, 4, 3, padding=1)), (2, 6, 6)),
+    "bjorck-conv-reflect": lambda: (
+        bjorck(nn.Conv2d(4, 2, 3, stride=2, padding=1, padding_mode="reflect")),
+        (4, 7, 7),
+    ),
+    "orthogonal-linear": lambda: (orthogonal(nn.Linear(6, 3)), (6,)),
+    "orthogonal-linear-cayley": lambda: (orthogonal(nn.Linear(3, 6), orthogonal_map="cayley"), (3,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACHED))
+def test_attached_layers_are_1_lipschitz_and_soundly_bounded(name: str) -> None:
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        module, shape = ATTACHED[name]()
+        module = module.double()
+        gen = torch.Generator().manual_seed(seed)
+        _push_weights(module, shape, gen)
+        module.requires_grad_(False)
+        for training in (False, True):
+            module.train(training)
+            f = _batched(module)
+            bound = min(lipschitz_bound(module, shape), lipschitz_bound(module))
+            # The promise: 1-Lipschitz. torch's orthogonal map keeps a base orthonormalised in float32
+            # (its trivialisation buffer), off by about n u_32 = 6 * 6e-8 < 1e-6 after the cast to float64.
+            assert bound <= 1 + 1e-6, f"{name} seed {seed} training={training}: bound {bound!r} above 1"
+            for scale in SCALES:
+                x0 = scale * torch.randn(shape, generator=gen, dtype=torch.float64)
+                measured = max(_jacobian_ascent(f, x0, gen), _secant_ascent(f, x0, gen))
+                assert measured <= bound * (1 + TOL), (
+                    f"{name} seed {seed} training={training} scale {scale}: measured {measured!r} > {bound!r}"
+                )
+            exact = dense_operator_norm(module, shape)
+            assert exact <= bound * (1 + TOL), f"{name}: exact norm {exact!r} > {bound!r}"
+

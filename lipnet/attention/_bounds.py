@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.bounds import FLOAT64_SLACK
-from lipnet.layers.sll import _EvalCache
+from lipnet.layers.parametrization import EvalTensorCache
 
 __all__: list[str] = []
 
@@ -219,8 +219,8 @@ class NormalizedModule(nn.Module):
 
     The forward's divisor (:meth:`_divisor_value`, the raw bound unless a subclass divides by
     something else) is cached in eval mode with the layers' cache
-    (:class:`lipnet.layers.sll._EvalCache`): reused while no parameter or buffer of the module
-    changed (their version counters, bumped by optimiser steps and ``load_state_dict``, are in the
+    (:class:`lipnet.layers.parametrization.EvalTensorCache`): reused while no parameter or buffer of the
+    module changed (their version counters, bumped by optimiser steps and ``load_state_dict``, are in the
     key, with the input shape), recomputed in training mode and whenever an autograd graph is
     needed. The value is the same tensor the uncached forward divided by, so outputs are unchanged.
     :meth:`lipschitz_bound` always recomputes.
@@ -230,7 +230,7 @@ class NormalizedModule(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._divisor_cache = _EvalCache()
+        self._divisor_cache = EvalTensorCache()
 
     def _raw_bound(self, input_shape: tuple[int, ...] | None) -> Tensor:
         raise NotImplementedError

@@ -1,16 +1,47 @@
-"""1-Lipschitz linear and convolution layers (parametrizations of ``nn.Linear`` / ``nn.Conv2d``)."""
+"""1-Lipschitz layers, one method a file, and the layer kinds that the model families take as ``conv=``.
+
+Layers (each with ``lipschitz_bound()`` and ``export()``): :class:`AOLLinear` / :class:`AOLConv2d`
+(:mod:`~lipnet.layers.aol`), :class:`BjorckLinear` / :class:`BjorckConv2d`
+(:mod:`~lipnet.layers.bjorck`), :class:`OrthogonalLinear` (:mod:`~lipnet.layers.orthogonal`),
+:class:`CayleyConv2d` (:mod:`~lipnet.layers.cayley`), :class:`AOCConv2d` (:mod:`~lipnet.layers.aoc`),
+:class:`SLLLinear` / :class:`SLLConv2d` (:mod:`~lipnet.layers.sll`), :class:`CPLLinear` /
+:class:`CPLConv2d` (:mod:`~lipnet.layers.cpl`), both on :class:`GradientStepBlock`
+(:mod:`~lipnet.layers.gradient_step`), :class:`LinearResidualConv2d` (:mod:`~lipnet.layers.residual`),
+:class:`BatchCentering` (:mod:`~lipnet.layers.centering`).
+
+Functional attach, like :func:`torch.nn.utils.parametrizations.orthogonal`: :func:`aol`,
+:func:`bjorck` (``nn.Linear`` or ``nn.Conv2d``) and :func:`orthogonal` (``nn.Linear``) constrain an
+existing layer's weight and return the layer. The names ``lipnet.layers.aol``, ``.bjorck`` and
+``.orthogonal`` are these functions; their modules are imported as ``from lipnet.layers.aol import
+...`` (or ``importlib.import_module("lipnet.layers.aol")``).
+"""
 
 from lipnet.layers.aoc import AOCConv2d
-from lipnet.layers.aol import AOLConvRescaling, AOLRescaling
-from lipnet.layers.bjorck import BjorckOrthonormal, bjorck_orthonormalize, gram_norm_bound
-from lipnet.layers.cayley import CayleyConv2d
+from lipnet.layers.aol import AOLConv2d, AOLConvRescaling, AOLLinear, AOLRescaling, aol
+from lipnet.layers.base import (
+    BoundedConv2d,
+    BoundedLinear,
+    Exportable,
+    InputSizeUnknownError,
+    LipschitzBounded,
+)
+from lipnet.layers.bjorck import (
+    BjorckConv2d,
+    BjorckLinear,
+    BjorckOrthonormal,
+    bjorck,
+    bjorck_orthonormalize,
+    gram_norm_bound,
+)
+from lipnet.layers.cayley import CayleyConv2d, FourierConv2d
 from lipnet.layers.centering import BatchCentering
-from lipnet.layers.conv import AOLConv2d, BjorckConv2d
 from lipnet.layers.cpl import CPLConv2d, CPLLinear
-from lipnet.layers.linear import AOLLinear, BjorckLinear, OrthogonalLinear
-from lipnet.layers.parametrization import CachedParametrization, EvalCache
+from lipnet.layers.gradient_step import GradientStepBlock, PotentialStep
+from lipnet.layers.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
+from lipnet.layers.orthogonal import OrthogonalLinear, orthogonal
+from lipnet.layers.parametrization import CachedParametrization, EvalCache, EvalTensorCache
+from lipnet.layers.patches import patch_multiplicity
 from lipnet.layers.residual import LinearResidualConv2d
-from lipnet.layers.rko import patch_multiplicity
 from lipnet.layers.sll import SLLConv2d, SLLLinear
 
 __all__ = [
@@ -23,16 +54,32 @@ __all__ = [
     "BjorckConv2d",
     "BjorckLinear",
     "BjorckOrthonormal",
+    "BoundedConv2d",
+    "BoundedLinear",
     "CPLConv2d",
     "CPLLinear",
     "CachedParametrization",
     "CayleyConv2d",
     "EvalCache",
+    "EvalTensorCache",
+    "Exportable",
+    "FourierConv2d",
+    "GradientStepBlock",
+    "InputSizeUnknownError",
+    "LayerKind",
     "LinearResidualConv2d",
+    "LipschitzBounded",
     "OrthogonalLinear",
+    "PotentialStep",
     "SLLConv2d",
     "SLLLinear",
+    "aol",
+    "bjorck",
     "bjorck_orthonormalize",
+    "get_layer_kind",
     "gram_norm_bound",
+    "list_layer_kinds",
+    "orthogonal",
     "patch_multiplicity",
+    "register_layer_kind",
 ]

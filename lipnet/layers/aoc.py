@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.conv_norm import conv_operator_bound
+from lipnet.layers.base import eval_mode, frozen_conv2d, redefines_behaviour
 from lipnet.layers.bjorck import gram_norm_bound
 
 __all__ = ["AOC_BJORCK_ITERATIONS", "AOCConv2d", "GramPrescale"]
@@ -170,6 +171,17 @@ class AOCConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv._conv_forward(x, self.kernel(), self.conv.bias)
+
+    def export(self) -> nn.Module:
+        """A plain ``nn.Conv2d`` configured as ``self.conv`` holding the kernel this layer uses in eval mode.
+
+        The layer applies its kernel through ``self.conv._conv_forward``; when the wrapped class redefines
+        it, no plain layer is known to compute the same, and the layer itself is returned.
+        """
+        if redefines_behaviour(self.conv, nn.Conv2d, ("_conv_forward",)):
+            return self
+        with eval_mode(self):
+            return frozen_conv2d(self.conv, self.kernel())
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 bound (``conv_operator_bound``) of the current kernel's norm, as configured."""

@@ -1,4 +1,4 @@
-"""Almost-orthogonal (AOL) rescaling of dense and convolution weights.
+"""Almost-orthogonal layers (AOL): the rescaling, its functional attach :func:`aol`, and the layers.
 
 Prach & Lampert, "Almost-Orthogonal Layers for Efficient General-Purpose Lipschitz Networks",
 ECCV 2022, Theorem 1: for any matrix ``P`` and ``d_i = (sum_j |P^T P|_ij)^(-1/2)``,
@@ -13,17 +13,37 @@ zero padding its entry for input channels ``i, j`` at spatial shift ``t`` is
 taps, and circular padding only aliases shifts together (``|sum| <= sum ||``), so the rescaled
 convolution is 1-Lipschitz for zero padding of any size and for circular padding that adds no
 output beyond the input size.
+
+The guarantee is 1-Lipschitz, not orthogonal: the rescaled weight is orthogonal only when the raw
+one has orthogonal columns (input channels with disjoint autocorrelations, for a convolution).
 """
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from lipnet.layers.parametrization import CachedParametrization
+from lipnet.layers.base import BoundedConv2d, BoundedLinear
+from lipnet.layers.parametrization import CachedParametrization, attach
+from lipnet.layers.patches import padding_sides
 
-__all__ = ["AOLConvRescaling", "AOLRescaling", "aol_conv_scales", "aol_scales"]
+__all__ = [
+    "AOLConv2d",
+    "AOLConvRescaling",
+    "AOLLinear",
+    "AOLRescaling",
+    "aol",
+    "aol_conv_scales",
+    "aol_scales",
+]
+
+Device = torch.device | str | None
+Size2 = int | tuple[int, int]
+Padding = str | int | tuple[int, int]
+_Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear)
 
 
 def _inverse_sqrt(row_sums: Tensor) -> Tensor:
@@ -94,3 +114,99 @@ class AOLConvRescaling(CachedParametrization):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"
+
+
+def _check_conv_padding(conv: nn.Conv2d) -> None:
+    """Refuse the padding the AOL theorem does not cover (module docstring): it reads pixels twice."""
+    if conv.padding_mode not in ("zeros", "circular"):
+        raise ValueError(
+            "AOL is 1-Lipschitz only with zero or circular padding, got "
+            f"padding_mode={conv.padding_mode!r}: reflect and replicate padding read border pixels twice"
+        )
+    if conv.padding_mode == "circular":
+        for dim in range(2):
+            left, right = padding_sides(conv.padding, conv.kernel_size[dim], conv.dilation[dim], dim)
+            if left + right > conv.dilation[dim] * (conv.kernel_size[dim] - 1):
+                raise ValueError(
+                    "AOL with circular padding needs total padding <= dilation * (kernel_size - 1)"
+                    f" per dimension (otherwise outputs repeat), got padding={conv.padding} in dimension"
+                    f" {dim}"
+                )
+
+
+def aol(module: _Layer) -> _Layer:
+    """Constrain an existing ``nn.Linear`` or ``nn.Conv2d`` to be 1-Lipschitz by AOL rescaling; returns it.
+
+    Registers :class:`AOLRescaling` (dense: ``weight = W diag(d)``, ``d_i = (sum_j |W^T W|_ij)^(-1/2)``)
+    or :class:`AOLConvRescaling` (convolution: each input channel scaled by ``(sum_j sum_t
+    |A_ij(t)|)^(-1/2)``, ``A`` the kernel autocorrelation, per group) on ``module.weight``, like
+    :func:`torch.nn.utils.parametrizations.orthogonal` (Prach & Lampert, ECCV 2022, Theorem 1; proof in
+    the module docstring). Guarantee: the layer is 1-Lipschitz for every raw weight, not orthogonal in
+    general. A convolution must use zero padding, or circular padding that adds at most
+    ``dilation * (kernel_size - 1)`` per dimension (``ValueError`` otherwise); any stride, dilation and
+    groups. ``certify`` bounds the layer from the constrained weight, and :func:`lipnet.export`
+    turns it into a plain layer holding that weight. No iteration, no change to the raw weight.
+    """
+    if isinstance(module, nn.Conv2d):
+        _check_conv_padding(module)
+        return attach(module, AOLConvRescaling(module.groups), (nn.Conv2d,))
+    return attach(module, AOLRescaling(), (nn.Linear, nn.Conv2d))
+
+
+class AOLLinear(BoundedLinear):
+    """Dense layer with the almost-orthogonal rescaling of Prach & Lampert (ECCV 2022).
+
+    ``weight = W diag(d)``, ``d_i = (sum_j |W^T W|_ij)^(-1/2)`` (on the smaller side of ``W``,
+    see :class:`AOLRescaling`; attached by :func:`aol`): 1-Lipschitz for every raw ``W``, with no
+    iteration. Not orthogonal in general (exactly orthogonal when ``W`` has orthogonal columns).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        aol(self)
+
+
+class AOLConv2d(BoundedConv2d):
+    """Almost-orthogonal convolution (Prach & Lampert, ECCV 2022): 1-Lipschitz, no iteration.
+
+    Each input channel of the kernel is multiplied by ``d_i = (sum_j sum_t |A_ij(t)|)^(-1/2)``,
+    ``A`` the kernel's autocorrelation (:class:`AOLConvRescaling`, attached by :func:`aol`). The
+    theorem covers zero padding (any amount, any stride, dilation and groups) and circular padding
+    that adds at most ``dilation * (k - 1)`` in total per dimension (no output beyond the input
+    size); reflect and replicate padding read pixels twice and are refused. Initialised with an
+    orthogonal centre tap and zeros elsewhere.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Size2,
+        stride: Size2 = 1,
+        padding: Padding = 0,
+        dilation: Size2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        centre = torch.empty(self.weight.shape[:2], device=self.weight.device, dtype=self.weight.dtype)
+        nn.init.orthogonal_(centre)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2] = centre
+        aol(self)

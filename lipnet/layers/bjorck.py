@@ -1,4 +1,4 @@
-"""Björck orthonormalisation and the cached Björck weight parametrization.
+"""Björck orthonormalisation: the iteration, its parametrization, the attach :func:`bjorck`, the layers.
 
 The Björck–Bowie iteration (Björck & Bowie, SIAM J. Numer. Anal. 1971; used for 1-Lipschitz
 networks by Anil, Lucas & Grosse, ICML 2019) of order ``p`` is
@@ -12,18 +12,37 @@ and converges to 1 (with order ``p + 1``). The iteration therefore starts from t
 divided by a sound upper bound of its spectral norm (:func:`gram_norm_bound`), never from
 a power-iteration estimate, which is a lower bound and can leave singular values above the
 region of convergence.
+
+A convolution is orthonormalised through its reshaped ``c_out x (c_in k_h k_w)`` kernel (RKO) and
+scaled by ``1 / sqrt(C)``, ``C`` the patch multiplicity of :mod:`lipnet.layers.patches`, which makes
+it 1-Lipschitz (not orthogonal) for its padding mode.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lipnet.layers.parametrization import CachedParametrization
+from lipnet.layers.base import BoundedConv2d, BoundedLinear
+from lipnet.layers.parametrization import CachedParametrization, attach
+from lipnet.layers.patches import patch_multiplicity
 
-__all__ = ["BjorckOrthonormal", "bjorck_orthonormalize", "gram_norm_bound"]
+__all__ = [
+    "BjorckConv2d",
+    "BjorckLinear",
+    "BjorckOrthonormal",
+    "bjorck",
+    "bjorck_orthonormalize",
+    "gram_norm_bound",
+]
+
+Device = torch.device | str | None
+Size2 = int | tuple[int, int]
+Padding = str | int | tuple[int, int]
+_Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear)
 
 
 def _gram(matrix: Tensor) -> Tensor:
@@ -206,4 +225,141 @@ class BjorckOrthonormal(CachedParametrization):
         return (
             f"groups={self.groups}, scale={self.scale:.6g}, train_iterations={self.train_iterations}, "
             f"order={self.order}, eval_max_iterations={self.eval_max_iterations}, eval_tol={self.eval_tol:g}"
+        )
+
+
+def bjorck(
+    module: _Layer,
+    *,
+    train_iterations: int = 3,
+    order: int = 2,
+    eval_max_iterations: int = 100,
+    eval_tol: float = 1e-12,
+) -> _Layer:
+    """Constrain an existing ``nn.Linear`` or ``nn.Conv2d`` by Björck orthonormalisation; returns it.
+
+    Registers :class:`BjorckOrthonormal` on ``module.weight``, like
+    :func:`torch.nn.utils.parametrizations.orthogonal`: ``weight = scale * Bjorck(W / b)`` per group,
+    ``b >= ||W||_2`` a Gram-iteration bound (Björck & Bowie 1971; Anil, Lucas & Grosse, ICML 2019;
+    module docstring). The raw weight is kept; in eval mode the constrained one is its orthonormal
+    polar factor, the nearest orthonormal matrix.
+
+    Guarantee. Dense layer (``scale = 1``): 1-Lipschitz in both modes (every iterate is a contraction
+    in exact arithmetic); in eval mode, for a full-rank raw weight, orthonormal rows
+    (``out <= in``) or columns (``out > in``) to float64 precision before the cast to the layer's
+    dtype, so orthogonal when square. Convolution: the reshaped kernel of each group is
+    orthonormalised and ``scale = 1 / sqrt(C)`` with ``C`` the patch multiplicity for its kernel size,
+    stride, dilation, padding and padding mode (:func:`~lipnet.layers.patches.patch_multiplicity`), so
+    the convolution is 1-Lipschitz (RKO, not orthogonal: norm-preserving only when the stride equals
+    the kernel size). In training mode ``train_iterations`` steps of order ``order`` run in the
+    weight's dtype, differentiated through; in eval mode the iteration runs in float64 until
+    ``||I - Gram||_F <= eval_tol`` (at most ``eval_max_iterations`` steps) and is cached. ``certify``
+    bounds the layer from the constrained weight, and :func:`lipnet.export` turns it into a plain layer
+    holding that weight.
+    """
+    groups, scale = 1, 1.0
+    if isinstance(module, nn.Conv2d):
+        groups = module.groups
+        multiplicity = patch_multiplicity(
+            module.kernel_size, module.stride, module.dilation, module.padding, module.padding_mode
+        )
+        scale = 1.0 / math.sqrt(multiplicity)
+    orthonormal = BjorckOrthonormal(
+        groups=groups,
+        scale=scale,
+        train_iterations=train_iterations,
+        order=order,
+        eval_max_iterations=eval_max_iterations,
+        eval_tol=eval_tol,
+    )
+    return attach(module, orthonormal, (nn.Linear, nn.Conv2d))
+
+
+class BjorckLinear(BoundedLinear):
+    """Dense layer whose weight is the Björck orthonormalisation of a raw weight (attached by :func:`bjorck`).
+
+    ``weight = Bjorck(W / b)`` with ``b >= ||W||_2`` a Gram-iteration bound (Björck & Bowie
+    1971; Anil, Lucas & Grosse, ICML 2019), computed on the smaller Gram matrix, so non-square
+    weights get orthonormal rows (``out <= in``) or columns (``out > in``). In training mode
+    ``train_iterations`` steps of order ``order`` are differentiated through; in eval mode the
+    iteration runs in float64 to convergence and is cached. Every iterate is a contraction in
+    exact arithmetic (1-Lipschitz in both modes), and eval weights of full rank are orthonormal
+    to float64 precision before the cast to the layer dtype. The raw weight is initialised
+    orthogonal.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        train_iterations: int = 3,
+        order: int = 2,
+        eval_max_iterations: int = 100,
+        eval_tol: float = 1e-12,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        nn.init.orthogonal_(self.weight)
+        bjorck(
+            self,
+            train_iterations=train_iterations,
+            order=order,
+            eval_max_iterations=eval_max_iterations,
+            eval_tol=eval_tol,
+        )
+
+
+class BjorckConv2d(BoundedConv2d):
+    """Reshaped-kernel orthogonal (RKO) convolution, scaled to be 1-Lipschitz as configured.
+
+    The ``c_out x (c_in k_h k_w)`` reshaped kernel of each group is orthonormalised by Björck
+    iterations (:class:`BjorckOrthonormal`, sound pre-scaling, float64 convergence in eval; attached
+    by :func:`bjorck`) and multiplied by ``1 / sqrt(C)``, where ``C`` is the largest number of
+    times the convolution reads one input pixel for this kernel size, stride, dilation, padding
+    and padding mode (:func:`~lipnet.layers.patches.patch_multiplicity`; ``C = k_h k_w`` for stride 1
+    with zero padding, ``ceil(k/s)^2`` for stride ``s``; more under reflect, replicate or
+    circular padding). Then ``||conv(x)||^2 <= ||M||^2 C ||x||^2 <= ||x||^2``: the layer is
+    1-Lipschitz (contractive, not orthogonal: RKO is norm-preserving only when stride equals
+    the kernel size), the idea of deel-torchlip's ``SpectralConv2d`` and orthogonium's
+    ``RKOConv2d``, with the scale derived for the actual padding mode. The raw kernel is
+    initialised orthogonal (as a reshaped matrix).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Size2,
+        stride: Size2 = 1,
+        padding: Padding = 0,
+        dilation: Size2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        train_iterations: int = 3,
+        order: int = 2,
+        eval_max_iterations: int = 100,
+        eval_tol: float = 1e-12,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        #: ``C``, the most times this convolution reads one input pixel (its scale is ``1 / sqrt(C)``).
+        self.patch_multiplicity = patch_multiplicity(
+            self.kernel_size, self.stride, self.dilation, self.padding, padding_mode
+        )
+        nn.init.orthogonal_(self.weight)
+        bjorck(
+            self,
+            train_iterations=train_iterations,
+            order=order,
+            eval_max_iterations=eval_max_iterations,
+            eval_tol=eval_tol,
         )

@@ -21,7 +21,7 @@ Step norm ``h^2`` (cached in eval mode, as is the rescaled weight ``(2 / h^2) W`
   Gram matrix of ``W`` (Delattre et al., ICML 2023): ``||W||^2 <= ||G^(2^p)||_F^(1 / 2^p)``,
   computed in the layer's dtype and differentiated through.
 * convolution (zero 'same' padding, odd kernel ``k``, stride 1): ``h`` is the amortised bound
-  :class:`_AmortisedSymbolBound` of ``||T|| = sup_w sigma_max(K(w))``, the norm of the convolution
+  :class:`AmortisedSymbolBound` of ``||T|| = sup_w sigma_max(K(w))``, the norm of the convolution
   on the infinite grid, which bounds the zero-padded operator for every input size (it is a
   restriction of the infinite-grid one; Sedghi, Gupta & Long, ICLR 2019, for the circular case).
 
@@ -91,15 +91,15 @@ import math
 from abc import abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certify.bounds import FLOAT64_SLACK, matrix_spectral_norm
 from certify.conv_norm import conv_operator_bound
 from lipnet.layers.bjorck import gram_norm_bound
-from lipnet.layers.sll import _EvalCache, _GradientStepBlock
+from lipnet.layers.gradient_step import GradientStepBlock
+from lipnet.layers.parametrization import EvalTensorCache
 
-__all__ = ["CPLConv2d", "CPLLinear"]
+__all__ = ["AmortisedSymbolBound", "CPLConv2d", "CPLLinear"]
 
 Device = torch.device | str | None
 
@@ -190,7 +190,7 @@ def _rank_by_power_iteration(gram: Tensor) -> Tensor:
     return (x.mH @ gram @ x).real.reshape(-1)
 
 
-class _AmortisedSymbolBound(nn.Module):
+class AmortisedSymbolBound(nn.Module):
     """Sound bound ``h >= sup_w sigma_max(K(w))`` of a (grouped) kernel, refreshed only when it is loose.
 
     For a kernel ``(c_out, c_in / groups, k_h, k_w)`` the bounded quantity is the norm of the
@@ -374,13 +374,16 @@ class _AmortisedSymbolBound(nn.Module):
         )
 
 
-class _CPLBlock(_GradientStepBlock):
+class _CPLBlock(GradientStepBlock):
     """A CPL block: the step ``2 / h^2`` of every inner unit, ``h^2`` cached in eval mode like the
-    rescaled weight ``(2 / h^2) W`` (:meth:`~lipnet.layers.sll._GradientStepBlock.step_weight`)."""
+    rescaled weight ``(2 / h^2) W`` (:meth:`~lipnet.layers.gradient_step.GradientStepBlock.step_weight`).
+
+    The forward pass and the export are those of :class:`~lipnet.layers.gradient_step.GradientStepBlock`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._cache = _EvalCache()
+        self._cache = EvalTensorCache()
 
     @abstractmethod
     def norm_sq(self) -> Tensor:
@@ -432,11 +435,6 @@ class CPLLinear(_CPLBlock):
 
         return self._cache.get(self.training, (self.weight,), compute)
 
-    def forward(self, x: Tensor) -> Tensor:
-        res = F.relu(F.linear(x, self.weight, self.bias))
-        # the step 2 / h^2 scales the small weight, not the activations
-        return x - F.linear(res, self.step_weight().mT)
-
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 bound ``max(1, 2 ||W||_2^2 / h^2 - 1)`` (exact float64 SVD of ``W``)."""
         if input_shape is not None and tuple(input_shape) != (self.features,):
@@ -457,7 +455,7 @@ class CPLConv2d(_CPLBlock):
     ``C`` is the stride-1 convolution with kernel ``weight`` of shape ``(inner_channels, channels,
     k, k)`` and zero 'same' padding ``k // 2`` (``k`` odd), ``C^T`` its adjoint
     (``conv_transpose2d``). ``h^2`` is ``h`` squared and floored at ``eps``, with ``h`` the amortised bound
-    of :class:`_AmortisedSymbolBound` (proofs in :mod:`lipnet.layers.cpl`): ``h >= ||C||_2`` for every
+    of :class:`AmortisedSymbolBound` (proofs in :mod:`lipnet.layers.cpl`): ``h >= ||C||_2`` for every
     input size at every step, so the layer is 1-Lipschitz for every value of the parameters and
     every input size, not orthogonal; channels and spatial size are preserved.
 
@@ -508,7 +506,7 @@ class CPLConv2d(_CPLBlock):
         self.weight = nn.Parameter(torch.empty(inner, channels, kernel_size, kernel_size, **kw))
         self.bias = nn.Parameter(torch.empty(inner, **kw))
         _init_parameters(self.weight, self.bias)
-        self.norm_bound = _AmortisedSymbolBound(
+        self.norm_bound = AmortisedSymbolBound(
             (inner, channels, kernel_size, kernel_size),
             groups=1,
             grid=grid_size,
@@ -524,11 +522,6 @@ class CPLConv2d(_CPLBlock):
             return self.norm_bound(self.weight).square().clamp_min(self.eps)
 
         return self._cache.get(self.training, (self.weight,), compute)
-
-    def forward(self, x: Tensor) -> Tensor:
-        res = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
-        # the step 2 / h^2 scales the small kernel, not the activations
-        return x - F.conv_transpose2d(res, self.step_weight(), padding=self.padding)
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 bound ``max(1, 2 a^2 / h^2 - 1)``, ``a`` = ``conv_operator_bound`` of ``C``.

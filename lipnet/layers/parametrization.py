@@ -1,22 +1,88 @@
-"""Weight parametrizations that cache their result in eval mode.
+"""Weight parametrizations that cache their result in eval mode, and how one is attached to a layer.
 
 A parametrization registered with :func:`torch.nn.utils.parametrize.register_parametrization`
 is recomputed on every access of the weight. For an orthogonalisation that costs a few matrix
 products per forward pass; at inference the raw weight does not change, so
 :class:`CachedParametrization` computes the constrained weight once and reuses it until the raw
-weight changes.
+weight changes. :class:`EvalTensorCache` applies the same rule to any tensor computed from some
+parameters (the steps of the SLL / CPL blocks, the divisors of the attention modules).
+
+:func:`attach` registers a parametrization on the weight of an existing ``nn.Linear`` /
+``nn.Conv2d``; the functional forms :func:`lipnet.layers.aol`, :func:`lipnet.layers.bjorck` and
+:func:`lipnet.layers.orthogonal` (each in its method's file) and the layer classes all go through it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-__all__ = ["CachedParametrization", "EvalCache"]
+from lipnet.layers.base import redefines_behaviour
+
+__all__ = ["CachedParametrization", "EvalCache", "EvalTensorCache", "attach", "check_attachable"]
 
 _Key = tuple[int, int, int, torch.device, torch.dtype, torch.Size]
+_CacheKey = tuple[object, ...]
+_Module = TypeVar("_Module", bound=nn.Module)
+
+
+def check_attachable(module: nn.Module, bases: tuple[type[nn.Module], ...], what: str) -> None:
+    """Refuse (``TypeError``) a ``module`` that ``what`` cannot constrain: not an instance of one of
+    ``bases``, or a subclass that redefines ``forward`` / ``_conv_forward`` (the guarantee of a
+    parametrization is about the base's computation with the constrained weight)."""
+    base = next((b for b in bases if isinstance(module, b)), None)
+    if base is None:
+        names = " or ".join(b.__name__ for b in bases)
+        raise TypeError(f"{what} attaches to {names} modules, got {type(module).__name__}")
+    if redefines_behaviour(module, base):
+        raise TypeError(
+            f"{type(module).__qualname__} redefines the computation of {base.__name__}, so the guarantee of "
+            f"{what} on its weight would not hold for it"
+        )
+
+
+def attach(module: _Module, parametrization: nn.Module, bases: tuple[type[nn.Module], ...]) -> _Module:
+    """Register ``parametrization`` on ``module.weight`` and return ``module`` (which it modifies).
+
+    ``module`` must pass :func:`check_attachable` for ``bases``. Like
+    :func:`torch.nn.utils.parametrizations.orthogonal`, the raw weight becomes
+    ``module.parametrizations.weight.original`` and ``module.weight`` is the constrained one;
+    ``torch.nn.utils.parametrize.remove_parametrizations(module, "weight")`` takes it off again.
+    """
+    check_attachable(module, bases, type(parametrization).__name__)
+    parametrize.register_parametrization(module, "weight", parametrization)
+    return module
+
+
+class EvalTensorCache:
+    """A tensor computed from some parameters, reused in eval mode while they are unchanged.
+
+    Same rules as :class:`CachedParametrization`: recomputed in training mode and whenever an
+    autograd graph is needed; the key holds each tensor's identity, storage, version counter
+    (bumped by optimizer steps and ``load_state_dict``), device, dtype and shape, plus any extra key
+    (an input size).
+    """
+
+    def __init__(self) -> None:
+        self._key: _CacheKey | None = None
+        self._value: Tensor | None = None
+
+    def get(
+        self, training: bool, tensors: Sequence[Tensor], compute: Callable[[], Tensor], extra: _CacheKey = ()
+    ) -> Tensor:
+        """``compute()``, or the value it returned last time when the key is the same (see the class)."""
+        if training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return compute()
+        key = (*((id(t), t.data_ptr(), t._version, t.device, t.dtype, t.shape) for t in tensors), *extra)
+        if self._key != key or self._value is None:
+            self._value = compute()
+            self._key = key
+        return self._value
 
 
 class CachedParametrization(nn.Module, ABC):

@@ -26,7 +26,7 @@ used for convolutions by Delattre, Barthélemy, Araujo & Allauzen (ICML 2023), w
 correction that makes the grid value an upper bound of the continuum.
 
 In training the layer does not recompute it at every step: the merged kernel is divided by the
-amortised bound of :class:`lipnet.layers.cpl._AmortisedSymbolBound`, ``s = s0 + delta`` with
+amortised bound of :class:`lipnet.layers.cpl.AmortisedSymbolBound`, ``s = s0 + delta`` with
 ``s0`` this grid bound at an anchor kernel ``M0`` (float64, no autograd) and ``delta`` the
 reshaped-kernel bound of ``M - M0``; by the triangle inequality ``s`` bounds the merged operator
 norm at every step, and the anchor moves to the current kernel (the grid bound is recomputed, in
@@ -40,12 +40,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
-from torch.nn.utils import parametrize
+from torch import Tensor, nn
 
-from lipnet.layers.conv import _BoundedConv2d
-from lipnet.layers.cpl import _AmortisedSymbolBound
-from lipnet.layers.parametrization import CachedParametrization
+from lipnet.layers.base import BoundedConv2d
+from lipnet.layers.cpl import AmortisedSymbolBound
+from lipnet.layers.parametrization import CachedParametrization, attach
 
 __all__ = ["LinearResidualConv2d", "ResidualKernel", "symbol_norm_bound"]
 
@@ -76,7 +75,7 @@ class ResidualKernel(CachedParametrization):
     """Parametrization ``weight = (W + delta) / s``: the merged kernel of ``x + conv_W(x)``.
 
     ``delta`` is the identity at the centre tap (per group). With ``normalize=True``, ``s`` is the
-    amortised bound ``norm_bound(W + delta)`` (:class:`~lipnet.layers.cpl._AmortisedSymbolBound`,
+    amortised bound ``norm_bound(W + delta)`` (:class:`~lipnet.layers.cpl.AmortisedSymbolBound`,
     the grid bound on a ``grid x grid`` DFT grid at an anchor plus a drift bound), a sound upper
     bound of the merged operator norm (max over groups) for zero and circular padding at every
     step, so the layer is 1-Lipschitz; otherwise ``s = 1`` and ``weight_shape`` is not needed.
@@ -99,13 +98,13 @@ class ResidualKernel(CachedParametrization):
         self.groups = groups
         self.normalize = normalize
         self.grid = grid
-        self.norm_bound: _AmortisedSymbolBound | None = None
+        self.norm_bound: AmortisedSymbolBound | None = None
         if normalize:
             if weight_shape is None:
                 raise ValueError(
                     "ResidualKernel(normalize=True) needs the weight_shape of the bound's anchor"
                 )
-            self.norm_bound = _AmortisedSymbolBound(
+            self.norm_bound = AmortisedSymbolBound(
                 weight_shape,
                 groups=groups,
                 grid=grid,
@@ -128,7 +127,7 @@ class ResidualKernel(CachedParametrization):
         return f"groups={self.groups}, normalize={self.normalize}, grid={self.grid}"
 
 
-class LinearResidualConv2d(_BoundedConv2d):
+class LinearResidualConv2d(BoundedConv2d):
     """LiResNet-style linear residual block ``y = x + conv(x) + bias``, as one merged convolution.
 
     An ``nn.Conv2d(channels, channels, kernel_size, padding='same')`` whose weight is parametrized
@@ -146,7 +145,7 @@ class LinearResidualConv2d(_BoundedConv2d):
     a few ``eigvalsh``) and runs only at the first call and when ``s`` is more than ``1 + drift_tol``
     times a lower bound of the current grid bound; every other training step costs one ``c x 9c``
     Gram matrix.
-    The gradient of ``s`` is that of the grid bound at the anchor (see ``_AmortisedSymbolBound``).
+    The gradient of ``s`` is that of the grid bound at the anchor (see ``AmortisedSymbolBound``).
     Padding is zeros or circular; the kernel size must be odd (the centre tap must exist).
     Initialised with torch's default Conv2d initialisation of ``W``.
     """
@@ -208,4 +207,4 @@ class LinearResidualConv2d(_BoundedConv2d):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        parametrize.register_parametrization(self, "weight", kernel)
+        attach(self, kernel, (nn.Conv2d,))

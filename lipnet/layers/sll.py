@@ -43,14 +43,15 @@ are correct, ``1 + O(1e-6)`` when float32 rounding left them slightly small.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certify.bounds import FLOAT64_SLACK
+from lipnet.layers.gradient_step import GradientStepBlock
+from lipnet.layers.parametrization import EvalTensorCache
 
 __all__ = ["SLLConv2d", "SLLLinear"]
 
@@ -61,34 +62,6 @@ Device = torch.device | str | None
 _LOG_RATIO_CLIP = 30.0
 #: Unit roundoff of float64.
 _UNIT_ROUNDOFF = 2.0**-53
-
-_CacheKey = tuple[object, ...]
-
-
-class _EvalCache:
-    """A tensor computed from some parameters, reused in eval mode while they are unchanged.
-
-    Same rules as :class:`~lipnet.layers.parametrization.CachedParametrization`: recomputed in
-    training mode and whenever an autograd graph is needed; the key holds each tensor's identity,
-    storage, version counter (bumped by optimizer steps and ``load_state_dict``), device, dtype
-    and shape, plus any extra key (an input size).
-    """
-
-    def __init__(self) -> None:
-        self._key: _CacheKey | None = None
-        self._value: Tensor | None = None
-
-    def get(
-        self, training: bool, tensors: Sequence[Tensor], compute: Callable[[], Tensor], extra: _CacheKey = ()
-    ) -> Tensor:
-        if training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return compute()
-        key = (*((id(t), t.data_ptr(), t._version, t.device, t.dtype, t.shape) for t in tensors), *extra)
-        if self._key != key or self._value is None:
-            self._value = compute()
-            self._key = key
-        return self._value
-
 
 def _ratio_weights(log_q: Tensor) -> Tensor:
     """``r_ij = q_j / q_i`` with the log-ratio clipped to ``[-30, 30]`` (``r_ij r_ji = 1``)."""
@@ -101,45 +74,12 @@ def _kernel_correlation(kernel: Tensor) -> Tensor:
     return F.conv2d(kernel, kernel, padding=(kh - 1, kw - 1))
 
 
-class _GradientStepBlock(nn.Module, ABC):
-    """A block ``y = x - W^T diag(s) relu(W x + b)`` (SLL, CPL): its steps ``s`` and its rescaled weight.
+class _SLLBlock(GradientStepBlock):
+    """Shared parameters and scales of the SLL blocks; subclasses give the Gram operator.
 
-    ``weight`` holds ``W`` (inner units along the first dimension). Subclasses give
-    :meth:`step_sizes`; :meth:`_step_sources` lists the tensors the steps are computed from (the key
-    of the eval cache of :meth:`step_weight`).
+    The forward pass (``x - W^T diag(s) relu(W x + b)`` with ``s = 2 / (t + eps)``) and the export are
+    those of :class:`~lipnet.layers.gradient_step.GradientStepBlock`.
     """
-
-    weight: Tensor
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._step_cache = _EvalCache()
-
-    @abstractmethod
-    def step_sizes(self) -> Tensor:
-        """The step ``s_i >= 0`` of each inner unit (first dim of ``weight``), the factor before ``relu``."""
-
-    def _step_sources(self) -> tuple[Tensor, ...]:
-        return (self.weight,)
-
-    def step_weight(self) -> Tensor:
-        """``diag(s) W``, the weight of the block's second product (applied by its adjoint), eval-cached.
-
-        Cached by :class:`_EvalCache` (recomputed in training mode, when an autograd graph is needed and
-        when a source tensor changes, e.g. by an optimizer step or ``load_state_dict``), so that a warm
-        eval forward is the two products of a frozen block and nothing else, which matters when the
-        weight is large next to the batch (a dense block of 2048 inner units at batch 1 spent half its
-        time rescaling the weight).
-        """
-
-        def compute() -> Tensor:
-            return self.weight * self.step_sizes().reshape(-1, *(1,) * (self.weight.ndim - 1))
-
-        return self._step_cache.get(self.training, self._step_sources(), compute)
-
-
-class _SLLBlock(_GradientStepBlock):
-    """Shared parameters and scales of the SLL blocks; subclasses give the Gram operator and forward."""
 
     #: Dimensions of one input sample: 1 for dense blocks, 3 (C, H, W) for convolutions.
     input_ndim: int
@@ -154,7 +94,7 @@ class _SLLBlock(_GradientStepBlock):
         if not (eps > 0 and eps < float("inf")):
             raise ValueError(f"eps must be a finite number > 0, got {eps}")
         self.eps = eps
-        self._cache = _EvalCache()
+        self._cache = EvalTensorCache()
 
     def _init_parameters(self) -> None:
         nn.init.xavier_normal_(self.weight)
@@ -263,11 +203,6 @@ class SLLLinear(_SLLBlock):
     def _gram_length(self) -> int:
         return self.features + self.inner_features
 
-    def forward(self, x: Tensor) -> Tensor:
-        res = F.relu(F.linear(x, self.weight, self.bias))
-        # the step 2 / (t + eps) scales the small weight, not the activations
-        return x - F.linear(res, self.step_weight().mT)
-
     def extra_repr(self) -> str:
         return f"features={self.features}, inner_features={self.inner_features}, eps={self.eps:g}"
 
@@ -314,11 +249,6 @@ class SLLConv2d(_SLLBlock):
 
     def _gram_length(self) -> int:
         return self.channels * self.kernel_size**2 + self.inner_channels * (2 * self.kernel_size - 1) ** 2
-
-    def forward(self, x: Tensor) -> Tensor:
-        res = F.relu(F.conv2d(x, self.weight, self.bias, padding=self.padding))
-        # the step 2 / (t + eps) scales the small kernel, not the activations
-        return x - F.conv_transpose2d(res, self.step_weight(), padding=self.padding)
 
     def extra_repr(self) -> str:
         return (

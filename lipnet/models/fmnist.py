@@ -1,7 +1,7 @@
 """``fmnist_convnet_s`` / ``fmnist_convnet_m``: the Fashion-MNIST yardstick networks (1x28x28, 10 classes).
 
 One layout, :func:`fmnist_layers`, built from the three factories of a
-:class:`~lipnet.models.kinds.LayerKind` (stem / channel-changing ``conv``, channel-preserving
+:class:`~lipnet.layers.kinds.LayerKind` (stem / channel-changing ``conv``, channel-preserving
 ``block``, ``dense``). :class:`FashionConvNet` is that layout with a registered lipnet kind, GroupSort2
 and scaled L2-norm pooling; ``lipnet bench fmnist`` passes deel-torchlip's and orthogonium's layers to
 the same function so that every library trains exactly the same architecture.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lipnet.activations import GroupSort
-from lipnet.models.kinds import LayerKind, get_layer_kind
+from lipnet.layers.kinds import LayerKind, get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential
 from lipnet.pooling import ScaledL2NormPool2d
@@ -83,7 +83,7 @@ def fmnist_layers(
 class FashionConvNet(LipschitzSequential):
     """The :func:`fmnist_layers` convnet with a registered lipnet layer kind; each part 1-Lipschitz.
 
-    ``conv`` names the kind (:func:`lipnet.models.kinds.list_layer_kinds`); activations are GroupSort of
+    ``conv`` names the kind (:func:`lipnet.layers.kinds.list_layer_kinds`); activations are GroupSort of
     size 2 and downsamplings are 2x2 :class:`~lipnet.pooling.ScaledL2NormPool2d`, so the network is
     1-Lipschitz in L2 up to the rounding of its layers' parametrizations. ``lipschitz_bound`` measures
     that from the actual weights: the product of the children's sound float64 bounds

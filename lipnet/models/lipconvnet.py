@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lipnet.activations import MaxMin
-from lipnet.models.kinds import LayerKind, get_layer_kind
+from lipnet.layers.kinds import LayerKind, get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential
 from lipnet.pooling import InvertibleDownsampling
@@ -126,7 +126,7 @@ class LipConvNet(LipschitzSequential):
     certified 61.6% (issue 3; clean accuracy not verified here); the other sizes and kinds: not
     verified. Config: ``experiments/configs/cifar10_lipconvnet_m_cpl.yaml``.
 
-    ``conv`` is a registered kind's name or a :class:`~lipnet.models.kinds.LayerKind` (e.g. one of
+    ``conv`` is a registered kind's name or a :class:`~lipnet.layers.kinds.LayerKind` (e.g. one of
     the anchor libraries' kinds in :mod:`lipnet.bench_anchors`, for benchmarks).
     """
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from lipnet.activations import MaxMin
 from lipnet.layers import LinearResidualConv2d
-from lipnet.models.kinds import get_layer_kind
+from lipnet.layers.kinds import get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential, linear_head
 from lipnet.pooling import InvertibleDownsampling, ScaledAvgPool2d

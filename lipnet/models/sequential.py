@@ -12,7 +12,7 @@ from collections import OrderedDict
 from torch import nn
 
 from certify.bounds import input_shapes, module_bound
-from lipnet.models.kinds import LayerKind
+from lipnet.layers.kinds import LayerKind
 
 __all__ = ["LipschitzSequential", "linear_head"]
 
@@ -61,3 +61,8 @@ class LipschitzSequential(nn.Sequential):
             child_shape = shapes.get(child) if shapes is not None else None
             total *= module_bound(child, child_shape, shapes=shapes, path=name)
         return total
+
+    def export(self) -> nn.Sequential:
+        """``nn.Sequential`` of the same children: the family classes only add the product bound, which
+        ``certify`` composes on its own. :func:`lipnet.export` then exports the children."""
+        return nn.Sequential(OrderedDict(self.named_children()))

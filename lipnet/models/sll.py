@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lipnet.layers import SLLConv2d, SLLLinear
-from lipnet.models.kinds import get_layer_kind
+from lipnet.layers.kinds import get_layer_kind
 from lipnet.models.lipconvnet import ChannelPad
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential, linear_head

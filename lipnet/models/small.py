@@ -5,15 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from lipnet.activations import GroupSort
-from lipnet.layers import AOLConv2d, AOLLinear, BjorckConv2d, BjorckLinear
+from lipnet.layers.kinds import get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential
 from lipnet.pooling import InvertibleDownsampling, ScaledL2NormPool2d
 
 __all__ = ["SmallCNN", "small_cnn"]
 
-_CONVS: dict[str, type[nn.Conv2d]] = {"bjorck": BjorckConv2d, "aol": AOLConv2d}
-_DENSES: dict[str, type[nn.Linear]] = {"bjorck": BjorckLinear, "aol": AOLLinear}
+#: The layer kinds whose ``conv`` and ``dense`` layers change channels and features (plain layers).
+_KINDS = ("bjorck", "aol")
 _POOLS = ("l2", "invertible")
 
 
@@ -25,8 +25,9 @@ class SmallCNN(LipschitzSequential):
     :class:`~lipnet.pooling.ScaledL2NormPool2d` (``pool="l2"``) or
     :class:`~lipnet.pooling.InvertibleDownsampling` (``pool="invertible"``, which multiplies the
     channels by 4). Convolutions and dense layers are Björck/RKO (``conv="bjorck"``) or AOL
-    (``conv="aol"``). The last child is the linear head, so ``certify``'s last-layer certificate
-    splits it off. ``input_size`` (square inputs) must be divisible by 4. ``lipschitz_bound`` is
+    (``conv="aol"``), built by that :class:`~lipnet.layers.kinds.LayerKind` (its ``conv``, ``block``
+    and ``dense`` factories). The last child is the linear head, so ``certify``'s last-layer
+    certificate splits it off. ``input_size`` (square inputs) must be divisible by 4. ``lipschitz_bound`` is
     the product of the children's bounds (:class:`~lipnet.models.sequential.LipschitzSequential`).
     """
 
@@ -39,8 +40,8 @@ class SmallCNN(LipschitzSequential):
         input_size: int = 32,
         pool: str = "l2",
     ) -> None:
-        if conv not in _CONVS:
-            raise ValueError(f"conv must be one of {sorted(_CONVS)}, got {conv!r}")
+        if conv not in _KINDS:
+            raise ValueError(f"conv must be one of {sorted(_KINDS)}, got {conv!r}")
         if pool not in _POOLS:
             raise ValueError(f"pool must be one of {list(_POOLS)}, got {pool!r}")
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
@@ -54,7 +55,7 @@ class SmallCNN(LipschitzSequential):
             raise ValueError(
                 f"input_size must be a positive multiple of 4 (two 2x downsamplings), got {input_size}"
             )
-        conv_cls, dense_cls = _CONVS[conv], _DENSES[conv]
+        kind = get_layer_kind(conv)
         grow = 4 if pool == "invertible" else 1
 
         def down() -> nn.Module:
@@ -63,20 +64,20 @@ class SmallCNN(LipschitzSequential):
         c1, c2, hidden = width, 2 * width, 4 * width
         side = input_size // 4
         super().__init__(
-            conv_cls(in_channels, c1, 3, padding=1),
+            kind.conv(in_channels, c1, 3),
             GroupSort(2),
-            conv_cls(c1, c1, 3, padding=1),
+            kind.block(c1, 3),
             GroupSort(2),
             down(),
-            conv_cls(c1 * grow, c2, 3, padding=1),
+            kind.conv(c1 * grow, c2, 3),
             GroupSort(2),
-            conv_cls(c2, c2, 3, padding=1),
+            kind.block(c2, 3),
             GroupSort(2),
             down(),
             nn.Flatten(),
-            dense_cls(c2 * grow * side * side, hidden),
+            kind.dense(c2 * grow * side * side, hidden),
             GroupSort(2),
-            dense_cls(hidden, num_classes),
+            kind.dense(hidden, num_classes),
         )
         self.input_shape = (in_channels, input_size, input_size)
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lipnet.activations import GroupSort
-from lipnet.models.kinds import get_layer_kind
+from lipnet.layers.kinds import get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential, linear_head
 from lipnet.pooling import GlobalL2NormPool2d, ScaledL2NormPool2d

@@ -11,6 +11,9 @@ A :class:`LayerKind` builds the three layers a convolutional family needs:
 Kinds whose layers cannot change the number of channels (residual blocks) build their ``conv``
 and ``dense`` layers from another kind, named in ``description``. Every layer the factories build
 has ``lipschitz_bound()``.
+
+A new kind is one :func:`register_layer_kind` call below (or in the user's code); the model families
+take it by name through their ``conv=`` argument.
 """
 
 from __future__ import annotations
@@ -20,18 +23,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lipnet.layers import (
-    AOCConv2d,
-    AOLConv2d,
-    AOLLinear,
-    BjorckConv2d,
-    BjorckLinear,
-    CayleyConv2d,
-    CPLConv2d,
-    CPLLinear,
-    SLLConv2d,
-    SLLLinear,
-)
+from lipnet.layers.aoc import AOCConv2d
+from lipnet.layers.aol import AOLConv2d, AOLLinear
+from lipnet.layers.bjorck import BjorckConv2d, BjorckLinear
+from lipnet.layers.cayley import CayleyConv2d
+from lipnet.layers.cpl import CPLConv2d, CPLLinear
+from lipnet.layers.sll import SLLConv2d, SLLLinear
 
 __all__ = ["LayerKind", "get_layer_kind", "list_layer_kinds", "register_layer_kind"]
 
