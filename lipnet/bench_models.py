@@ -291,10 +291,9 @@ def _takes_conv(name: str) -> bool:
     """Whether the constructor registered as ``name`` has a ``conv`` (layer kind) argument."""
     import inspect
 
-    # the registry has no public accessor for a constructor; its signature is the only honest source
-    from lipnet.models.registry import _MODELS
+    from lipnet.models import model_entrypoint
 
-    return "conv" in inspect.signature(_MODELS[name]).parameters
+    return "conv" in inspect.signature(model_entrypoint(name)).parameters
 
 
 def bench_eval(

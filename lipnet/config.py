@@ -122,10 +122,10 @@ class ModelConfig:
         Cheap (no model is built), so that a command rejects a bad ``--set model.key=value`` before it
         loads any data. Imports :mod:`lipnet.models`.
         """
-        from lipnet.models import get_model
+        from lipnet.models import model_entrypoint
 
         try:
-            fn = get_model(self.name)
+            fn = model_entrypoint(self.name)
         except ValueError as err:
             raise ConfigError(f"model.name: {err}") from None
         params = inspect.signature(fn).parameters
@@ -153,10 +153,10 @@ class ModelConfig:
         ``in_channels = C``, ``input_size = H`` (square images only) and ``num_classes``, each only where
         the constructor names it as a parameter and ``kwargs`` does not set it. Imports
         :mod:`lipnet.models`."""
-        from lipnet.models import get_model
+        from lipnet.models import model_entrypoint
 
         try:
-            params = inspect.signature(get_model(self.name)).parameters
+            params = inspect.signature(model_entrypoint(self.name)).parameters
         except ValueError as err:
             raise ConfigError(f"model.name: {err}") from None
         shape = [int(s) for s in input_shape]

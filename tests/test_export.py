@@ -88,11 +88,10 @@ def _trained(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
 
 
 def test_families_cover_every_registered_model() -> None:
-    # the registry has no public accessor for a constructor; its return annotation names the family
-    # without building the full-size model (tens of millions of weights)
-    from lipnet.models.registry import _MODELS
-
-    classes = {typing.get_type_hints(_MODELS[name])["return"].__name__ for name in models.list_models()}
+    # a constructor's return annotation names the family without building the full-size model (tens of
+    # millions of weights)
+    names = models.list_models()
+    classes = {typing.get_type_hints(models.model_entrypoint(name))["return"].__name__ for name in names}
     assert classes == set(FAMILIES)
 
 

@@ -248,3 +248,39 @@ def test_cifar10_configs_load_and_build(name: str) -> None:
     assert isinstance(model, LipschitzSequential)
     _, head = split_head(model)  # type: ignore[misc]
     assert isinstance(head, nn.Linear) and head.out_features == 10
+
+
+# --- the registry -------------------------------------------------------------------------
+
+
+def test_registry_lookups() -> None:
+    names = models.list_models()
+    assert names == sorted(names) and "small_cnn" in names
+    # shell wildcards match the whole name; a plain pattern is a substring, as it always was
+    assert models.list_models("lipconvnet_*") == [f"lipconvnet_{s}" for s in ("l", "m", "s", "xs")]
+    sized = [f"{f}_{s}" for f in ("fmnist_convnet", "lipconvnet") for s in "ms"]
+    assert models.list_models("*_[sm]") == sized
+    assert models.list_models("convnet") == [n for n in names if "convnet" in n]
+    assert models.list_models("sll_?") == [] and models.list_models("nothing*") == []
+    for name in names:
+        assert models.is_model(name)
+        entry = models.model_entrypoint(name)
+        assert entry.__name__ == name
+    assert not models.is_model("lipconvnet") and not models.is_model("lipconvnet_*")
+    with pytest.raises(ValueError, match="unknown model 'resnet50'; available: bethune_vgg"):
+        models.model_entrypoint("resnet50")
+    with pytest.raises(ValueError, match="unknown model"):
+        models.create("resnet50")
+
+
+def test_default_cfg_is_what_create_builds() -> None:
+    assert models.default_cfg("fmnist_convnet_s") == models.ModelDefaults((1, 28, 28), 10, "bjorck")
+    assert models.default_cfg("lipconvnet_m") == models.ModelDefaults((3, 32, 32), 10, "aol")
+    # the SLL networks take no layer kind
+    assert models.default_cfg("sll_small").conv is None
+    for name in ("small_cnn", "fmnist_convnet_s", "lipconvnet_xs", "bethune_vgg"):
+        cfg = models.default_cfg(name)
+        model = models.create(name)
+        assert model.input_shape == cfg.input_shape
+        with torch.no_grad():
+            assert model.eval()(torch.zeros((1, *cfg.input_shape))).shape == (1, cfg.num_classes)

@@ -6,6 +6,22 @@ from lipnet.models import liresnet as liresnet  # registers liresnet
 from lipnet.models import sll as sll  # registers sll_{small,medium,large,xlarge}
 from lipnet.models import small as small  # registers small_cnn
 from lipnet.models import vgg as vgg  # registers bethune_vgg
-from lipnet.models.registry import create, get_model, list_models, register_model
+from lipnet.models.registry import (
+    ModelDefaults,
+    create,
+    default_cfg,
+    is_model,
+    list_models,
+    model_entrypoint,
+    register_model,
+)
 
-__all__ = ["create", "get_model", "list_models", "register_model"]
+__all__ = [
+    "ModelDefaults",
+    "create",
+    "default_cfg",
+    "is_model",
+    "list_models",
+    "model_entrypoint",
+    "register_model",
+]
