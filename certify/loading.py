@@ -3,8 +3,9 @@
 A model specification is one of
 
 * an ``nn.Module`` (through the API): used as it is;
-* a lipnet run folder (``lipnet train`` output): its ``final`` checkpoint and config, through
-  ``lipnet.train.load_run_model`` (safetensors weights and a JSON sidecar, nothing pickled);
+* a folder, through the ``run_loader`` the caller passes (``lipnet audit`` passes lipnet's, which
+  reads a run folder's ``final`` checkpoint: safetensors weights and a JSON sidecar, nothing
+  pickled); certify itself reads files only and never imports lipnet;
 * a TorchScript file (``torch.jit.save``): ``torch.jit.load`` (TorchScript is a restricted language,
   not Python; its graph is converted for analysis by :mod:`certify.graph`);
 * a ``.safetensors`` file, or a ``torch.save`` checkpoint (``.pt``/``.pth``) read with
@@ -25,7 +26,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "LoadedModel", "build_architecture", "load_model", "load_state_dict_file"]
+from certify.io import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "RunLoader",
+    "build_architecture",
+    "load_model",
+    "load_state_dict_file",
+]
 
 #: Keys under which training scripts commonly nest the weights of a checkpoint.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -45,22 +55,23 @@ _SAVE_HINT = (
 )
 
 
-class CheckpointError(ValueError):
-    """The model specification cannot be loaded safely: unsafe, corrupted, or not fitting the architecture."""
-
-
 @dataclass
 class LoadedModel:
     """A loaded model in eval mode, where it came from, and what the source says about its input.
 
-    ``input_shape`` is known for lipnet run folders (the model's ``input_shape`` attribute or the
-    run's data); otherwise None (the audit takes it from the data).
+    ``input_shape`` is known when a run loader says it (lipnet's: the model's ``input_shape``
+    attribute); otherwise None (the audit takes it from the data).
     """
 
     model: nn.Module
     source: str
     kind: str
     input_shape: tuple[int, ...] | None = None
+
+
+#: Loads the model of a folder (a training run): ``run_loader(folder, device) -> LoadedModel``. It
+#: raises :class:`CheckpointError` for a folder it cannot load and ``FileNotFoundError`` for missing files.
+RunLoader = Callable[[Path, str | torch.device], LoadedModel]
 
 
 def build_architecture(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -189,8 +200,12 @@ def load_model(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    run_loader: RunLoader | None = None,
 ) -> LoadedModel:
-    """Load the model described by ``spec`` (see the module docstring) onto ``device``, in eval mode."""
+    """Load the model described by ``spec`` (see the module docstring) onto ``device``, in eval mode.
+
+    A folder is loaded by ``run_loader``; without one it is refused with :class:`CheckpointError`.
+    """
     if isinstance(spec, nn.Module):
         return LoadedModel(spec.to(device).eval(), type(spec).__qualname__, "module")
     path = Path(spec)
@@ -199,7 +214,12 @@ def load_model(
     if path.is_dir():
         if arch is not None:
             raise CheckpointError("--arch is for weight files; a run folder already names its model")
-        return _load_run(path, device)
+        if run_loader is None:
+            raise CheckpointError(
+                f"{path} is a folder: certify loads model files (TorchScript, safetensors, torch.save "
+                "weights); a training run folder is loaded by its library's loader (lipnet audit does this)"
+            )
+        return run_loader(path, device)
     if path.suffix != ".safetensors" and _is_torchscript(path):
         if arch is not None:
             raise CheckpointError(
@@ -220,21 +240,3 @@ def load_model(
     _load_into(model, state, str(path), arch)
     kind = "safetensors" if path.suffix == ".safetensors" else "state_dict"
     return LoadedModel(model.to(device).eval(), f"{path} ({arch})", kind)
-
-
-def _load_run(path: Path, device: str | torch.device) -> LoadedModel:
-    try:
-        from lipnet.train import load_run_model
-    except ImportError as err:
-        raise CheckpointError(
-            f"{path} is a folder; loading a lipnet run needs the lipnet package: {err}"
-        ) from None
-    try:
-        model, cfg = load_run_model(path, "final", device)
-    except FileNotFoundError:
-        raise
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"cannot load the lipnet run {path}: {' '.join(str(err).split())}") from None
-    shape = getattr(model, "input_shape", None)
-    input_shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else None
-    return LoadedModel(model.eval(), f"lipnet run {path} ({cfg.model.name})", "run", input_shape)

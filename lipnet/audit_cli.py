@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,7 +30,10 @@ from lipnet.argtypes import (
     positive_int,
 )
 
-__all__ = ["add_audit_parser", "run_audit"]
+if TYPE_CHECKING:
+    from certify.loading import LoadedModel
+
+__all__ = ["add_audit_parser", "load_run_for_audit", "run_audit"]
 
 _DATASETS = ("shapes10", "cifar10", "fashion_mnist", "mnist")
 
@@ -91,6 +95,28 @@ def _batches(
         yield images[start : start + size], labels[start : start + size]
 
 
+def load_run_for_audit(path: Path, device: str | torch.device) -> LoadedModel:
+    """certify's run loader for a lipnet run folder: the model of its ``final`` checkpoint, in eval mode.
+
+    certify never imports lipnet, so ``lipnet audit`` passes this to :func:`certify.loading.load_model`.
+    A run that cannot be read raises :class:`certify.io.CheckpointError` (a missing file stays a
+    ``FileNotFoundError``); the input shape is the model's ``input_shape`` attribute when it has one.
+    """
+    from certify.io import CheckpointError
+    from certify.loading import LoadedModel
+    from lipnet.train import load_run_model
+
+    try:
+        model, cfg = load_run_model(path, "final", device)
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load the lipnet run {path}: {' '.join(str(err).split())}") from None
+    shape = getattr(model, "input_shape", None)
+    input_shape = tuple(int(s) for s in shape) if isinstance(shape, (tuple, list)) else None
+    return LoadedModel(model.eval(), f"lipnet run {path} ({cfg.model.name})", "run", input_shape)
+
+
 def run_audit(args: argparse.Namespace) -> int:
     """Run ``lipnet audit`` for parsed ``args``; returns the exit code (0 passed, 1 failed, 2 bad input)."""
     from certify.audit import audit
@@ -108,7 +134,13 @@ def run_audit(args: argparse.Namespace) -> int:
         if args.mean is not None:
             Normalize(args.mean, args.std)  # raises ValueError for a zero std or mismatched lengths
         device = resolve_device(args.device)
-        loaded = load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, device=device)
+        loaded = load_model(
+            args.model,
+            arch=args.arch,
+            arch_kwargs=args.arch_kwargs,
+            device=device,
+            run_loader=load_run_for_audit,
+        )
         dataset = data.load(args.data, "test", data_dir=args.data_dir, n=args.n)
         if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(dataset.input_shape):
             raise ValueError(

@@ -11,18 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from certify.io import matplotlib_available
 from lipnet.runs import atomic_write_bytes
 
 __all__ = ["matplotlib_available", "plot_history", "plot_sweep"]
-
-
-def matplotlib_available() -> bool:
-    """Whether matplotlib can be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _save(fig: Any, path: str | Path) -> None:

@@ -42,8 +42,6 @@ import hashlib
 import io
 import json
 import os
-import re
-import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,10 @@ from typing import Any
 
 import torch
 
+# The one atomic writer (its temporary names are what remove_leftovers deletes) and the one
+# CheckpointError live in certify.io; they are re-exported here for lipnet's callers.
+from certify.io import TEMP_NAME as _TMP_NAME
+from certify.io import CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text
 from lipnet.config import Config, ConfigError, dump_config, load_config
 
 fcntl: ModuleType | None
@@ -81,54 +83,6 @@ _TAGS = ("last", "final")
 
 class RunError(ValueError):
     """A run folder cannot be used as asked (already holds a run, nothing to resume, wrong config)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupted, or not one that lipnet wrote."""
-
-
-#: Name of the atomic writer's temporary file of ``NAME``: ``.NAME.<16 hex digits>.tmp``. Only names
-#: of this form are deleted as leftovers of a killed write.
-_TMP_NAME = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    Readers see either the old file or the new one, never a partial write; on any error the
-    temporary file is removed and the old file is untouched. A process killed mid-write leaves
-    the temporary file ``.NAME.<16 hex digits>.tmp`` behind (see :meth:`RunFolder.remove_leftovers`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    # O_EXCL: never write through a file or link that is already there (64 random bits make a
-    # collision an error in theory only); mode 0o666 & ~umask, as a plain open() would create it.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 _SPECIAL = ("__tensor__", "__tuple__", "__items__")

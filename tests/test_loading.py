@@ -158,6 +158,7 @@ def test_weights_without_architecture_and_bad_architectures(tmp_path: Path) -> N
 
 
 def test_lipnet_run_folder_is_loaded(tmp_path: Path, tiny_config) -> None:  # noqa: ANN001 (fixture factory)
+    from lipnet.audit_cli import load_run_for_audit
     from lipnet.runs import RunFolder
     from lipnet.train import build_model
 
@@ -168,11 +169,16 @@ def test_lipnet_run_folder_is_loaded(tmp_path: Path, tiny_config) -> None:  # no
     run.write_config(cfg)
     meta = {"model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs}}
     run.save_checkpoint("final", epoch=1, step=1, model_state=model.state_dict(), state={}, meta=meta)
-    loaded = load_model(tmp_path / "run")
+    loaded = load_model(tmp_path / "run", run_loader=load_run_for_audit)
     assert loaded.kind == "run" and loaded.input_shape == (3, 32, 32)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         out: Tensor = loaded.model(x)
         assert torch.allclose(out, model(x))
     with pytest.raises(CheckpointError, match="run folder"):
-        load_model(tmp_path / "run", arch="test_loading:small_net")
+        load_model(tmp_path / "run", arch="test_loading:small_net", run_loader=load_run_for_audit)
+    # certify reads files only: a folder needs the caller's loader (certify never imports lipnet)
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_model(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="cannot load the lipnet run"):
+        load_model(tmp_path, run_loader=load_run_for_audit)

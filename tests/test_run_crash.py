@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+import certify.io
 import lipnet.plots
 import lipnet.runs
 from lipnet.cli import main
@@ -59,7 +60,9 @@ def _patch_writer(mp: pytest.MonkeyPatch, before_commit: Callable[[Path], None])
         before_commit(Path(path))
         real(path, data)
 
-    # runs.atomic_write_text/json call the module global; plots imported the name itself
+    # atomic_write_text/json (certify.io, re-exported by lipnet.runs) call certify.io's module global;
+    # runs and plots imported the name itself
+    mp.setattr(certify.io, "atomic_write_bytes", write)
     mp.setattr(lipnet.runs, "atomic_write_bytes", write)
     mp.setattr(lipnet.plots, "atomic_write_bytes", write)
 
