@@ -29,6 +29,7 @@ weights it holds, so :func:`certify.bounds.lipschitz_bound` bounds the copy from
 from __future__ import annotations
 
 import copy
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ from lipnet.layers.base import (
 __all__ = ["export"]
 
 
-def _exports(module: nn.Module) -> bool:
+def _exports(module: nn.Module) -> TypeGuard[Exportable]:
     """Whether ``module`` is converted by its own ``export()``: a method of its class (not, say, a child
     module named ``export``) that no class below the one defining it changes the computation of."""
     if not isinstance(module, Exportable):

@@ -1,6 +1,7 @@
 """1-Lipschitz layers, one method a file, and the layer kinds that the model families take as ``conv=``.
 
-Layers (each with ``lipschitz_bound()`` and ``export()``): :class:`AOLLinear` / :class:`AOLConv2d`
+Layers (each with ``lipschitz_bound()``, and ``export()`` where a plainer frozen form exists: all but
+:class:`BatchCentering`, which stays as it is): :class:`AOLLinear` / :class:`AOLConv2d`
 (:mod:`~lipnet.layers.aol`), :class:`BjorckLinear` / :class:`BjorckConv2d`
 (:mod:`~lipnet.layers.bjorck`), :class:`OrthogonalLinear` (:mod:`~lipnet.layers.orthogonal`),
 :class:`CayleyConv2d` (:mod:`~lipnet.layers.cayley`), :class:`AOCConv2d` (:mod:`~lipnet.layers.aoc`),

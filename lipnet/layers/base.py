@@ -123,7 +123,7 @@ def set_frozen_weights(out: _Layer, weight: Tensor, bias: Tensor | None) -> _Lay
     with torch.no_grad():
         # clone keeps the strides of a non-overlapping dense tensor (such as a transposed view)
         out.weight = nn.Parameter(weight.detach().clone())
-        if bias is not None:
+        if bias is not None and out.bias is not None:
             out.bias.copy_(bias.detach())
     return out
 
