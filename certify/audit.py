@@ -35,12 +35,21 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from certify.attacks import autoattack_available, autoattack_l2, pgd_l2
+from certify.bounds import module_bound
 from certify.folding import Normalize
 from certify.graph import GraphAnalysis, analyze
-from certify.radius import _SLACK, DEFAULT_EPS, certified_radius, parse_eps
-from certify.report import AuditReport, LayerReport, Violation, fmt_eps, write_report
+from certify.radius import (
+    DEFAULT_EPS,
+    FORWARD_SLACK,
+    certified_accuracy,
+    certified_radius,
+    format_eps,
+    parse_eps,
+)
+from certify.report import AuditReport, LayerReport, Violation, write_report
 
 __all__ = ["BOUND_TOLERANCE", "audit", "empirical_lipschitz_lower", "jacobian_norm_lower"]
 
@@ -137,7 +146,8 @@ def empirical_lipschitz_lower(
             ratio = diff / gap
         with torch.no_grad():
             fa64, fb64 = fa.detach().flatten(1).double(), fb.detach().flatten(1).double()
-            noise = _SLACK.get(fa.dtype, _SLACK[torch.float32]) * (fa64.norm(dim=1) + fb64.norm(dim=1))
+            slack = FORWARD_SLACK.get(fa.dtype, FORWARD_SLACK[torch.float32])
+            noise = slack * (fa64.norm(dim=1) + fb64.norm(dim=1))
             gap64 = (a.detach().double() - b.detach().double()).flatten(1).norm(dim=1)
             sure = ((fa64 - fb64).norm(dim=1) - noise) / gap64
             if bool((gap64 > 0).any()):
@@ -257,8 +267,6 @@ def _attack_phase(
     seed: int,
     progress: bool,
 ) -> tuple[dict[float, float], int, list[Violation]]:
-    from tqdm.auto import tqdm
-
     checker = _CrossCheck(model, x, y, radii)
     certified = torch.nonzero(radii > 0).flatten()
     groups = _radius_groups(radii[certified]) if attack == "autoattack" else []
@@ -281,7 +289,7 @@ def _attack_phase(
                     )
                 with torch.no_grad():
                     broken[idx] = (model(x_adv).argmax(dim=1) != y[idx]).cpu()
-                checker.check(idx, x_adv, f"{attack} at eps={fmt_eps(e)}")
+                checker.check(idx, x_adv, f"{attack} at eps={format_eps(e)}")
             empirical[e] = 1.0 - float(broken.double().mean().item())
             bar.update()
         if certified.numel():
@@ -293,9 +301,9 @@ def _attack_phase(
             bar.update()
         for group in groups:
             idx = certified[group]
-            r = min(float(radii[idx].min()) * shrink, cap)
-            x_adv = autoattack_l2(model, x[idx], y[idx], r, attacks=tuple(aa_attacks), seed=seed)
-            checker.check(idx, x_adv, f"AutoAttack inside the certified radius ({fmt_eps(r)})")
+            radius = min(float(radii[idx].min()) * shrink, cap)
+            x_adv = autoattack_l2(model, x[idx], y[idx], radius, attacks=tuple(aa_attacks), seed=seed)
+            checker.check(idx, x_adv, f"AutoAttack inside the certified radius ({format_eps(radius)})")
             bar.update()
     empirical = {e: empirical[e] for e in eps_values}
     return empirical, int(certified.numel()), sorted(checker.violations.values(), key=lambda v: v.index)
@@ -304,8 +312,6 @@ def _attack_phase(
 def _layer_rows(
     analysis: GraphAnalysis, iterations: int, progress: bool, notes: list[str]
 ) -> tuple[list[LayerReport], list[str]]:
-    from tqdm.auto import tqdm
-
     rows: list[LayerReport] = []
     broken: list[str] = []
     for layer in tqdm(analysis.layers, desc="bound", disable=not progress, leave=False):
@@ -375,8 +381,6 @@ def audit(
     :class:`certify.bounds.UnboundableModuleError` (a model certify cannot bound) before anything
     is written.
     """
-    from tqdm.auto import tqdm
-
     if attack not in _ATTACKS:
         raise ValueError(f"unknown attack {attack!r}: choose one of {', '.join(_ATTACKS)}")
     eps_values = sorted({parse_eps(e) for e in eps})
@@ -471,14 +475,15 @@ def audit(
         timings["bound"] += time.perf_counter() - start
 
         empirical: dict[float, float] = {}
-        cross_checked, violations, attacked_n = 0, [], 0
+        cross_checked, attacked_n = 0, 0
+        violations: list[Violation] = []
         cert_attacked: dict[float, float] = {}
         if effective != "none" and kept_x:
             start = time.perf_counter()
             xa, ya = torch.cat(kept_x), torch.cat(kept_y)
             attacked_n = xa.shape[0]
             ra = radii[:attacked_n].to(device)
-            cert_attacked = {e: float((ra > e).double().mean().item()) for e in eps_values}
+            cert_attacked = {e: certified_accuracy(ra, e) for e in eps_values}
             empirical, cross_checked, violations = _attack_phase(
                 audited,
                 xa,
@@ -500,8 +505,6 @@ def audit(
     claimed = None
     own = getattr(model, "lipschitz_bound", None)
     if callable(own):
-        from certify.bounds import module_bound
-
         with contextlib.suppress(Exception):  # a claim that cannot even be computed is not reported
             claimed = module_bound(model, shape)
         if claimed is not None and normalization is not None:
@@ -519,7 +522,7 @@ def audit(
         head=analysis.head_path if rule == "last-layer" else None,
         layers=rows,
         clean_accuracy=float((preds == all_labels).double().mean().item()),
-        certified_accuracy={e: float((radii > e).double().mean().item()) for e in eps_values},
+        certified_accuracy={e: certified_accuracy(radii, e) for e in eps_values},
         mean_radius=float(radii[torch.isfinite(radii)].mean().item())
         if torch.isfinite(radii).any()
         else math.inf,

@@ -22,19 +22,25 @@ Half-precision logits are refused: certify in float32 or float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from certify.bounds import lipschitz_bound
 
 __all__ = [
     "DEFAULT_EPS",
+    "FORWARD_SLACK",
     "CertificationResult",
+    "certification_table",
     "certified_accuracy",
     "certified_radius",
     "certify",
+    "format_eps",
     "parse_eps",
     "row_distances",
     "split_head",
@@ -42,7 +48,8 @@ __all__ = [
 
 DEFAULT_EPS: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
 
-_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
+#: Rounding allowance of a forward pass, relative to the largest logit, per logit dtype (module doc).
+FORWARD_SLACK: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 #: Unit roundoff of float64.
 _U64 = 2.0**-53
@@ -66,6 +73,19 @@ def parse_eps(value: float | int | str) -> float:
     return eps
 
 
+def format_eps(eps: float) -> str:
+    """The one spelling of an epsilon in tables, file names and messages.
+
+    ``36/255`` for a multiple of 1/255 strictly between 0 and 1 (within 1e-9 of it), else the number
+    with up to six significant digits (``0``, ``0.1``, ``1``): the inverse of :func:`parse_eps` for
+    every value it prints.
+    """
+    k = eps * 255
+    if 0 < eps < 1 and abs(k - round(k)) < 1e-9:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float) -> None:
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, C) with C >= 2 classes, got {tuple(logits.shape)}")
@@ -80,7 +100,7 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, lipschitz: float) 
             f"labels out of range: found values in [{int(labels.min())}, {int(labels.max())}] "
             f"for {logits.shape[1]} classes"
         )
-    if logits.dtype not in _SLACK:
+    if logits.dtype not in FORWARD_SLACK:
         raise ValueError(
             f"logits in {logits.dtype} are too imprecise to certify: "
             "run the forward pass in float32 or float64"
@@ -149,7 +169,7 @@ def certified_radius(
     ``f = W g + b`` (last-layer rule). Ties count as misclassified.
     """
     _check_inputs(logits, labels, lipschitz)
-    slack = _SLACK[logits.dtype]
+    slack = FORWARD_SLACK[logits.dtype]
     f = logits.detach().to(torch.float64)
     y = labels.detach().to(device=f.device, dtype=torch.long)
     c = f.shape[1]
@@ -198,7 +218,11 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 @dataclass
 class CertificationResult:
-    """What :func:`certify` measured. Accuracies are fractions in [0, 1]."""
+    """What :func:`certify` measured. Accuracies are fractions in [0, 1].
+
+    The per-sample tensors (radii, predictions, labels) are empty in a result rebuilt from a saved
+    summary, which serves for tables only.
+    """
 
     n: int
     clean_accuracy: float
@@ -206,9 +230,9 @@ class CertificationResult:
     mean_radius: float
     lipschitz: float
     rule: str
-    radii: torch.Tensor = field(repr=False)
-    predictions: torch.Tensor = field(repr=False)
-    labels: torch.Tensor = field(repr=False)
+    radii: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64), repr=False)
+    predictions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long), repr=False)
+    labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long), repr=False)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -221,23 +245,58 @@ class CertificationResult:
         }
 
     def to_markdown(self) -> str:
-        head = (
-            "| n | clean | "
-            + " | ".join(f"cert. ε={_fmt_eps(e)}" for e in self.certified_accuracy)
-            + " | mean radius |"
-        )
-        sep = "|" + "---|" * (3 + len(self.certified_accuracy))
-        row = (
-            f"| {self.n} | {100 * self.clean_accuracy:.2f}% | "
-            + " | ".join(f"{100 * a:.2f}%" for a in self.certified_accuracy.values())
-            + f" | {self.mean_radius:.4f} |"
-        )
-        return "\n".join([head, sep, row])
+        """This result as a one-row Markdown table (:func:`certification_table`)."""
+        return certification_table([self])
 
 
-def _fmt_eps(e: float) -> str:
-    k = e * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-9 and e < 1 else f"{e:.4g}"
+def certification_table(
+    results: Sequence[CertificationResult],
+    labels: Sequence[str] | None = None,
+    *,
+    label_header: str = "",
+    n: bool = True,
+    lipschitz: bool = False,
+    extra: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """The one Markdown table of certification results: one row per result, numbers right-aligned.
+
+    Columns: ``label_header`` with ``labels`` (one per result) when labels are given; ``n`` (unless
+    ``n=False``); clean accuracy; certified accuracy at each epsilon of the first result (every
+    result must have the same epsilons), as percentages with two decimals; the mean radius (four
+    decimals); the sound Lipschitz bound (six decimals) when ``lipschitz``; then each column of
+    ``extra`` (header -> one preformatted cell per result), for what a caller adds (empirical
+    accuracy, training time).
+    """
+    if not results:
+        raise ValueError("no certification results to tabulate")
+    eps = list(results[0].certified_accuracy)
+    for r in results:
+        if list(r.certified_accuracy) != eps:
+            raise ValueError(
+                "every row of a certification table needs the same epsilons, got "
+                f"{[format_eps(e) for e in eps]} and {[format_eps(e) for e in r.certified_accuracy]}"
+            )
+    if labels is not None and len(labels) != len(results):
+        raise ValueError(f"{len(labels)} labels for {len(results)} results")
+    columns = dict(extra or {})
+    for header, cells in columns.items():
+        if len(cells) != len(results):
+            raise ValueError(f"column {header!r} has {len(cells)} cells for {len(results)} results")
+    head = [label_header] if labels is not None else []
+    head += ["n"] if n else []
+    head += ["clean", *(f"cert. ε={format_eps(e)}" for e in eps), "mean radius"]
+    head += ["Lip. bound"] if lipschitz else []
+    head += list(columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for i, r in enumerate(results):
+        row = [labels[i]] if labels is not None else []
+        row += [str(r.n)] if n else []
+        row += [f"{100 * r.clean_accuracy:.2f}%", *(f"{100 * a:.2f}%" for a in r.certified_accuracy.values())]
+        row.append(f"{r.mean_radius:.4f}")
+        row += [f"{r.lipschitz:.6f}"] if lipschitz else []
+        row += [cells[i] for cells in columns.values()]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def certify(
@@ -257,10 +316,6 @@ def certify(
     value is trusted as a bound of the whole model). The forward pass runs in float32 with autocast
     off, on the model's device.
     """
-    from tqdm.auto import tqdm
-
-    from certify.bounds import lipschitz_bound
-
     eps_values = [parse_eps(e) for e in eps]
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")

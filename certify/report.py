@@ -1,20 +1,16 @@
 """The audit report: its data, its JSON / Markdown / PNG renderings, and their atomic writing.
 
-:func:`write_report` writes ``audit.json``, ``audit.md`` and ``radii.png`` (the histogram of the
+:func:`write_report` renders ``audit.json``, ``audit.md`` and ``radii.png`` (the histogram of the
 certified radii and the certified-accuracy curve; skipped with a note when matplotlib is not
-installed) into a temporary folder beside the destination and then moves them in with
-``os.replace``: an audit that fails or is interrupted leaves either the previous report or none,
-never a half-written one.
+installed) in memory and then commits them with :func:`certify.io.atomic_write_files`: an audit
+that fails or is interrupted leaves either the previous report or none, never a half-written one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["AuditReport", "LayerReport", "Violation", "fmt_eps", "write_report"]
+from certify.io import atomic_write_files, matplotlib_available
+from certify.radius import format_eps
 
-
-def fmt_eps(eps: float) -> str:
-    """``36/255`` for multiples of 1/255 below 1, else the number."""
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-9 and eps < 1 else f"{eps:.4g}"
+__all__ = ["AuditReport", "LayerReport", "Violation", "write_report"]
 
 
 def _num(x: float | None) -> float | str | None:
@@ -151,7 +144,7 @@ class AuditReport:
             "model": self.model,
             "input_shape": list(self.input_shape),
             "n": self.n,
-            "eps": [fmt_eps(e) for e in self.eps],
+            "eps": [format_eps(e) for e in self.eps],
             "lipschitz_bound": _num(self.lipschitz),
             "certificate": self.rule,
             "body_bound": _num(self.body_bound),
@@ -160,15 +153,15 @@ class AuditReport:
             "normalization": self.normalization,
             "network_lower_bound": _num(self.network_lower),
             "clean_accuracy": self.clean_accuracy,
-            "certified_accuracy": {fmt_eps(e): a for e, a in self.certified_accuracy.items()},
+            "certified_accuracy": {format_eps(e): a for e, a in self.certified_accuracy.items()},
             "mean_radius": _num(self.mean_radius),
             "attack": self.attack,
             "attack_subset": self.attack_subset,
             "n_attack": self.n_attack,
             "certified_accuracy_attacked": {
-                fmt_eps(e): a for e, a in self.certified_accuracy_attacked.items()
+                format_eps(e): a for e, a in self.certified_accuracy_attacked.items()
             },
-            "empirical_accuracy": {fmt_eps(e): a for e, a in self.empirical_accuracy.items()},
+            "empirical_accuracy": {format_eps(e): a for e, a in self.empirical_accuracy.items()},
             "cross_checked": self.cross_checked,
             "violations": [v.to_dict() for v in self.violations],
             "bound_violations": self.bound_violations,
@@ -188,12 +181,12 @@ class AuditReport:
             + ")"
             + (f", empirical lower bound {self.network_lower:.6g}" if self.network_lower is not None else ""),
             f"clean accuracy {100 * self.clean_accuracy:.2f}%, certified: "
-            + ", ".join(f"{fmt_eps(e)}: {100 * a:.2f}%" for e, a in self.certified_accuracy.items()),
+            + ", ".join(f"{format_eps(e)}: {100 * a:.2f}%" for e, a in self.certified_accuracy.items()),
         ]
         if self.empirical_accuracy:
             lines.append(
                 f"empirical robust accuracy ({self.attack}, n={self.n_attack}): "
-                + ", ".join(f"{fmt_eps(e)}: {100 * a:.2f}%" for e, a in self.empirical_accuracy.items())
+                + ", ".join(f"{format_eps(e)}: {100 * a:.2f}%" for e, a in self.empirical_accuracy.items())
             )
         lines.extend(f"VIOLATION: {v}" for v in self.violations)
         lines.extend(f"BOUND VIOLATION: {b}" for b in self.bound_violations)
@@ -204,7 +197,7 @@ class AuditReport:
         out = [f"# Audit of `{self.model}`: {status}", ""]
         out.append(
             f"- input shape {self.input_shape}, {self.n} samples, "
-            f"ε ∈ {{{', '.join(map(fmt_eps, self.eps))}}} (L2)"
+            f"ε ∈ {{{', '.join(map(format_eps, self.eps))}}} (L2)"
         )
         out.append(f"- sound Lipschitz bound of the network: **{self.lipschitz:.6g}**")
         if self.body_bound is not None:
@@ -238,7 +231,7 @@ class AuditReport:
             emp = self.empirical_accuracy.get(e)
             sub = self.certified_accuracy_attacked.get(e)
             out.append(
-                f"| {fmt_eps(e)} | {100 * self.certified_accuracy[e]:.2f}% | "
+                f"| {format_eps(e)} | {100 * self.certified_accuracy[e]:.2f}% | "
                 + (f"{100 * sub:.2f}%" if sub is not None else "–")
                 + " | "
                 + (f"{100 * emp:.2f}%" if emp is not None else "–")
@@ -256,14 +249,20 @@ class AuditReport:
         out.append("| layer | type | input shape | bound | lower estimate | bound / lower |")
         out.append("|---|---|---|---|---|---|")
         for row in self.layers:
-            lower = f"{row.lower:.6g}" if row.lower is not None else "–"
-            ratio = f"{row.ratio:.4g}" if row.ratio is not None else "–"
+            lower_cell = f"{row.lower:.6g}" if row.lower is not None else "–"
+            ratio_cell = f"{row.ratio:.4g}" if row.ratio is not None else "–"
             kind = row.kind + (f" (folded into {row.folded_into})" if row.folded_into else "")
             path = f"`{row.path}`" if row.path else "(top level)"
             note = f" {row.note}" if row.note else ""
-            out.append(
-                f"| {path} | {kind}{note} | {tuple(row.input_shape)} | {row.bound:.6g} | {lower} | {ratio} |"
-            )
+            cells = [
+                path,
+                f"{kind}{note}",
+                str(tuple(row.input_shape)),
+                f"{row.bound:.6g}",
+                lower_cell,
+                ratio_cell,
+            ]
+            out.append("| " + " | ".join(cells) + " |")
         if self.notes:
             out += ["", "## Notes", ""]
             out += [f"- {note}" for note in self.notes]
@@ -273,7 +272,8 @@ class AuditReport:
         return "\n".join(out) + "\n"
 
 
-def _plot(report: AuditReport, path: Path) -> None:
+def _plot(report: AuditReport) -> bytes:
+    """``radii.png``: the histogram of the certified radii and the certified-accuracy curve."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -308,48 +308,26 @@ def _plot(report: AuditReport, path: Path) -> None:
     ax2.legend()
     ax2.set_title("certified accuracy vs ε")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def _matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
 
 
 def write_report(report: AuditReport, out_dir: str | Path) -> list[Path]:
     """Write ``audit.json``, ``audit.md`` and ``radii.png`` into ``out_dir``, atomically; returns their paths.
 
-    The files are written into a fresh temporary folder next to ``out_dir`` and then moved in with
-    ``os.replace``; on any error the temporary folder is removed and ``out_dir`` is untouched.
+    Every file is rendered first; then :func:`certify.io.atomic_write_files` commits them all (a new
+    folder appears whole). On any error ``out_dir`` is untouched.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    names = ["audit.json", "audit.md"]
-    if _matplotlib_available():
-        names.append("radii.png")
-    elif "matplotlib is not installed: radii.png was not written" not in report.notes:
-        report.notes.append("matplotlib is not installed: radii.png was not written")
-    report.files = names
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        (tmp / "audit.json").write_text(
-            json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8"
-        )
-        (tmp / "audit.md").write_text(report.to_markdown(), encoding="utf-8")
-        if "radii.png" in names:
-            _plot(report, tmp / "radii.png")
-        for name in names:
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            for name in names:
-                os.replace(tmp / name, out / name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
-    return [out / name for name in names]
+    plot = matplotlib_available()
+    note = "matplotlib is not installed: radii.png was not written"
+    if not plot and note not in report.notes:
+        report.notes.append(note)
+    report.files = ["audit.json", "audit.md"] + (["radii.png"] if plot else [])
+    files = {
+        "audit.json": (json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"),
+        "audit.md": report.to_markdown().encode("utf-8"),
+    }
+    if plot:
+        files["radii.png"] = _plot(report)
+    return atomic_write_files(out_dir, files)

@@ -11,9 +11,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certify.radius import (
+    DEFAULT_EPS,
+    CertificationResult,
+    certification_table,
     certified_accuracy,
     certified_radius,
     certify,
+    format_eps,
     parse_eps,
     row_distances,
     split_head,
@@ -216,3 +220,62 @@ def test_row_distances_of_tiny_rows_do_not_underflow() -> None:
     assert float(w.diff(dim=0).norm()) == 0.0  # what an unscaled norm gives
     got = float(row_distances(w)[0, 1])
     assert got >= math.ldexp(5.0, -600) and got == pytest.approx(math.ldexp(5.0, -600), rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("eps", "text"),
+    [
+        (36 / 255, "36/255"),
+        (108 / 255, "108/255"),
+        (1.0, "1"),
+        (0.0, "0"),
+        (0.1, "0.1"),
+        (0.5, "0.5"),
+        (2.5, "2.5"),
+    ],
+)
+def test_format_eps_is_the_inverse_of_parse_eps(eps: float, text: str) -> None:
+    assert format_eps(eps) == text
+    assert parse_eps(format_eps(eps)) == pytest.approx(eps, rel=1e-15)
+
+
+def test_format_eps_of_every_multiple_of_1_255_reads_back() -> None:
+    for k in range(1, 255):
+        assert format_eps(k / 255) == f"{k}/255"
+        assert parse_eps(format_eps(k / 255)) == k / 255
+    assert [format_eps(e) for e in DEFAULT_EPS] == ["36/255", "72/255", "108/255", "1"]
+
+
+def _result(n: int, clean: float, cert: list[float], radius: float, lip: float) -> CertificationResult:
+    eps = [36 / 255, 72 / 255]
+    return CertificationResult(n, clean, dict(zip(eps, cert, strict=True)), radius, lip, "global")
+
+
+def test_certification_table_is_one_table_for_one_or_several_results() -> None:
+    one = _result(100, 0.8125, [0.5, 0.25], 0.123456, 1.0000002)
+    assert one.to_markdown() == "\n".join(
+        [
+            "| n | clean | cert. ε=36/255 | cert. ε=72/255 | mean radius |",
+            "|---:|---:|---:|---:|---:|",
+            "| 100 | 81.25% | 50.00% | 25.00% | 0.1235 |",
+        ]
+    )
+    # a run's table: with the Lipschitz bound
+    assert certification_table([one], lipschitz=True).splitlines()[2] == (
+        "| 100 | 81.25% | 50.00% | 25.00% | 0.1235 | 1.000000 |"
+    )
+    # a sweep's table: a label column instead of n, and the caller's own columns after
+    two = _result(100, 0.5, [0.125, 0.0], 0.05, 2.0)
+    table = certification_table(
+        [one, two], ["0.5", "5"], label_header="tau", n=False, extra={"train time": ["1.0 s", "2.0 s"]}
+    ).splitlines()
+    assert table[0] == "| tau | clean | cert. ε=36/255 | cert. ε=72/255 | mean radius | train time |"
+    assert table[3] == "| 5 | 50.00% | 12.50% | 0.00% | 0.0500 | 2.0 s |"
+    with pytest.raises(ValueError, match="same epsilons"):
+        certification_table([one, CertificationResult(1, 1.0, {0.5: 1.0}, 1.0, 1.0, "global")])
+    with pytest.raises(ValueError, match="labels"):
+        certification_table([one, two], ["only one"])
+    with pytest.raises(ValueError, match="cells"):
+        certification_table([one], extra={"x": []})
+    with pytest.raises(ValueError, match="no certification results"):
+        certification_table([])
