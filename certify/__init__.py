@@ -3,24 +3,42 @@
 Depends only on torch (and numpy/tqdm); never on lipnet's training stack.
 """
 
-from certify import conv_norm as conv_norm  # registers the convolution and pooling bounds
 from certify.audit import audit
 from certify.bounds import UnboundableModuleError, lipschitz_bound, register_bound
-from certify.folding import Normalize
+from certify.contract import LipschitzBounded
 from certify.graph import analyze
-from certify.radius import CertificationResult, certified_accuracy, certified_radius, certify, parse_eps
+from certify.radius import (
+    DEFAULT_EPS,
+    CertificationResult,
+    certification_table,
+    certified_accuracy,
+    certified_radius,
+    certify,
+    format_eps,
+    parse_eps,
+)
 from certify.report import AuditReport
 
+# The deel-torchlip / orthogonium rules (loaded the first time one of their classes is looked up)
+# bound the modules they wrap through the dispatcher, which imports certify.rules: they are
+# installed here rather than by certify.rules.
+from certify.rules import third_party as third_party
+from certify.rules.folding import Normalize
+
 __all__ = [
+    "DEFAULT_EPS",
     "AuditReport",
     "CertificationResult",
+    "LipschitzBounded",
     "Normalize",
     "UnboundableModuleError",
     "analyze",
     "audit",
+    "certification_table",
     "certified_accuracy",
     "certified_radius",
     "certify",
+    "format_eps",
     "lipschitz_bound",
     "parse_eps",
     "register_bound",

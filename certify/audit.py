@@ -3,7 +3,7 @@
 :func:`audit` runs, in order,
 
 1. **bound**: :func:`certify.graph.analyze` traces the model (with input normalisation
-   ``(x - mean) / std`` prepended when given: a :class:`certify.folding.Normalize`, which multiplies
+   ``(x - mean) / std`` prepended when given: a :class:`certify.rules.folding.Normalize`, which multiplies
    the bound by ``1 / min std``) and bounds it along its graph, with one row per leaf layer. Each
    row gets a lower estimate by power iteration on the layer's Jacobian at the input a real sample
    gives it (:func:`jacobian_norm_lower`), and the network one from the same on a few samples;
@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from certify.attacks import autoattack_available, autoattack_l2, pgd_l2
 from certify.bounds import module_bound
-from certify.folding import Normalize
 from certify.graph import GraphAnalysis, analyze
 from certify.radius import (
     DEFAULT_EPS,
@@ -50,6 +49,7 @@ from certify.radius import (
     parse_eps,
 )
 from certify.report import AuditReport, LayerReport, Violation, write_report
+from certify.rules.folding import Normalize
 
 __all__ = ["BOUND_TOLERANCE", "audit", "empirical_lipschitz_lower", "jacobian_norm_lower"]
 
@@ -368,7 +368,7 @@ def audit(
         attack: ``"autoattack"`` (PGD when ``pyautoattack`` is missing), ``"pgd"`` or ``"none"``.
         n_attack: how many of the first samples are attacked (empirical accuracy and cross-check).
         input_shape: per-sample shape; by default that of the data (checked against it when given).
-        mean, std: the model's input normalisation, prepended as :class:`certify.folding.Normalize`.
+        mean, std: the model's input normalisation, prepended as :class:`certify.rules.folding.Normalize`.
         out_dir: where to write ``audit.json``, ``audit.md`` and ``radii.png`` (atomically).
         n: audit at most this many samples of the loader.
         autoattack_attacks: the AutoAttack attacks to run (a subset of pyautoattack's).

@@ -1,7 +1,7 @@
 """Exact L2 operator norms of small linear maps, by materialising the matrix in float64.
 
-These are the ground truth the sound bounds of :mod:`certify.conv_norm` are tested against, and
-the bound :mod:`certify.conv_norm` itself returns when a layer's dense matrix is small enough.
+These are the ground truth the sound bounds of :mod:`certify.rules.conv` are tested against, and
+the bound :mod:`certify.rules.conv` itself returns when a layer's dense matrix is small enough.
 
 * :func:`dense_matrix` pushes the identity basis of the input space through the map (float64,
   in batches) and returns the ``out_dim x in_dim`` matrix ``A`` with ``fn(x) - fn(0) = A x``.
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from certify.bounds import FLOAT64_SLACK
+from certify.contract import FLOAT64_SLACK
 
 __all__ = ["dense_matrix", "dense_operator_norm", "jacobian_spectral_norm"]
 

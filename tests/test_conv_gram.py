@@ -1,4 +1,4 @@
-"""Tests of certify.conv_gram: the banded-Gram norm of a convolution is certified and exact."""
+"""Tests of certify.rules.conv_gram: the banded-Gram norm of a convolution is certified and exact."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-import certify.conv_gram as conv_gram
-from certify.bounds import FLOAT64_SLACK
-from certify.conv_gram import banded_gram_norm, gram_work
+import certify.rules.conv_gram as conv_gram
+from certify.contract import FLOAT64_SLACK
 from certify.exact import dense_matrix
+from certify.rules.conv_gram import banded_gram_norm, gram_work
 
 MODES = ("zeros", "reflect", "replicate", "circular")
 Pads = tuple[tuple[int, int], ...]

@@ -1,4 +1,5 @@
-"""Tests of certify.conv_norm: the bounds hold against exact dense norms, and are tight where claimed."""
+"""Tests of the convolution, pooling and BatchNorm rules (certify.rules.conv, .conv_symbol, .pooling,
+.folding): the bounds hold against exact dense norms, and are tight where claimed."""
 
 from __future__ import annotations
 
@@ -14,19 +15,20 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import certify.conv_norm as conv_norm
-from certify.bounds import FLOAT64_SLACK, UnboundableModuleError, module_bound
-from certify.conv_norm import (
+import certify.rules.conv as conv_rules
+import certify.rules.conv_symbol as conv_symbol
+from certify.bounds import module_bound
+from certify.contract import FLOAT64_SLACK, UnboundableModuleError
+from certify.exact import dense_matrix, jacobian_spectral_norm
+from certify.rules.conv import conv_module_bound, conv_operator_bound
+from certify.rules.folding import batch_norm_bound
+from certify.rules.pooling import (
     adaptive_avg_pool_bound,
     adaptive_max_pool_bound,
     avg_pool_bound,
-    batch_norm_bound,
-    conv_module_bound,
-    conv_operator_bound,
     lp_pool_bound,
     max_pool_bound,
 )
-from certify.exact import dense_matrix, jacobian_spectral_norm
 
 MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -112,7 +114,7 @@ def test_conv_bounds_hold_against_the_exact_norm(case: tuple[nn.Module, tuple[in
     assert exact <= sized <= exact * (1 + 1e-8)  # small layers: the exact dense norm
     assert conv_module_bound(conv) >= exact
     with pytest.MonkeyPatch.context() as patch:  # the structured (grid / product) path
-        patch.setattr(conv_norm, "_DENSE_ENTRIES", 0)
+        patch.setattr(conv_rules, "_DENSE_ENTRIES", 0)
         assert conv_module_bound(conv, shape) >= exact
 
 
@@ -132,7 +134,7 @@ def test_circular_convolution_is_exact_on_the_dft_grid() -> None:
         conv = seeded_conv(nn.Conv2d, stride + n, 2, 3, 3, stride=stride, padding=1, padding_mode="circular")
         exact = conv_exact(conv, (2, n, n))
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(conv_norm, "_DENSE_ENTRIES", 0)
+            patch.setattr(conv_rules, "_DENSE_ENTRIES", 0)
             assert exact <= conv_module_bound(conv, (2, n, n)) <= exact * (1 + 2e-6)
 
 
@@ -150,7 +152,7 @@ def test_continuum_bound_brackets_a_fine_frequency_grid(c_out: int, c_in: int, t
     symbol = torch.einsum("pq,ocq->poc", phases, weight.to(torch.complex128))
     grid_max = torch.linalg.matrix_norm(symbol, ord=2).max().item()
     # Between grid points the sup exceeds the grid max by at most 1/sqrt(1 - (taps pi / 4096)^2 / 4).
-    assert grid_max <= conv_operator_bound(weight) <= grid_max * (1 + conv_norm._RTOL) * (1 + 1e-5)
+    assert grid_max <= conv_operator_bound(weight) <= grid_max * (1 + conv_symbol._RTOL) * (1 + 1e-5)
 
 
 def test_continuum_bound_in_two_dimensions_brackets_a_fine_grid() -> None:
@@ -158,7 +160,7 @@ def test_continuum_bound_in_two_dimensions_brackets_a_fine_grid() -> None:
     weight = torch.randn((2, 2, 3, 3), generator=gen, dtype=torch.float64)
     symbol = torch.fft.fft2(weight, s=(256, 256)).permute(2, 3, 0, 1)
     grid_max = torch.linalg.matrix_norm(symbol, ord=2).max().item()
-    assert grid_max <= conv_operator_bound(weight, padding=1) <= grid_max * (1 + conv_norm._RTOL) * 1.001
+    assert grid_max <= conv_operator_bound(weight, padding=1) <= grid_max * (1 + conv_symbol._RTOL) * 1.001
 
 
 def _orthogonal_conv_kernel(channels: int, seed: int) -> Tensor:
@@ -218,9 +220,9 @@ def test_a_flat_topped_symbol_is_certified_within_three_levels(monkeypatch: pyte
     # at most 85 (1 + 9 + 81) cells are tested. Before, a stale reference (a power-iteration guess)
     # had 4 million cells tested (two minutes).
     limit, tested = 85 * 91, 0
-    below = conv_norm._Frequencies.below
+    below = conv_symbol._Frequencies.below
 
-    def counted(self: conv_norm._Frequencies, mu: Tensor) -> Tensor:
+    def counted(self: conv_symbol._Frequencies, mu: Tensor) -> Tensor:
         nonlocal tested
         tested += len(self)
         if tested > limit:
@@ -228,12 +230,12 @@ def test_a_flat_topped_symbol_is_certified_within_three_levels(monkeypatch: pyte
         return below(self, mu)
 
     with monkeypatch.context() as patch:
-        patch.setattr(conv_norm._Frequencies, "below", counted)
+        patch.setattr(conv_symbol._Frequencies, "below", counted)
         bound = conv_operator_bound(kernel, padding=1)
     symbol = torch.fft.fft2(kernel, s=(128, 128)).permute(2, 3, 0, 1)
     grid_max = torch.linalg.matrix_norm(symbol, ord=2).max().item()
     # Between grid points the sup exceeds the grid max by at most 1/sqrt(1 - (4 pi / 128)^2 / 4).
-    assert grid_max <= bound <= grid_max * (1 + conv_norm._RTOL) * 1.0013
+    assert grid_max <= bound <= grid_max * (1 + conv_symbol._RTOL) * 1.0013
     conv = _conv_with(kernel, padding=1)
     for n in (3, 5, 7):
         assert conv_exact(conv, (16, n, n)) <= bound
@@ -243,8 +245,8 @@ def test_the_refinement_stops_at_its_budget_with_a_sound_bound(monkeypatch: pyte
     kernel = _flat_topped_kernel(16, 0.005, 0)
     symbol = torch.fft.fft2(kernel, s=(128, 128)).permute(2, 3, 0, 1)
     grid_max = torch.linalg.matrix_norm(symbol, ord=2).max().item()
-    monkeypatch.setattr(conv_norm, "_MIN_REFINED", 700)
-    monkeypatch.setattr(conv_norm, "_CONTINUUM_WORK", 0)  # room for the first level only
+    monkeypatch.setattr(conv_symbol, "_MIN_REFINED", 700)
+    monkeypatch.setattr(conv_symbol, "_CONTINUUM_WORK", 0)  # room for the first level only
     bound = conv_operator_bound(kernel, padding=1)
     # The open cells of the second level (sigma = 4 pi / 39) keep their own bound: at most
     # 1 / (1 - sigma^2 / 4) = 1.026 times the largest eigenvalue computed, on sigma_max^2.
@@ -352,7 +354,7 @@ def test_a_grouped_conv_is_bounded_by_its_largest_group() -> None:
     assert exact <= conv_module_bound(conv, (4, 6, 6)) <= 1.01 * exact
     assert exact <= conv_module_bound(conv) <= 1.01 * exact
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conv_norm, "_DENSE_ENTRIES", 0)
+        patch.setattr(conv_rules, "_DENSE_ENTRIES", 0)
         assert exact <= conv_module_bound(conv, (4, 6, 6)) <= 1.01 * exact
 
 
@@ -607,7 +609,7 @@ def test_pointwise_convolutions_are_exact_without_the_dense_matrix(
     def refused(*args: object, **kwargs: object) -> float:
         raise AssertionError("the dense path was taken")
 
-    monkeypatch.setattr(conv_norm, "dense_operator_norm", refused)
+    monkeypatch.setattr(conv_rules, "dense_operator_norm", refused)
     bound = conv_module_bound(conv, shape)
     matrix = dense_matrix(conv, shape)
     exact = float(torch.linalg.matrix_norm(matrix, ord=2)) if matrix.abs().max() > 0 else 0.0

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.bounds import FLOAT64_SLACK
+from certify.contract import FLOAT64_SLACK
 from certify.exact import dense_matrix, dense_operator_norm, jacobian_spectral_norm
 
 

@@ -17,16 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certify.audit import empirical_lipschitz_lower, jacobian_norm_lower
-from certify.bounds import (
-    UnboundableModuleError,
-    gelu_lipschitz,
-    lipschitz_bound,
-    module_bound,
-    silu_lipschitz,
-)
+from certify.bounds import lipschitz_bound, module_bound
+from certify.contract import UnboundableModuleError
 from certify.exact import dense_operator_norm
-from certify.folding import Normalize, folded_bound
 from certify.graph import UnsupportedOperationsError, analyze
+from certify.rules.activations import gelu_lipschitz, silu_lipschitz
+from certify.rules.folding import Normalize, folded_bound
 
 TOL = 1e-6
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from certify.conv_norm import conv_operator_bound
 from certify.exact import dense_operator_norm
+from certify.rules.conv import conv_operator_bound
 from lipnet.layers import LinearResidualConv2d
 from lipnet.layers.cpl import AmortisedSymbolBound
 from lipnet.layers.residual import symbol_norm_bound

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certify.conv_norm import conv_operator_bound
 from certify.exact import dense_matrix, dense_operator_norm, jacobian_spectral_norm
+from certify.rules.conv import conv_operator_bound
 from lipnet.layers import CPLConv2d, CPLLinear, SLLConv2d, SLLLinear, cpl
 from lipnet.layers.cpl import AmortisedSymbolBound
 from lipnet.layers.kinds import get_layer_kind

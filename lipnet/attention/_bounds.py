@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from certify.bounds import FLOAT64_SLACK
+from certify.contract import FLOAT64_SLACK
 from lipnet.layers.parametrization import EvalTensorCache
 
 __all__: list[str] = []
@@ -53,7 +53,7 @@ def rescaled(sound_value: float, surrogate: Tensor) -> Tensor:
 
     Used for bounds that are positively homogeneous in a weight (a convolution's operator norm):
     ``surrogate`` is a differentiable norm of the same weight, and the sound value (from
-    :func:`certify.conv_norm.conv_operator_bound`) is ``surrogate * ratio`` with ``ratio`` fixed.
+    :func:`certify.rules.conv.conv_operator_bound`) is ``surrogate * ratio`` with ``ratio`` fixed.
     """
     base = float(surrogate.detach())
     if base == 0.0:

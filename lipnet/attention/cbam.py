@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from certify.conv_norm import conv_operator_bound
+from certify.rules.conv import conv_operator_bound
 from lipnet.attention._bounds import (
     NormalizedModule,
     check_int,
@@ -40,7 +40,7 @@ class CBAM(NormalizedModule):
     zero-padded convolution. Blocks are pixels (norm ``<= B sqrt(C)``); the per-pixel map
     ``F'_pixel -> (mean, max)`` is ``sqrt(1 / C [+ 1])``-Lipschitz, so
     ``L_s = 1 + B ||K|| sqrt(1 [+ C]) / 4`` (or refined), with ``||K||`` the sound operator-norm
-    bound of :func:`certify.conv_norm.conv_operator_bound` (for the input size when known).
+    bound of :func:`certify.rules.conv.conv_operator_bound` (for the input size when known).
 
     Guarantee: ``L = L_c L_s``-Lipschitz on all of R^n. The average-only default is
     resolution-independent; with ``use_max=True`` the bound grows like ``sqrt(HW)``, so it needs

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from certify.conv_norm import conv_operator_bound
+from certify.rules.conv import conv_operator_bound
 from lipnet.activations import MaxMin
 from lipnet.attention._bounds import (
     SLACK,

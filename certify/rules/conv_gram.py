@@ -3,7 +3,7 @@
 :func:`banded_gram_norm` returns, for one group of a 1-D or 2-D convolution (any stride, dilation,
 padding and padding mode) on inputs of a given size, an upper bound of its operator norm that is
 within about ``1e-8`` relative of the exact value, or ``None`` when the computation would cost
-more than a given work limit or the certificate does not close. :mod:`certify.conv_norm` uses it
+more than a given work limit or the certificate does not close. :mod:`certify.rules.conv` uses it
 where its structured bounds are loose (reflect, replicate and circular padding).
 
 Notation: the layer is the matrix A (``out_dim x in_dim``); the Gram matrix G is ``A^T A`` (the
@@ -62,11 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from certify.bounds import FLOAT64_SLACK
+from certify.contract import FLOAT64_SLACK, Shape
 
-__all__ = ["banded_gram_norm", "gram_work"]
+__all__ = ["banded_gram_norm", "gram_work", "padding_copies"]
 
-Shape = tuple[int, ...]
 
 #: Unit roundoff of float64.
 _U = 2.0**-53
@@ -111,7 +110,7 @@ def _axis_reads(
     return reads[:, :size]
 
 
-def _copies(size: int, pads: tuple[int, int], mode: str) -> int:
+def padding_copies(size: int, pads: tuple[int, int], mode: str) -> int:
     """Largest number of padded positions that copy one input pixel on this axis."""
     if mode == "zeros":
         return 1
@@ -222,7 +221,7 @@ def _sides(
     if any(n + left + right > _MAX_AXIS for n, _, _, _, (left, right) in axes):
         return None
     reads = [_axis_reads(n, k, s, d, p, mode) for n, k, s, d, p in axes]
-    copies = math.prod(_copies(n, p, mode) for n, _, _, _, p in axes)
+    copies = math.prod(padding_copies(n, p, mode) for n, _, _, _, p in axes)
     inputs = _Side(weight.shape[1], [(r.T @ r) > 0 for r in reads])
     outputs = _Side(weight.shape[0], [(r @ r.T) > 0 for r in reads])
     return inputs, outputs, copies, all(bool(r.any()) for r in reads)
