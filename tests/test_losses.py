@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -20,8 +21,13 @@ from lipnet.losses import (
     PolyN,
     TauBCE,
     TauCrossEntropy,
+    check_arguments,
     create,
+    declared_parameters,
     list_losses,
+    loss_class,
+    parameter_rule,
+    sweepable,
 )
 
 FAST = settings(max_examples=25, deadline=None)
@@ -521,3 +527,66 @@ def test_create_errors() -> None:
         create("hkr")
     with pytest.raises(ValueError, match="alpha must be in"):
         create("hkr", alpha=10.0, margin=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweepable parameters declared by the losses
+
+
+@pytest.mark.parametrize("name", list(FACTORY_KWARGS))
+def test_a_declared_parameter_admits_exactly_what_its_constructor_accepts(name: str) -> None:
+    """The sweep and the config refuse a value by the declaration, before any data is loaded; the
+    constructor refuses it when the loss is built. Both must draw the line at the same place."""
+    params = inspect.signature(loss_class(name).__init__).parameters
+    grid = [-2.0, -1.0, -0.999, -0.5, 0.0, 1e-9, 0.5, 1.0, 1.000001, 2.0, 1e300, math.inf, math.nan]
+    for param in loss_class(name).sweepable:
+        assert param.name in params, (name, param.name)
+        for value in grid:
+            try:
+                create(name, **{**FACTORY_KWARGS[name], param.name: value})
+                built = True
+            except ValueError:
+                built = False
+            assert built == (math.isfinite(value) and param.admits(value)), (name, param.name, value)
+            if not built:
+                with pytest.raises(ValueError, match=f"loss.{param.name} must"):
+                    param.check(value, f"loss.{param.name}")
+
+
+def test_one_declaration_per_parameter_name() -> None:
+    seen: dict[str, object] = {}
+    for name in list_losses():
+        for param in loss_class(name).sweepable:
+            assert seen.setdefault(param.name, param) == param, param.name
+    assert set(declared_parameters()) == set(seen)
+    assert {"tau", "margin", "alpha", "gamma", "epsilon"} <= set(seen)
+
+
+def test_sweepable_and_parameter_rules() -> None:
+    assert list(sweepable("tau_ce")) == ["tau", "offset"]
+    assert list(sweepable("hkr")) == ["alpha", "margin"]
+    assert "gamma" in sweepable("focal") and "epsilon" in sweepable("poly1")
+    assert "alpha" not in sweepable("focal")  # class weights: a vector, not a value to sweep
+    with pytest.raises(ValueError, match="unknown loss"):
+        sweepable("no_such_loss")
+    assert parameter_rule("focal", "gamma") is sweepable("focal")["gamma"]
+    assert parameter_rule("focal", "alpha") is None  # taken but not declared: the constructor judges it
+    # not an argument of tau_ce: judged by the declaration of the losses that take it (hinge, HKR)
+    assert parameter_rule("tau_ce", "margin") is sweepable("hinge")["margin"]
+    assert parameter_rule("tau_ce", "no_such_argument") is None
+    with pytest.raises(ValueError, match=r"loss.tau must be > 0 \(it multiplies the logits\), got 0"):
+        sweepable("tau_ce")["tau"].check(0, "loss.tau")
+    with pytest.raises(ValueError, match=r"loss.alpha must lie in \[0, 1\], got 1.5"):
+        sweepable("hkr")["alpha"].check(1.5, "loss.alpha")
+    with pytest.raises(ValueError, match="loss.epsilon must be >= -1"):
+        sweepable("poly1")["epsilon"].check(-1.5, "loss.epsilon")
+    with pytest.raises(ValueError, match="must be a number"):
+        sweepable("poly1")["epsilon"].check(True, "loss.epsilon")
+
+
+def test_check_arguments_builds_nothing_and_says_what_create_says() -> None:
+    check_arguments("hkr", {"alpha": 10.0, "margin": 0.2})  # a bad value is the constructor's to judge
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['temperature'\]"):
+        check_arguments("tau_ce", {"tau": 1.0, "temperature": 1.0})
+    with pytest.raises(ValueError, match=r"needs argument\(s\) \['alpha', 'margin'\]"):
+        check_arguments("hkr", {})

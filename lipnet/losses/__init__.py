@@ -2,11 +2,14 @@
 τ-BCE, focal, Poly-1/N) and the losses of the attention catalogue (:mod:`lipnet.losses.attention`).
 
 ``create(name, **kwargs)`` builds the classification losses by name (the trainer's ``loss.name``).
+Each declares the scalar arguments ``lipnet sweep`` may vary (:mod:`lipnet.losses.parameters`):
+:func:`sweepable` lists them, :func:`parameter_rule` gives the range a value of an argument must lie in.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 from lipnet.losses.attention import (
     AttentionVariance,
@@ -29,6 +32,7 @@ from lipnet.losses.classification import (
     TauBCE,
     TauCrossEntropy,
 )
+from lipnet.losses.parameters import LossParameter
 
 __all__ = [
     "HKR",
@@ -38,6 +42,7 @@ __all__ = [
     "DynamicWeightAverage",
     "Focal",
     "LogitLoss",
+    "LossParameter",
     "MILInstance",
     "MulticlassHinge",
     "OAAHybrid",
@@ -48,8 +53,14 @@ __all__ = [
     "TauBCE",
     "TauCrossEntropy",
     "WeightedFocal",
+    "arguments",
+    "check_arguments",
     "create",
+    "declared_parameters",
     "list_losses",
+    "loss_class",
+    "parameter_rule",
+    "sweepable",
 ]
 
 _REGISTRY: dict[str, type[LogitLoss]] = {
@@ -69,6 +80,64 @@ def list_losses() -> list[str]:
     return list(_REGISTRY)
 
 
+def loss_class(name: str) -> type[LogitLoss]:
+    """The class :func:`create` builds for ``name``; ``ValueError`` for an unknown name."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _arguments(cls: type[LogitLoss]) -> dict[str, inspect.Parameter]:
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+
+
+def arguments(name: str) -> list[str]:
+    """The keyword arguments loss ``name`` takes (``ValueError`` for an unknown loss)."""
+    return list(_arguments(loss_class(name)))
+
+
+def check_arguments(name: str, kwargs: Mapping[str, object]) -> None:
+    """Raise ``ValueError`` unless loss ``name`` exists and takes every key of ``kwargs`` and is given each
+    argument it needs; builds nothing (the values are the constructor's to judge)."""
+    params = _arguments(loss_class(name))
+    accepted = list(params)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss {name!r} got unknown argument(s) {unknown}; it accepts {accepted}")
+    missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and p not in kwargs]
+    if missing:
+        raise ValueError(f"loss {name!r} needs argument(s) {missing}; it accepts {accepted}")
+
+
+def sweepable(name: str) -> dict[str, LossParameter]:
+    """The arguments loss ``name`` declares sweepable, by argument name (``ValueError``: unknown loss)."""
+    return {p.name: p for p in loss_class(name).sweepable}
+
+
+def declared_parameters() -> dict[str, LossParameter]:
+    """Every parameter some registered loss declares sweepable, by name (one declaration per name)."""
+    return {p.name: p for cls in _REGISTRY.values() for p in cls.sweepable}
+
+
+def parameter_rule(name: str, key: str) -> LossParameter | None:
+    """The declared range of the value of argument ``key`` of loss ``name``.
+
+    The loss's own declaration when it declares ``key``; ``None`` when the loss takes ``key`` without
+    declaring it (its constructor alone judges it: focal's per-class ``alpha``); otherwise, the loss
+    not taking ``key`` (or ``name`` being unknown), the declaration of ``key`` by the other registered
+    losses, since a name means the same thing in each of them: a bad value is then named before the
+    argument is found unknown. ``None`` when no loss declares ``key``.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is not None:
+        own = {p.name: p for p in cls.sweepable}
+        if key in own:
+            return own[key]
+        if key in _arguments(cls):
+            return None
+    return declared_parameters().get(key)
+
+
 def create(name: str, **kwargs: object) -> LogitLoss:
     """Build a loss by name, e.g. ``create("tau_ce", tau=10.0, offset=0.2)``.
 
@@ -78,15 +147,5 @@ def create(name: str, **kwargs: object) -> LogitLoss:
     takes ``validate``. Raises ``ValueError`` for an unknown name, an unknown or missing keyword, or a
     bad value.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown loss {name!r}; available: {', '.join(_REGISTRY)}")
-    cls = _REGISTRY[name]
-    params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p != "self"]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"loss {name!r} got unknown argument(s) {unknown}; it accepts {accepted}")
-    missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and p not in kwargs]
-    if missing:
-        raise ValueError(f"loss {name!r} needs argument(s) {missing}; it accepts {accepted}")
-    return cls(**kwargs)
+    check_arguments(name, kwargs)
+    return _REGISTRY[name](**kwargs)

@@ -38,10 +38,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lipnet.losses.parameters import ALPHA, EPSILON, GAMMA, MARGIN, OFFSET, POS_WEIGHT, TAU, LossParameter
 
 __all__ = [
     "HKR",
@@ -91,7 +94,12 @@ class LogitLoss(nn.Module):
     Args:
         validate: value checks (finite logits, label range): ``None`` = only for CPU tensors, so a GPU
             training step never waits for the device; ``True`` = always; ``False`` = never.
+
+    ``sweepable`` lists the scalar constructor arguments ``lipnet sweep`` may vary, with their ranges
+    (:mod:`lipnet.losses.parameters`); a subclass declares its own.
     """
+
+    sweepable: ClassVar[tuple[LossParameter, ...]] = ()
 
     def __init__(self, validate: bool | None = None) -> None:
         super().__init__()
@@ -185,6 +193,8 @@ class TauCrossEntropy(LogitLoss):
         validate: see :class:`LogitLoss`.
     """
 
+    sweepable = (TAU, OFFSET)
+
     def __init__(self, tau: float, offset: float = 0.0, validate: bool | None = None) -> None:
         super().__init__(validate)
         self.tau = _positive(type(self).__name__, "tau", tau)
@@ -240,6 +250,8 @@ class MulticlassHinge(LogitLoss):
         margin: logit margin ``m >= 0``.
         validate: see :class:`LogitLoss`.
     """
+
+    sweepable = (MARGIN,)
 
     def __init__(self, margin: float, validate: bool | None = None) -> None:
         super().__init__(validate)
@@ -307,6 +319,8 @@ class HKR(LogitLoss):
         validate: see :class:`LogitLoss`.
     """
 
+    sweepable = (ALPHA, MARGIN)
+
     def __init__(self, alpha: float, margin: float, validate: bool | None = None) -> None:
         super().__init__(validate)
         name = type(self).__name__
@@ -352,6 +366,8 @@ class TauBCE(LogitLoss):
             training, as the ``C - 1`` factor of :class:`MulticlassHinge` does.
         validate: see :class:`LogitLoss`.
     """
+
+    sweepable = (TAU, OFFSET, POS_WEIGHT)
 
     def __init__(
         self, tau: float, offset: float = 0.0, pos_weight: float = 1.0, validate: bool | None = None
@@ -408,6 +424,9 @@ class Focal(LogitLoss):
         offset: margin offset ``o >= 0`` in logit units (see :class:`TauCrossEntropy`).
         validate: see :class:`LogitLoss`.
     """
+
+    # alpha is a vector of class weights, not a scalar to sweep
+    sweepable = (GAMMA, TAU, OFFSET)
 
     alpha: Tensor | None
 
@@ -498,6 +517,8 @@ class PolyN(LogitLoss):
         validate: see :class:`LogitLoss`.
     """
 
+    sweepable = (TAU, GAMMA, OFFSET)
+
     def __init__(
         self,
         epsilons: Sequence[float],
@@ -547,6 +568,8 @@ class Poly1(PolyN):
         offset: margin offset ``o >= 0`` in logit units (see :class:`TauCrossEntropy`).
         validate: see :class:`LogitLoss`.
     """
+
+    sweepable = (EPSILON, TAU, GAMMA, OFFSET)
 
     def __init__(
         self,
