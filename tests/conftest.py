@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lipnet.config import Config, dump_config, load_config
+from lipnet.training.config import Config, dump_config, load_config
 
 
 def _test_threads() -> int:

@@ -1,4 +1,4 @@
-"""The audit pipeline (certify.audit) and ``lipnet audit`` (lipnet.audit_cli), end to end on small data.
+"""The audit pipeline (certify.audit) and ``lipnet audit`` (lipnet.cli.audit), end to end on small data.
 
 Architectures used through ``--arch test_audit:<name>`` are defined here.
 """
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import certify.report
 from certify.audit import BOUND_TOLERANCE, audit, empirical_lipschitz_lower
-from lipnet.audit_cli import add_audit_parser, run_audit
+from lipnet.cli import audit as audit_command
 
 
 def plain_bn_cnn(width: int = 4, in_channels: int = 3) -> nn.Module:
@@ -101,12 +101,12 @@ def nan_when_bright() -> nn.Module:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lipnet")
-    add_audit_parser(parser.add_subparsers(dest="command"))
+    audit_command.add_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["audit", *argv])
 
 
 def _cli(tmp_path: Path, model: str, *extra: str, out: str = "out") -> tuple[int, Path]:
-    return run_audit(_parse(_audit_argv(tmp_path, model, *extra, out=out))), tmp_path / out
+    return audit_command.run(_parse(_audit_argv(tmp_path, model, *extra, out=out))), tmp_path / out
 
 
 def _audit_argv(tmp_path: Path, model: str, *extra: str, out: str = "out") -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fixtures import write_idx
 
-from lipnet.bench_fmnist import EPS, contenders
+from lipnet.bench.fmnist import EPS, contenders
 from lipnet.cli import main
 from lipnet.layers.kinds import list_layer_kinds
 from lipnet.models import create

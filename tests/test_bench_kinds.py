@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lipnet.bench import OPERATOR_JACOBIAN, OPERATOR_MATRIX, _saved_bytes, singular_value_range
-from lipnet.bench_models import EVAL_KWARGS, bench_eval, plain_share
+from lipnet.bench.layers import OPERATOR_JACOBIAN, OPERATOR_MATRIX, saved_bytes, singular_value_range
+from lipnet.bench.models import EVAL_KWARGS, bench_eval, plain_share
 from lipnet.cli import main
 from lipnet.layers import AOLLinear, SLLConv2d, SLLLinear
 from lipnet.models import list_models
@@ -63,7 +63,7 @@ def test_saved_bytes_counts_only_what_backward_keeps() -> None:
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     own = {t.untyped_storage().data_ptr() for t in (*net.parameters(), x)}
     # the convolution saves its input and weight (excluded); ReLU saves its output: 2*3*4*4 floats
-    assert _saved_bytes(lambda: net(x).sum().backward(), own) == 2 * 3 * 4 * 4 * 4
+    assert saved_bytes(lambda: net(x).sum().backward(), own) == 2 * 3 * 4 * 4 * 4
 
 
 def test_bench_layers_per_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -227,8 +227,8 @@ def test_bench_eval_models_without_kinds_and_residual_blocks() -> None:
 
 
 def test_bench_eval_refuses_an_export_that_differs(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the module, not the function lipnet.export that the package re-exports under the same name
-    module = importlib.import_module("lipnet.export")
+    # the name bench_eval calls: lipnet.bench.models imported the function lipnet.export.export
+    module = importlib.import_module("lipnet.bench.models")
     real = module.export
 
     def shifted(model: nn.Module) -> nn.Module:
@@ -287,7 +287,7 @@ def test_aoc_anchor_runs_as_many_bjorck_steps_as_lipnet_aoc() -> None:
     pytest.importorskip("orthogonium")
     from orthogonium.reparametrizers import BatchedBjorckOrthogonalization
 
-    from lipnet.bench_anchors import anchor_kind, orthogonium_kinds
+    from lipnet.bench.anchors import anchor_kind, orthogonium_kinds
     from lipnet.layers.aoc import AOC_BJORCK_ITERATIONS, AOCConv2d
 
     def steps(layer: nn.Module) -> set[int]:

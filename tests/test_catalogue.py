@@ -16,12 +16,14 @@ from certify.bounds import lipschitz_bound
 from certify.radius import certified_radius
 from lipnet import catalogue
 from lipnet.attention import SqueezeExcitation
+from lipnet.catalogue.metrics import sign_radius
 from lipnet.catalogue.networks import image_network
 from lipnet.catalogue.report import CatalogueRow, read_rows, write_outputs
 from lipnet.catalogue.runner import train_method
 from lipnet.catalogue.tasks import TaskData
+from lipnet.catalogue.tasks.base import classification_scores
 from lipnet.cli import main
-from lipnet.metrics import sign_radius
+from lipnet.data import ImageDataset
 
 TINY = catalogue.TaskSettings(n_train=48, n_test=24, epochs=1, lr=1e-2, tau=4.0, batch_size=16, width=8)
 
@@ -262,3 +264,48 @@ def test_spatial_and_mil_attention_cost_their_documented_price(lipnet_data: Path
     sap = mil.build("SoftAttentionPooling", TINY, bags)
     assert isinstance(sap.aggregator[0], CentredPooling) and sap.aggregator[0].pool.radius == lam.radius
     assert sap.instance_scores(bags.dataset.images[:2]).shape == (2, mil.bag_size)
+
+
+def test_single_label_tasks_are_certified_by_certify_certify() -> None:
+    """The catalogue certifies a class decision with certify.certify, as every command does, so a network
+    ending in a dense layer gets the last-layer rule (it used the global rule alone). The head's rows are
+    0.5 apart while ||W|| = sqrt(1.25): the margin 0.15 certifies radius 0.15 / 0.5 = 0.3 by the
+    last-layer rule (above 36/255 and 72/255, below 108/255), 0.15 / (sqrt 2 sqrt 1.25) = 0.095 by the
+    global one (below all three)."""
+    head = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]))
+    model = nn.Sequential(nn.Flatten(), head).eval()
+    images = torch.zeros(8, 1, 2, 2)
+    images[:, 0, 0, 0] = 0.3
+    ds = ImageDataset(images, torch.zeros(8, dtype=torch.int64), 2, ["a", "b"], "two_rows")
+    eps = [36 / 255, 72 / 255, 108 / 255]
+    clean, cert, robust, lip = classification_scores(
+        model, TaskData(ds), eps, {"name": "pgd", "n": 0, "steps": 1}
+    )
+    assert clean == 1.0 and robust is None
+    assert cert == {"36/255": 1.0, "72/255": 1.0, "108/255": 0.0}
+    assert lip == pytest.approx(1.25**0.5, rel=1e-6)  # the table's L: the whole network's bound
+    with torch.no_grad():
+        global_radii = certified_radius(model(images), ds.labels, lip)
+    assert bool((global_radii < eps[0]).all())
+
+
+def test_a_diverging_row_is_one_line_and_exit_1(
+    lipnet_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loss that becomes NaN is training divergence, as in lipnet train (it ended in a traceback)."""
+
+    def nan_loss(method: str, model: nn.Module, batch: tuple[torch.Tensor, ...], state: dict) -> torch.Tensor:
+        return model(batch[0]).sum() * float("nan")
+
+    monkeypatch.setattr(catalogue.TASKS["mil"], "loss", nan_loss)
+    out = tmp_path / "cat"
+    args = ["catalogue", "--quick", "--tasks", "mil", "--methods", "baseline", "--out", str(out), "--quiet"]
+    assert main([*args, "--threads", "1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "lipnet catalogue: error: mil/baseline: the training loss became nan at step 1 (epoch 1): "
+        "lower --lr\n"
+    )
+    assert not (out / "catalogue.csv").exists()

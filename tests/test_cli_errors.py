@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lipnet.argtypes import (
+from lipnet.cli import build_parser, main
+from lipnet.cli.argtypes import (
     autoattack_list,
     eps_list,
     float_list,
@@ -36,8 +37,7 @@ from lipnet.argtypes import (
     positive_float,
     positive_int,
 )
-from lipnet.cli import build_parser, main
-from lipnet.config import Config, dump_config
+from lipnet.training.config import Config, dump_config
 
 #: Values that each argument type must refuse.
 BAD_VALUES: dict[Callable[[str], object], tuple[str, ...]] = {
@@ -79,7 +79,7 @@ class _Forbidden(BaseException):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, tiny_config: Callable[..., Config]) -> dict[str, Path]:
     """A trained run, its broken copies, and other bad files, in a folder outside the working folder."""
-    from lipnet.train import train
+    from lipnet.training.run import train
 
     root = tmp_path_factory.mktemp("cli-errors")
     run = root / "run"
@@ -397,7 +397,7 @@ def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[
 def test_model_arguments_are_checked_against_the_constructor(
     kwargs: dict[str, object], fragment: str
 ) -> None:
-    from lipnet.config import ConfigError, ModelConfig
+    from lipnet.training.config import ConfigError, ModelConfig
 
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         ModelConfig("bethune_vgg", kwargs).check()
@@ -405,7 +405,7 @@ def test_model_arguments_are_checked_against_the_constructor(
 
 
 def test_data_arguments_are_filled_in_only_where_missing_and_accepted() -> None:
-    from lipnet.config import ModelConfig
+    from lipnet.training.config import ModelConfig
 
     spec = ModelConfig("small_cnn", {"width": 4, "input_size": 32})
     filled = spec.for_data((1, 28, 28), 10)

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lipnet.config import Config, dump_config, load_config
-from lipnet.runs import RunFolder
+from lipnet.training.config import Config, dump_config, load_config
+from lipnet.training.runs import RunFolder
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, config_path: str, weights_dir: str
     """One torchrun-like process: the environment variables torchrun sets, then ``train``."""
     from safetensors.torch import save_file
 
-    from lipnet.train import train
+    from lipnet.training.run import train
 
     os.environ.update(
         {

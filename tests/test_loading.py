@@ -158,9 +158,9 @@ def test_weights_without_architecture_and_bad_architectures(tmp_path: Path) -> N
 
 
 def test_lipnet_run_folder_is_loaded(tmp_path: Path, tiny_config) -> None:  # noqa: ANN001 (fixture factory)
-    from lipnet.audit_cli import load_run_for_audit
-    from lipnet.runs import RunFolder
-    from lipnet.train import build_model
+    from lipnet.cli.audit import load_run_for_audit
+    from lipnet.training.build import build_model
+    from lipnet.training.runs import RunFolder
 
     cfg = tiny_config(tmp_path / "run")
     cfg.model.kwargs = {"width": 4, "in_channels": 3, "num_classes": 10, "input_size": 32}

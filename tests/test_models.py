@@ -11,12 +11,12 @@ from torch import nn
 from certify.bounds import lipschitz_bound
 from certify.radius import split_head
 from lipnet import models
-from lipnet.config import load_config
 from lipnet.layers.kinds import list_layer_kinds
 from lipnet.models.lipconvnet import ChannelPad, FirstChannels, LipConvNet
 from lipnet.models.sequential import LipschitzSequential
 from lipnet.models.vgg import BethuneVGG
-from lipnet.train import build_model
+from lipnet.training.build import build_model
+from lipnet.training.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 KINDS = [k for k in list_layer_kinds() if k != "aoc"]  # aoc wraps the optional orthogonium

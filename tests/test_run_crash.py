@@ -21,13 +21,13 @@ import pytest
 import torch
 
 import certify.io
-import lipnet.plots
-import lipnet.runs
+import lipnet.training.plots
+import lipnet.training.runs
+from certify.io import matplotlib_available
 from lipnet.cli import main
-from lipnet.config import Config, dump_config
-from lipnet.plots import matplotlib_available
-from lipnet.runs import RunError, RunFolder
-from lipnet.train import TrainResult, load_run_model, train
+from lipnet.training.config import Config, dump_config
+from lipnet.training.run import TrainResult, load_run_model, train
+from lipnet.training.runs import RunError, RunFolder
 
 #: Every file commit of the tiny run (2 epochs of 2 steps), in order: the atomic writer's calls.
 COMMITS: tuple[str, ...] = (
@@ -53,18 +53,18 @@ class _Killed(BaseException):
 
 
 def _patch_writer(mp: pytest.MonkeyPatch, before_commit: Callable[[Path], None]) -> None:
-    """Call ``before_commit(path)`` before each atomic write of lipnet.runs and lipnet.plots."""
-    real = lipnet.runs.atomic_write_bytes
+    """Call ``before_commit(path)`` before each atomic write of the run folder and of the plots."""
+    real = lipnet.training.runs.atomic_write_bytes
 
     def write(path: str | os.PathLike[str], data: bytes) -> None:
         before_commit(Path(path))
         real(path, data)
 
-    # atomic_write_text/json (certify.io, re-exported by lipnet.runs) call certify.io's module global;
+    # atomic_write_text/json (certify.io) call certify.io's module global;
     # runs and plots imported the name itself
     mp.setattr(certify.io, "atomic_write_bytes", write)
-    mp.setattr(lipnet.runs, "atomic_write_bytes", write)
-    mp.setattr(lipnet.plots, "atomic_write_bytes", write)
+    mp.setattr(lipnet.training.runs, "atomic_write_bytes", write)
+    mp.setattr(lipnet.training.plots, "atomic_write_bytes", write)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(
 
 
 def test_a_stale_lock_file_does_not_block(tmp_path: Path) -> None:
-    if lipnet.runs.fcntl is None:
+    if lipnet.training.runs.fcntl is None:
         pytest.skip("without fcntl a stale lock file blocks by design (see the next test)")
     run = RunFolder(tmp_path / "run")
     run.path.mkdir()
@@ -293,7 +293,7 @@ def test_a_stale_lock_file_does_not_block(tmp_path: Path) -> None:
 
 
 def test_the_pid_file_lock_without_fcntl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lipnet.runs, "fcntl", None)
+    monkeypatch.setattr(lipnet.training.runs, "fcntl", None)
     run = RunFolder(tmp_path / "run")
     with run.lock():
         assert run.lock_path.read_text(encoding="utf-8") == f"{os.getpid()}\n"

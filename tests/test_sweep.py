@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lipnet.config import Config, ConfigError
-from lipnet.runs import RunError, RunFolder
-from lipnet.sweep import SweepResult, run_sweep, sweep_configs, value_dirname
+from lipnet.training.config import Config, ConfigError
+from lipnet.training.runs import RunError, RunFolder
+from lipnet.training.sweep import SweepResult, run_sweep, sweep_configs, value_dirname
 
 
 def _base(tiny_config: Callable[..., Config]) -> Config:
@@ -58,7 +58,8 @@ def test_sweep_writes_csv_md_png(swept: SweepResult) -> None:
 def test_sweep_resumes_value_by_value(
     swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lipnet.train
+    import lipnet.training.run
+    import lipnet.training.sweep
 
     out = swept.csv_path.parent
     before = swept.csv_path.read_text(encoding="utf-8")
@@ -67,13 +68,13 @@ def test_sweep_resumes_value_by_value(
     half.results_path.unlink()
     (half.checkpoint_dir / "final.json").unlink()
     calls: list[tuple[str | None, bool]] = []
-    real_train = lipnet.train.train
+    real_train = lipnet.training.run.train
 
-    def spy(cfg: Config, **kwargs: object) -> lipnet.train.TrainResult:
+    def spy(cfg: Config, **kwargs: object) -> lipnet.training.run.TrainResult:
         calls.append((cfg.out, bool(kwargs.get("resume"))))
         return real_train(cfg, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lipnet.train, "train", spy)
+    monkeypatch.setattr(lipnet.training.sweep, "train", spy)
     again = run_sweep(_base(tiny_config), "tau", [0.5, 10.0], out, progress=False)
     assert calls == [(str(half.path), True)]
     assert half.has_results()
@@ -86,7 +87,8 @@ def test_sweep_resumes_value_by_value(
 def test_sweep_resumes_a_value_without_its_summary(
     swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lipnet.train
+    import lipnet.training.run
+    import lipnet.training.sweep
 
     out = swept.csv_path.parent
     before = swept.csv_path.read_text(encoding="utf-8")
@@ -95,13 +97,13 @@ def test_sweep_resumes_a_value_without_its_summary(
     unfinished = RunFolder(out / "runs" / "tau-0.5")
     unfinished.summary_path.unlink()
     calls: list[tuple[str | None, bool]] = []
-    real_train = lipnet.train.train
+    real_train = lipnet.training.run.train
 
-    def spy(cfg: Config, **kwargs: object) -> lipnet.train.TrainResult:
+    def spy(cfg: Config, **kwargs: object) -> lipnet.training.run.TrainResult:
         calls.append((cfg.out, bool(kwargs.get("resume"))))
         return real_train(cfg, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lipnet.train, "train", spy)
+    monkeypatch.setattr(lipnet.training.sweep, "train", spy)
     run_sweep(_base(tiny_config), "tau", [0.5, 10.0], out, progress=False)
     assert calls == [(str(unfinished.path), True)]
     assert unfinished.is_finished() and "| n | clean |" in unfinished.summary_path.read_text(encoding="utf-8")
@@ -111,9 +113,9 @@ def test_sweep_resumes_a_value_without_its_summary(
 def test_sweep_refuses_runs_of_another_config(
     swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lipnet.train
+    import lipnet.training.sweep
 
-    monkeypatch.setattr(lipnet.train, "train", _no_training)
+    monkeypatch.setattr(lipnet.training.sweep, "train", _no_training)
     other = _base(tiny_config)
     other.optim.lr = 0.5
     with pytest.raises(RunError, match=r"optim\.lr"):
@@ -155,3 +157,38 @@ def test_hkr_alphas_and_dirnames(tiny_config: Callable[..., Config], tmp_path: P
     ]
     assert configs[0][1].out == str(tmp_path / "runs" / "alpha-0.9")
     assert value_dirname("tau", 100.0) == "tau-100" and value_dirname("margin", 1e-3) == "margin-0.001"
+
+
+def test_any_parameter_the_loss_declares_can_be_swept(
+    tiny_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """The loss says what it can sweep (lipnet.losses.sweepable), with each value's range: focal's gamma
+    and Poly-1's epsilon, not only tau, margin and alpha."""
+    focal = tiny_config("unused", "loss.name=focal", "loss.gamma=2")
+    configs = sweep_configs(focal, "gamma", [2.0, 0.0, 0.5], tmp_path)
+    assert [v for v, _ in configs] == [0.0, 0.5, 2.0]
+    assert [c.loss.kwargs["gamma"] for _, c in configs] == [0.0, 0.5, 2.0]
+    assert configs[0][1].out == str(tmp_path / "runs" / "gamma-0")
+    with pytest.raises(ConfigError, match="loss.gamma must be >= 0"):
+        sweep_configs(focal, "gamma", [1.0, -1.0], tmp_path)
+    with pytest.raises(ConfigError, match="cannot sweep 'alpha' with loss 'focal': it takes it, but"):
+        sweep_configs(focal, "alpha", [0.5], tmp_path)  # per-class weights, not a scalar
+    poly = tiny_config("unused", "loss.name=poly1", "loss.epsilon=1")
+    configs = sweep_configs(poly, "epsilon", [2.0, -1.0], tmp_path)
+    assert [(v, c.loss.kwargs["epsilon"]) for v, c in configs] == [(-1.0, -1.0), (2.0, 2.0)]
+    assert [Path(c.out or "").name for _, c in configs] == ["epsilon--1", "epsilon-2"]
+    with pytest.raises(ConfigError, match="loss.epsilon must be >= -1"):
+        sweep_configs(poly, "epsilon", [-1.5], tmp_path)
+    with pytest.raises(ConfigError, match=r"no values to sweep: give --epsilons V1,V2 \(or --param epsilon"):
+        sweep_configs(poly, "epsilon", [], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sweep_parameter_of_a_config_is_one_a_loss_declares(tiny_config: Callable[..., Config]) -> None:
+    poly = ("loss.name=poly1", "loss.epsilon=1", "sweep.param=epsilon")
+    cfg = tiny_config("unused", *poly, "sweep.values=[0, 1]")
+    assert cfg.sweep.param == "epsilon" and cfg.sweep.values == [0.0, 1.0]
+    with pytest.raises(ConfigError, match="sweep.param must be a loss argument"):
+        tiny_config("unused", "sweep.param=no_such_parameter")
+    with pytest.raises(ConfigError, match="loss.epsilon must be >= -1"):
+        tiny_config("unused", *poly, "sweep.values=[-2]")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lipnet.data import tasks
-from lipnet.metrics import (
+from lipnet.catalogue import data as tasks
+from lipnet.catalogue.metrics import (
     attribute_f1,
     bag_accuracy,
     certified_attribute_accuracy,

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lipnet.config import Config, ConfigError, apply_overrides, config_diff, dump_config, load_config
-from lipnet.runs import CheckpointError, RunError, RunFolder, join_state, split_state
-from lipnet.train import TrainResult, load_run_model, lr_at, train
+from certify.io import CheckpointError
+from lipnet.training.config import Config, ConfigError, apply_overrides, config_diff, dump_config, load_config
+from lipnet.training.loop import lr_at
+from lipnet.training.run import TrainResult, load_run_model, train
+from lipnet.training.runs import RunError, RunFolder, join_state, split_state
 
 # ---------------------------------------------------------------------------------------------
 # config
@@ -219,7 +221,7 @@ def test_resume_of_a_finished_run_trains_nothing(
     finished: TrainResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = {p: p.stat().st_mtime_ns for p in finished.run_dir.rglob("*") if p.is_file()}
-    monkeypatch.setattr("lipnet.train.build_optimizer", _fail)
+    monkeypatch.setattr("lipnet.training.run.build_optimizer", _fail)
     result = train(tiny_config(finished.run_dir), resume=True, progress=False)
     assert result.finished and result.results == RunFolder(finished.run_dir).read_results()
     assert {p: p.stat().st_mtime_ns for p in finished.run_dir.rglob("*") if p.is_file()} == before
@@ -266,19 +268,19 @@ def test_failing_checkpoint_write_keeps_the_old_one(
         raise OSError(28, "No space left on device")
 
     # the tensor file write fails
-    monkeypatch.setattr("lipnet.runs.os.fsync", broken_fsync)
+    monkeypatch.setattr("lipnet.training.runs.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="No space"):
         run.save_checkpoint("last", epoch=3, step=6, model_state=new_state, state=old.state, meta=old.meta)
     monkeypatch.undo()
     # the tensor file is written but the sidecar (the commit point) fails
-    real_write = __import__("lipnet.runs", fromlist=["atomic_write_json"]).atomic_write_json
+    real_write = __import__("lipnet.training.runs", fromlist=["atomic_write_json"]).atomic_write_json
 
     def failing_json(path: str | os.PathLike[str], obj: object) -> None:
         if str(path).endswith("last.json"):
             raise OSError(5, "I/O error")
         real_write(path, obj)
 
-    monkeypatch.setattr("lipnet.runs.atomic_write_json", failing_json)
+    monkeypatch.setattr("lipnet.training.runs.atomic_write_json", failing_json)
     with pytest.raises(OSError, match="I/O error"):
         run.save_checkpoint("last", epoch=3, step=6, model_state=new_state, state=old.state, meta=old.meta)
     monkeypatch.undo()

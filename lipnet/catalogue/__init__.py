@@ -1,12 +1,14 @@
 """``lipnet catalogue``: every attention method trained and certified on its task, under one budget.
 
-Each task (:mod:`lipnet.catalogue.tasks`, built from ``shapes10`` by :mod:`lipnet.data.tasks`) trains a
-plain 1-Lipschitz baseline and every :mod:`lipnet.attention` method that belongs to it, with the same
+Each task (:mod:`lipnet.catalogue.tasks`, built from ``shapes10`` by :mod:`lipnet.catalogue.data`) trains
+a plain 1-Lipschitz baseline and every :mod:`lipnet.attention` method that belongs to it, with the same
 data, seed and budget (:data:`~lipnet.catalogue.runner.FULL`), the loss of the method's paper on
 tau-scaled logits, and certifies each network with a sound bound of the whole network
-(:func:`certify.bounds.lipschitz_bound`, or the task's documented per-task / per-attribute / per-pixel
-rule). The networks are in :mod:`lipnet.catalogue.networks`, the outputs (``catalogue.csv``,
-``catalogue.md``, ``catalogue.png``, resumable) in :mod:`lipnet.catalogue.report`.
+(:func:`certify.certify`, or the task's documented per-task / per-attribute / per-pixel rule), through
+the one fit loop (:func:`lipnet.training.loop.fit`). The networks are in
+:mod:`lipnet.catalogue.networks`, the task metrics in :mod:`lipnet.catalogue.metrics`, the outputs
+(``catalogue.csv``, ``catalogue.md``, ``catalogue.png``, resumable) in :mod:`lipnet.catalogue.report`;
+the command is :mod:`lipnet.cli.catalogue`.
 """
 
 from lipnet.catalogue.report import CatalogueRow, read_rows, write_outputs
@@ -15,8 +17,8 @@ from lipnet.catalogue.runner import (
     FULL,
     QUICK,
     available_methods,
+    order,
     raw_bound,
-    run,
     run_catalogue,
     settings_key,
     train_method,
@@ -32,9 +34,9 @@ __all__ = [
     "CatalogueRow",
     "TaskSettings",
     "available_methods",
+    "order",
     "raw_bound",
     "read_rows",
-    "run",
     "run_catalogue",
     "settings_key",
     "train_method",

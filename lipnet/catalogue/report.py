@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
-from lipnet.runs import atomic_write_bytes, atomic_write_text, eps_label
+from certify.io import atomic_write_bytes, atomic_write_text, matplotlib_available
+from certify.radius import format_eps
 
 __all__ = ["CatalogueRow", "columns", "read_rows", "write_outputs"]
 
@@ -46,9 +47,9 @@ def columns(eps: Sequence[float]) -> list[str]:
     """The CSV header for the eps values ``eps``."""
     return [
         "method", "task", "metric", "metric_value", "clean_accuracy",
-        *(f"{_CERT}{eps_label(e)}" for e in eps),
+        *(f"{_CERT}{format_eps(e)}" for e in eps),
         "robust_accuracy", "attack", "lipschitz_raw", "lipschitz", "params", "train_seconds",
-        "delta_metric", "delta_clean", f"delta_{_CERT}{eps_label(eps[0])}", "params_ratio", "time_ratio",
+        "delta_metric", "delta_clean", f"delta_{_CERT}{format_eps(eps[0])}", "params_ratio", "time_ratio",
         "settings", "details",
     ]  # fmt: skip
 
@@ -87,10 +88,10 @@ def _flat(row: CatalogueRow, eps: Sequence[float], base: CatalogueRow | None, ex
     bound = repr if exact else _ceil6
     return [
         row.method, row.task, row.metric, f"{row.metric_value:.4f}", f"{row.clean_accuracy:.4f}",
-        *(f"{cert[eps_label(e)]:.4f}" for e in eps),
+        *(f"{cert[format_eps(e)]:.4f}" for e in eps),
         "" if row.robust_accuracy is None else f"{row.robust_accuracy:.4f}", row.attack,
         bound(row.lipschitz_raw), bound(row.lipschitz), row.params, f"{row.train_seconds:.1f}",
-        *_deltas(row, base, eps_label(eps[0])),
+        *_deltas(row, base, format_eps(eps[0])),
         row.settings, row.details,
     ]  # fmt: skip
 
@@ -161,8 +162,6 @@ def _details_table(rows: Sequence[CatalogueRow]) -> str:
 
 
 def _plot(rows: Sequence[CatalogueRow], eps: Sequence[float], path: Path) -> bool:
-    from lipnet.plots import matplotlib_available
-
     if not matplotlib_available() or not rows:
         return False
     from matplotlib.figure import Figure
@@ -172,7 +171,7 @@ def _plot(rows: Sequence[CatalogueRow], eps: Sequence[float], path: Path) -> boo
     nrows = -(-len(tasks) // cols)
     fig = Figure(figsize=(5.5 * cols, 3.6 * nrows), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False)
-    series = ["clean", *(eps_label(e) for e in eps)]
+    series = ["clean", *(format_eps(e) for e in eps)]
     width = 0.8 / len(series)
     for ax, task in zip(axes.flat, tasks, strict=False):
         mine = [r for r in rows if r.task == task]

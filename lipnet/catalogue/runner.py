@@ -1,39 +1,39 @@
-"""Training every method of every task under one budget, and the ``lipnet catalogue`` command."""
+"""Training every method of every task under one budget (the ``lipnet catalogue`` command:
+:mod:`lipnet.cli.catalogue`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
+from certify import radius
 from certify.bounds import lipschitz_bound
-from lipnet.catalogue.report import CatalogueRow, read_rows, write_outputs
+from lipnet.catalogue.report import CatalogueRow
 from lipnet.catalogue.tasks import TASKS, CatalogueTask, TaskData, TaskSettings
 from lipnet.data import DeviceLoader
-from lipnet.runs import eps_label
-from lipnet.train import lr_at
+from lipnet.training.loop import fit
 
 __all__ = [
     "DEFAULT_EPS",
     "FULL",
     "QUICK",
     "available_methods",
+    "order",
     "raw_bound",
-    "run",
     "run_catalogue",
     "settings_key",
     "train_method",
 ]
 
-DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
+#: The catalogue's radii: the first three of :data:`certify.radius.DEFAULT_EPS` (its table has no column
+#: at 1, which no row of it certifies).
+DEFAULT_EPS: tuple[float, ...] = radius.DEFAULT_EPS[:3]
 
 #: The default budget per task (``lipnet catalogue``): chosen so that the baseline clearly learns on
 #: every task and the whole table fits in about 45 minutes on 2 CPU cores. Counts are images (a MIL
@@ -61,7 +61,7 @@ def available_methods(task: str) -> list[str]:
 def settings_key(settings: TaskSettings, seed: int, eps: Sequence[float], attack: dict[str, Any]) -> str:
     """The identity of a row's budget: a finished row with the same key is not trained again."""
     return json.dumps(
-        {**asdict(settings), "seed": seed, "eps": [eps_label(e) for e in eps], "attack": attack},
+        {**asdict(settings), "seed": seed, "eps": [radius.format_eps(e) for e in eps], "attack": attack},
         sort_keys=True,
     )
 
@@ -81,32 +81,29 @@ def raw_bound(model: nn.Module, input_shape: tuple[int, ...]) -> float:
 def train_method(
     task: CatalogueTask, method: str, model: nn.Module, train: TaskData, settings: TaskSettings, seed: int
 ) -> tuple[float, dict[str, Any]]:
-    """Adam with a per-step cosine schedule, the task's loss for ``method``; returns (seconds, state)."""
+    """Train ``model`` with the task's step for ``method`` (:meth:`CatalogueTask.step`) through the one fit
+    loop: Adam with a per-step cosine schedule. Returns (the wall-clock seconds of the epochs, the task's
+    training state).
+
+    A loss that becomes NaN or Inf raises :class:`~lipnet.training.loop.TrainingDivergedError`.
+    """
     state = task.init_state(method, model, train, settings)
     state["train"] = train
     loader = DeviceLoader(train.dataset, settings.batch_size, shuffle=True, seed=seed, targets=train.targets)
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    total = settings.epochs * len(loader)
-    step = 0
-    start = time.perf_counter()
-    model.train()
-    for epoch in range(settings.epochs):
-        loader.set_epoch(epoch)
-        for batch in loader:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, settings.lr, "cosine")
-            loss = task.loss(method, model, batch, state)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{task.name}/{method}: training loss became {float(loss)} at step {step}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        task.end_epoch(method, state)
+    fitted = fit(
+        model,
+        torch.optim.Adam(model.parameters(), lr=settings.lr),
+        loader,
+        task.step(method, state),
+        epochs=settings.epochs,
+        lr=settings.lr,
+        schedule="cosine",
+        callbacks=[task.callback(method, state)],
+        advice=lambda _epoch: "lower --lr",
+        label=f"{task.name}/{method}",
+    )
     model.eval()
-    return time.perf_counter() - start, state
+    return sum(epoch.seconds for epoch in fitted.history), state
 
 
 def run_catalogue(
@@ -199,84 +196,7 @@ def run_catalogue(
     return rows
 
 
-def _order(rows: Sequence[CatalogueRow]) -> list[CatalogueRow]:
+def order(rows: Sequence[CatalogueRow]) -> list[CatalogueRow]:
     """Table order: tasks as in :data:`TASKS`, the baseline first, then the methods in task order."""
     rank = {(t, m): (i, j) for i, t in enumerate(TASKS) for j, m in enumerate(TASKS[t].methods())}
     return sorted(rows, key=lambda r: rank.get((r.task, r.method), (len(rank), 0)))
-
-
-def run(args: argparse.Namespace) -> int:
-    """The ``lipnet catalogue`` command."""
-    quick = bool(args.quick)
-    base = QUICK if quick else FULL
-    overrides = {
-        k: v
-        for k, v in {
-            "n_train": args.n_train,
-            "n_test": args.n_test,
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "tau": args.tau,
-            "batch_size": args.batch_size,
-            "width": args.width,
-        }.items()
-        if v is not None
-    }
-    settings = {t: replace(s, **overrides) for t, s in base.items()}
-    tasks = args.tasks
-    methods = args.methods
-    if quick and methods is None:
-        # Two methods of each task (the baseline and the first attention method) keep the suite fast.
-        methods = sorted({m for t in TASKS for m in TASKS[t].methods()[:2]})
-    attack = args.attack or "pgd"
-    # --quick attacks every test sample, so its PGD and certified accuracies are over the same set.
-    attack_n = args.attack_n if args.attack_n is not None else (10_000 if quick else 100)
-    attack_steps = args.attack_steps or (5 if quick else 20)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    try:
-        previous = read_rows(out / "catalogue.csv")
-    except ValueError:
-        if not args.restart:
-            raise
-        previous = []
-    say = None if args.quiet else (lambda line: print(line, flush=True))
-    command = "lipnet catalogue " + " ".join(
-        ["--quick"] * quick
-        + [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]
-        + ([f"--tasks {','.join(tasks)}"] if tasks else [])
-        + ([f"--methods {','.join(args.methods)}"] if args.methods else [])
-        + [
-            f"--attack {attack}",
-            f"--attack-n {attack_n}",
-            f"--attack-steps {attack_steps}",
-            f"--seed {args.seed}",
-        ]
-    )
-    done: list[CatalogueRow] = []
-
-    def keep(row: CatalogueRow) -> None:
-        # Written after every row, so an interrupted run loses at most the row in progress.
-        done.append(row)
-        kept = [r for r in previous if (r.method, r.task) not in {(d.method, d.task) for d in done}]
-        write_outputs(_order([*kept, *done]), DEFAULT_EPS, out, command, plot=False)
-
-    rows = run_catalogue(
-        methods,
-        tasks,
-        settings=settings,
-        attack=attack,
-        attack_n=attack_n,
-        attack_steps=attack_steps,
-        seed=args.seed,
-        # --restart trains the selected rows again; the table keeps the rows of the others.
-        done=[] if args.restart else previous,
-        progress=say,
-        on_row=keep,
-    )
-    fresh = {(r.method, r.task) for r in rows}
-    table = _order([*rows, *(r for r in previous if (r.method, r.task) not in fresh)])
-    for path in write_outputs(table, DEFAULT_EPS, out, command):
-        print(f"wrote {path}")
-    return 0

@@ -127,7 +127,7 @@ class LipConvNet(LipschitzSequential):
     verified. Config: ``experiments/configs/cifar10_lipconvnet_m_cpl.yaml``.
 
     ``conv`` is a registered kind's name or a :class:`~lipnet.layers.kinds.LayerKind` (e.g. one of
-    the anchor libraries' kinds in :mod:`lipnet.bench_anchors`, for benchmarks).
+    the anchor libraries' kinds in :mod:`lipnet.bench.anchors`, for benchmarks).
     """
 
     def __init__(

@@ -3,115 +3,88 @@
 One architecture (:class:`~lipnet.models.small.SmallCNN`: 4 convolutions 3x3 + 2 dense layers,
 GroupSort2, scaled L2-norm pooling), built from lipnet's layers, from deel-torchlip's
 (``SpectralConv2d``, ``GroupSort2``, ``ScaledL2NormPool2d``, ``SpectralLinear``), from orthogonium's
-(``AdaptiveOrthoConv2d``, ``OrthoLinear``, ``MaxMin``) and from plain unconstrained layers, timed
+(``AdaptiveOrthoConv2d``, ``OrthoLinear``, ``MaxMin``, lipnet's pooling), the anchors as their
+libraries ship them (:data:`lipnet.bench.anchors.ANCHORS`), and from plain unconstrained layers, timed
 side by side in one process with interleaved rounds so that machine load hits all of them alike.
 The reported figure is the median over rounds; ratios are to deel-torchlip and to the plain net.
 
 ``lipnet bench layers --per-layer`` (or ``--kinds``) times one channel-preserving layer of every
 registered kind (:func:`lipnet.layers.kinds.list_layer_kinds`) next to its anchor implementation
-(:data:`ANCHORS`), also interleaved: training step, eval forward, memory (bytes of the tensors saved
-for backward, on every device; the CUDA allocator's peak on CUDA) and the singular-value range of the
-layer's exact operator on a small input (:func:`singular_value_range`); see :func:`bench_per_layer`.
+(:data:`lipnet.bench.anchors.ANCHORS`, configured as lipnet's kind), also interleaved: training step,
+eval forward, memory (bytes of the tensors saved for backward, on every device; the CUDA allocator's
+peak on CUDA) and the singular-value range of the layer's exact operator on a small input
+(:func:`singular_value_range`); see :func:`bench_per_layer`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from certify.exact import dense_matrix
 from lipnet.activations import GroupSort
+from lipnet.bench import cell, markdown_table, timed
+from lipnet.bench.anchors import ANCHORS
+from lipnet.export import export
+from lipnet.layers.kinds import LayerKind, get_layer_kind, list_layer_kinds
 from lipnet.models import create
 from lipnet.pooling import ScaledL2NormPool2d
-from lipnet.train import resolve_device
 
 __all__ = [
-    "ANCHORS",
     "OPERATOR_JACOBIAN",
     "OPERATOR_MATRIX",
     "bench_layers",
     "bench_per_layer",
-    "device_label",
+    "layers_markdown",
     "per_layer_markdown",
-    "run",
+    "saved_bytes",
     "singular_value_range",
-    "timed",
 ]
 
 
-def _plain(width: int) -> nn.Module:
-    """The same network with unconstrained ``nn.Conv2d`` / ``nn.Linear`` weights."""
+def _network(
+    kind: LayerKind, activation: Callable[[], nn.Module], pool: Callable[[], nn.Module], width: int
+) -> nn.Module:
+    """:class:`~lipnet.models.small.SmallCNN`'s layout on 3x32x32 inputs, 10 classes, from ``kind``'s
+    layers with ``activation`` and 2x downsampling ``pool``."""
     w = width
-
-    def conv(i: int, o: int) -> nn.Module:
-        return nn.Conv2d(i, o, 3, padding=1)
-
     return nn.Sequential(
-        conv(3, w), GroupSort(2), conv(w, w), GroupSort(2), ScaledL2NormPool2d(2),
-        conv(w, 2 * w), GroupSort(2), conv(2 * w, 2 * w), GroupSort(2), ScaledL2NormPool2d(2),
-        nn.Flatten(), nn.Linear(2 * w * 64, 4 * w), GroupSort(2), nn.Linear(4 * w, 10),
-    )
+        kind.conv(3, w, 3), activation(), kind.block(w, 3), activation(), pool(),
+        kind.conv(w, 2 * w, 3), activation(), kind.block(2 * w, 3), activation(), pool(),
+        nn.Flatten(), kind.dense(2 * w * 64, 4 * w), activation(), kind.dense(4 * w, 10),
+    )  # fmt: skip
 
 
-def _deel(width: int) -> nn.Module:
-    import deel.torchlip as tl
-
-    w = width
-    return tl.Sequential(
-        tl.SpectralConv2d(3, w, 3, padding=1), tl.GroupSort2(),
-        tl.SpectralConv2d(w, w, 3, padding=1), tl.GroupSort2(), tl.ScaledL2NormPool2d(2),
-        tl.SpectralConv2d(w, 2 * w, 3, padding=1), tl.GroupSort2(),
-        tl.SpectralConv2d(2 * w, 2 * w, 3, padding=1), tl.GroupSort2(), tl.ScaledL2NormPool2d(2),
-        nn.Flatten(), tl.SpectralLinear(2 * w * 64, 4 * w), tl.GroupSort2(), tl.SpectralLinear(4 * w, 10),
-    )
+#: The unconstrained reference: plain 'same' ``nn.Conv2d`` and ``nn.Linear`` layers.
+_PLAIN = LayerKind(
+    "plain",
+    lambda c, k: nn.Conv2d(c, c, k, padding=k // 2),
+    lambda i, o, k: nn.Conv2d(i, o, k, padding=k // 2),
+    nn.Linear,
+    "unconstrained nn.Conv2d and nn.Linear",
+)
 
 
-def _orthogonium(width: int) -> nn.Module:
-    from orthogonium.layers import AdaptiveOrthoConv2d, OrthoLinear
-
-    w = width
-
-    def conv(i: int, o: int) -> nn.Module:
-        return AdaptiveOrthoConv2d(i, o, 3, padding=1, padding_mode="zeros")
-
-    return nn.Sequential(
-        conv(3, w), GroupSort(2), conv(w, w), GroupSort(2), ScaledL2NormPool2d(2),
-        conv(w, 2 * w), GroupSort(2), conv(2 * w, 2 * w), GroupSort(2), ScaledL2NormPool2d(2),
-        nn.Flatten(), OrthoLinear(2 * w * 64, 4 * w), GroupSort(2), OrthoLinear(4 * w, 10),
-    )
+def _anchor_network(kind: str, width: int) -> nn.Module:
+    """The network from the anchor of lipnet's ``kind`` as its library ships it; ImportError without it."""
+    anchor = ANCHORS[kind]
+    return _network(anchor.layers(as_lipnet=False), anchor.activation, anchor.pool, width)
 
 
 def _builders(width: int) -> dict[str, Callable[[], nn.Module]]:
     return {
         "lipnet bjorck": lambda: create("small_cnn", width=width, conv="bjorck"),
         "lipnet aol": lambda: create("small_cnn", width=width, conv="aol"),
-        "deel-torchlip": lambda: _deel(width),
-        "orthogonium": lambda: _orthogonium(width),
-        "plain": lambda: _plain(width),
+        ANCHORS["bjorck"].library: lambda: _anchor_network("bjorck", width),
+        ANCHORS["aoc"].library: lambda: _anchor_network("aoc", width),
+        "plain": lambda: _network(_PLAIN, lambda: GroupSort(2), lambda: ScaledL2NormPool2d(2), width),
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of ``fn()``, synchronising CUDA before and after."""
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
 
 
 def bench_layers(
@@ -147,55 +120,31 @@ def bench_layers(
     for _ in range(rounds):
         for k, net in nets.items():
             net.train()
-            _sync(dev)
-            t = time.perf_counter()
-            train_step(k)
-            _sync(dev)
-            train[k].append(time.perf_counter() - t)
+            train[k].append(timed(lambda k=k: train_step(k), dev))
             net.eval()
             with torch.no_grad():
                 net(x)
-                _sync(dev)
-                t = time.perf_counter()
-                net(x)
-                _sync(dev)
-                evals[k].append(time.perf_counter() - t)
+                evals[k].append(timed(lambda net=net: net(x), dev))
     rows: list[dict[str, float | str]] = []
     ref_train = statistics.median(train["deel-torchlip"]) if "deel-torchlip" in train else float("nan")
     plain_eval = statistics.median(evals["plain"])
     for k in nets:
         tr, ev = statistics.median(train[k]), statistics.median(evals[k])
-        rows.append({
-            "network": k,
-            "train_ms": 1e3 * tr,
-            "eval_ms": 1e3 * ev,
-            "train_vs_deel": tr / ref_train,
-            "eval_vs_plain": ev / plain_eval,
-        })
+        rows.append(
+            {
+                "network": k,
+                "train_ms": 1e3 * tr,
+                "eval_ms": 1e3 * ev,
+                "train_vs_deel": tr / ref_train,
+                "eval_vs_plain": ev / plain_eval,
+            }
+        )
     return rows
 
-
-#: Anchor of each registered kind: the library's layer, and the :mod:`lipnet.bench_anchors` factory key.
-#: AOC is built with circular padding and SLL with as many inner channels as channels, as lipnet's kinds.
-ANCHORS: dict[str, str] = {
-    "bjorck": "deel-torchlip SpectralConv2d",
-    "aoc": "orthogonium AdaptiveOrthoConv2d",
-    "aol": "orthogonium AOLConv2D",
-    "sll": "orthogonium SDPBasedLipschitzResBlock",
-}
 
 #: How :func:`singular_value_range` obtained the spectrum.
 OPERATOR_MATRIX = "matrix"
 OPERATOR_JACOBIAN = "Jacobian at random x"
-
-
-def _anchor_block(kind: str) -> Callable[[int, int], nn.Module]:
-    """``block(channels, kernel_size)`` of the anchor of ``kind``, configured as
-    :func:`lipnet.bench_anchors.anchor_kind` configures it for the model benchmark; ``ImportError``
-    without its library."""
-    from lipnet.bench_anchors import anchor_kind
-
-    return anchor_kind(kind)[1].block
 
 
 @dataclass(frozen=True)
@@ -209,16 +158,16 @@ class _Layer:
 
 
 def _layers(kinds: Sequence[str]) -> list[_Layer]:
-    from lipnet.layers.kinds import get_layer_kind
-
     out: list[_Layer] = []
     for kind in kinds:
         out.append(_Layer(kind, f"lipnet {kind}", get_layer_kind(kind).block, False))
         if kind in ANCHORS:
+            anchor = ANCHORS[kind]
             try:
-                out.append(_Layer(kind, ANCHORS[kind], _anchor_block(kind), True))
+                block = anchor.layers(as_lipnet=True).block
             except ImportError:
                 continue
+            out.append(_Layer(kind, f"{anchor.library} {anchor.layer}", block, True))
     return out
 
 
@@ -235,9 +184,6 @@ def singular_value_range(
     (:data:`OPERATOR_JACOBIAN`): a local view, whose largest value is a lower bound of the Lipschitz
     constant, not an upper bound.
     """
-    from certify.exact import dense_matrix
-    from lipnet.export import export
-
     probe = export(layer, input_shape).to(device="cpu", dtype=torch.float64)
     try:
         matrix = dense_matrix(probe, input_shape)
@@ -255,7 +201,7 @@ def singular_value_range(
     return float(values.min().item()), float(values.max().item()), how
 
 
-def _saved_bytes(step: Callable[[], None], exclude: set[int]) -> int:
+def saved_bytes(step: Callable[[], None], exclude: set[int]) -> int:
     """Bytes of the distinct storages ``step``'s forward saves for backward, less those in ``exclude``."""
     seen: dict[int, int] = {}
 
@@ -297,7 +243,8 @@ def bench_per_layer(
     sv_size: int = 8,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """One channel-preserving layer per registered kind and per anchor (:data:`ANCHORS`), side by side.
+    """One channel-preserving layer per registered kind and per anchor (:data:`~lipnet.bench.anchors.ANCHORS`,
+    configured as lipnet's kind), side by side.
 
     Each layer maps ``(batch, channels, size, size)`` to the same shape. Measured, with the layers'
     rounds interleaved so that machine load hits all of them alike (medians over ``rounds``, in ms):
@@ -311,8 +258,6 @@ def bench_per_layer(
     Ratios are to the anchor of the same kind (``None`` for kinds without one, and for the memory ratio
     when the anchor saves nothing). Anchors whose library is not installed are skipped.
     """
-    from lipnet.layers.kinds import list_layer_kinds
-
     known = list_layer_kinds()
     chosen = list(dict.fromkeys(kinds)) if kinds else known
     unknown = [k for k in chosen if k not in known]
@@ -355,7 +300,7 @@ def bench_per_layer(
         m.train()
         steps[i]()  # lazy initialisation (e.g. the Cayley layer's grid size) before measuring
         own = {t.untyped_storage().data_ptr() for t in (*m.parameters(), *m.buffers(), x)}
-        saved.append(_saved_bytes(steps[i], own))
+        saved.append(saved_bytes(steps[i], own))
         peaks.append(_cuda_peak_bytes(steps[i], dev) if dev.type == "cuda" else None)
     train: list[list[float]] = [[] for _ in mods]
     evals: list[list[float]] = [[] for _ in mods]
@@ -400,19 +345,8 @@ def bench_per_layer(
     return rows
 
 
-def markdown_table(header: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """``header``, a blank line, then the Markdown table of ``columns`` and the formatted cells ``rows``."""
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
-
-
-def cell(value: float | None, fmt: str, missing: str = "–") -> str:
-    """``value`` formatted with ``fmt``, or ``missing`` for ``None``."""
-    return missing if value is None else format(value, fmt)
-
-
-def _markdown(rows: list[dict[str, float | str]], header: str) -> str:
+def layers_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
+    """The rows of :func:`bench_layers` as a Markdown table under ``header``."""
     columns = ["network", "train step (ms)", "eval forward (ms)", "train / deel-torchlip", "eval / plain"]
     return markdown_table(
         header,
@@ -442,67 +376,3 @@ def per_layer_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
             for r in rows
         ),
     )  # fmt: skip
-
-
-def device_label(device: str) -> str:
-    """The GPU's name on CUDA, else ``CPU, N threads``."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU, {torch.get_num_threads()} threads"
-
-
-def _write(path: Path, text: str) -> None:
-    from lipnet.runs import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-
-
-def _per_layer_header(args: argparse.Namespace, device: str) -> str:
-    c, s = args.channels, args.size
-    memory = (
-        "tensors saved for backward (torch.autograd.graph.saved_tensors_hooks, excluding input and "
-        "parameters)"
-    )
-    if torch.device(device).type == "cuda":
-        memory += "; CUDA peak: torch.cuda.max_memory_allocated during a training step above the baseline"
-    return (
-        f"One channel-preserving 3x3 layer per kind, input {args.batch}x{c}x{s}x{s}, {device_label(device)}, "
-        f"torch {torch.__version__}; medians over {args.rounds} interleaved rounds. Train step: forward + "
-        f"backward + Adam. Memory: {memory}. σ range: float64 singular values of each freshly initialised "
-        f"layer at {args.sv_channels} channels, {args.sv_size}x{args.sv_size} (exact matrix for linear "
-        "layers; Jacobian at a random point for residual blocks: a local view only). Ratios: to the anchor "
-        "of the same kind."
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``lipnet bench layers``: the small_cnn network table, or with ``--per-layer`` /
-    ``--kinds`` the per-layer table of :func:`bench_per_layer`. ``--out F`` writes the Markdown table
-    when ``F`` ends in ``.md``, else the rows as JSON."""
-    device = str(resolve_device(args.device or "auto"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.per_layer or args.kinds:
-        rows = bench_per_layer(
-            kinds=args.kinds,
-            channels=args.channels,
-            size=args.size,
-            batch=args.batch,
-            rounds=args.rounds,
-            device=device,
-            sv_channels=args.sv_channels,
-            sv_size=args.sv_size,
-        )
-        text = per_layer_markdown(rows, _per_layer_header(args, device))
-    else:
-        rows = bench_layers(width=args.width, batch=args.batch, rounds=args.rounds, device=device)
-        text = _markdown(
-            rows, f"small_cnn, batch {args.batch}x3x32x32, {device_label(device)}, torch {torch.__version__}"
-        )
-    print(text)
-    if args.out:
-        path = Path(args.out)
-        body = json.dumps({"device": device_label(device), "rows": rows}, indent=2)
-        _write(path, text + "\n" if path.suffix == ".md" else body)
-    return 0

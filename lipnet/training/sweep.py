@@ -1,12 +1,15 @@
-"""The accuracy-robustness sweep: one run per value of a loss parameter (tau, margin or alpha).
+"""The accuracy-robustness sweep: one run per value of a loss parameter the loss declares sweepable.
 
-``run_sweep(cfg, "tau", [0.5, 5, 50], "runs/demo")`` trains one model per value, each in its own
-run folder ``OUT/runs/tau-0.5`` ..., then writes
+The parameters are the loss's own (``lipnet.losses.sweepable(cfg.loss.name)``: tau, offset, margin,
+alpha, gamma, epsilon, ...), each with its declared range; nothing here lists them.
+``run_sweep(cfg, "tau", [0.5, 5, 50], "runs/demo")`` trains one model per value (through
+:func:`lipnet.training.run.train`), each in its own run folder ``OUT/runs/tau-0.5`` ..., then writes
 
 * ``OUT/sweep.csv``: value, clean accuracy, certified accuracy at each eps, mean radius, empirical
   robust accuracy at each eps on the first ``sweep.attack_n`` test images, training time, bound;
 * ``OUT/sweep.md``: the same as a Markdown table (percentages);
-* ``OUT/curve.png``: the trade-off (see :func:`lipnet.plots.plot_sweep`), when matplotlib is present.
+* ``OUT/curve.png``: the trade-off (see :func:`lipnet.training.plots.plot_sweep`), when matplotlib is
+  present.
 
 A sweep is resumable value by value: a finished run folder (``results.json``, written last) is not
 retrained, a half-done one resumes from its last checkpoint, and the attack results are cached per run in
@@ -30,19 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lipnet.config import (
+from tqdm.auto import tqdm
+
+from certify.attacks import empirical_robust_accuracy
+from certify.io import atomic_write_json, atomic_write_text
+from certify.radius import CertificationResult, certification_table, certified_accuracy, format_eps
+from lipnet import losses
+from lipnet.training.config import (
     RESUME_IGNORES,
-    SWEEP_PARAMS,
     Config,
     ConfigError,
-    check_loss_param,
+    check_loss_argument,
     config_diff,
     dump_config,
 )
-from lipnet.plots import plot_sweep
-from lipnet.runs import RunError, RunFolder, atomic_write_json, atomic_write_text, eps_label
+from lipnet.training.plots import plot_sweep
+from lipnet.training.run import load_run_model, load_split, train
+from lipnet.training.runs import RunError, RunFolder
 
-__all__ = ["SweepResult", "SweepRow", "run_sweep", "sweep_configs", "value_dirname"]
+__all__ = ["SweepResult", "SweepRow", "run_sweep", "sweep_configs", "value_dirname", "values_flag"]
 
 
 @dataclass
@@ -77,32 +86,58 @@ def value_dirname(param: str, value: float) -> str:
     return f"{param}-{format(value, '.12g')}"
 
 
+def values_flag(param: str) -> str:
+    """The ``lipnet sweep`` option that lists the values of ``param``: ``--taus``, ``--pos-weights``."""
+    return f"--{param.replace('_', '-')}s"
+
+
 def sweep_configs(
     cfg: Config, param: str, values: Sequence[float], out: str | Path
 ) -> list[tuple[float, Config]]:
     """One validated config per value (``loss.<param> = value``, ``out = OUT/runs/<param>-<value>``).
 
-    Raises :class:`ConfigError` for an unknown parameter, an impossible or repeated value, or a loss
-    that does not take the parameter; nothing is trained or written.
+    ``param`` must be an argument that the configured loss declares sweepable, each value in the range
+    it declares (:func:`lipnet.losses.parameter_rule`). Raises :class:`ConfigError` for an impossible
+    or repeated value, a parameter the loss does not take or does not declare, or a loss that cannot be
+    built from the config's arguments (:func:`lipnet.losses.check_arguments`: nothing is built); nothing
+    is trained or written.
     """
-    from lipnet.train import build_loss
-
-    if param not in SWEEP_PARAMS:
-        raise ConfigError(f"cannot sweep {param!r}: choose one of {', '.join(SWEEP_PARAMS)}")
     if not values:
-        raise ConfigError(f"no values to sweep: give {SWEEP_PARAMS[param]} (or sweep.values in the config)")
+        raise ConfigError(
+            f"no values to sweep: give {values_flag(param)} V1,V2 (or --param {param} --values V1,V2, "
+            "or sweep.values in the config)"
+        )
     if len(set(values)) != len(values):
         raise ConfigError(f"repeated {param} values in {list(values)}")
+    ordered = sorted(float(v) for v in values)
+    for value in ordered:
+        check_loss_argument(cfg.loss.name, param, value)
+    try:
+        declared = losses.sweepable(cfg.loss.name)
+    except ValueError as err:
+        raise ConfigError(f"loss: {err}") from None
+    if param not in declared:
+        why = (
+            "it takes it, but does not declare it sweepable"
+            if param in losses.arguments(cfg.loss.name)
+            else "unknown argument"
+        )
+        raise ConfigError(
+            f"cannot sweep {param!r} with loss {cfg.loss.name!r}: {why}; "
+            f"{cfg.loss.name} can sweep {', '.join(declared) or 'nothing'}"
+        )
+    try:
+        losses.check_arguments(cfg.loss.name, {**cfg.loss.kwargs, param: ordered[0]})
+    except ValueError as err:
+        raise ConfigError(f"loss: {err}") from None
     configs = []
-    for value in sorted(float(v) for v in values):
-        check_loss_param(param, value)
+    for value in ordered:
         run_cfg = copy.deepcopy(cfg)
         run_cfg.loss.kwargs[param] = value
         run_cfg.sweep.param = param
-        run_cfg.sweep.values = sorted(float(v) for v in values)
+        run_cfg.sweep.values = ordered
         run_cfg.out = str(Path(out) / "runs" / value_dirname(param, value))
         run_cfg.validate()
-        build_loss(run_cfg)
         configs.append((value, run_cfg))
     return configs
 
@@ -126,10 +161,6 @@ def _empirical(
 
     The certified accuracy of the same images comes from the run's per-sample radii.
     """
-    from certify.attacks import empirical_robust_accuracy
-    from certify.radius import certified_accuracy
-    from lipnet.train import load_run_model
-
     s = run_cfg.sweep
     run = RunFolder(run_cfg.out or "")
     radii = run.read_radii()["radii"]
@@ -155,7 +186,7 @@ def _empirical(
 
 
 def _csv(param: str, eps: list[float], rows: list[SweepRow]) -> str:
-    labels = [eps_label(e) for e in eps]
+    labels = [format_eps(e) for e in eps]
     header = [param, "clean_acc", *(f"cert_acc@{lab}" for lab in labels), "mean_radius"]
     with_emp = any(r.empirical_accuracy is not None for r in rows)
     if with_emp:
@@ -174,12 +205,28 @@ def _csv(param: str, eps: list[float], rows: list[SweepRow]) -> str:
 
 
 def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n_cert: int) -> str:
-    labels = [eps_label(e) for e in eps]
     with_emp = any(r.empirical_accuracy is not None for r in rows)
-    head = [param, "clean", *(f"cert. ε={lab}" for lab in labels), "mean radius"]
+    extra: dict[str, list[str]] = {}
     if with_emp:
-        head += [f"emp. ε={lab}" for lab in labels]
-    head += ["train time"]
+        for k, e in enumerate(eps):
+            extra[f"emp. ε={format_eps(e)}"] = [
+                f"{100 * r.empirical_accuracy[k]:.2f}%" if r.empirical_accuracy else "—" for r in rows
+            ]
+    extra["train time"] = [f"{r.train_time:.1f} s" for r in rows]
+    results = [
+        CertificationResult(
+            n=n_cert,
+            clean_accuracy=r.clean_accuracy,
+            certified_accuracy=dict(zip(eps, r.certified_accuracy, strict=True)),
+            mean_radius=r.mean_radius,
+            lipschitz=r.lipschitz,
+            rule="",
+        )
+        for r in rows
+    ]
+    table = certification_table(
+        results, [f"{r.value:g}" for r in rows], label_header=param, n=False, extra=extra
+    )
     lines = [
         f"# Sweep of `{param}`: {cfg.model.name} on {cfg.data.name}, loss `{cfg.loss.name}`",
         "",
@@ -192,21 +239,8 @@ def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n
         )
         + ("τ multiplies the logits: CE(τ·f, y)/τ." if param == "tau" else ""),
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---:|" * len(head),
+        table,
     ]
-    for r in rows:
-        cells = [f"{r.value:g}", f"{100 * r.clean_accuracy:.2f}%"]
-        cells += [f"{100 * a:.2f}%" for a in r.certified_accuracy]
-        cells.append(f"{r.mean_radius:.4f}")
-        if with_emp:
-            cells += (
-                [f"{100 * a:.2f}%" for a in r.empirical_accuracy]
-                if r.empirical_accuracy
-                else ["—"] * len(eps)
-            )
-        cells.append(f"{r.train_time:.1f} s")
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,10 +254,6 @@ def run_sweep(
     log: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Train, certify and attack one model per value, then write the csv, md and png (module docstring)."""
-    from tqdm.auto import tqdm
-
-    from lipnet.train import load_split, train
-
     if log is None:
         log = tqdm.write if progress else (lambda _line: None)
     out = Path(out)
@@ -255,7 +285,7 @@ def run_sweep(
             for e, emp, cer in zip(eps, empirical, cert_subset, strict=True):
                 if emp < cer:
                     violations.append(
-                        f"{param}={value:g}, eps={eps_label(e)}: empirical {emp:.4f} < certified {cer:.4f} "
+                        f"{param}={value:g}, eps={format_eps(e)}: empirical {emp:.4f} < certified {cer:.4f} "
                         "on the same images: a certificate was broken"
                     )
         rows.append(
@@ -282,7 +312,6 @@ def run_sweep(
         [r.certified_accuracy for r in rows],
         eps,
         png_path,
-        eps_labels=[eps_label(e) for e in eps],
     )
     if not plotted:
         log("note: matplotlib is not installed, so curve.png was not drawn (pip install 'lipnet[plot]')")

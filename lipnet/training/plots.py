@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from certify.io import matplotlib_available
-from lipnet.runs import atomic_write_bytes
+from certify.io import atomic_write_bytes, matplotlib_available
+from certify.radius import format_eps
 
-__all__ = ["matplotlib_available", "plot_history", "plot_sweep"]
+__all__ = ["plot_history", "plot_sweep"]
 
 
 def _save(fig: Any, path: str | Path) -> None:
@@ -52,21 +52,20 @@ def plot_sweep(
     certified: Sequence[Sequence[float]],
     eps: Sequence[float],
     path: str | Path,
-    *,
-    eps_labels: Sequence[str] | None = None,
 ) -> bool:
     """The accuracy-robustness trade-off of a sweep, two panels.
 
     Left: clean accuracy against certified accuracy at ``eps[0]``, one point per value (the
     Pareto front). Right: certified accuracy against eps, one line per value. Accuracies are
-    fractions; ``certified[i][k]`` is value ``i`` at ``eps[k]``.
+    fractions; ``certified[i][k]`` is value ``i`` at ``eps[k]``; eps are labelled by
+    :func:`certify.radius.format_eps`.
     """
     if not matplotlib_available() or not values:
         return False
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    labels = list(eps_labels) if eps_labels is not None else [f"{e:.4g}" for e in eps]
+    labels = [format_eps(e) for e in eps]
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax_front, ax_eps = fig.subplots(1, 2)
     xs = [100 * c for c in clean]

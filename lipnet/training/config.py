@@ -28,10 +28,14 @@ from typing import Any
 
 import yaml
 
+from certify.radius import DEFAULT_EPS, parse_eps
+from lipnet import losses
+from lipnet.models import model_entrypoint
+from lipnet.training.loop import SCHEDULES
+
 __all__ = [
     "DATA_ARGS",
     "RESUME_IGNORES",
-    "SWEEP_PARAMS",
     "CertifyConfig",
     "Config",
     "ConfigError",
@@ -41,7 +45,7 @@ __all__ = [
     "OptimConfig",
     "SweepConfig",
     "apply_overrides",
-    "check_loss_param",
+    "check_loss_argument",
     "config_diff",
     "dump_config",
     "load_config",
@@ -49,15 +53,10 @@ __all__ = [
     "parse_yaml_scalar",
 ]
 
-#: Loss hyper-parameters that ``lipnet sweep`` can vary, with the CLI flag that lists their values.
-SWEEP_PARAMS: dict[str, str] = {"tau": "--taus", "margin": "--margins", "alpha": "--alphas"}
-
 #: Top-level keys that do not change what is trained: a run may be resumed with other values.
 RESUME_IGNORES: tuple[str, ...] = ("out", "sweep", "device")
 
-_DEFAULT_EPS: tuple[str, ...] = ("36/255", "72/255", "108/255", "1")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
-_SCHEDULES = ("cosine", "onecycle", "none")
 _ATTACKS = ("auto", "pgd", "autoattack")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: torch.finfo(torch.float32).max: the optimisers apply lr to float32 weights as a float32 scalar.
@@ -88,10 +87,7 @@ def parse_yaml_scalar(text: str) -> Any:
 
 
 def _parse_eps(value: object) -> float:
-    # certify.radius.parse_eps is the one reader of "36/255"; imported here so that reading a
-    # config file does not pull in the certification stack before it is needed.
-    from certify.radius import parse_eps
-
+    # certify.radius.parse_eps is the one reader of "36/255": the eps of a run are parsed here, once.
     if isinstance(value, bool):
         raise ConfigError(f"certify.eps: {value!r} is not a number")
     try:
@@ -120,10 +116,8 @@ class ModelConfig:
         constructor), and every required argument other than the data arguments of :meth:`for_data`.
 
         Cheap (no model is built), so that a command rejects a bad ``--set model.key=value`` before it
-        loads any data. Imports :mod:`lipnet.models`.
+        loads any data.
         """
-        from lipnet.models import model_entrypoint
-
         try:
             fn = model_entrypoint(self.name)
         except ValueError as err:
@@ -151,10 +145,7 @@ class ModelConfig:
     def for_data(self, input_shape: Sequence[int], num_classes: int) -> ModelConfig:
         """A copy for a dataset of ``(C, H, W)`` images and ``num_classes`` classes: its kwargs gain
         ``in_channels = C``, ``input_size = H`` (square images only) and ``num_classes``, each only where
-        the constructor names it as a parameter and ``kwargs`` does not set it. Imports
-        :mod:`lipnet.models`."""
-        from lipnet.models import model_entrypoint
-
+        the constructor names it as a parameter and ``kwargs`` does not set it."""
         try:
             params = inspect.signature(model_entrypoint(self.name)).parameters
         except ValueError as err:
@@ -232,7 +223,11 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """A loss of the catalogue: ``lipnet.losses.create(name, **kwargs)`` (tau, margin, alpha, ...)."""
+    """A loss of the catalogue: ``lipnet.losses.create(name, **kwargs)`` (tau, margin, alpha, ...).
+
+    A value of an argument the loss declares sweepable (:func:`lipnet.losses.parameter_rule`) is checked
+    against the declared range when the config is validated; the rest is left to the constructor.
+    """
 
     name: str = "tau_ce"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -259,9 +254,10 @@ class OptimConfig:
 
 @dataclass
 class CertifyConfig:
-    """The certification pass at the end of training: radii at each eps (L2, [0, 1] pixel scale)."""
+    """The certification pass at the end of training: radii at each eps (L2, [0, 1] pixel scale);
+    by default :data:`certify.radius.DEFAULT_EPS`."""
 
-    eps: list[float] = field(default_factory=lambda: [_parse_eps(e) for e in _DEFAULT_EPS])
+    eps: list[float] = field(default_factory=lambda: list(DEFAULT_EPS))
     n: int | None = None
     batch_size: int = 500
 
@@ -269,6 +265,9 @@ class CertifyConfig:
 @dataclass
 class SweepConfig:
     """Defaults for ``lipnet sweep``: the loss parameter and its values, and the empirical attack.
+
+    ``param`` is an argument some loss declares sweepable (:func:`lipnet.losses.declared_parameters`);
+    with ``values`` given, each is checked against the configured loss's declared range.
 
     The empirical robust accuracy is measured on the first ``attack_n`` test samples (0 turns it
     off) with ``certify.attacks.empirical_robust_accuracy``.
@@ -441,26 +440,20 @@ def _finite(value: float, key: str) -> None:
         raise ConfigError(f"{key} must be finite, got {value!r}")
 
 
-def check_loss_param(name: str, value: object) -> None:
-    """Validate a loss hyper-parameter the sweep can vary: tau > 0, margin >= 0, alpha in [0, 1].
+def check_loss_argument(loss: str, key: str, value: object) -> None:
+    """Check the value of argument ``key`` of loss ``loss`` against the range the losses declare for it
+    (:func:`lipnet.losses.parameter_rule`): ``loss.tau must be > 0 (it multiplies the logits), got 0``.
 
-    Other keyword arguments (and an ``alpha`` given as per-class weights, as focal takes) are left
-    to the loss constructor, which raises ``ValueError`` for bad values.
+    An argument no loss declares (or one the loss takes without declaring it, such as focal's per-class
+    ``alpha``) is left to the loss constructor, which raises ``ValueError`` for a bad value.
     """
-    if name not in SWEEP_PARAMS or (name == "alpha" and isinstance(value, (list, tuple))):
+    rule = losses.parameter_rule(loss, key)
+    if rule is None:
         return
-    key = f"loss.{name}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ConfigError(f"{key} must be finite, got {value!r}")
-    if name == "tau" and v <= 0:
-        raise ConfigError(f"loss.tau must be > 0 (it multiplies the logits), got {value!r}")
-    if name == "margin" and v < 0:
-        raise ConfigError(f"loss.margin must be >= 0, got {value!r}")
-    if name == "alpha" and not 0.0 <= v <= 1.0:
-        raise ConfigError(f"loss.alpha must lie in [0, 1], got {value!r}")
+    try:
+        rule.check(value, f"loss.{key}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate(cfg: Config) -> None:
@@ -472,7 +465,7 @@ def _validate(cfg: Config) -> None:
             if not re.match(r"^[A-Za-z_]\w*$", key):
                 raise ConfigError(f"{kind}.{key}: not a valid argument name")
     for key, value in cfg.loss.kwargs.items():
-        check_loss_param(key, value)
+        check_loss_argument(cfg.loss.name, key, value)
 
     d = cfg.data
     if not d.name:
@@ -485,8 +478,8 @@ def _validate(cfg: Config) -> None:
     o = cfg.optim
     if o.name not in _OPTIMIZERS:
         raise ConfigError(f"optim.name must be one of {', '.join(_OPTIMIZERS)}, got {o.name!r}")
-    if o.schedule not in _SCHEDULES:
-        raise ConfigError(f"optim.schedule must be one of {', '.join(_SCHEDULES)}, got {o.schedule!r}")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
     for key in ("lr", "weight_decay", "momentum"):
         _finite(getattr(o, key), f"optim.{key}")
     if o.lr <= 0:
@@ -514,10 +507,14 @@ def _validate(cfg: Config) -> None:
     _positive_int(c.batch_size, "certify.batch_size")
 
     s = cfg.sweep
-    if s.param not in SWEEP_PARAMS:
-        raise ConfigError(f"sweep.param must be one of {', '.join(SWEEP_PARAMS)}, got {s.param!r}")
+    declared = losses.declared_parameters()
+    if s.param not in declared:
+        raise ConfigError(
+            f"sweep.param must be a loss argument that a loss declares sweepable ({', '.join(declared)}), "
+            f"got {s.param!r}"
+        )
     for v in s.values:
-        check_loss_param(s.param, v)
+        check_loss_argument(cfg.loss.name, s.param, v)
     if len(set(s.values)) != len(s.values):
         raise ConfigError(f"sweep.values has duplicates: {s.values}")
     if s.attack not in _ATTACKS:

@@ -5,17 +5,19 @@ Every contender is the same architecture (:func:`lipnet.models.fmnist.fmnist_lay
 
 * lipnet: :class:`~lipnet.models.fmnist.FashionConvNet` with each layer kind registered when the bench
   runs (:func:`lipnet.layers.kinds.list_layer_kinds`);
-* deel-torchlip: ``SpectralConv2d``, ``GroupSort2``, ``ScaledL2NormPool2d``, ``SpectralLinear``;
-* orthogonium: AOC (``AdaptiveOrthoConv2d`` + ``OrthoLinear``), AOL (``AOLConv2D``; orthogonium has no
-  AOL dense layer, so its dense layers are ``OrthoLinear``) and SLL (``SDPBasedLipschitzResBlock`` for
-  the channel-preserving blocks, AOC for the channel-changing convolutions, ``OrthoLinear``), all with
+* the anchors of :data:`lipnet.bench.anchors.ANCHORS` as their libraries ship them: deel-torchlip
+  (``SpectralConv2d``, ``GroupSort2``, ``ScaledL2NormPool2d``, ``SpectralLinear``); orthogonium's AOC
+  (``AdaptiveOrthoConv2d`` + ``OrthoLinear``), AOL (``AOLConv2D``; orthogonium has no AOL dense layer,
+  so its dense layers are ``OrthoLinear``) and SLL (``SDPBasedLipschitzResBlock`` for the
+  channel-preserving blocks, AOC for the channel-changing convolutions, ``OrthoLinear``), all with
   orthogonium's ``MaxMin`` and lipnet's scaled L2-norm pooling (orthogonium has none).
 
 Every contender gets the same budget: the same initialisation seed, the same data order (one
 :class:`~lipnet.data.DeviceLoader` seed), the same loss (τ-CE, τ multiplying the logits), optimiser,
-batch size, number of epochs and wall-clock cap on training. Each is then certified on the test set by
-:func:`certify.certify` with the bound :func:`certify.bounds.lipschitz_bound` computes from its weights
-(never the library's own claim), and attacked on the first ``attack_n`` test images.
+batch size, number of epochs and wall-clock cap on training, through the one fit loop
+(:func:`lipnet.training.loop.fit`: Adam with a per-step cosine learning rate). Each is then certified
+on the test set by :func:`certify.certify` with the bound :func:`certify.bounds.lipschitz_bound`
+computes from its weights (never the library's own claim), and attacked on the first ``attack_n`` test images.
 
 Empirical robust accuracy at ε: a sample counts when it is correctly classified and either certified at
 ε (a sound certificate proves that no attack exists, so it is not attacked) or still correctly
@@ -25,10 +27,8 @@ installed. It is an upper bound of the true robust accuracy, as the certified ac
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +37,28 @@ from typing import Any
 import torch
 from torch import nn
 
+import certify
+from certify.attacks import autoattack_available, autoattack_l2, pgd_l2
+from certify.bounds import lipschitz_bound
+from certify.radius import format_eps
+from lipnet import data, losses
 from lipnet.bench import markdown_table
-from lipnet.bench_anchors import deel_kind, orthogonium_kinds
+from lipnet.bench.anchors import ANCHORS
+from lipnet.data.mnist import FASHION_MNIST
+from lipnet.layers.kinds import list_layer_kinds
+from lipnet.models import create
 from lipnet.models.fmnist import SIZES, fmnist_layers
+from lipnet.training.devices import resolve_device
+from lipnet.training.loop import classification_step, fit
 
-__all__ = ["EPS", "Contender", "bench_fmnist", "contenders", "run", "to_csv", "to_markdown"]
+__all__ = ["ATTACKS", "EPS", "Contender", "bench_fmnist", "contenders", "to_csv", "to_markdown"]
 
-#: Radii of the table, on the [0, 1] pixel scale (1.58 is about 2 / sqrt(1.6), deel-lip's largest).
+#: Radii of the table, on the [0, 1] pixel scale (1.58 is about 2 / sqrt(1.6), deel-lip's largest): the
+#: radii at which deel-lip reports Fashion-MNIST, not certify.radius.DEFAULT_EPS (CIFAR-10's 36/255 ...).
 EPS: tuple[float, ...] = (0.1, 0.3, 0.5, 1.0, 1.58)
+
+#: The empirical attacks: ``auto`` is AutoAttack when ``pyautoattack`` is installed, else PGD.
+ATTACKS: tuple[str, ...] = ("auto", "autoattack", "pgd")
 
 
 @dataclass(frozen=True)
@@ -62,11 +76,8 @@ class Contender:
 
 
 def contenders(size: str = "s", num_classes: int = 10) -> list[Contender]:
-    """Every network of the table whose library is installed: lipnet's registered kinds first."""
-    from lipnet.layers.kinds import list_layer_kinds
-    from lipnet.models import create
-    from lipnet.pooling import ScaledL2NormPool2d
-
+    """Every network of the table whose library is installed: lipnet's registered kinds first, then the
+    anchors of :data:`~lipnet.bench.anchors.ANCHORS` as their libraries ship them."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     arch = {**SIZES[size], "num_classes": num_classes}
@@ -78,38 +89,20 @@ def contenders(size: str = "s", num_classes: int = 10) -> list[Contender]:
         )
         for kind in list_layer_kinds()
     ]
-    try:
-        import deel.torchlip as tl
-
-        deel = deel_kind()
+    for anchor in ANCHORS.values():
+        try:
+            layers = anchor.layers(as_lipnet=False)
+        except ImportError:
+            continue
         out.append(
             Contender(
-                "deel-torchlip",
-                deel.name,
-                lambda: tl.Sequential(
-                    *fmnist_layers(
-                        deel, activation=tl.GroupSort2, pool=lambda: tl.ScaledL2NormPool2d(2), **arch
-                    )
+                anchor.library,
+                anchor.name,
+                lambda layers=layers, anchor=anchor: nn.Sequential(
+                    *fmnist_layers(layers, activation=anchor.activation, pool=anchor.pool, **arch)
                 ),
             )
         )
-    except ImportError:
-        pass
-    try:
-        from orthogonium.layers import MaxMin
-
-        for name, kind in orthogonium_kinds().items():
-            out.append(
-                Contender(
-                    "orthogonium",
-                    name,
-                    lambda kind=kind: nn.Sequential(
-                        *fmnist_layers(kind, activation=MaxMin, pool=lambda: ScaledL2NormPool2d(2), **arch)
-                    ),
-                )
-            )
-    except ImportError:
-        pass
     return out
 
 
@@ -125,55 +118,6 @@ def _select(available: list[Contender], names: Sequence[str] | None) -> list[Con
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def _train(
-    model: nn.Module,
-    loader: Any,
-    loss_fn: nn.Module,
-    *,
-    epochs: int,
-    time_cap: float | None,
-    lr: float,
-    desc: str,
-    progress: bool,
-) -> tuple[float, float]:
-    """Adam with a cosine learning rate; returns (epochs done, possibly fractional; training seconds)."""
-    from tqdm.auto import tqdm
-
-    from lipnet.train import TrainingDivergedError, lr_at
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    total = epochs * len(loader)
-    step, elapsed = 0, 0.0
-    model.train()
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress)
-    try:
-        for epoch in range(epochs):
-            loader.set_epoch(epoch)
-            for x, y in loader:
-                if time_cap is not None and elapsed >= time_cap:
-                    return step / len(loader), elapsed
-                t0 = time.perf_counter()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, lr, "cosine")
-                logits = model(x)
-                if not torch.isfinite(logits).all():
-                    raise TrainingDivergedError(
-                        f"{desc}: the logits became NaN or Inf at step {step} (epoch {epoch + 1}): lower --lr"
-                    )
-                loss = loss_fn(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
-                elapsed += time.perf_counter() - t0
-                step += 1
-                bar.update()
-    finally:
-        bar.close()
-    return step / len(loader), elapsed
-
-
 def _robust(
     model: nn.Module,
     x: torch.Tensor,
@@ -185,8 +129,6 @@ def _robust(
     seed: int,
 ) -> list[float]:
     """Empirical robust accuracy at each ε (see the module docstring for what counts)."""
-    from certify.attacks import autoattack_l2, pgd_l2
-
     model.eval()
     with torch.no_grad():
         correct = (model(x).argmax(dim=1) == y).cpu()
@@ -236,23 +178,16 @@ def bench_fmnist(
     network's sound L2 bound), rule (the certificate: last-layer or global). ``attack``: ``auto``
     (AutoAttack when ``pyautoattack`` is installed, else PGD), ``autoattack`` or ``pgd`` (with
     ``attack_steps`` steps). ``on_row`` receives the rows so far after each network (to write partial
-    results). A network whose logits become NaN or Inf raises
-    :class:`~lipnet.train.TrainingDivergedError` (the rows written before it are kept).
+    results). A network whose training diverges raises
+    :class:`~lipnet.training.loop.TrainingDivergedError` (the rows written before it are kept).
     """
-    import certify
-    from certify.attacks import autoattack_available
-    from certify.bounds import lipschitz_bound
-    from lipnet import data, losses
-    from lipnet.data.mnist import FASHION_MNIST
-    from lipnet.train import resolve_device
-
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if time_cap is not None and not time_cap > 0:  # NaN too
         raise ValueError(f"time cap must be positive seconds, got {time_cap}")
     if attack_n < 0:
         raise ValueError(f"attack_n must be >= 0, got {attack_n}")
-    if attack not in ("auto", "autoattack", "pgd"):
+    if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}: choose auto, autoattack or pgd")
     if attack == "auto":
         attack = "autoattack" if autoattack_available() else "pgd"
@@ -271,16 +206,20 @@ def bench_fmnist(
     for c in chosen:
         torch.manual_seed(seed)
         model = c.build().to(dev)
-        done, seconds = _train(
+        fitted = fit(
             model,
+            torch.optim.Adam(model.parameters(), lr=lr),
             train_loader,
-            loss_fn,
+            classification_step(loss_fn),
             epochs=epochs,
-            time_cap=time_cap,
             lr=lr,
-            desc=c.name,
+            schedule="cosine",
+            time_cap=time_cap,
+            advice=lambda _epoch: "lower --lr",
+            label=c.name,
             progress=progress,
         )
+        done, seconds = fitted.epochs, fitted.seconds
         model.eval()
         result = certify.certify(
             model, data.DeviceLoader(test_ds, 500, device=dev), eps=list(EPS), progress=progress
@@ -311,19 +250,15 @@ def bench_fmnist(
     return rows
 
 
-def _eps_name(e: float) -> str:
-    return f"{e:g}"
-
-
 def to_csv(rows: list[dict[str, Any]]) -> str:
     """The rows as CSV (fractions, not percentages; empty robust cells when nothing was attacked)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(
         ["library", "kind", "params", "epochs", "sec_per_epoch", "clean"]
-        + [f"cert_{_eps_name(e)}" for e in EPS]
+        + [f"cert_{format_eps(e)}" for e in EPS]
         + ["mean_radius"]
-        + [f"robust_{_eps_name(e)}" for e in EPS]
+        + [f"robust_{format_eps(e)}" for e in EPS]
         + ["attack", "bound", "rule"]
     )
     for r in rows:
@@ -341,7 +276,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
     """The rows as a Markdown table (percentages), under ``header``."""
-    eps = " / ".join(_eps_name(e) for e in EPS)
+    eps = " / ".join(format_eps(e) for e in EPS)
     columns = [
         "library", "kind", "params", "epochs", "s/epoch", "clean", f"certified at ε = {eps}", "mean radius",
         f"empirical robust at ε = {eps}", "sound bound",
@@ -357,65 +292,3 @@ def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
         ]  # fmt: skip
 
     return markdown_table(header, columns, (cells(r) for r in rows)) + "\n"
-
-
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``lipnet bench fmnist [--epochs N] [--time-cap S] [--models A,B] ... [--out DIR]``."""
-    from lipnet.runs import atomic_write_text
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    attack = args.attack
-    if attack == "auto":
-        from certify.attacks import autoattack_available
-
-        attack = "autoattack" if autoattack_available() else "pgd"
-    where = (
-        torch.cuda.get_device_name(0)
-        if args.device != "cpu" and torch.cuda.is_available()
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
-    cap = f"{args.time_cap:g} s" if args.time_cap is not None else "none"
-    attack_text = (
-        "AutoAttack (APGD-CE + APGD-T) through pyautoattack"
-        if attack == "autoattack"
-        else f"L2 PGD ({args.attack_steps} steps)"
-    )
-    header = (
-        f"# Fashion-MNIST, fmnist_convnet_{args.size}: {args.epochs} epoch(s), time cap {cap} per model, "
-        f"τ-CE τ={args.tau:g}, Adam lr {args.lr:g} cosine, batch {args.batch_size}, seed {args.seed}; "
-        f"{args.n_train or 60000} training / {args.n_test or 10000} test images; "
-        f"empirical: {attack_text} on the first {args.attack_n} test images (certified samples count as "
-        f"robust without attack); {where}, torch {torch.__version__}\n\n"
-        "Accuracies in %. Certificates from certify.bounds.lipschitz_bound (float64, from the weights)."
-    )
-
-    def write(rows: list[dict[str, Any]]) -> None:
-        # Created with the first row, so that bad arguments (rejected before it) leave no folder.
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "fmnist.csv", to_csv(rows))
-        atomic_write_text(out / "fmnist.md", to_markdown(rows, header))
-
-    rows = bench_fmnist(
-        size=args.size,
-        models=args.models,
-        epochs=args.epochs,
-        time_cap=args.time_cap,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        attack_n=args.attack_n,
-        attack=attack,
-        attack_steps=args.attack_steps,
-        tau=args.tau,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        data_dir=args.data_dir,
-        progress=not args.quiet,
-        on_row=write,
-    )
-    print(to_markdown(rows, header))
-    print(f"wrote {out / 'fmnist.csv'}, {out / 'fmnist.md'}")
-    return 0

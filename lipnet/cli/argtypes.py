@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from certify.radius import parse_eps
+
 __all__ = [
     "AUTOATTACK_ATTACKS",
     "Parser",
@@ -59,9 +61,7 @@ def float_list(text: str) -> list[float]:
 
 
 def eps_list(text: str) -> list[float]:
-    """``"36/255,0.5"`` -> radii as floats (fractions allowed)."""
-    from certify.radius import parse_eps
-
+    """``"36/255,0.5"`` -> radii as floats (fractions allowed; :func:`certify.radius.parse_eps`)."""
     return _items(text, parse_eps, "36/255,72/255")
 
 

@@ -24,8 +24,12 @@ orthogonality, differing in implementation.
 The dense layers are each library's own (lipnet's Björck: 3 order-2 steps; ``OrthoLinear``: 12 order-1
 steps; ``SpectralLinear``: order-1 steps until the change is below 1e-3, at most 15).
 
-:func:`anchor_kind` pairs each lipnet kind that has an anchor with it (:data:`MODEL_ANCHORS`), configured
-as lipnet's kind is, for ``lipnet bench models``.
+:data:`ANCHORS` is the one table of anchors every benchmark reads: which lipnet kind each stands beside,
+its library, its name and its layer class, and (:class:`Anchor`) its layers, activation and pooling.
+``lipnet bench models`` and ``lipnet bench layers --per-layer`` build each anchor configured as lipnet's
+kind is (``Anchor.layers(as_lipnet=True)``: :func:`anchor_kind`); ``lipnet bench fmnist`` and the network
+table of ``lipnet bench layers`` build the libraries as they ship (``as_lipnet=False``), each with its
+own activation and pooling.
 
 Importing this module needs neither library; each function raises ``ImportError`` when its library is
 not installed.
@@ -33,11 +37,16 @@ not installed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import nn
 
+from lipnet.layers.aoc import AOC_BJORCK_ITERATIONS
 from lipnet.layers.kinds import LayerKind
+from lipnet.pooling import ScaledL2NormPool2d
 
-__all__ = ["MODEL_ANCHORS", "anchor_kind", "deel_kind", "orthogonium_kinds"]
+__all__ = ["ANCHORS", "Anchor", "anchor_kind", "deel_kind", "orthogonium_kinds"]
 
 
 def _same(kernel_size: int) -> int:
@@ -111,32 +120,83 @@ def orthogonium_kinds(
     }
 
 
-#: The anchor of each lipnet kind that has one: ``(library, the anchor kind's name)``. The same methods
-#: as ``lipnet bench layers --per-layer`` compares (Björck against deel-torchlip's spectral + Björck).
-MODEL_ANCHORS: dict[str, tuple[str, str]] = {
-    "bjorck": ("deel-torchlip", "spectral"),
-    "aoc": ("orthogonium", "aoc"),
-    "aol": ("orthogonium", "aol"),
-    "sll": ("orthogonium", "sll"),
+def _deel_activation() -> nn.Module:
+    import deel.torchlip as tl
+
+    return tl.GroupSort2()
+
+
+def _deel_pool() -> nn.Module:
+    import deel.torchlip as tl
+
+    return tl.ScaledL2NormPool2d(2)
+
+
+def _orthogonium_activation() -> nn.Module:
+    from orthogonium.layers import MaxMin
+
+    return MaxMin()
+
+
+def _lipnet_pool() -> nn.Module:
+    # orthogonium has no L2-norm pooling: its networks use lipnet's
+    return ScaledL2NormPool2d(2)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """One anchor: the lipnet ``kind`` it stands beside, its ``library``, the ``name`` of its layer kind
+    (``library:name`` labels its rows), its channel-preserving ``layer`` class, and the library's
+    activation (GroupSort2 / MaxMin) and 2x downsampling, as factories."""
+
+    kind: str
+    library: str
+    name: str
+    layer: str
+    activation: Callable[[], nn.Module]
+    pool: Callable[[], nn.Module]
+
+    @property
+    def label(self) -> str:
+        """``library:name``, e.g. ``orthogonium:aol``."""
+        return f"{self.library}:{self.name}"
+
+    def layers(self, *, as_lipnet: bool) -> LayerKind:
+        """The anchor's :class:`LayerKind`: configured as lipnet's kind is (``as_lipnet``: AOC with
+        circular padding and :data:`~lipnet.layers.aoc.AOC_BJORCK_ITERATIONS` Björck steps, SLL blocks
+        with as many inner channels as channels; see the module docstring) or as the library ships it.
+        ``ImportError`` when the library is not installed."""
+        if self.library == "deel-torchlip":
+            return deel_kind()
+        if as_lipnet:
+            kinds = orthogonium_kinds(
+                aoc_padding_mode="circular", sll_inner_factor=1, aoc_iterations=AOC_BJORCK_ITERATIONS
+            )
+        else:
+            kinds = orthogonium_kinds()
+        return kinds[self.name]
+
+
+#: The anchors, by the lipnet kind each stands beside (Björck against deel-torchlip's spectral + Björck).
+ANCHORS: dict[str, Anchor] = {
+    a.kind: a
+    for a in (
+        Anchor("bjorck", "deel-torchlip", "spectral", "SpectralConv2d", _deel_activation, _deel_pool),
+        Anchor("aoc", "orthogonium", "aoc", "AdaptiveOrthoConv2d", _orthogonium_activation, _lipnet_pool),
+        Anchor("aol", "orthogonium", "aol", "AOLConv2D", _orthogonium_activation, _lipnet_pool),
+        Anchor(
+            "sll", "orthogonium", "sll", "SDPBasedLipschitzResBlock", _orthogonium_activation, _lipnet_pool
+        ),
+    )
 }
 
 
 def anchor_kind(kind: str) -> tuple[str, LayerKind]:
-    """``(library, LayerKind)`` of the anchor of lipnet's ``kind`` (:data:`MODEL_ANCHORS`).
-
-    Configured as lipnet's kind: AOC with circular padding and lipnet's number of Björck steps
-    (:data:`~lipnet.layers.aoc.AOC_BJORCK_ITERATIONS`; see the module docstring), SLL blocks with as many
-    inner channels as channels. ``ValueError`` for a kind without an anchor; ``ImportError`` when its
-    library is missing.
+    """``(library, LayerKind)`` of the anchor of lipnet's ``kind`` (:data:`ANCHORS`), configured as lipnet's
+    kind (``Anchor.layers(as_lipnet=True)``). ``ValueError`` for a kind without an anchor; ``ImportError``
+    when its library is missing.
     """
-    if kind not in MODEL_ANCHORS:
-        raise ValueError(f"layer kind {kind!r} has no anchor; kinds with one: {', '.join(MODEL_ANCHORS)}")
-    library, name = MODEL_ANCHORS[kind]
-    if library == "deel-torchlip":
-        return library, deel_kind()
-    from lipnet.layers.aoc import AOC_BJORCK_ITERATIONS
-
-    kinds = orthogonium_kinds(
-        aoc_padding_mode="circular", sll_inner_factor=1, aoc_iterations=AOC_BJORCK_ITERATIONS
-    )
-    return library, kinds[name]
+    if kind not in ANCHORS:
+        raise ValueError(f"layer kind {kind!r} has no anchor; kinds with one: {', '.join(ANCHORS)}")
+    anchor = ANCHORS[kind]
+    return anchor.library, anchor.layers(as_lipnet=True)

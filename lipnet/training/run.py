@@ -1,10 +1,11 @@
-"""The training loop: one process or torchrun/DDP, checkpoints every epoch, exact resume, certification.
+"""A training run: one process or torchrun/DDP, checkpoints every epoch, exact resume, certification.
 
-``train(cfg)`` trains ``cfg.model`` on ``cfg.data`` with ``cfg.loss`` and writes the run folder
-``cfg.out`` (see :mod:`lipnet.runs`): the config, one metrics row per epoch (with the sound
-Lipschitz bound of the model at that epoch), a ``last`` checkpoint after every epoch, and at the end
-a ``final`` checkpoint, the per-sample radii, ``summary.md``, ``curves.png`` and, last, the
-certification of the final model on the test set (``results.json``, the mark of a finished run).
+``train(cfg)`` trains ``cfg.model`` on ``cfg.data`` with ``cfg.loss`` through the one fit loop
+(:func:`lipnet.training.loop.fit`) and writes the run folder ``cfg.out`` (see
+:mod:`lipnet.training.runs`): the config, one metrics row per epoch (with the sound Lipschitz bound
+of the model at that epoch), a ``last`` checkpoint after every epoch, and at the end a ``final``
+checkpoint, the per-sample radii, ``summary.md``, ``curves.png`` and, last, the certification of the
+final model on the test set (``results.json``, the mark of a finished run).
 
 The folder is locked for the whole call (a second ``train`` into it raises :class:`RunError`), and
 a run killed at any moment resumes to the same folder as an uninterrupted run: resume deletes the
@@ -20,18 +21,16 @@ of it) and every RNG state.
 
 On CUDA the forward and backward passes run under bf16 autocast (``amp``), optionally in
 channels-last layout and under ``torch.compile``; certification always runs a float32 forward pass
-on the uncompiled model and float64 bounds. Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is
-wrapped in ``DistributedDataParallel``, each rank reads its shard of every epoch, metrics are
-all-reduced, and only rank 0 evaluates, logs and writes files.
+on the uncompiled model and float64 bounds (:func:`certify.certify`, the one certification path,
+also behind ``lipnet certify``: :func:`certify_run`). Under ``torchrun`` (``WORLD_SIZE`` > 1) the
+model is wrapped in ``DistributedDataParallel``, each rank reads its shard of every epoch, metrics
+are all-reduced, and only rank 0 evaluates, logs and writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,28 +39,31 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
-from lipnet.config import RESUME_IGNORES, Config, ConfigError, ModelConfig, config_diff
-from lipnet.plots import plot_history
-from lipnet.runs import RunError, RunFolder, certification_table
+import certify
+from certify.bounds import lipschitz_bound
+from certify.io import atomic_write_json
+from certify.radius import CertificationResult, certification_table
+from lipnet import data
+from lipnet.training.build import build_loss, build_model, build_optimizer, check_model_fits
+from lipnet.training.config import RESUME_IGNORES, Config, ConfigError, ModelConfig, config_diff
+from lipnet.training.devices import Distributed, resolve_device
+from lipnet.training.loop import Callback, EpochResult, classification_step, fit
+from lipnet.training.plots import plot_history
+from lipnet.training.runs import RunError, RunFolder
 
 __all__ = [
     "TrainResult",
-    "TrainingDivergedError",
-    "build_loss",
-    "build_model",
-    "build_optimizer",
+    "certification_summary",
     "certify_on_test",
+    "certify_run",
     "load_run_model",
     "load_split",
-    "lr_at",
-    "resolve_device",
+    "summary_table",
     "train",
 ]
-
-
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or Inf; the last checkpoint is left as it was."""
 
 
 @dataclass
@@ -75,132 +77,8 @@ class TrainResult:
     results: dict[str, Any] | None
 
 
-# ---------------------------------------------------------------------------------------------
-# devices and processes
-
-
-def resolve_device(request: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the process's CUDA device when CUDA is available, else CPU; others as named."""
-    if request == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(request)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {request!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {request!r} asked for, but CUDA is not available here (use device=auto)"
-            )
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {request!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' asked for, but MPS is not available here")
-    return device
-
-
-@dataclass
-class _Dist:
-    """The torchrun environment of this process (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> _Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
-
-    def start(self, device: torch.device) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.owns_group = True
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        if self.world_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-            self.owns_group = False
-
-
-# ---------------------------------------------------------------------------------------------
-# building blocks from the config
-
-
-def build_model(spec: ModelConfig) -> nn.Module:
-    """``lipnet.models.create(spec.name, **spec.kwargs)``; a bad name or argument -> ConfigError."""
-    from lipnet import models
-
-    try:
-        return models.create(spec.name, **spec.kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model {spec.name!r}: {err}") from None
-
-
-def build_loss(cfg: Config) -> nn.Module:
-    """``lipnet.losses.create(cfg.loss.name, **cfg.loss.kwargs)``; bad input -> ConfigError."""
-    from lipnet import losses
-
-    try:
-        return losses.create(cfg.loss.name, **cfg.loss.kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"loss: {err}") from None
-
-
-def build_optimizer(params: Iterable[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD (with momentum, optionally Nesterov) from ``cfg.optim``."""
-    o = cfg.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(
-        params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-    )
-
-
-def lr_at(step: int, total: int, base: float, schedule: str) -> float:
-    """Learning rate of optimiser step ``step`` (0-based) out of ``total``; see :class:`OptimConfig`."""
-    if schedule == "none":
-        return base
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    if schedule == "onecycle":
-        start, end = base / 25.0, base / 25.0 / 1e4
-        warm = max(1, round(0.3 * total))
-        if step < warm:
-            return start + (base - start) * 0.5 * (1.0 - math.cos(math.pi * step / warm))
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return end + (base - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-    raise ValueError(f"unknown schedule {schedule!r}")
-
-
 def load_split(cfg: Config, split: str, *, data_dir: str | None = None) -> Any:
     """The ``train`` or ``test`` split of ``cfg.data`` (``data_dir`` overrides the config's folder)."""
-    from lipnet import data
-
     d = cfg.data
     return data.load(
         d.name,
@@ -210,35 +88,6 @@ def load_split(cfg: Config, split: str, *, data_dir: str | None = None) -> Any:
         n=d.n_train if split == "train" else d.n_test,
         seed=d.seed,
     )
-
-
-def _check_model_fits(model: nn.Module, train_ds: Any, cfg: Config) -> tuple[int, ...]:
-    """One forward pass on two training images: the output must be (2, num_classes), and bounded."""
-    from certify.bounds import UnboundableModuleError, lipschitz_bound
-
-    shape = tuple(int(s) for s in train_ds.images.shape[1:])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(train_ds.images[:2].to(next(model.parameters()).device))
-        lipschitz_bound(model, shape)
-    except UnboundableModuleError as err:
-        raise ConfigError(f"model {cfg.model.name!r} cannot be certified: {err}") from None
-    except RuntimeError as err:
-        raise ConfigError(
-            f"model {cfg.model.name!r} does not accept {cfg.data.name} images of shape {shape}: {err}. "
-            "Set model.in_channels / model.input_size to match the dataset."
-        ) from None
-    finally:
-        model.train(was_training)
-    if out.ndim != 2 or out.shape[1] != train_ds.num_classes:
-        raise ConfigError(
-            f"model {cfg.model.name!r} outputs shape {tuple(out.shape)} for 2 images, "
-            f"but {cfg.data.name} has "
-            f"{train_ds.num_classes} classes: set model.num_classes={train_ds.num_classes}"
-        )
-    return shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +139,9 @@ def _take(
         yield x, y
 
 
-def _accuracy(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast: Any) -> float:
+def _accuracy(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast: Callable[[], Any]
+) -> float:
     correct = total = 0
     was_training = model.training
     model.eval()
@@ -314,16 +165,14 @@ def certify_on_test(
     device: torch.device,
     progress: bool,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Certify ``model`` on the first ``n`` test samples; float32 forward, float64 bound.
+    """Certify ``model`` on the first ``n`` test samples with :func:`certify.certify`; float32 forward,
+    float64 bound.
 
     Returns a JSON-ready dict (n, eps, clean_accuracy, certified_accuracy with one entry per eps in
     the same order, mean_radius, lipschitz: the sound bound used, rule: ``last-layer`` or ``global``)
     and the per-sample tensors (radii float64, predictions, labels) in test-set order.
     """
-    import certify
-    from lipnet.data import DeviceLoader
-
-    loader = DeviceLoader(test_ds, batch_size, device=device)
+    loader = data.DeviceLoader(test_ds, batch_size, device=device)
     result = certify.certify(model, _take(loader, n), eps=eps, progress=progress)
     summary = {
         "n": result.n,
@@ -337,12 +186,67 @@ def certify_on_test(
     return summary, {"radii": result.radii, "predictions": result.predictions, "labels": result.labels}
 
 
+def certification_summary(cert: Mapping[str, Any]) -> CertificationResult:
+    """The :class:`certify.radius.CertificationResult` of a saved certification dict (``results.json``'s
+    ``certify``, ``certify.json``), without per-sample tensors: what its tables are made from."""
+    return CertificationResult(
+        n=int(cert["n"]),
+        clean_accuracy=float(cert["clean_accuracy"]),
+        certified_accuracy={
+            float(e): float(a) for e, a in zip(cert["eps"], cert["certified_accuracy"], strict=True)
+        },
+        mean_radius=float(cert["mean_radius"]),
+        lipschitz=float(cert["lipschitz"]),
+        rule=str(cert["rule"]),
+    )
+
+
+def summary_table(cert: Mapping[str, Any]) -> str:
+    """The Markdown table of a saved certification dict (n, clean, certified at each eps, mean radius,
+    bound): :func:`certify.radius.certification_table`."""
+    return certification_table([certification_summary(cert)], lipschitz=True)
+
+
+def certify_run(
+    run_dir: str | Path,
+    *,
+    eps: list[float] | None = None,
+    n: int | None = None,
+    checkpoint: str = "final",
+    batch_size: int | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Certify checkpoint ``checkpoint`` of the run ``run_dir`` on its test set (``lipnet certify``).
+
+    ``eps``, ``n`` and ``batch_size`` default to the run's config, ``data_dir`` and ``device`` too.
+    Writes and returns the certification dict (``checkpoint`` and the keys of :func:`certify_on_test`)
+    as the run's ``certify.json``, and that file's path.
+    """
+    run = RunFolder(run_dir)
+    model, cfg = load_run_model(run.path, checkpoint, device)
+    test_ds = load_split(cfg, "test", data_dir=data_dir)
+    cert, _ = certify_on_test(
+        model,
+        test_ds,
+        list(eps) if eps is not None else list(cfg.certify.eps),
+        n=n if n is not None else cfg.certify.n,
+        batch_size=batch_size if batch_size is not None else cfg.certify.batch_size,
+        device=next(model.parameters()).device,
+        progress=progress,
+    )
+    cert = {"checkpoint": checkpoint, **cert}
+    atomic_write_json(run.certify_path, cert)
+    return cert, run.certify_path
+
+
 # ---------------------------------------------------------------------------------------------
-# the loop
+# the run
 
 
 def _open_run(
-    cfg: Config, resume: bool, dist: _Dist, device: torch.device, held: contextlib.ExitStack
+    cfg: Config, resume: bool, dist: Distributed, device: torch.device, held: contextlib.ExitStack
 ) -> RunFolder:
     """The run folder ``cfg.out``, locked and checked; what a killed run left behind is deleted.
 
@@ -431,10 +335,79 @@ def _summary(cfg: Config, results: dict[str, Any]) -> str:
         f"- sound Lipschitz bound {cert['lipschitz']:.6f} "
         f"({cert['rule']} rule; float32 forward, float64 bound)",
         "",
-        certification_table(cert),
+        summary_table(cert),
         "",
     ]
     return "\n".join(lines)
+
+
+class _EpochRecorder(Callback):
+    """After each epoch, on rank 0: the test accuracy and the model's sound bound, the ``last``
+    checkpoint (with the history and every RNG state), then the metrics files and the log line; a
+    barrier on every rank, so that no rank runs ahead of the files."""
+
+    def __init__(
+        self,
+        *,
+        run: RunFolder,
+        cfg: Config,
+        model: nn.Module,
+        model_spec: ModelConfig,
+        optimizer: torch.optim.Optimizer,
+        test_loader: data.DeviceLoader,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        autocast: Callable[[], Any],
+        dist: Distributed,
+        history: list[dict[str, Any]],
+        train_time: float,
+        log: Callable[[str], None],
+    ) -> None:
+        self.run, self.cfg, self.model, self.model_spec = run, cfg, model, model_spec
+        self.optimizer, self.test_loader, self.autocast = optimizer, test_loader, autocast
+        self.input_shape, self.num_classes, self.dist = input_shape, num_classes, dist
+        self.history, self.train_time, self.log = history, train_time, log
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        self.train_time += result.seconds
+        if self.dist.main:
+            model = self.model
+            model.eval()
+            with torch.no_grad():
+                bound = lipschitz_bound(model, self.input_shape)
+            row = {
+                "epoch": result.epoch,
+                "step": result.step,
+                "loss": result.loss,
+                "train_acc": result.stats["correct"] / result.samples,
+                "test_acc": _accuracy(model, self.test_loader, self.autocast),
+                "lr": result.lr,
+                "time": result.seconds,
+                "lipschitz": bound,
+            }
+            self.history.append(row)
+            self.run.save_checkpoint(
+                "last",
+                epoch=result.epoch,
+                step=result.step,
+                model_state=model.state_dict(),
+                state={"optimizer": self.optimizer.state_dict(), "rng": _rng_state()},
+                meta={
+                    "model": {"name": self.cfg.model.name, "kwargs": self.model_spec.kwargs},
+                    "input_shape": list(self.input_shape),
+                    "num_classes": self.num_classes,
+                    "history": self.history,
+                    "train_time": self.train_time,
+                },
+            )
+            self.run.write_metrics(self.history)
+            self.log(
+                f"epoch {result.epoch}/{self.cfg.optim.epochs}  loss {result.loss:.4f}  "
+                f"train {100 * row['train_acc']:.2f}%  "
+                f"test {100 * row['test_acc']:.2f}%  lr {result.lr:.2e}  Lip<= {bound:.6f}  "
+                f"{result.seconds:.1f}s"
+            )
+        self.dist.barrier()
 
 
 def train(
@@ -452,14 +425,10 @@ def train(
     when ``progress`` is on). Bad input raises :class:`ConfigError`, :class:`RunError` or the data
     module's errors before anything is written; so does a folder that another ``train`` holds
     (:class:`RunError`), and a checkpoint that does not fit the configured model (:class:`RunError`
-    naming the tensors).
+    naming the tensors). Divergence raises :class:`~lipnet.training.loop.TrainingDivergedError`.
     """
-    from tqdm.auto import tqdm
-
-    from lipnet.data import Augment, DeviceLoader
-
     cfg.validate()
-    dist = _Dist.from_env()
+    dist = Distributed.from_env()
     device = resolve_device(cfg.device, dist.local_rank)
     if cfg.optim.batch_size % dist.world_size:
         raise ConfigError(
@@ -486,10 +455,10 @@ def train(
         model_spec = cfg.model.for_data(train_ds.input_shape, train_ds.num_classes)
         model = build_model(model_spec).to(device)
         loss_fn = build_loss(cfg)
-        input_shape = _check_model_fits(model, train_ds, cfg)
+        input_shape = check_model_fits(model, train_ds, cfg)
         optimizer = build_optimizer(model.parameters(), cfg)
 
-        history = []
+        history: list[dict[str, Any]] = []
         start_epoch, step, train_time = 0, 0, 0.0
         if resume and run.has_checkpoint("last"):
             ckpt = run.load_checkpoint("last")
@@ -515,8 +484,6 @@ def train(
             model = model.to(memory_format=torch.channels_last)
         train_model: nn.Module = model
         if dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             train_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
@@ -529,9 +496,9 @@ def train(
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
         augment = (
-            Augment(crop_padding=cfg.data.crop_padding, flip=cfg.data.flip) if cfg.data.augment else None
+            data.Augment(crop_padding=cfg.data.crop_padding, flip=cfg.data.flip) if cfg.data.augment else None
         )
-        loader = DeviceLoader(
+        loader = data.DeviceLoader(
             train_ds,
             cfg.optim.batch_size // dist.world_size,
             shuffle=True,
@@ -542,102 +509,49 @@ def train(
             rank=dist.rank,
             world_size=dist.world_size,
         )
-        test_loader = DeviceLoader(test_ds, cfg.certify.batch_size, device=device)
-        epochs = cfg.optim.epochs
-        total_steps = epochs * len(loader)
-        if total_steps == 0:
+        if len(loader) == 0:
             raise ConfigError(
                 f"no training batches: {len(train_ds)} images for a batch of {cfg.optim.batch_size} "
                 f"over {dist.world_size} process(es)"
             )
-        from certify.bounds import lipschitz_bound
+        recorder = _EpochRecorder(
+            run=run,
+            cfg=cfg,
+            model=model,
+            model_spec=model_spec,
+            optimizer=optimizer,
+            test_loader=data.DeviceLoader(test_ds, cfg.certify.batch_size, device=device),
+            input_shape=input_shape,
+            num_classes=train_ds.num_classes,
+            autocast=autocast,
+            dist=dist,
+            history=history,
+            train_time=train_time,
+            log=log,
+        )
 
-        for epoch in range(start_epoch, epochs):
-            if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                return TrainResult(run.path, model, history, False, None)
-            loader.set_epoch(epoch)
-            train_model.train()
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            lr = cfg.optim.lr
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not show)
-            for i, (x, y) in enumerate(bar):
-                lr = lr_at(step, total_steps, cfg.optim.lr, cfg.optim.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if cfg.channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    logits = train_model(x)
-                if logits.device.type == "cpu" and not bool(torch.isfinite(logits).all()):
-                    # The loss would refuse these logits as bad input (ValueError, exit 2); mid-training
-                    # they mean the weights diverged. Checked on the host only, where it costs no device
-                    # sync; on an accelerator the NaN reaches the epoch loss, checked below.
-                    kept = f"keeps its last checkpoint (epoch {epoch})" if epoch else "has no checkpoint yet"
-                    raise TrainingDivergedError(
-                        f"the logits became NaN or Inf at step {step + 1} (epoch {epoch + 1}): lower "
-                        f"optim.lr; {run.path} {kept}"
-                    )
-                loss = loss_fn(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                loss_sum += loss.detach().double() * len(y)
-                correct += (logits.detach().argmax(dim=1) == y).sum()
-                seen += len(y)
-                if show and i % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.2e}")
-            bar.close()
-            loss_total, correct_total, seen_total = dist.sum(
-                [loss_sum.item(), float(correct.item()), float(seen)], device
-            )
-            epoch_loss = loss_total / seen_total
-            if not math.isfinite(epoch_loss):
-                raise TrainingDivergedError(
-                    f"the training loss became {epoch_loss} in epoch {epoch + 1}: lower optim.lr; the last "
-                    f"checkpoint (epoch {epoch}) of {run.path} is unchanged"
-                )
-            elapsed = time.perf_counter() - t0
-            train_time += elapsed
-            if dist.main:
-                model.eval()
-                with torch.no_grad():
-                    bound = lipschitz_bound(model, input_shape)
-                row = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "loss": epoch_loss,
-                    "train_acc": correct_total / seen_total,
-                    "test_acc": _accuracy(model, test_loader, autocast),
-                    "lr": lr,
-                    "time": elapsed,
-                    "lipschitz": bound,
-                }
-                history.append(row)
-                run.save_checkpoint(
-                    "last",
-                    epoch=epoch + 1,
-                    step=step,
-                    model_state=model.state_dict(),
-                    state={"optimizer": optimizer.state_dict(), "rng": _rng_state()},
-                    meta={
-                        "model": {"name": cfg.model.name, "kwargs": model_spec.kwargs},
-                        "input_shape": list(input_shape),
-                        "num_classes": train_ds.num_classes,
-                        "history": history,
-                        "train_time": train_time,
-                    },
-                )
-                run.write_metrics(history)
-                log(
-                    f"epoch {epoch + 1}/{epochs}  loss {epoch_loss:.4f}  "
-                    f"train {100 * row['train_acc']:.2f}%  "
-                    f"test {100 * row['test_acc']:.2f}%  lr {lr:.2e}  Lip<= {bound:.6f}  {elapsed:.1f}s"
-                )
-            dist.barrier()
+        def advice(epoch: int) -> str:
+            kept = f"keeps its last checkpoint (epoch {epoch})" if epoch else "has no checkpoint yet"
+            return f"lower optim.lr; {run.path} {kept}"
+
+        fitted = fit(
+            train_model,
+            optimizer,
+            loader,
+            classification_step(loss_fn, autocast=autocast, channels_last=cfg.channels_last),
+            epochs=cfg.optim.epochs,
+            lr=cfg.optim.lr,
+            schedule=cfg.optim.schedule,
+            start_epoch=start_epoch,
+            start_step=step,
+            stop_after_epoch=stop_after_epoch,
+            reduce=lambda values: dist.sum(values, device),
+            callbacks=[recorder],
+            advice=advice,
+            progress=show,
+        )
+        if fitted.stopped is not None:
+            return TrainResult(run.path, model, history, False, None)
 
         results: dict[str, Any] | None = None
         if dist.main:
@@ -657,9 +571,9 @@ def train(
                 "model": {"name": cfg.model.name, "kwargs": model_spec.kwargs},
                 "loss": {"name": cfg.loss.name, "kwargs": cfg.loss.kwargs},
                 "data": {"name": cfg.data.name, "n_train": len(train_ds), "n_test": len(test_ds)},
-                "epochs": epochs,
-                "steps": step,
-                "train_time": train_time,
+                "epochs": cfg.optim.epochs,
+                "steps": fitted.step,
+                "train_time": recorder.train_time,
                 "final_epoch": history[-1],
                 "certify": cert,
             }
@@ -667,7 +581,7 @@ def train(
             plot_history(history, run.curves_path)
             # last: results.json marks the run finished, so every other file is there before it
             run.write_results(results)
-            log(certification_table(cert))
+            log(summary_table(cert))
         dist.barrier()
         return TrainResult(run.path, model.eval(), history, True, results)
     finally:

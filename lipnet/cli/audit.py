@@ -1,6 +1,8 @@
 """``lipnet audit``: audit a third-party model (sound bound, certified radii, attack cross-check).
 
-Wired into ``lipnet.cli`` with ``add_audit_parser(sub)``; the command runs :func:`run_audit`.
+Wired into :mod:`lipnet.cli.main` with ``add_parser(sub)``; the command runs :func:`run`, which hands
+:func:`certify.audit.audit` the model (a lipnet run folder through :func:`load_run_for_audit`) and
+the test set; the audit feeds certify's one radius code (:mod:`certify.radius`).
 
 Exit codes: 0 the audit passed; 1 the audit FAILED (an attack changed a certified prediction
 inside its radius, or a lower estimate exceeded a bound: a certificate is wrong); 2 bad input
@@ -15,11 +17,18 @@ import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from lipnet.argtypes import (
+from certify.audit import audit
+from certify.contract import UnboundableModuleError
+from certify.io import CheckpointError
+from certify.loading import LoadedModel, load_model
+from certify.radius import DEFAULT_EPS, format_eps
+from certify.rules.folding import Normalize
+from lipnet import data
+from lipnet.cli.argtypes import (
     autoattack_list,
     check_output_path,
     eps_list,
@@ -29,16 +38,18 @@ from lipnet.argtypes import (
     one_line,
     positive_int,
 )
+from lipnet.training.devices import resolve_device
+from lipnet.training.run import load_run_model
 
-if TYPE_CHECKING:
-    from certify.loading import LoadedModel
+__all__ = ["add_parser", "load_run_for_audit", "run"]
 
-__all__ = ["add_audit_parser", "load_run_for_audit", "run_audit"]
-
+#: The audit's default radii: the first three of certify.radius.DEFAULT_EPS (CIFAR-10's 36/255, 72/255,
+#: 108/255; the radius 1 of the list is beyond what the audited models certify).
+_DEFAULT_EPS: tuple[float, ...] = DEFAULT_EPS[:3]
 _DATASETS = ("shapes10", "cifar10", "fashion_mnist", "mnist")
 
 
-def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``audit`` sub-command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser(
         "audit",
@@ -64,8 +75,8 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--eps",
         type=eps_list,
-        default=eps_list("36/255,72/255,108/255"),
-        help="L2 radii on the [0, 1] pixel scale (default 36/255,72/255,108/255)",
+        default=list(_DEFAULT_EPS),
+        help=f"L2 radii on the [0, 1] pixel scale (default {','.join(format_eps(e) for e in _DEFAULT_EPS)})",
     )
     p.add_argument("--n", type=positive_int, default=1000, help="number of test images (default 1000)")
     p.add_argument("--attack", choices=["autoattack", "pgd", "none"], default="autoattack")
@@ -84,7 +95,7 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", required=True, help="folder for audit.json, audit.md and radii.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_audit)
+    p.set_defaults(func=run)
     return p
 
 
@@ -102,10 +113,6 @@ def load_run_for_audit(path: Path, device: str | torch.device) -> LoadedModel:
     A run that cannot be read raises :class:`certify.io.CheckpointError` (a missing file stays a
     ``FileNotFoundError``); the input shape is the model's ``input_shape`` attribute when it has one.
     """
-    from certify.io import CheckpointError
-    from certify.loading import LoadedModel
-    from lipnet.train import load_run_model
-
     try:
         model, cfg = load_run_model(path, "final", device)
     except FileNotFoundError:
@@ -117,15 +124,8 @@ def load_run_for_audit(path: Path, device: str | torch.device) -> LoadedModel:
     return LoadedModel(model.eval(), f"lipnet run {path} ({cfg.model.name})", "run", input_shape)
 
 
-def run_audit(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``lipnet audit`` for parsed ``args``; returns the exit code (0 passed, 1 failed, 2 bad input)."""
-    from certify.audit import audit
-    from certify.bounds import UnboundableModuleError
-    from certify.folding import Normalize
-    from certify.loading import load_model
-    from lipnet import data
-    from lipnet.train import resolve_device
-
     try:
         # Every argument and the model are checked before the test set is read or generated.
         check_output_path(args.out, "--out", folder=True)

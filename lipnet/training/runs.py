@@ -49,12 +49,13 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-# The one atomic writer (its temporary names are what remove_leftovers deletes) and the one
-# CheckpointError live in certify.io; they are re-exported here for lipnet's callers.
-from certify.io import TEMP_NAME as _TMP_NAME
-from certify.io import CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text
-from lipnet.config import Config, ConfigError, dump_config, load_config
+# The one atomic writer (its temporary names, TEMP_NAME, are what remove_leftovers deletes) and the one
+# CheckpointError, which every reader of a checkpoint raises.
+from certify.io import TEMP_NAME, CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text
+from lipnet.training.config import Config, ConfigError, dump_config, load_config
 
 fcntl: ModuleType | None
 try:
@@ -62,20 +63,7 @@ try:
 except ImportError:  # Windows: the lock falls back to an exclusively created pid file
     fcntl = None
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "Checkpoint",
-    "CheckpointError",
-    "RunError",
-    "RunFolder",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "certification_table",
-    "eps_label",
-    "join_state",
-    "split_state",
-]
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "RunError", "RunFolder", "join_state", "split_state"]
 
 CHECKPOINT_FORMAT = "lipnet.checkpoint/1"
 _TAGS = ("last", "final")
@@ -148,31 +136,6 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     state: dict[str, Any]
     meta: dict[str, Any]
-
-
-def eps_label(eps: float) -> str:
-    """``36/255`` for a multiple of 1/255 below 1, else the number (``1``, ``0.1``)."""
-    k = eps * 255
-    if 0 < eps < 1 and abs(k - round(k)) < 1e-9:
-        return f"{round(k)}/255"
-    return f"{eps:g}"
-
-
-def certification_table(cert: Mapping[str, Any]) -> str:
-    """Markdown table of a certification dict (n, eps, clean/certified accuracy, mean radius, bound)."""
-    eps = list(cert["eps"])
-    head = (
-        "| n | clean | "
-        + " | ".join(f"cert. ε={eps_label(e)}" for e in eps)
-        + " | mean radius | Lip. bound |"
-    )
-    sep = "|" + "---:|" * (len(eps) + 4)
-    row = (
-        f"| {cert['n']} | {100 * cert['clean_accuracy']:.2f}% | "
-        + " | ".join(f"{100 * a:.2f}%" for a in cert["certified_accuracy"])
-        + f" | {cert['mean_radius']:.4f} | {cert['lipschitz']:.6f} |"
-    )
-    return "\n".join([head, sep, row])
 
 
 def _sha256(data: bytes) -> str:
@@ -297,7 +260,7 @@ class RunFolder:
         removed = []
         if self.path.is_dir():
             for p in self.path.iterdir():
-                if _TMP_NAME.fullmatch(p.name) and p.is_file():
+                if TEMP_NAME.fullmatch(p.name) and p.is_file():
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
                         removed.append(p)
@@ -370,14 +333,10 @@ class RunFolder:
 
     def write_radii(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Per-sample certification tensors (radii, predictions, labels) in test-set order."""
-        from safetensors.torch import save as st_save
-
         data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
         atomic_write_bytes(self.radii_path, data)
 
     def read_radii(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load as st_load
-
         try:
             return st_load(self.radii_path.read_bytes())
         except FileNotFoundError:
@@ -408,8 +367,6 @@ class RunFolder:
         meta: Mapping[str, Any],
     ) -> None:
         """Write a checkpoint (tensors first, then the sidecar that commits it), atomically."""
-        from safetensors.torch import save as st_save
-
         skeleton, tensors = split_state(dict(state), "state")
         for k, v in model_state.items():
             tensors[f"model/{k}"] = v.detach().to("cpu").contiguous().clone()
@@ -449,8 +406,6 @@ class RunFolder:
 
     def load_checkpoint(self, tag: str = "last") -> Checkpoint:
         """Read and verify a checkpoint; :class:`CheckpointError` if anything does not match."""
-        from safetensors.torch import load as st_load
-
         sidecar = self._read_sidecar(tag)
         name = sidecar.get("tensors")
         if not isinstance(name, str) or "/" in name or name.startswith("."):
@@ -500,7 +455,7 @@ class RunFolder:
         removed = []
         for p in self.checkpoint_dir.iterdir():
             orphan = readable and p.suffix == ".safetensors" and p.name not in keep
-            if orphan or _TMP_NAME.fullmatch(p.name):
+            if orphan or TEMP_NAME.fullmatch(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     removed.append(p)

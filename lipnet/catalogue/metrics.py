@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from certify.radius import certified_accuracy, certified_radius, parse_eps
+from certify.radius import FORWARD_SLACK, certified_accuracy, certified_radius, parse_eps
 
 __all__ = [
     "attribute_f1",
@@ -39,9 +39,6 @@ __all__ = [
     "per_task_accuracy",
     "sign_radius",
 ]
-
-# Relative rounding slack of the forward pass, as in certify.radius: a margin counts only beyond it.
-_SLACK = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 def _binary(name: str, value: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -181,7 +178,9 @@ def sign_radius(logits: Tensor, targets: Tensor, lipschitz: float | Sequence[flo
         lip = lip.view(1, -1, *([1] * (f.ndim - 2)))
     elif lip.ndim != 0:
         raise ValueError("lipschitz must be a number or a 1-D sequence (one bound per attribute)")
-    slack = _SLACK.get(logits.dtype, 1e-2) * f.abs().amax()
+    # the forward pass's rounding allowance of certify.radius (1e-2 of the largest logit in half precision,
+    # which certify.radius refuses): a margin counts only beyond it
+    slack = FORWARD_SLACK.get(logits.dtype, 1e-2) * f.abs().amax()
     margin = f.abs() - slack
     correct = ((f > 0) == t) & (f != 0) & (margin > 0)
     return torch.where(correct, margin / lip, torch.zeros_like(f))

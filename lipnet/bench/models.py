@@ -5,7 +5,7 @@ ConvNet of Prach, Brau, Buttazzo & Lampert, "1-Lipschitz Layers Compared: Memory
 Robustness", CVPR 2024) at batch 256 on 3x32x32 inputs on CUDA, and
 :func:`~lipnet.models.lipconvnet.lipconvnet_xs` at batch 32 on CPU, where size M takes seconds per step.
 The same architecture is built with every lipnet layer kind (``lipnet:<kind>``) and, for the kinds with an
-anchor (:data:`lipnet.bench_anchors.MODEL_ANCHORS`), from the anchor library's layers
+anchor (:data:`lipnet.bench.anchors.ANCHORS`), from the anchor library's layers
 (``orthogonium:aol``, ``deel-torchlip:spectral``, ...), all timed in one process with interleaved rounds
 (median over rounds), so machine load hits all of them alike. Reported next to each: the implied seconds
 per 50,000-image epoch and the paper's (:data:`PUBLISHED_A100_S_PER_EPOCH`, size M on one A100), the
@@ -22,31 +22,32 @@ says which fraction of the exported parameters sits in plain torch convolution a
 
 from __future__ import annotations
 
-import argparse
-import json
+import inspect
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lipnet.bench import cell, device_label, markdown_table, timed
-from lipnet.layers.kinds import LayerKind
-from lipnet.train import resolve_device
+from lipnet.bench import cell, markdown_table, timed
+from lipnet.bench.anchors import ANCHORS
+from lipnet.export import export
+from lipnet.layers.kinds import LayerKind, list_layer_kinds
+from lipnet.models import create, list_models, model_entrypoint
 
 __all__ = [
     "EPOCH_IMAGES",
     "EVAL_KWARGS",
     "PUBLISHED_A100_S_PER_EPOCH",
+    "Implementation",
     "bench_eval",
     "bench_models",
     "eval_markdown",
+    "implementations",
     "models_markdown",
     "plain_share",
-    "run",
 ]
 
 #: Images per CIFAR-10 training epoch, the unit of the published timings.
@@ -106,7 +107,7 @@ def _export_diff(model: nn.Module, exported: nn.Module, x: Tensor) -> float:
 
 
 @dataclass(frozen=True)
-class _Implementation:
+class Implementation:
     """One row of the training table: a lipnet kind, or the anchor of ``kind`` from ``library``."""
 
     label: str
@@ -115,27 +116,25 @@ class _Implementation:
     is_anchor: bool
 
 
-def _implementations(kinds: Sequence[str], anchors: bool) -> tuple[list[_Implementation], list[str]]:
-    """The rows for ``kinds`` (each followed by its anchor when ``anchors``) and the missing anchors."""
-    from lipnet.bench_anchors import MODEL_ANCHORS, anchor_kind
-
-    rows: list[_Implementation] = []
+def implementations(kinds: Sequence[str], anchors: bool) -> tuple[list[Implementation], list[str]]:
+    """The rows for ``kinds`` (each followed by its anchor, configured as lipnet's kind, when ``anchors``)
+    and the labels of the anchors whose library is not installed."""
+    rows: list[Implementation] = []
     missing: list[str] = []
     for kind in kinds:
-        rows.append(_Implementation(f"lipnet:{kind}", kind, kind, False))
-        if anchors and kind in MODEL_ANCHORS:
+        rows.append(Implementation(f"lipnet:{kind}", kind, kind, False))
+        if anchors and kind in ANCHORS:
+            anchor = ANCHORS[kind]
             try:
-                library, layers = anchor_kind(kind)
+                layers = anchor.layers(as_lipnet=True)
             except ImportError:
-                missing.append(f"{MODEL_ANCHORS[kind][0]}:{MODEL_ANCHORS[kind][1]}")
+                missing.append(anchor.label)
                 continue
-            rows.append(_Implementation(f"{library}:{layers.name}", kind, layers, True))
+            rows.append(Implementation(anchor.label, kind, layers, True))
     return rows, missing
 
 
-def _build(model: str, impl: _Implementation, input_size: int) -> nn.Module:
-    from lipnet.models import create
-
+def _build(model: str, impl: Implementation, input_size: int) -> nn.Module:
     try:
         return create(model, conv=impl.layers, input_size=input_size)
     except ValueError as err:
@@ -166,7 +165,7 @@ def bench_models(
     """Median training step and eval forward of ``model`` built with each layer kind and with its anchor.
 
     ``kinds`` defaults to every registered kind; with ``anchors`` each kind with an anchor
-    (:data:`lipnet.bench_anchors.MODEL_ANCHORS`) is followed by the same architecture built from the
+    (:data:`lipnet.bench.anchors.ANCHORS`) is followed by the same architecture built from the
     anchor library's layers (skipped, and listed by :func:`run`, when that library is not installed).
     Training step: forward on a ``(batch, 3, input_size, input_size)`` uniform batch, cross-entropy
     against random labels, backward, Adam step. Eval forward: under ``torch.no_grad`` in eval mode, after
@@ -179,9 +178,6 @@ def bench_models(
     ``plain_share`` is :func:`plain_share` of the export. ``timer`` is the clock
     (:func:`lipnet.bench.timed`), replaceable for tests.
     """
-    from lipnet.export import export
-    from lipnet.layers.kinds import list_layer_kinds
-
     known = list_layer_kinds()
     chosen = list(dict.fromkeys(kinds)) if kinds else known
     unknown = [k for k in chosen if k not in known]
@@ -192,7 +188,7 @@ def bench_models(
             f"batch, input_size and rounds must be >= 1, got batch={batch}, input_size={input_size}, "
             f"rounds={rounds}"
         )
-    impls, _ = _implementations(chosen, anchors)
+    impls, _ = implementations(chosen, anchors)
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, input_size, input_size, generator=gen).to(dev)
@@ -277,8 +273,6 @@ def bench_models(
 
 
 def _eval_models(models: Sequence[str] | None) -> list[str]:
-    from lipnet.models import list_models
-
     known = list_models()
     chosen = list(dict.fromkeys(models)) if models else known
     unknown = [m for m in chosen if m not in known]
@@ -289,10 +283,6 @@ def _eval_models(models: Sequence[str] | None) -> list[str]:
 
 def _takes_conv(name: str) -> bool:
     """Whether the constructor registered as ``name`` has a ``conv`` (layer kind) argument."""
-    import inspect
-
-    from lipnet.models import model_entrypoint
-
     return "conv" in inspect.signature(model_entrypoint(name)).parameters
 
 
@@ -322,10 +312,6 @@ def bench_eval(
     differs by more than 1e-5 is a bug and raises ``RuntimeError``. ``timer`` is the clock
     (:func:`lipnet.bench.timed`), replaceable for tests.
     """
-    from lipnet.export import export
-    from lipnet.layers.kinds import list_layer_kinds
-    from lipnet.models import create
-
     if batch < 1 or rounds < 1 or warmup < 0:
         raise ValueError(f"batch and rounds must be >= 1 and warmup >= 0, got {batch}, {rounds}, {warmup}")
     known_kinds = list_layer_kinds()
@@ -428,92 +414,3 @@ def eval_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
             for r in rows
         ),
     )  # fmt: skip
-
-
-def _emit(out: str | None, text: str, body: dict[str, object]) -> None:
-    """Print the table ``text``; with ``out``, write it there (``.md``) or ``body`` as JSON (else)."""
-    from lipnet.runs import atomic_write_text
-
-    print(text)
-    if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text + "\n" if path.suffix == ".md" else json.dumps(body, indent=2))
-
-
-def _run_eval(args: argparse.Namespace, device: str) -> int:
-    batch = args.batch or 32
-    rounds = args.rounds or 30
-    rows, skipped = bench_eval(
-        models=args.models, kinds=args.kinds, batch=batch, rounds=rounds, device=device
-    )
-    header = (
-        f"Eval forward vs lipnet.export (plain frozen weights), batch {batch}, {device_label(device)}, "
-        f"torch {torch.__version__}; every model at a small size (lipnet.bench_models.EVAL_KWARGS), 3 "
-        f"warm-up forwards, {rounds} rounds alternating which goes first, no_grad, eval mode. Target: "
-        "eval / exported <= 1.1. plain share: fraction of the exported parameters in plain nn.Conv2d / "
-        "nn.ConvTranspose2d / nn.Linear (the export freezes every layer; Cayley becomes an FFT with a frozen "
-        "symbol, SLL and CPL blocks residual steps of plain convolutions)."
-    )
-    if skipped:
-        header += f" Not built (the constructor refuses the kind): {', '.join(skipped)}."
-    body = {"device": device_label(device), "batch": batch, "rows": rows, "skipped": skipped}
-    _emit(args.out, eval_markdown(rows, header), body)
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``lipnet bench models [--model M] [--batch B] [--input-size S] [--kinds K,..]
-    [--no-anchors] [--rounds N] [--device D]``, or ``--eval-only [--models M,..]`` for :func:`bench_eval`.
-
-    Without ``--model`` / ``--batch``: ``lipconvnet_m`` at batch 256 on CUDA, ``lipconvnet_xs`` at batch
-    32 on CPU (the header says which). ``--out F`` writes the Markdown table when ``F`` ends in ``.md``,
-    else the rows as JSON.
-    """
-    device = str(resolve_device(args.device or "auto"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.eval_only:
-        return _run_eval(args, device)
-    from lipnet.bench_anchors import MODEL_ANCHORS
-    from lipnet.layers.kinds import list_layer_kinds
-
-    on_cuda = torch.device(device).type == "cuda"
-    model = args.model or ("lipconvnet_m" if on_cuda else "lipconvnet_xs")
-    batch = args.batch or (256 if on_cuda else 32)
-    rounds = args.rounds or 5
-    size = args.input_size
-    anchors = not args.no_anchors
-    rows = bench_models(
-        model=model,
-        kinds=args.kinds,
-        anchors=anchors,
-        batch=batch,
-        input_size=size,
-        rounds=rounds,
-        device=device,
-    )
-    defaults = "" if on_cuda or args.model else " (the CPU default; lipconvnet_m at batch 256 on CUDA)"
-    published = ", ".join(f"{k} {v:g} s" for k, v in PUBLISHED_A100_S_PER_EPOCH.items())
-    header = (
-        f"{model}{defaults}, batch {batch}x3x{size}x{size}, {device_label(device)}, "
-        f"torch {torch.__version__}; medians over {rounds} interleaved rounds. Train step: forward + "
-        "cross-entropy + backward + Adam; "
-        f"s per epoch = {EPOCH_IMAGES:,} images at that rate. Published (Prach et al., CVPR 2024, "
-        f"LipConvNet-M on one A100, s per 50k-image epoch): {published}. Eval: no_grad, eval mode, warm "
-        "caches, against lipnet.export(model) (plain frozen weights; n/a where the export fails or differs); "
-        "target eval / exported <= 1.1; plain share: fraction of the exported parameters in plain "
-        "nn.Conv2d / nn.ConvTranspose2d / nn.Linear."
-    )
-    if anchors:
-        pairs = ", ".join(f"lipnet:{k} vs {lib}:{name}" for k, (lib, name) in MODEL_ANCHORS.items())
-        header += (
-            " Anchors (the same architecture from the anchor library's layers; ratios lipnet / anchor): "
-            f"{pairs}."
-        )
-        _, missing = _implementations(args.kinds or list_layer_kinds(), anchors)
-        if missing:
-            header += f" Not installed, skipped: {', '.join(missing)}."
-    body = {"device": device_label(device), "model": model, "batch": batch, "rows": rows}
-    _emit(args.out, models_markdown(rows, header), body)
-    return 0
