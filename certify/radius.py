@@ -17,6 +17,10 @@ The logits come from a float32 (or float64) forward pass; its rounding is covere
 subtracting ``2 * slack * max_k |f_k(x)|`` from every margin, with ``slack`` = 1e-5 for float32
 logits (about 100 ulps of accumulated error, relative to the largest logit) and 1e-12 for float64.
 Half-precision logits are refused: certify in float32 or float64.
+
+Proofs: ``docs/proofs/certificates.md`` (``#lemma-global-rule``, ``#lemma-last-layer-rule``,
+``#lemma-last-layer-dominates``); the forward slack is an assumption stated in
+``docs/proofs/numerics.md#lemma-forward-slack``, the row distances ``#lemma-row-distances`` there.
 """
 
 from __future__ import annotations

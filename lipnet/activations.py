@@ -3,6 +3,8 @@
 Each works on ``(N, C)`` and ``(N, C, *)`` inputs. Every one is piecewise orthogonal and
 continuous (a permutation, or a reflection that fixes its mirror hyperplane), hence 1-Lipschitz,
 and its Jacobian is orthogonal almost everywhere, hence gradient-norm preserving.
+
+Proof: ``docs/proofs/activations-pooling.md#lemma-piecewise-isometry``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Every window-based layer here uses non-overlapping windows (stride = kernel size
 floor mode: overlapping windows read pixels several times, padding and ``ceil_mode`` change the
 window sizes, and ``divisor_override`` changes the scale, each of which breaks the stated bound,
 so they are refused with a ``ValueError`` rather than silently accepted.
+
+Proofs: ``docs/proofs/activations-pooling.md`` (``#lemma-lp-pool``, ``#lemma-avg-pool``,
+``#lemma-pixel-unshuffle``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ from the bounds of its arguments:
 Every bound above is a whole-tensor bound of the batched map, so it is sound whatever the layout
 of the tensors. Products or quotients of two input-dependent tensors (``x * x``, attention),
 data-dependent indexing and normalisation by a statistic of the input raise :class:`Unsupported`.
+
+Proofs: ``docs/proofs/composition.md#lemma-composition`` (and ``#lemma-batchnorm`` for folding).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ The constants, with their proofs:
 * Softmax / Softmin: the Jacobian ``diag(p) - p p^T`` is symmetric PSD with ``v^T J v = Var_p(v) <=
   (max v - min v)^2 / 4 <= 1/2`` for ``||v|| = 1`` (Popoviciu), so each fibre is 1/2-Lipschitz;
   fibres are disjoint.
+
+Proofs: ``docs/proofs/activations-pooling.md#lemma-activation-slopes`` and ``#lemma-softmax``;
+the grid maxima: ``docs/proofs/numerics.md#lemma-activation-grid``.
 """
 
 from __future__ import annotations

@@ -55,6 +55,10 @@ Transposed convolutions: ``conv_transpose(stride s, padding p, output_padding q)
 spatial size ``m`` is exactly the adjoint of ``conv(stride s, padding p)`` (zero padding) on inputs
 of size ``n = (m - 1) s - 2p + d (k - 1) + q + 1``, with the same weight read as a convolution
 kernel; an operator and its adjoint have the same norm (:func:`transposed_conv_bound`).
+
+Proofs: ``docs/proofs/convolutions.md`` (``#lemma-polyphase``, ``#lemma-padding-copies``,
+``#lemma-pointwise-conv``, ``#lemma-transposed-conv``), ``docs/proofs/frequency-bounds.md``
+(``#lemma-zero-padding``, ``#lemma-circular-padding``) and ``docs/proofs/numerics.md#lemma-conv-gram``.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ and ``blocks * block^3`` for one factorisation (block ``h * channels * (other si
 16-channel 3x3 convolution on 32x32 inputs, 400 probes and 16 blocks of 1024, about 8 s of one core
 (:func:`gram_work` is the factorisation's share, and the caller's limit). Memory is held to
 ``_LANCZOS_STEPS * dim + probes * dim`` floats by the size limits (``_MAX_DIM``, ``_MAX_RESPONSES``).
+
+Proof: ``docs/proofs/numerics.md#lemma-conv-gram``.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ own right-hand side, at most ``1 / (1 - sigma^2 / 4)`` times the reference. Floa
 of H and of its eigenvalues is added explicitly (``_GramSymbol.error``).
 
 Every value returned is an upper bound, in float64, times ``1 + FLOAT64_SLACK``.
+
+Proofs: ``docs/proofs/frequency-bounds.md#lemma-cell-bound`` (and ``#lemma-global-symbol``,
+``#lemma-symbol-norm``); the Cholesky certificate: ``docs/proofs/numerics.md#lemma-cholesky``.
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ BatchNorm in eval mode is the per-channel affine map ``y_c = s_c x_c + t_c`` wit
 import (training mode, or no running statistics, is refused: the layer then couples the samples).
 When it directly follows a convolution or linear layer ``x -> W x + b`` whose output nothing else
 reads, the pair is the single affine map ``x -> diag(s) W x + const``, and
-``||diag(s) W||_2 <= max|s| ||W||_2`` is usually much smaller than the product: the first step of
-the audit recipe in ``docs/research-certification.md`` section 4. For a convolution, ``diag(s) W``
+``||diag(s) W||_2 <= max|s| ||W||_2`` is usually much smaller than the product (proof:
+``docs/proofs/composition.md#lemma-batchnorm``). For a convolution, ``diag(s) W``
 is the convolution whose kernel has output channel ``c`` multiplied by ``s_c`` (the padding mode
 acts on the input, before the kernel, so it is unchanged).
 
-Input normalisation ``x -> (x - mu) / sigma`` (per channel) is ``1 / min_c |sigma_c|``-Lipschitz:
+Input normalisation ``x -> (x - mu) / sigma`` (per channel) is ``1 / min_c |sigma_c|``-Lipschitz
+(``docs/proofs/composition.md#lemma-input-normalisation``):
 :class:`Normalize` is a module that computes it and bounds itself accordingly.
 """
 

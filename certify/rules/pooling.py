@@ -20,6 +20,9 @@ the product of theirs; per-axis matrices are taken from torch itself, never re-d
   number of windows containing a pixel (attained by moving that pixel alone): bound ``sqrt(c)``;
 * LP pooling with p = 2: ``f_w(x) = sqrt(k_w / len_w) ||x_w||`` (torch rescales partial ceil_mode
   windows), so the same argument gives ``sqrt(max_i sum_{w ni i} k_w / len_w)``, attained at 0.
+
+Proofs: ``docs/proofs/activations-pooling.md`` (``#lemma-avg-pool``, ``#lemma-max-pool``,
+``#lemma-lp-pool``, ``#lemma-sup-over-sizes``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ them. Each bound is derived here from the layer's forward as the installed versi
   ``x - 2 W^T relu(W x + b)`` (:func:`sll_bound` with the norm of the actual, rescaled weight). A
   block whose forward does not compute the formula its bound is derived for (another library
   version) is refused (:func:`_check_reference`).
+
+Proofs: ``docs/proofs/residual-blocks.md`` (``#lemma-gradient-step`` for the SLL blocks,
+``#lemma-residual-combinations``) and ``docs/proofs/activations-pooling.md#lemma-piecewise-isometry``.
 """
 
 from __future__ import annotations

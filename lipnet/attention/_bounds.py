@@ -5,11 +5,11 @@ tensor from its current weights (``_raw_bound``). The value of that tensor is th
 it is also differentiable in the weights so that ``normalize=True`` (division of the output by
 the bound) trains the weights knowing that the output is rescaled.
 
-Lemma 1 (block-gated product, ``docs/research-attention.md`` §2.1). For ``y_k = g_k(x) u_k(x)``
+Lemma 1 (block-gated product, ``docs/proofs/attention.md#lemma-gated-product``). For ``y_k = g_k(x) u_k(x)``
 with ``|g_k| <= G``, ``||u_k|| <= B``, ``Lip(u) <= a`` and ``Lip(g) <= b``:
 ``y(x) - y(x') = g(x) (u(x) - u(x')) + (g(x) - g(x')) u(x')``, so ``Lip(y) <= G a + B b``.
 
-Sigmoid-aware refinement (same section, re-derived here). Let ``g_k = phi(z_k)`` with
+Sigmoid-aware refinement (``docs/proofs/attention.md#lemma-sigmoid-refinement``). Let ``g_k = phi(z_k)`` with
 ``phi = offset + slope * sigmoid`` and ``z`` ``l``-Lipschitz; write ``c = B l``. At a point of
 differentiability, ``||(J v)_k|| <= |phi(z_k)| alpha_k + |phi'(z_k)| B beta_k`` with
 ``sum alpha_k^2 <= a^2 ||v||^2`` and ``sum beta_k^2 <= l^2 ||v||^2``. Cauchy-Schwarz with a weight

@@ -12,6 +12,8 @@
   forward pass, so it changes no Lipschitz constant.
 * OAA+: an integral attention model trained on the accumulated maps with the hybrid loss
   :class:`lipnet.losses.OAAHybrid`; here a 1-Lipschitz per-pixel head certified per pixel.
+
+Proofs: ``docs/proofs/attention.md#lemma-cam`` and ``#lemma-integral-attention``.
 """
 
 from __future__ import annotations

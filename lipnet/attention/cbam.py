@@ -3,6 +3,8 @@
 The original gates ``M_c(F) * F`` and ``M_s(F') * F'`` are not Lipschitz (the SE counterexample
 applies to each). The bounded variant clamps ``F``; then ``|F'| <= B`` elementwise because
 ``M_c`` is in [0, 1], so the spatial stage needs no second clamp.
+
+Proof: ``docs/proofs/attention.md#lemma-cbam``.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@
   softmax-weighted sum of unbounded maps, not Lipschitz either, and the resize operators are not
   norm-1.
 
-Both are bounded here by ``research-attention.md`` Lemma 1 (gated product) and Lemma 2 (softmax
-aggregation), re-derived in the class docstrings.
+Both are bounded here by Lemma 1 (gated product, ``docs/proofs/attention.md#lemma-gated-product``)
+and Lemma 2 (softmax aggregation, ``docs/proofs/attention.md#lemma-softmax-aggregation``), applied in
+the class docstrings (``#lemma-feedback-gating``, ``#lemma-attention-to-scale`` there).
 """
 
 from __future__ import annotations

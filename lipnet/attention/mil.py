@@ -3,8 +3,8 @@
 Inputs are bags ``(batch, K, features)``: K instances (or spatial positions) per sample. The
 constants are for the Frobenius norm of a bag. Softmax-weighted sums ``sum_k alpha_k v_k`` are not
 Lipschitz when the values are unbounded (values can grow in directions that leave the scores
-unchanged); Lemma 2 of ``research-attention.md`` (re-derived in :class:`SoftAttentionPooling`)
-bounds them once the values are projected onto a ball.
+unchanged); Lemma 2 (``docs/proofs/attention.md#lemma-softmax-aggregation``, applied in
+:class:`SoftAttentionPooling`) bounds them once the values are projected onto a ball.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ In MTAN every task owns soft attention masks ``a = sigmoid(.)`` applied elementw
 features of a shared backbone, ``a (.) p``: a product of two input-dependent maps, hence not
 Lipschitz (the squeeze-and-excitation counterexample applies per element), and the published
 masks use BatchNorm, which is not 1-Lipschitz either. The bounded variant removes BatchNorm,
-soft-clamps the multiplicand and bounds every task stream by Lemma 1 of
-``research-attention.md``, recursively over the blocks, so that each task gets its own constant.
+soft-clamps the multiplicand and bounds every task stream by Lemma 1, recursively over the blocks,
+so that each task gets its own constant (``docs/proofs/attention.md#lemma-mtan``).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Sarafianos et al. extract attention masks ``A_s(F_s)`` in [0, 1] at several scal
 backbone, pool each attended feature map ``A_s * F_s``, classify it into per-attribute logits and
 aggregate the branch logits with those of the primary network (by max or mean). Each attended map
 is a product of two input-dependent maps, hence not Lipschitz (the squeeze-and-excitation
-counterexample applies to every branch). The bounded variant ("LipMSA" of
-``research-attention.md`` §3.6) bounds the multiplicand with a per-pixel ball projection or a
-soft clamp and applies Lemma 1 per scale.
+counterexample applies to every branch). The bounded variant ("LipMSA") bounds the multiplicand
+with a per-pixel ball projection or a soft clamp and applies Lemma 1 per scale
+(``docs/proofs/attention.md#lemma-multiscale``).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class MultiScaleAttentionAggregation(NormalizedModule):
 
         M_s = min(P_s (1 + rho ||K_s|| / 4), sigmoid-refined value)
 
-    (:func:`~lipnet.attention._bounds.sigmoid_gate_bound`). ``research-attention.md`` states
+    (:func:`~lipnet.attention._bounds.sigmoid_gate_bound`). An elementwise clamp would give
     ``P_s (1 + B sqrt(C) ||K_s|| / 4)`` for spatial masks: that is the same lemma with an elementwise
     clamp at ``B`` (pixel blocks of norm ``B sqrt(C)``); the ball projection used here removes the
     ``sqrt(C)``. Branch ``b`` has ``L_b = ||W_b|| M_b`` (``M_p = P_{S-1}``) and attribute ``c`` of

@@ -3,6 +3,8 @@
 The original ``H = (1 + M(x)) * T(x)`` is not Lipschitz (a product of two input-dependent maps)
 and has gain up to 2 even where the mask is constant; its mask branch is not 1-Lipschitz either
 (overlapping max-pooling and bilinear upsampling are 2-Lipschitz).
+
+Proof: ``docs/proofs/attention.md#lemma-residual-attention``.
 """
 
 from __future__ import annotations

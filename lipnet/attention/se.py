@@ -3,6 +3,8 @@
 The original ``y_c = sigmoid(W2 relu(W1 GAP(x)))_c * x_c`` is not Lipschitz on R^n: on inputs
 whose channels have zero mean the gate is constant while ``x_c (grad s_c . v)`` grows linearly
 with ``||x_c||``. The bounded variant clamps the multiplicand, which makes Lemma 1 applicable.
+
+Proof: ``docs/proofs/attention.md#lemma-se``.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class BoundedDotProductAttention(NormalizedModule):
     ``P^h = row-softmax(X A_h X^T)`` with ``A_h = W_Q^h^T W_K^h / sqrt(d_k)`` (no query/key bias),
     ``Y^h = P^h (X W_V^h^T + b_V^h)``; output ``[Y^1 .. Y^H] W_O^T + b_O``.
 
-    Bound (Theorem 3 of ``research-attention.md`` §2.3, re-derived): with
+    Bound (proof: ``docs/proofs/attention.md#lemma-bounded-dot-product``): with
     ``sigma_h = r^2 ||A_h||`` every score is in ``[-sigma_h, sigma_h]``, so ``P_ij <= e^{2 sigma_h} / N``
     and ``||P||_2 <= sqrt(||P||_1 ||P||_inf) <= min(sqrt N, e^{sigma_h})``. Splitting
     ``dY = P dX W_V^T + dP X' W_V^T``, the second part is bounded row by row by Lemma 2 (values of
@@ -126,7 +126,10 @@ class L2MultiheadAttention(NormalizedModule):
     grows like ``sqrt(N) log N``: a finite bound needs the sequence length, so ``lipschitz_bound(None)``
     is ``inf`` unless ``normalize=True`` (the forward divides by the bound for the actual ``N``).
     Guarantee: ``L``-Lipschitz on all of R^{N x dim}; with ``normalize=True`` at most 1-Lipschitz
-    (up to the rounding of ``L``).
+    (up to the rounding of ``L``). Caveat (``docs/proofs/attention.md#lemma-l2-attention``): the
+    Lipschitz constant is quadratic in ``||W_Q^h||`` (its proof there gives ``||W_Q^h||^4`` under the
+    root), so this ``L``, linear in ``||W_Q^h||``, fails for large query weights: with ``W_Q = 10 I``
+    the map is about 2.5 times this ``L`` (counterexample in that section).
 
     The tying and the value path are what make the map Lipschitz: with an untied value
     projection ``P^h X W_V^T``, token components in the null space of ``W_Q^h`` leave the scores
@@ -188,7 +191,7 @@ class MemoryAttention(nn.Module):
     """Soft attention of every token over ``slots`` learned memory slots, exactly non-expansive.
 
     ``y = x - t W^T softmax(beta W x + b)`` per token, with ``W`` the ``slots x dim`` memory and
-    ``t <= 4 / (beta ||W||^2)``. Proof (Lemma 4 of ``research-attention.md``, re-derived):
+    ``t <= 4 / (beta ||W||^2)``. Proof (``docs/proofs/attention.md#lemma-memory-attention``):
     ``phi(x) = LSE(beta W x + b) / beta`` is convex with gradient ``W^T softmax(beta W x + b)`` and
     Hessian ``beta W^T J W``, ``J <= I / 2`` (the softmax Jacobian's eigenvalues are at most 1/2),
     so the gradient is ``L = beta ||W||^2 / 2``-Lipschitz, hence ``1/L``-cocoercive

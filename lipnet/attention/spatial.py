@@ -32,6 +32,9 @@ segment: at the switching point ``x*``, points ``x* +- delta v`` glimpse differe
 ``2 delta -> 0``: the ratio is unbounded (for sampling, the same holds for the realised glimpse;
 only its expectation can be Lipschitz). :class:`SoftGlimpse` is the soft relaxation: the expected
 glimpse under a softmax over locations, bounded by Lemma 2.
+
+Proofs: ``docs/proofs/attention.md`` (``#lemma-sampling``, ``#lemma-bounded-translation``,
+``#lemma-bounded-zoom``, ``#lemma-soft-glimpse``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Certified metrics need a sound Lipschitz bound ``L`` of the map from the input t
 
 A sample (attribute, pixel) counts as certified at ``eps`` when it is correct **and** its radius is
 strictly greater than ``eps``.
+
+Proofs: ``docs/proofs/certificates.md#lemma-sign-radius``.
 """
 
 from __future__ import annotations

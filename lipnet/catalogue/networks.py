@@ -15,6 +15,9 @@ Bags, multi-task and localisation networks are built from the same pieces (see t
 Every class here has a ``lipschitz_bound(input_shape=None)`` composed from the sound float64 bounds of
 its parts (``certify.bounds.module_bound``), so ``certify.bounds.lipschitz_bound`` of a whole network
 is sound and never guessed.
+
+Proofs of the pooling bounds: ``docs/proofs/attention.md#lemma-centred-pooling``,
+``docs/proofs/composition.md#lemma-composition``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ output beyond the input size.
 
 The guarantee is 1-Lipschitz, not orthogonal: the rescaled weight is orthogonal only when the raw
 one has orthogonal columns (input channels with disjoint autocorrelations, for a convolution).
+
+Proof: ``docs/proofs/convolutions.md#lemma-aol``.
 """
 
 from __future__ import annotations

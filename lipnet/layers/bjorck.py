@@ -16,6 +16,9 @@ region of convergence.
 A convolution is orthonormalised through its reshaped ``c_out x (c_in k_h k_w)`` kernel (RKO) and
 scaled by ``1 / sqrt(C)``, ``C`` the patch multiplicity of :mod:`lipnet.layers.patches`, which makes
 it 1-Lipschitz (not orthogonal) for its padding mode.
+
+Proofs: ``docs/proofs/convolutions.md#lemma-bjorck``, ``#lemma-gram-iteration`` and
+``#lemma-rko-multiplicity``.
 """
 
 from __future__ import annotations

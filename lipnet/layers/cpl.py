@@ -83,6 +83,9 @@ the gradient of the grid bound at the anchor (see the class).
 float64 bound of ``||W||_2`` (exact SVD for the dense layer,
 :func:`certify.conv_norm.conv_operator_bound` for the convolution) and the ``h^2`` the forward pass
 uses, the Lipschitz constant is at most ``max(1, 2 a^2 / h^2 - 1)``.
+
+Proofs: ``docs/proofs/residual-blocks.md#lemma-cpl``, ``docs/proofs/frequency-bounds.md``
+(``#lemma-grid-continuity``, ``#lemma-amortised-bound``) and ``docs/proofs/numerics.md#lemma-cholesky``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ k, k)`` of a stride-1 convolution with zero 'same' padding (odd ``k``), ``W^T`` 
 (``conv_transpose2d``). :class:`GradientStepBlock` holds the computation (forward, the eval-cached
 rescaled weight ``diag(s) W``, the export); :class:`PotentialStep` is the same computation with
 frozen plain layers, what :func:`lipnet.export` makes of a block.
+
+Proofs: ``docs/proofs/residual-blocks.md#lemma-gradient-step`` and ``#lemma-potential-step``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ The taps of a 2-D kernel are the product of its row and column taps, so ``C = C_
 with one count per spatial dimension. For stride 1 and zero padding ``C_h = k_h``; for stride
 ``s`` and dilation ``d`` it is ``ceil(k * gcd(d, s) / s)``; other padding modes are counted
 below by enumeration.
+
+Proof: ``docs/proofs/convolutions.md#lemma-rko-multiplicity``.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ norm at every step, and the anchor moves to the current kernel (the grid bound i
 float64, certified by Cholesky factorisations: :mod:`lipnet.layers.cpl`) whenever ``s`` exceeds
 ``1 + drift_tol`` times a first-order lower bound of the grid bound of the current kernel, so ``s``
 is never more than ``1 + drift_tol`` times that grid bound.
+
+Proofs: ``docs/proofs/convolutions.md#lemma-linear-residual`` and
+``docs/proofs/frequency-bounds.md#lemma-grid-continuity``.
 """
 
 from __future__ import annotations

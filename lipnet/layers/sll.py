@@ -39,6 +39,8 @@ AM-GM inequality applied to ``T^(-1/2) G T^(-1/2)``), adding the float64 roundin
 explicitly (``|fl(G_ij) - G_ij| <= gamma_N (|W|^T |W|)_ij``, Higham, "Accuracy and Stability of
 Numerical Algorithms", 2002, §3.1). The bound is ``max(1, 2 rho - 1)``: exactly 1 when the scales
 are correct, ``1 + O(1e-6)`` when float32 rounding left them slightly small.
+
+Proofs: ``docs/proofs/residual-blocks.md#lemma-sll`` and ``#lemma-sll-check``.
 """
 
 from __future__ import annotations
