@@ -34,13 +34,8 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
-from lipnet.layers.base import (
-    Exportable,
-    InputSizeUnknownError,
-    frozen_conv2d,
-    frozen_linear,
-    redefines_behaviour,
-)
+from certify.contract import redefines_behaviour
+from lipnet.layers.base import Exportable, InputSizeUnknownError, frozen_conv2d, frozen_linear
 
 __all__ = ["export"]
 
@@ -51,7 +46,7 @@ def _exports(module: nn.Module) -> TypeGuard[Exportable]:
     if not isinstance(module, Exportable):
         return False
     owner = next((k for k in type(module).__mro__ if "export" in k.__dict__), None)
-    return owner is not None and not redefines_behaviour(module, owner)
+    return owner is not None and not redefines_behaviour(type(module), owner)
 
 
 def _child(path: str, name: str) -> str:
@@ -74,9 +69,9 @@ def _replacement(module: nn.Module, path: str) -> nn.Module:
                 f"{type(module).__name__} at '{path}': {err} "
                 "(or pass lipnet.export(model, input_shape=(C, H, W)))"
             ) from None
-    if isinstance(module, nn.Conv2d) and not redefines_behaviour(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and not redefines_behaviour(type(module), nn.Conv2d):
         return frozen_conv2d(module)
-    if isinstance(module, nn.Linear) and not redefines_behaviour(module, nn.Linear):
+    if isinstance(module, nn.Linear) and not redefines_behaviour(type(module), nn.Linear):
         return frozen_linear(module)
     return module
 

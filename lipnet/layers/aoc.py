@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from certify.contract import redefines_behaviour
 from certify.conv_norm import conv_operator_bound
-from lipnet.layers.base import eval_mode, frozen_conv2d, redefines_behaviour
+from lipnet.layers.base import eval_mode, frozen_conv2d
 from lipnet.layers.bjorck import gram_norm_bound
 
 __all__ = ["AOC_BJORCK_ITERATIONS", "AOCConv2d", "GramPrescale"]
@@ -178,7 +179,7 @@ class AOCConv2d(nn.Module):
         The layer applies its kernel through ``self.conv._conv_forward``; when the wrapped class redefines
         it, no plain layer is known to compute the same, and the layer itself is returned.
         """
-        if redefines_behaviour(self.conv, nn.Conv2d, ("_conv_forward",)):
+        if "_conv_forward" in redefines_behaviour(type(self.conv), nn.Conv2d):
             return self
         with eval_mode(self):
             return frozen_conv2d(self.conv, self.kernel())

@@ -1,8 +1,9 @@
 """What every lipnet layer shares: the two protocols, the bounded bases, the frozen copies.
 
-* :class:`LipschitzBounded`: the ``lipschitz_bound(input_shape=None)`` contract that ``certify``
-  composes (a sound float64 upper bound of the module's L2 Lipschitz constant, from its actual
-  weights, for inputs of ``input_shape`` per sample when given and for every input size otherwise).
+* :class:`LipschitzBounded` (:mod:`certify.contract`'s, re-exported): the
+  ``lipschitz_bound(input_shape=None)`` contract that ``certify`` composes (a sound float64 upper
+  bound of the module's L2 Lipschitz constant, from its actual weights, for inputs of
+  ``input_shape`` per sample when given and for every input size otherwise).
 * :class:`Exportable`: ``export()`` returns the plain frozen form of a module, what
   :func:`lipnet.export` puts in its place.
 * :class:`BoundedConv2d` / :class:`BoundedLinear`: an ``nn.Conv2d`` / ``nn.Linear`` whose weight a
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.bounds import matrix_spectral_norm
+from certify.contract import LipschitzBounded
 from certify.conv_norm import configured_conv_bound
 
 __all__ = [
@@ -32,30 +34,10 @@ __all__ = [
     "eval_mode",
     "frozen_conv2d",
     "frozen_linear",
-    "redefines_behaviour",
     "set_frozen_weights",
 ]
 
-#: The methods through which torch's layers compute: a subclass that redefines one computes something else.
-_BEHAVIOUR_METHODS = ("forward", "_conv_forward")
-
 _Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
-
-
-@runtime_checkable
-class LipschitzBounded(Protocol):
-    """A module that states a sound upper bound of its own L2 Lipschitz constant.
-
-    ``lipschitz_bound(input_shape=None)`` returns, in float64, an upper bound that holds (never an
-    estimate: a power iteration that has not converged is a lower estimate and may not be returned)
-    of the Lipschitz constant of the module's map w.r.t. its input, computed from the weights it
-    uses in its current mode; for per-sample inputs of ``input_shape`` when given (e.g. exact for a
-    convolution on that size), for every input size otherwise. ``certify.bounds.lipschitz_bound``
-    uses it in preference to any rule of its own. ``isinstance(m, LipschitzBounded)`` checks that
-    the method exists, not that it is sound: the soundness tests (``tests/test_soundness.py``) do.
-    """
-
-    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float: ...
 
 
 @runtime_checkable
@@ -80,23 +62,6 @@ class InputSizeUnknownError(ValueError):
     :func:`lipnet.export` answers it by one forward pass of a zero batch when it knows the input shape
     (its ``input_shape`` argument or the model's ``input_shape`` attribute).
     """
-
-
-def redefines_behaviour(
-    module: nn.Module, base: type[nn.Module], methods: tuple[str, ...] = _BEHAVIOUR_METHODS
-) -> bool:
-    """Whether ``module`` may compute something else than ``base`` does with the same weights.
-
-    True when a class between ``type(module)`` and ``base`` in the method resolution order defines one
-    of ``methods`` (torch's generated ``Parametrized...`` class only adds properties), and when
-    ``module`` is not an instance of ``base`` at all.
-    """
-    for klass in type(module).__mro__:
-        if klass is base:
-            return False
-        if any(name in klass.__dict__ for name in methods):
-            return True
-    return True
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lipnet.layers.base import redefines_behaviour
+from certify.contract import redefines_behaviour
 
 __all__ = ["CachedParametrization", "EvalCache", "EvalTensorCache", "attach", "check_attachable"]
 
@@ -39,7 +39,7 @@ def check_attachable(module: nn.Module, bases: tuple[type[nn.Module], ...], what
     if base is None:
         names = " or ".join(b.__name__ for b in bases)
         raise TypeError(f"{what} attaches to {names} modules, got {type(module).__name__}")
-    if redefines_behaviour(module, base):
+    if redefines_behaviour(type(module), base):
         raise TypeError(
             f"{type(module).__qualname__} redefines the computation of {base.__name__}, so the guarantee of "
             f"{what} on its weight would not hold for it"
