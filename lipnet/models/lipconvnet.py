@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certify.contract import redefines_behaviour
 from lipnet.activations import MaxMin
 from lipnet.layers.kinds import LayerKind, get_layer_kind
 from lipnet.models.registry import register_model
@@ -191,7 +192,7 @@ class LipConvNet(LipschitzSequential):
             raise TypeError(f"LipConvNet must end with FirstChannels, ends with {type(first).__name__}")
         n = first.channels
         with torch.no_grad():
-            if isinstance(dense, nn.Linear) and type(dense).forward is nn.Linear.forward:
+            if isinstance(dense, nn.Linear) and not redefines_behaviour(type(dense), nn.Linear):
                 weight = dense.weight.detach()[:n].clone()
                 bias = None if dense.bias is None else dense.bias.detach()[:n].clone()
                 body = self[:-2]
