@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_attention_common import TOL, grads_flow, measured_lipschitz
+from test_attention_common import TOL, grads_flow, measured_lipschitz, sharpen
 from torch import Tensor
 
 from certify.exact import jacobian_spectral_norm
@@ -52,6 +52,49 @@ def test_l2_mha_bound_and_normalization() -> None:
     assert measured_lipschitz(module, SHAPE, (0.3, 3.0, 30.0)) <= bound * (1 + TOL)
     module.normalize = True
     assert measured_lipschitz(module, SHAPE, (0.5, 30.0)) <= 1 + TOL
+
+
+def _l2_far_tokens(query_scale: float, normalize: bool) -> tuple[L2MultiheadAttention, Tensor]:
+    """dim 2, one head, ``W_Q = query_scale I``, ``W_V = W_O = I``, and two tokens far apart."""
+    module = L2MultiheadAttention(2, heads=1, normalize=normalize).double()
+    with torch.no_grad():
+        module.query.weight.copy_(query_scale * torch.eye(2))
+        module.value.weight.copy_(torch.eye(2))
+        module.out.weight.copy_(torch.eye(2))
+        module.out.bias.zero_()
+    return module, torch.tensor([[0.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
+
+
+def test_l2_mha_bound_is_quadratic_in_the_query_weights() -> None:
+    # Scaling W_Q by t and X by 1/t leaves P unchanged and scales f by 1/t: the Lipschitz constant is
+    # t^2 times larger. With W_Q = 10 I and tokens 50 apart in query space, P = I to machine precision
+    # and f = X A W_V^T with A = 100 I / sqrt 2: ||J(X)|| = 100 / sqrt 2, more than twice the bound
+    # sqrt(N / d) (4 W_0(N / e) + 1) ||W_Q|| ||W_V|| ||W_O|| = 28.5 (Kim et al.'s, linear in W_Q).
+    module, x = _l2_far_tokens(10.0, normalize=False)
+    jacobian = jacobian_spectral_norm(module, x)
+    assert jacobian == pytest.approx(100 / math.sqrt(2), rel=1e-9)
+    assert jacobian <= module.lipschitz_bound((2, 2))
+    small, _ = _l2_far_tokens(1.0, normalize=False)
+    # W_Q enters as ||W_V W_Q^T|| ||W_Q||: exactly quadratic, up to the float64 rounding of the norms.
+    assert module.lipschitz_bound((2, 2)) == pytest.approx(100 * small.lipschitz_bound((2, 2)), rel=1e-12)
+    normalized, _ = _l2_far_tokens(10.0, normalize=True)
+    assert jacobian_spectral_norm(normalized, x) <= 1 + TOL
+
+
+@pytest.mark.parametrize("factor", [3.0, 10.0, 30.0, 100.0])
+def test_l2_mha_bound_holds_for_large_weights(factor: float) -> None:
+    # Every parameter times ``factor``: the Lipschitz constant grows like factor^4 (W_Q twice, W_V, W_O).
+    # At 30 and 100 the ascent beats a bound linear in W_Q (factor^3) by 1.07x and 3.0x; normalised by
+    # it, the module is 2.0- and 5.5-Lipschitz. Small inputs matter: the worst points shrink like 1 / ||W_Q||.
+    torch.manual_seed(0)
+    module = sharpen(L2MultiheadAttention(4, heads=2, normalize=False).double(), factor)
+    bound = module.lipschitz_bound(SHAPE)
+    measured = measured_lipschitz(module, SHAPE, (0.1 / factor, 0.1, 3.0))
+    assert measured <= bound * (1 + TOL)
+    assert measured > bound / 20  # the ascent found the factor^4 growth: the test can fail
+    torch.manual_seed(0)
+    normalized = sharpen(L2MultiheadAttention(4, heads=1).double(), factor)
+    assert measured_lipschitz(normalized, (3, 4), (0.1 / factor, 0.1, 3.0)) <= 1 + TOL
 
 
 def _untied_l2_attention(wq: Tensor, wv: Tensor) -> callable:  # type: ignore[valid-type]

@@ -118,18 +118,22 @@ class L2MultiheadAttention(NormalizedModule):
     Head ``h`` (``d = dim / heads``): ``P^h_ij = softmax_j(-||W_Q^h x_i - W_Q^h x_j||^2 / sqrt d)``,
     keys tied to queries (``W_K = W_Q``), and the value path of the paper,
     ``f^h = P^h X A_h W_V^h^T`` with ``A_h = W_Q^h^T W_Q^h / sqrt d``; output
-    ``[f^1 .. f^H] W_O^T + b_O``. Their Theorem 3.2 bounds the L2 Lipschitz constant by
+    ``[f^1 .. f^H] W_O^T + b_O``. Bound (proof: ``docs/proofs/attention.md#lemma-l2-attention``),
+    with ``w = W_0((N - 1) / e)`` (``W_0`` the principal Lambert W function, a float64 upper bound):
 
-        L = sqrt(N / d) (4 W_0(N / e) + 1) sqrt(sum_h ||W_Q^h||^2 ||W_V^h||^2) ||W_O||
+        L_h = ||W_V^h W_Q^h^T|| ||W_Q^h|| (sqrt(N) (1 + 2 w) + 2 w) / sqrt(d),
+        L = ||W_O|| sqrt(sum_h L_h^2).
 
-    (``W_0`` the principal Lambert W function, evaluated here as a float64 upper bound), which
-    grows like ``sqrt(N) log N``: a finite bound needs the sequence length, so ``lipschitz_bound(None)``
-    is ``inf`` unless ``normalize=True`` (the forward divides by the bound for the actual ``N``).
-    Guarantee: ``L``-Lipschitz on all of R^{N x dim}; with ``normalize=True`` at most 1-Lipschitz
-    (up to the rounding of ``L``). Caveat (``docs/proofs/attention.md#lemma-l2-attention``): the
-    Lipschitz constant is quadratic in ``||W_Q^h||`` (its proof there gives ``||W_Q^h||^4`` under the
-    root), so this ``L``, linear in ``||W_Q^h||``, fails for large query weights: with ``W_Q = 10 I``
-    the map is about 2.5 times this ``L`` (counterexample in that section).
+    ``f^h_i = (W_V^h W_Q^h^T / sqrt d) sum_j P_ij q_j`` with ``q = W_Q^h x``, and the map
+    ``Q -> P Q`` is ``sqrt(N) (1 + 2 w) + 2 w``-Lipschitz. The bound is quadratic in ``W_Q^h``, as the
+    Lipschitz constant is (scaling ``W_Q`` by ``t`` scales it by ``t^2``); Kim et al.'s Theorem 3.2,
+    ``sqrt(N / d) (4 W_0(N / e) + 1) sqrt(sum_h ||W_Q^h||^2 ||W_V^h||^2) ||W_O||``, is linear in ``W_Q``
+    and fails for large query weights. ``||W_V^h W_Q^h^T||`` is the float64 norm of the computed
+    product plus its rounding ``gamma_d ||W_V^h||_F ||W_Q^h||_F``, capped by ``||W_V^h|| ||W_Q^h||``.
+    ``L`` grows like ``sqrt(N) log N``: a finite bound needs the sequence length, so
+    ``lipschitz_bound(None)`` is ``inf`` unless ``normalize=True`` (the forward divides by the bound for
+    the actual ``N``). Guarantee: ``L``-Lipschitz on all of R^{N x dim}; with ``normalize=True`` at most
+    1-Lipschitz (up to the rounding of ``L``).
 
     The tying and the value path are what make the map Lipschitz: with an untied value
     projection ``P^h X W_V^T``, token components in the null space of ``W_Q^h`` leave the scores
@@ -174,14 +178,23 @@ class L2MultiheadAttention(NormalizedModule):
             return self.out.weight.new_tensor(math.inf, dtype=torch.float64)
         n = input_shape[0]
         d = self.head_dim
+        # Lip(Q -> P Q) for N tokens; (n - 1) / e rounds by half an ulp, which SLACK covers (W_0' <= 1).
+        w = lambert_w0_upper((n - 1) / math.e)
+        mixing = (math.sqrt(n) * (1.0 + 2.0 * w) + 2.0 * w) * SLACK / math.sqrt(d)
+        # Higham's gamma_d = d u / (1 - d u) for the float64 product W_V W_Q^T (inner dimension dim).
+        gamma = self.dim * 2.0**-53 / (1.0 - self.dim * 2.0**-53)
         total = self.out.weight.new_zeros((), dtype=torch.float64)
         for h in range(self.heads):
             rows = slice(h * d, (h + 1) * d)
-            total = (
-                total + (spectral_norm(self.query.weight[rows]) * spectral_norm(self.value.weight[rows])) ** 2
-            )
-        factor = math.sqrt(n / d) * (4.0 * lambert_w0_upper(n / math.e) + 1.0) * SLACK
-        return factor * total.sqrt() * spectral_norm(self.out.weight)
+            wq = self.query.weight[rows].to(torch.float64)
+            wv = self.value.weight[rows].to(torch.float64)
+            query = spectral_norm(wq)
+            # ||W_V W_Q^T|| <= ||fl(W_V W_Q^T)|| + ||fl - exact||_F, the error entrywise at most
+            # gamma_d (|W_V| |W_Q|^T), whose Frobenius norm is at most ||W_V||_F ||W_Q||_F.
+            rounding = gamma * torch.linalg.matrix_norm(wv) * torch.linalg.matrix_norm(wq) * SLACK
+            product = torch.minimum(spectral_norm(wv @ wq.T) + rounding, spectral_norm(wv) * query)
+            total = total + (product * query) ** 2
+        return mixing * total.sqrt() * SLACK * spectral_norm(self.out.weight)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}"
