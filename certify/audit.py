@@ -422,7 +422,7 @@ def audit(
         timings["bound"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        logits, labels, kept_x, kept_y = [], [], [], []
+        logits, labels, norms, kept_x, kept_y = [], [], [], [], []
         count = 0
         for x, y in tqdm(chain([first], batches), desc="certify", disable=not progress, leave=False):
             x, y = _check_batch(x, y, shape)
@@ -442,6 +442,7 @@ def audit(
                 )
             logits.append(out.detach().cpu())
             labels.append(y.cpu().long())
+            norms.append(x.detach().flatten(1).double().norm(dim=1).cpu())  # the forward slack's scale
             if count < n_attack:
                 kept_x.append(x[: n_attack - count])
                 kept_y.append(y[: n_attack - count].to(device).long())
@@ -453,11 +454,15 @@ def audit(
         if analysis.head_weight is not None and analysis.body_bound is not None:
             rule = "last-layer"
             radii = certified_radius(
-                all_logits, all_labels, analysis.body_bound, last_layer_weight=analysis.head_weight
+                all_logits,
+                all_labels,
+                analysis.body_bound,
+                last_layer_weight=analysis.head_weight,
+                input_norms=torch.cat(norms),
             )
         else:
             rule = "global"
-            radii = certified_radius(all_logits, all_labels, analysis.bound)
+            radii = certified_radius(all_logits, all_labels, analysis.bound, input_norms=torch.cat(norms))
         timings["certify"] = time.perf_counter() - start
 
         # The per-layer lower estimates (the slow part of the bound) come after the outputs are

@@ -24,23 +24,19 @@ from torch import nn
 
 import certify.rules  # noqa: F401  (registers the bounds of plain torch layers: step 2)
 from certify.contract import (
-    FLOAT64_SLACK,  # SHIM: removed after the issue-12 move (home: certify.contract)
     Shape,
     UnboundableModuleError,
     has_bound,
     leaf_bound,
-    matrix_spectral_norm,  # SHIM: removed after the issue-12 move (home: certify.contract)
     register_bound,
 )
 from certify.graph import graph_bound
 
 __all__ = [
-    "FLOAT64_SLACK",  # SHIM: removed after the issue-12 move
     "UnboundableModuleError",
     "has_bound",
     "input_shapes",
     "lipschitz_bound",
-    "matrix_spectral_norm",  # SHIM: removed after the issue-12 move
     "module_bound",
     "register_bound",
 ]

@@ -14,8 +14,12 @@ Formulas (all in float64):
 
 A sample is certified at eps when it is correctly classified **and** ``r(x) > eps`` (strict).
 The logits come from a float32 (or float64) forward pass; its rounding is covered by
-subtracting ``2 * slack * max_k |f_k(x)|`` from every margin, with ``slack`` = 1e-5 for float32
-logits (about 100 ulps of accumulated error, relative to the largest logit) and 1e-12 for float64.
+subtracting ``2 * slack * (max_k |f_k(x)| + L_f ||x||_2)`` from every margin, with ``L_f`` the bound
+of the whole map (``L`` for the global rule, ``L_g ||W||_2`` for the last-layer rule) and ``slack``
+= 1e-5 for float32 logits (about 170 ulps of the computation's magnitude) and 1e-12 for float64.
+The scale is that of the computation, not of its result: the rounding error of ``w . x + b`` is
+relative to ``|w| |x|``, which a cancelling bias hides from the logits but not from ``L_f ||x||``.
+Without the input norms that scale is unknown, and no sample is certified.
 Half-precision logits are refused: certify in float32 or float64.
 
 Proofs: ``docs/proofs/certificates.md`` (``#lemma-global-rule``, ``#lemma-last-layer-rule``,
@@ -35,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certify.bounds import lipschitz_bound
+from certify.contract import matrix_spectral_norm
 
 __all__ = [
     "DEFAULT_EPS",
@@ -52,7 +57,8 @@ __all__ = [
 
 DEFAULT_EPS: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
 
-#: Rounding allowance of a forward pass, relative to the largest logit, per logit dtype (module doc).
+#: Rounding allowance of a forward pass per logit dtype, relative to ``max_k |f_k(x)| + L_f ||x||_2``
+#: (module doc; ``docs/proofs/numerics.md#lemma-forward-slack``).
 FORWARD_SLACK: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 #: Unit roundoff of float64.
@@ -159,29 +165,54 @@ def row_distances(weight: torch.Tensor, *, chunk_elements: int = _CHUNK_ELEMENTS
     return out
 
 
+def _input_norms(input_norms: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
+    """``input_norms`` checked and broadcast to a float64 tensor of shape ``(n,)``."""
+    if isinstance(input_norms, torch.Tensor):
+        norms = input_norms.detach().to(device=device, dtype=torch.float64)
+        if norms.ndim == 0:
+            norms = norms.expand(n)
+        if norms.shape != (n,):
+            raise ValueError(f"input_norms must have shape ({n},) (one per sample), got {tuple(norms.shape)}")
+    elif isinstance(input_norms, (int, float)) and not isinstance(input_norms, bool):
+        norms = torch.full((n,), float(input_norms), dtype=torch.float64, device=device)
+    else:
+        raise ValueError(f"input_norms must be a tensor or a number, got {type(input_norms).__name__}")
+    if bool(torch.isnan(norms).any()) or bool((norms < 0).any()):
+        raise ValueError("input_norms must be >= 0 (the L2 norms of the inputs)")
+    return norms
+
+
 def certified_radius(
     logits: torch.Tensor,
     labels: torch.Tensor,
     lipschitz: float,
     *,
     last_layer_weight: torch.Tensor | None = None,
+    input_norms: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Certified L2 radius of each sample, float64, 0 where the sample is misclassified.
 
     ``lipschitz`` is a sound bound of the whole map ``f`` (global rule) or, when
     ``last_layer_weight`` W is given, of the map ``g`` feeding the last linear layer
     ``f = W g + b`` (last-layer rule). Ties count as misclassified.
+
+    ``input_norms`` are the L2 norms ``||x||_2`` of the inputs that produced the logits (shape
+    ``(N,)``, e.g. ``x.flatten(1).norm(dim=1)``), or one number at least every one of them. Every
+    margin is reduced by ``2 * FORWARD_SLACK[dtype] * (max_k |f_k(x)| + L_f ||x||_2)`` (``L_f`` =
+    ``lipschitz``, or ``lipschitz * ||W||_2`` for the last-layer rule), the allowance for the
+    rounding of the forward pass (``docs/proofs/numerics.md#lemma-forward-slack``). The default,
+    ``None``, means the norms are unknown: the rounding then has no known bound (a bias that cancels
+    ``w . x`` leaves small logits with the error of large products), so **no sample is certified**
+    (every radius is 0). Pass ``0.0`` only for logits that were not computed from an input.
     """
     _check_inputs(logits, labels, lipschitz)
     slack = FORWARD_SLACK[logits.dtype]
     f = logits.detach().to(torch.float64)
     y = labels.detach().to(device=f.device, dtype=torch.long)
-    c = f.shape[1]
-    fy = f.gather(1, y[:, None])
-    margins = fy - f  # (N, C): f_y - f_j
-    margins = margins - 2.0 * slack * f.abs().amax(dim=1, keepdim=True)
-    others = torch.ones_like(f, dtype=torch.bool).scatter_(1, y[:, None], False)
+    n, c = f.shape
+    norms = None if input_norms is None else _input_norms(input_norms, n, f.device)
     if last_layer_weight is None:
+        map_bound = float(lipschitz)
         denom = torch.full_like(f, math.sqrt(2.0) * float(lipschitz))
     else:
         w = last_layer_weight.detach().to(device=f.device, dtype=torch.float64)
@@ -189,8 +220,17 @@ def certified_radius(
             raise ValueError(f"last_layer_weight must have shape ({c}, features), got {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             raise ValueError("last_layer_weight contains NaN or Inf")
+        map_bound = float(lipschitz) * matrix_spectral_norm(w)
         # (1 + 1e-12) covers the rounding of the product and of the division below
         denom = float(lipschitz) * row_distances(w)[y] * (1.0 + 1e-12)
+    if norms is None:
+        return torch.zeros(n, dtype=torch.float64, device=f.device)
+    fy = f.gather(1, y[:, None])
+    margins = fy - f  # (N, C): f_y - f_j
+    # the forward pass's rounding, relative to the magnitude of the computation (module doc)
+    scale = f.abs().amax(dim=1, keepdim=True) + map_bound * norms[:, None]
+    margins = margins - 2.0 * slack * scale
+    others = torch.ones_like(f, dtype=torch.bool).scatter_(1, y[:, None], False)
     with torch.no_grad():
         ratio = torch.where(denom > 0, margins / denom, torch.where(margins > 0, math.inf, -math.inf))
         ratio = ratio.masked_fill(~others, math.inf)
@@ -318,7 +358,8 @@ def certify(
     last-layer rule when the model has a linear head and ``last_layer`` is true) for the input
     shape of the first batch, unless ``lipschitz`` is given (then the global rule is used and the
     value is trusted as a bound of the whole model). The forward pass runs in float32 with autocast
-    off, on the model's device.
+    off, on the model's device; the norms of the inputs it saw set the scale of its rounding
+    allowance (:func:`certified_radius`).
     """
     eps_values = [parse_eps(e) for e in eps]
     param = next(iter(model.parameters()), None)
@@ -329,7 +370,7 @@ def certify(
     split = split_head(model) if (last_layer and lipschitz is None) else None
     bound: float | None = lipschitz
     head_w: torch.Tensor | None = None
-    all_logits, all_labels = [], []
+    all_logits, all_labels, all_norms = [], [], []
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for x, y in tqdm(loader, desc="certify", disable=not progress, leave=False):
@@ -345,13 +386,15 @@ def certify(
                         bound = lipschitz_bound(model, shape)
                 all_logits.append(model(x).to(dtype).cpu())
                 all_labels.append(y.cpu())
+                all_norms.append(x.flatten(1).to(torch.float64).norm(dim=1).cpu())
     finally:
         model.train(was_training)
     if not all_logits or bound is None:
         raise ValueError("the loader yielded no batches")
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
-    radii = certified_radius(logits, labels, bound, last_layer_weight=head_w)
+    norms = torch.cat(all_norms)
+    radii = certified_radius(logits, labels, bound, last_layer_weight=head_w, input_norms=norms)
     preds = logits.argmax(dim=1)
     return CertificationResult(
         n=len(labels),

@@ -213,9 +213,12 @@ def certified_per_task_accuracy(
     labels: Mapping[str, Tensor],
     lipschitz: Mapping[str, float],
     eps: float | str,
+    *,
+    input_norms: Tensor | float | None = None,
 ) -> dict[str, float]:
     """Certified accuracy of each task's head at ``eps`` (``certify.radius.certified_radius`` with that
-    head's sound bound ``lipschitz[task]``). Also the certified bag accuracy (one "task")."""
+    head's sound bound ``lipschitz[task]`` and the inputs' norms ``input_norms``, the scale of the
+    forward pass's rounding: without them nothing is certified). Also the certified bag accuracy."""
     if set(logits) != set(labels) or set(logits) != set(lipschitz):
         raise ValueError("logits, labels and lipschitz must name the same tasks")
     out = {}
@@ -223,5 +226,6 @@ def certified_per_task_accuracy(
         lip = float(lipschitz[k])
         if not math.isfinite(lip) or lip <= 0:
             raise ValueError(f"task {k!r}: the Lipschitz bound must be finite and > 0, got {lip!r}")
-        out[k] = certified_accuracy(certified_radius(logits[k].detach(), labels[k], lip), eps)
+        radii = certified_radius(logits[k].detach(), labels[k], lip, input_norms=input_norms)
+        out[k] = certified_accuracy(radii, eps)
     return out

@@ -16,7 +16,7 @@ certified model needs:
   :func:`~lipnet.layers.bjorck.gram_norm_bound`) instead of orthogonium's default power
   iteration, a lower estimate that can leave singular values outside Björck's region of
   convergence and that changes the kernel on every evaluation;
-* ``lipschitz_bound()`` is :func:`certify.conv_norm.conv_operator_bound` of the actual kernel as
+* ``lipschitz_bound()`` is :func:`certify.rules.conv.conv_operator_bound` of the actual kernel as
   configured, never an assumed 1.
 """
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from certify.contract import redefines_behaviour
-from certify.conv_norm import conv_operator_bound
+from certify.rules.conv import conv_operator_bound
 from lipnet.layers.base import eval_mode, frozen_conv2d
 from lipnet.layers.bjorck import gram_norm_bound
 

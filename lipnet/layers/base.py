@@ -21,9 +21,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from certify.bounds import matrix_spectral_norm
-from certify.contract import LipschitzBounded
-from certify.conv_norm import configured_conv_bound
+from certify.contract import LipschitzBounded, matrix_spectral_norm
+from certify.rules.conv import configured_conv_bound
 
 __all__ = [
     "BoundedConv2d",
@@ -132,7 +131,7 @@ def frozen_linear(layer: nn.Linear) -> nn.Linear:
 class BoundedConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` whose kernel is constrained by a parametrization (AOL, Björck, linear residual).
 
-    ``lipschitz_bound(input_shape=None)`` is ``certify.conv_norm.conv_operator_bound`` of the actual
+    ``lipschitz_bound(input_shape=None)`` is ``certify.rules.conv.conv_operator_bound`` of the actual
     kernel for the layer as configured (padding and padding mode, stride, dilation, groups): a sound
     float64 bound for every input size, or for the given per-sample ``(C, H, W)``. The
     parametrization makes the layer 1-Lipschitz by construction (see each subclass); the bound

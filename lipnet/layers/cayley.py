@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certify.bounds import FLOAT64_SLACK
+from certify.contract import FLOAT64_SLACK
 from lipnet.layers.base import InputSizeUnknownError, eval_mode
 from lipnet.layers.parametrization import CachedParametrization
 

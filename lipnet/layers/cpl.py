@@ -81,7 +81,7 @@ the gradient of the grid bound at the anchor (see the class).
 
 ``lipschitz_bound()`` rechecks the step in float64 from the actual weights: with ``a`` a sound
 float64 bound of ``||W||_2`` (exact SVD for the dense layer,
-:func:`certify.conv_norm.conv_operator_bound` for the convolution) and the ``h^2`` the forward pass
+:func:`certify.rules.conv.conv_operator_bound` for the convolution) and the ``h^2`` the forward pass
 uses, the Lipschitz constant is at most ``max(1, 2 a^2 / h^2 - 1)``.
 
 Proofs: ``docs/proofs/residual-blocks.md#lemma-cpl``, ``docs/proofs/frequency-bounds.md``
@@ -96,8 +96,8 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from certify.bounds import FLOAT64_SLACK, matrix_spectral_norm
-from certify.conv_norm import conv_operator_bound
+from certify.contract import FLOAT64_SLACK, matrix_spectral_norm
+from certify.rules.conv import conv_operator_bound
 from lipnet.layers.bjorck import gram_norm_bound
 from lipnet.layers.gradient_step import GradientStepBlock
 from lipnet.layers.parametrization import EvalTensorCache

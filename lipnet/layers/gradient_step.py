@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certify.bounds import FLOAT64_SLACK, matrix_spectral_norm
-from certify.conv_norm import conv_operator_bound
+from certify.contract import FLOAT64_SLACK, matrix_spectral_norm
+from certify.rules.conv import conv_operator_bound
 from lipnet.layers.base import eval_mode, set_frozen_weights
 from lipnet.layers.parametrization import EvalTensorCache
 

@@ -9,7 +9,7 @@ the merged kernel, which can be far below ``1 + ||conv_K||`` (the bound of a gen
 
 Differentiable sound normalisation. For zero padding (every input size) and circular padding
 (every size) the operator norm is at most ``sup_w sigma_max(K(w))``, the sup over the torus of
-the symbol ``K(w) = sum_t W_t exp(-i <t, w>)`` (``certify.conv_norm``, items 2 and 4). Let
+the symbol ``K(w) = sum_t W_t exp(-i <t, w>)`` (:mod:`certify.rules.conv`, items 2 and 4). Let
 ``H(w) = K(w)^H K(w)`` (offsets ``|e_i| <= k_i - 1``), ``lambda* = max_w lambda_max(H(w))``
 attained at ``w*`` with unit eigenvector ``v``. Every ``w*`` lies within ``h_i = pi / N_i`` per axis
 of a point ``c`` of the ``N_1 x N_2`` DFT grid. ``phi(t) = v^H H(w* + t (c - w*)) v`` is a real
@@ -136,7 +136,7 @@ class LinearResidualConv2d(BoundedConv2d):
     An ``nn.Conv2d(channels, channels, kernel_size, padding='same')`` whose weight is parametrized
     by :class:`ResidualKernel`: ``weight = W + delta`` (``delta`` the identity at the centre tap), so
     ``y = conv_W(x) + x + bias`` exactly, computed by one convolution. ``lipschitz_bound()`` is
-    ``certify.conv_norm.conv_operator_bound`` of the merged kernel (exact for circular padding
+    ``certify.rules.conv.conv_operator_bound`` of the merged kernel (exact for circular padding
     and a known size, a sound all-size bound for zero padding), not ``1 + ||conv_W||``.
 
     Guarantee: none by construction when ``normalize=False`` (the bound tells the constant); with

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certify.bounds import FLOAT64_SLACK
+from certify.contract import FLOAT64_SLACK
 from lipnet.layers.gradient_step import GradientStepBlock
 from lipnet.layers.parametrization import EvalTensorCache
 

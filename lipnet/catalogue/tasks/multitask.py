@@ -112,6 +112,7 @@ class MultitaskTask(CatalogueTask):
                 {"class": ds.labels, "colour": colour},
                 {"class": bounds["class"], "colour": bounds["colour"]},
                 e,
+                input_norms=ds.images.flatten(1).double().norm(dim=1),
             )
             c["mask_pixel"] = certified_pixel_fraction(seg, mask, bounds["mask"], e)
             per_task[format_eps(e)] = {k: round(v, 4) for k, v in c.items()}
