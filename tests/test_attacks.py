@@ -34,7 +34,7 @@ def test_pgd_reaches_the_exact_boundary_of_a_linear_model() -> None:
     model = _train(nn.Sequential(nn.Linear(20, 5)), x, y)
     with torch.no_grad():
         logits = model(x)
-    r = certified_radius(logits, y, 1.0, last_layer_weight=model[0].weight).float()
+    r = certified_radius(logits, y, 1.0, last_layer_weight=model[0].weight, input_norms=x.norm(dim=1)).float()
     ok = r > 0
     assert ok.sum() > 100
     outside = flips_within_radius(model, x[ok], y[ok], r[ok], shrink=1.02, steps=60, restarts=1, targets=4)
@@ -55,7 +55,8 @@ def test_no_flip_inside_certified_radii_of_trained_mlps(act: type[nn.Module]) ->
     with torch.no_grad():
         logits = model(x)
     lip = lipschitz_bound(model[:-1], (3, 4, 4))
-    radii = certified_radius(logits, y, lip, last_layer_weight=model[-1].weight)
+    norms = x.flatten(1).norm(dim=1)
+    radii = certified_radius(logits, y, lip, last_layer_weight=model[-1].weight, input_norms=norms)
     assert (radii > 0).sum() > 50
     flips = flips_within_radius(model, x, y, radii.float(), steps=40, restarts=1)
     assert not flips.any()

@@ -116,20 +116,29 @@ def _product_error_bound(head: nn.Linear, inputs: Tensor) -> Tensor:
 
 
 def _radius_tolerance(
-    own_bound: float, copy_bound: float, own_logits: Tensor, copy_logits: Tensor, head_weight: Tensor
+    own_bound: float,
+    copy_bound: float,
+    own_logits: Tensor,
+    copy_logits: Tensor,
+    head_weight: Tensor,
+    input_norm: float,
 ) -> tuple[float, float]:
     """``(rtol, atol)`` such that the copy's last-layer radii are within ``atol + rtol r`` of ``r``.
 
     ``certified_radius`` gives ``r = max(0, min_j (m_j - s) / (L d_j))`` with ``m_j = f_y - f_j``,
-    ``s = 2e-5 max_k |f_k|`` and ``d_j = ||w_y - w_j||``, the same on both sides (the same head
-    weight). With ``delta = max |f' - f|`` (both forward passes, which ``certify`` repeats on the
-    same batch), ``|(m'_j - s') - (m_j - s)| <= D = (2 + 2e-5) delta``, plus ``1e-12 max|f|`` for the
-    float64 rounding of the margins and ratios (a few ``2^-53`` of ``|f_y| + |f_j| + s <= 3 max|f|``).
-    Then ``r'_j = r_j L / L' + (that) / (L' d_j)``; ``min`` and ``max(0, .)`` are 1-Lipschitz, so
-    with ``rho = max(L/L', L'/L) - 1`` and ``d_min`` the smallest row distance
-    ``|r' - r| <= rho max(r, r') + D / (min(L, L') d_min)``, i.e. (using ``max(r, r') <= r + |r' - r|``)
-    ``rtol = rho / (1 - rho)`` and ``atol = D / (min(L, L') d_min (1 - rho))``. A radius that is 0 on
-    one side only is at most that ``atol`` on the other.
+    ``s = 2e-5 (max_k |f_k| + L ||W|| ||x||)`` and ``d_j = ||w_y - w_j||``, ``W`` and ``x`` the same on
+    both sides (the same head weight and batch). Then ``r_j = R_j - c_j`` with
+    ``R_j = (m_j - 2e-5 max_k |f_k|) / (L d_j)`` and ``c_j = 2e-5 ||W|| ||x|| / d_j``, which does not
+    depend on ``L``. With ``delta = max |f' - f|`` (both forward passes, which ``certify`` repeats on
+    the same batch), the numerators of ``R`` differ by at most ``D = (2 + 2e-5) delta``, plus
+    ``1e-12 max|f|`` for the float64 rounding of the margins and ratios (a few ``2^-53`` of
+    ``|f_y| + |f_j| + s <= 3 max|f|``). Then ``R'_j = R_j L / L' + (that) / (L' d_j)``; ``min`` and
+    ``max(0, .)`` are 1-Lipschitz, so with ``rho = max(L/L', L'/L) - 1``, ``d_min`` the smallest row
+    distance and ``c = 2e-5 ||W|| max ||x|| / d_min``,
+    ``|r' - r| <= rho (max(r, r') + c) + D / (min(L, L') d_min)``, i.e. (using
+    ``max(r, r') <= r + |r' - r|``) ``rtol = rho / (1 - rho)`` and
+    ``atol = (rho c + D / (min(L, L') d_min)) / (1 - rho)``. A radius that is 0 on one side only is at
+    most that ``atol`` on the other.
     """
     w = head_weight.detach().double()
     rows = w.shape[0]
@@ -140,7 +149,10 @@ def _radius_tolerance(
     delta = float((copy_logits.double() - own_logits.double()).abs().max())
     margin_error = (2.0 + 2e-5) * delta + 1e-12 * float(own_logits.double().abs().max())
     rho = max(own_bound / copy_bound, copy_bound / own_bound) - 1.0
-    return rho / (1.0 - rho), margin_error / (min(own_bound, copy_bound) * d_min * (1.0 - rho))
+    # an upper bound of the head's norm in certify's slack term (its float64 SVD is within 1e-9 of it)
+    slack_shift = 2e-5 * float(torch.linalg.matrix_norm(w, ord=2)) * (1.0 + 1e-9) * input_norm / d_min
+    atol = (rho * slack_shift + margin_error / (min(own_bound, copy_bound) * d_min)) / (1.0 - rho)
+    return rho / (1.0 - rho), atol
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
@@ -187,7 +199,8 @@ def test_export_is_plain_with_the_same_outputs_bound_and_certificates(family: st
     assert own.rule == copy.rule == "last-layer"
     assert copy.lipschitz == pytest.approx(own.lipschitz, rel=1e-6)
     assert torch.equal(own.predictions, copy.predictions)
-    rtol, atol = _radius_tolerance(own.lipschitz, copy.lipschitz, logits, copied, own_head.weight)
+    norm = float(x.flatten(1).double().norm(dim=1).max())
+    rtol, atol = _radius_tolerance(own.lipschitz, copy.lipschitz, logits, copied, own_head.weight, norm)
     torch.testing.assert_close(copy.radii, own.radii, rtol=rtol, atol=atol)
 
 

@@ -55,7 +55,7 @@ def test_last_layer_rule_is_exact_for_linear_classifiers(seed: int, d: int, c: i
     w, b, x, y = _linear_problem(seed, 40, d, c)
     logits = x @ w.T + b
     exact = _exact_boundary_distance(w, b, x, y)
-    r = certified_radius(logits, y, 1.0, last_layer_weight=w)
+    r = certified_radius(logits, y, 1.0, last_layer_weight=w, input_norms=x.norm(dim=1))
     assert torch.all(r <= exact + 1e-12)
     scale = logits.abs().amax(dim=1) / (w.norm(dim=1).amax() + 1e-300)
     assert torch.allclose(r, exact, rtol=1e-9, atol=1e-9 * float(scale.max() + 1))
@@ -67,24 +67,79 @@ def test_global_rule_never_exceeds_the_exact_distance(seed: int, d: int, c: int)
     w, b, x, y = _linear_problem(seed, 40, d, c)
     logits = x @ w.T + b
     lip = float(torch.linalg.matrix_norm(w, ord=2))
-    glob = certified_radius(logits, y, lip)
-    last = certified_radius(logits, y, 1.0, last_layer_weight=w)
+    glob = certified_radius(logits, y, lip, input_norms=x.norm(dim=1))
+    last = certified_radius(logits, y, 1.0, last_layer_weight=w, input_norms=x.norm(dim=1))
     assert torch.all(glob <= _exact_boundary_distance(w, b, x, y) + 1e-12)
     assert torch.all(glob <= last + 1e-12)
 
 
 def test_misclassified_and_ties_get_zero() -> None:
     logits = torch.tensor([[2.0, 1.0], [1.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
-    r = certified_radius(logits, torch.tensor([0, 0, 0]), 1.0)
+    r = certified_radius(logits, torch.tensor([0, 0, 0]), 1.0, input_norms=0.0)
     assert r[0] == pytest.approx(1 / math.sqrt(2), rel=1e-9)
     assert r[1] == 0 and r[2] == 0
 
 
 def test_float32_rounding_slack_makes_radius_smaller() -> None:
     logits = torch.tensor([[1000.0, 999.0]])
-    r32 = certified_radius(logits, torch.tensor([0]), 1.0)
-    r64 = certified_radius(logits.double(), torch.tensor([0]), 1.0)
+    r32 = certified_radius(logits, torch.tensor([0]), 1.0, input_norms=0.0)
+    r64 = certified_radius(logits.double(), torch.tensor([0]), 1.0, input_norms=0.0)
     assert 0 < r32 < r64 <= 1 / math.sqrt(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_slack_is_relative_to_the_computation(dtype: torch.dtype) -> None:
+    # margin 1, L = 2, ||x|| = 3: the margin loses 2 slack (max|f| + L ||x||) = 2 slack (1 + 6)
+    slack = 1e-5 if dtype == torch.float32 else 1e-12
+    logits = torch.tensor([[1.0, 0.0]], dtype=dtype)
+    r = certified_radius(logits, torch.tensor([0]), 2.0, input_norms=torch.tensor([3.0]))
+    assert float(r) == pytest.approx((1.0 - 2 * slack * 7.0) / (2.0 * math.sqrt(2)), rel=1e-12)
+    # last-layer rule: L_f = L_g ||W||_2 = 2 * 5 for W = diag(5, 0), ||w_0 - w_1|| = 5
+    w = torch.tensor([[5.0, 0.0], [0.0, 0.0]])
+    r = certified_radius(logits, torch.tensor([0]), 2.0, last_layer_weight=w, input_norms=3.0)
+    assert float(r) == pytest.approx((1.0 - 2 * slack * 31.0) / 10.0, rel=1e-9)
+
+
+def test_unknown_input_norms_certify_nothing() -> None:
+    # Without ||x|| the rounding of the forward pass has no known bound: the safe default certifies nothing.
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 1])
+    nothing = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(certified_radius(logits, labels, 1.0), nothing)
+    assert torch.equal(certified_radius(logits, labels, 1.0, input_norms=math.inf), nothing)
+    known = certified_radius(logits, labels, 1.0, input_norms=torch.tensor([1.0, math.inf]))
+    assert known[0] > 0 and known[1] == 0
+
+
+def test_forward_slack_covers_a_bias_that_cancels_the_products() -> None:
+    # Linear(3072, 2) in float32, rows +-1/sqrt(3072), x in [0, 1]^3072, biases that cancel w . x up to
+    # +-2e-6: the logits are ~1e-6 but their rounding error is that of products of size ~28 (~1e-5).
+    # An allowance relative to max|f| (the former rule, input_norms=0 here) certifies more than the exact
+    # network's radius; one relative to max|f| + L ||x|| never does.
+    n = 3072
+    w0 = torch.full((n,), 1.0 / n**0.5)
+    w = torch.stack([w0, -w0])
+    lip = float(torch.linalg.matrix_norm(w.double(), 2))
+    label = torch.tensor([0])
+    overclaimed = 0
+    for seed in range(200):
+        x = torch.rand(1, n, generator=torch.Generator().manual_seed(seed))
+        products = (w.double() @ x.double().T).squeeze(1)
+        b = (torch.tensor([2e-6, -2e-6], dtype=torch.float64) - products).float()
+        layer = nn.Linear(n, 2)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+            f32 = layer(x)
+        # float32 products are exact in float64; the float64 sum's error (~1e-13) is far below the margins
+        exact = products + b.double()
+        # a linear map: the exact distance to the boundary is the margin over ||w_0 - w_1|| (= sqrt(2) lip)
+        true = max(float(exact[0] - exact[1]), 0.0) / float((w[0] - w[1]).double().norm())
+        norms = x.double().norm(dim=1)
+        assert float(certified_radius(f32, label, lip, input_norms=norms)) <= true
+        assert float(certified_radius(f32, label, 1.0, last_layer_weight=w, input_norms=norms)) <= true
+        overclaimed += float(certified_radius(f32, label, lip, input_norms=0.0)) > true
+    assert overclaimed > 0  # the counterexample is real: the logit-relative allowance fails here
 
 
 def test_certified_accuracy_is_strict() -> None:
@@ -138,7 +193,29 @@ def test_certify_uses_the_last_layer_rule_for_a_linear_head() -> None:
     glob = certify(model, loader, eps=("36/255",), last_layer=False, progress=False)
     assert glob.rule == "global"
     assert torch.all(glob.radii <= res.radii + 1e-12)
+    # certify passes the norms of the inputs it saw: the radii are certified_radius's with them
+    with torch.no_grad():
+        logits = torch.cat([model(xb) for xb, _ in loader])
+    norms = x.flatten(1).double().norm(dim=1)
+    head = model[3].weight
+    expected = certified_radius(logits, y, res.lipschitz, last_layer_weight=head, input_norms=norms)
+    assert torch.equal(res.radii, expected) and bool((expected > 0).any())
     assert "clean" in res.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("norms", "match"),
+    [
+        (torch.ones(3), "shape"),
+        (torch.tensor([1.0, -1.0]), ">= 0"),
+        (torch.tensor([1.0, float("nan")]), ">= 0"),
+        (-2.0, ">= 0"),
+        ("1", "tensor or a number"),
+    ],
+)
+def test_bad_input_norms_raise(norms: torch.Tensor | float | str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        certified_radius(torch.zeros(2, 3), torch.tensor([0, 1]), 1.0, input_norms=norms)  # type: ignore[arg-type]
 
 
 def _near_duplicate_problem(
@@ -182,7 +259,7 @@ def test_near_duplicate_rows_never_overclaim(c: int, dtype: torch.dtype, gap: fl
     limit = exact * (1 + 1e-12)
     result = certify(model, [(x.to(dtype), y)], eps=[0.0], progress=False)
     assert result.rule == "last-layer" and result.lipschitz == pytest.approx(1.0)
-    radii64 = certified_radius(logits, y, result.lipschitz, last_layer_weight=w)
+    radii64 = certified_radius(logits, y, result.lipschitz, last_layer_weight=w, input_norms=x.norm(dim=1))
     for radii in (result.radii, radii64):
         assert torch.all(radii <= limit), float((radii / exact.clamp_min(1e-300)).max())
     assert (radii64 > 0).sum() >= c // 2  # the float64 certificate is not vacuous

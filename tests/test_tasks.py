@@ -133,9 +133,12 @@ def test_certified_attribute_and_pixel_accuracy() -> None:
 def test_certified_per_task_matches_the_margin_formula() -> None:
     f = torch.tensor([[1.0, 0.0], [0.2, 0.0]], dtype=torch.float64)
     y = torch.tensor([0, 0])
-    # radii: 1 / sqrt(2), 0.2 / sqrt(2).
-    out = certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 1.0}, 0.5)
+    # radii: 1 / sqrt(2), 0.2 / sqrt(2) (hand-made logits of no input: input norms 0).
+    out = certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 1.0}, 0.5, input_norms=0.0)
     assert out == {"cls": 0.5}
-    assert certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 2.0}, 0.5) == {"cls": 0.0}
+    out = certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 2.0}, 0.5, input_norms=0.0)
+    assert out == {"cls": 0.0}
+    # without the input norms the forward pass's rounding has no known scale: nothing is certified
+    assert certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 1.0}, 0.5) == {"cls": 0.0}
     with pytest.raises(ValueError, match="finite"):
         certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": math.inf}, 0.5)
