@@ -172,6 +172,8 @@ class CayleyConv2d(nn.Module):
     kernel changes, so an eval forward costs two FFTs and one batched complex matrix product.
     """
 
+    input_size: Tensor  # buffer: (h, w) of the input, (0, 0) while unknown
+
     def __init__(
         self,
         in_channels: int,

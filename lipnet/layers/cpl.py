@@ -258,10 +258,9 @@ class AmortisedSymbolBound(nn.Module):
         self.groups = groups
         self.drift_tol = drift_tol
         self.drift_steps = drift_steps
-        kw_ = {"device": device, "dtype": dtype}
-        self.register_buffer("anchor", torch.zeros(weight_shape, **kw_))
-        self.register_buffer("anchor_bound", torch.full((), math.nan, **kw_))
-        self.register_buffer("tangent", torch.zeros(weight_shape, **kw_))
+        self.register_buffer("anchor", torch.zeros(weight_shape, device=device, dtype=dtype))
+        self.register_buffer("anchor_bound", torch.full((), math.nan, device=device, dtype=dtype))
+        self.register_buffer("tangent", torch.zeros(weight_shape, device=device, dtype=dtype))
 
     def drift_bound(self, weight: Tensor) -> Tensor:
         """Float64 bound ``sqrt(k_h k_w) max_g ||(W - W0)_g reshaped||_2`` of the drift's operator norm."""
@@ -422,9 +421,8 @@ class CPLLinear(_CPLBlock):
         self.inner_features = inner
         self.norm_steps = norm_steps
         self.eps = eps
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(inner, features, **kw))
-        self.bias = nn.Parameter(torch.empty(inner, **kw))
+        self.weight = nn.Parameter(torch.empty(inner, features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(inner, device=device, dtype=dtype))
         _init_parameters(self.weight, self.bias)
 
     def norm_sq(self) -> Tensor:
@@ -505,9 +503,10 @@ class CPLConv2d(_CPLBlock):
         self.grid_size = grid_size
         self.norm_steps = norm_steps
         self.eps = eps
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(inner, channels, kernel_size, kernel_size, **kw))
-        self.bias = nn.Parameter(torch.empty(inner, **kw))
+        self.weight = nn.Parameter(
+            torch.empty(inner, channels, kernel_size, kernel_size, device=device, dtype=dtype)
+        )
+        self.bias = nn.Parameter(torch.empty(inner, device=device, dtype=dtype))
         _init_parameters(self.weight, self.bias)
         self.norm_bound = AmortisedSymbolBound(
             (inner, channels, kernel_size, kernel_size),
@@ -515,7 +514,8 @@ class CPLConv2d(_CPLBlock):
             grid=grid_size,
             drift_tol=drift_tol,
             drift_steps=norm_steps,
-            **kw,
+            device=device,
+            dtype=dtype,
         )
 
     def norm_sq(self) -> Tensor:

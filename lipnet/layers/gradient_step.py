@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -99,18 +100,22 @@ class GradientStepBlock(nn.Module, ABC):
         """
         with eval_mode(self):
             weight, bias = self.weight.detach(), self.bias.detach()
-            kw = {"device": weight.device, "dtype": weight.dtype}
+            device, dtype = weight.device, weight.dtype
             inner_units, features = weight.shape[:2]
             inner: nn.Linear | nn.Conv2d
             outer: nn.Linear | nn.ConvTranspose2d
             if weight.ndim == 2:
-                inner = set_frozen_weights(nn.Linear(features, inner_units, **kw), weight, bias)
-                step = nn.Linear(inner_units, features, bias=False, **kw)
+                dense = nn.Linear(features, inner_units, device=device, dtype=dtype)
+                inner = set_frozen_weights(dense, weight, bias)
+                step = nn.Linear(inner_units, features, bias=False, device=device, dtype=dtype)
                 outer = set_frozen_weights(step, self.step_weight().mT, None)
             else:
                 k, p = self.kernel_size, self.padding
-                inner = set_frozen_weights(nn.Conv2d(features, inner_units, k, padding=p, **kw), weight, bias)
-                transposed = nn.ConvTranspose2d(inner_units, features, k, padding=p, bias=False, **kw)
+                conv = nn.Conv2d(features, inner_units, k, padding=p, device=device, dtype=dtype)
+                inner = set_frozen_weights(conv, weight, bias)
+                transposed = nn.ConvTranspose2d(
+                    inner_units, features, k, padding=p, bias=False, device=device, dtype=dtype
+                )
                 outer = set_frozen_weights(transposed, self.step_weight(), None)
             return PotentialStep(inner, outer, self.step_sizes())
 
@@ -137,7 +142,8 @@ class PotentialStep(nn.Module):
     ``e q``, of the order of the float32 unit roundoff. Not orthogonal.
     """
 
-    steps: Tensor
+    if TYPE_CHECKING:  # the buffer's type, for type checkers only: TorchScript cannot read string annotations
+        steps: Tensor
 
     def __init__(
         self, inner: nn.Linear | nn.Conv2d, outer: nn.Linear | nn.ConvTranspose2d, steps: Tensor

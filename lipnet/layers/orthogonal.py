@@ -9,9 +9,11 @@ an orthogonal reshaped kernel is not an orthogonal (nor a 1-Lipschitz) convoluti
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 from lipnet.layers.base import BoundedLinear
 from lipnet.layers.parametrization import EvalCache, check_attachable
@@ -35,7 +37,10 @@ def orthogonal(module: nn.Linear, *, orthogonal_map: str | None = None) -> nn.Li
     """
     check_attachable(module, (nn.Linear,), "orthogonal")
     parametrizations.orthogonal(module, "weight", orthogonal_map=orthogonal_map)
-    chain = module.parametrizations["weight"]
+    # register_parametrization adds the ModuleDict `parametrizations` at run time, which torch's typing
+    # knows only as Tensor | Module; its entry is the weight's ParametrizationList (a ModuleList).
+    lists = cast(nn.ModuleDict, module.parametrizations)
+    chain = cast(parametrize.ParametrizationList, lists["weight"])
     chain[-1] = EvalCache(chain[-1])
     return module
 

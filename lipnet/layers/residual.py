@@ -41,6 +41,7 @@ Proofs: ``docs/proofs/convolutions.md#lemma-linear-residual`` and
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -160,7 +161,7 @@ class LinearResidualConv2d(BoundedConv2d):
         *,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: Literal["zeros", "circular"] = "zeros",
         normalize: bool = False,
         bound_grid: int = 32,
         drift_tol: float = 0.02,

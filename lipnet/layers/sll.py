@@ -193,10 +193,9 @@ class SLLLinear(_SLLBlock):
         super().__init__(features, inner, eps)
         self.features = features
         self.inner_features = inner
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(inner, features, **kw))
-        self.bias = nn.Parameter(torch.empty(inner, **kw))
-        self.log_q = nn.Parameter(torch.empty(inner, **kw))
+        self.weight = nn.Parameter(torch.empty(inner, features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(inner, device=device, dtype=dtype))
+        self.log_q = nn.Parameter(torch.empty(inner, device=device, dtype=dtype))
         self._init_parameters()
 
     def _gram_terms(self, weight: Tensor) -> Tensor:
@@ -240,10 +239,11 @@ class SLLConv2d(_SLLBlock):
         self.inner_channels = inner
         self.kernel_size = kernel_size
         self.padding = kernel_size // 2
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(inner, channels, kernel_size, kernel_size, **kw))
-        self.bias = nn.Parameter(torch.empty(inner, **kw))
-        self.log_q = nn.Parameter(torch.empty(inner, **kw))
+        self.weight = nn.Parameter(
+            torch.empty(inner, channels, kernel_size, kernel_size, device=device, dtype=dtype)
+        )
+        self.bias = nn.Parameter(torch.empty(inner, device=device, dtype=dtype))
+        self.log_q = nn.Parameter(torch.empty(inner, device=device, dtype=dtype))
         self._init_parameters()
 
     def _gram_terms(self, weight: Tensor) -> Tensor:
