@@ -247,10 +247,10 @@ class OnlineAttentionAccumulator(nn.Module):
         super().__init__()
         check_int("num_images", num_images)
         check_int("num_classes", num_classes)
-        size = tuple(size)
-        if len(size) != 2:
-            raise ValueError(f"size must be (H, W), got {size!r}")
-        h, w = (check_int("size entry", s) for s in size)
+        dims = tuple(size)  # a list is accepted too
+        if len(dims) != 2:
+            raise ValueError(f"size must be (H, W), got {dims!r}")
+        h, w = (check_int("size entry", s) for s in dims)
         self.num_images, self.num_classes, self.size = num_images, num_classes, (h, w)
         self.register_buffer("maps", torch.zeros(num_images, num_classes, h, w))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +110,16 @@ class MultiTaskAttentionNetwork(NormalizedModule):
             raise ValueError(f"task must be an int in [0, {self.num_tasks}), got {task!r}")
         return task
 
+    def _gates(self, t: int, j: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+        """Task ``t``'s input and output gate convolutions at block ``j``.
+
+        The casts restore what ``__init__`` put in the nested module lists, which torch types as
+        holding ``Module``.
+        """
+        gate_in = cast(nn.ModuleList, self.gate_in[t])[j]
+        gate_out = cast(nn.ModuleList, self.gate_out[t])[j]
+        return cast(nn.Conv2d, gate_in), cast(nn.Conv2d, gate_out)
+
     def _raw_outputs(self, x: Tensor) -> list[Tensor]:
         self._check(x)
         features = []
@@ -121,7 +132,8 @@ class MultiTaskAttentionNetwork(NormalizedModule):
             attended: Tensor | None = None
             for j, p in enumerate(features):
                 inp = p if attended is None else torch.cat([p, attended], dim=1)
-                mask = self.gate_out[t][j](self.gate_in[t][j](inp).relu()).sigmoid()
+                gate_in, gate_out = self._gates(t, j)
+                mask = gate_out(gate_in(inp).relu()).sigmoid()
                 attended = mask * soft_clamp(p, self.clamp)
             assert attended is not None
             outputs.append(self.heads[t](attended))
@@ -148,7 +160,10 @@ class MultiTaskAttentionNetwork(NormalizedModule):
         spatial = None if input_shape is None else tuple(input_shape[1:])
         inner = None if spatial is None else (self.channels, *spatial)
         shared, prefix = [], 1.0
-        for j, conv in enumerate(self.convs):
+        # nn.ModuleList is typed as holding Module; these hold the BjorckConv2d built in __init__.
+        convs = cast("list[BjorckConv2d]", list(self.convs))
+        heads = cast("list[BjorckConv2d]", list(self.heads))
+        for j, conv in enumerate(convs):
             prefix *= conv.lipschitz_bound(input_shape if j == 0 else inner)
             shared.append(prefix)
         bounds = []
@@ -157,16 +172,17 @@ class MultiTaskAttentionNetwork(NormalizedModule):
             for j, p_lip in enumerate(shared):
                 p_t = torch.tensor(p_lip, dtype=torch.float64)
                 inp = p_t if stream is None else torch.sqrt(p_t * p_t + stream * stream) * SLACK
-                logits = (
-                    spectral_norm(self.gate_out[t][j].weight) * spectral_norm(self.gate_in[t][j].weight) * inp
-                )
+                gate_in, gate_out = self._gates(t, j)
+                logits = spectral_norm(gate_out.weight) * spectral_norm(gate_in.weight) * inp
                 stream = sigmoid_gate_bound_tensor(p_t, self.clamp * logits)
             assert stream is not None
-            bounds.append(self.heads[t].lipschitz_bound(inner) * stream)
+            bounds.append(heads[t].lipschitz_bound(inner) * stream)
         return bounds
 
     def _raw_bound(self, input_shape: tuple[int, ...] | None) -> Tensor:
-        return torch.sqrt(sum(b * b for b in self._task_raw_bounds(input_shape))) * SLACK
+        # the float64 zero start makes the sum a Tensor for the type checker; 0 + b^2 == b^2 exactly
+        start = torch.zeros((), dtype=torch.float64)
+        return torch.sqrt(sum((b * b for b in self._task_raw_bounds(input_shape)), start)) * SLACK
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None, task: int | None = None) -> float:
         """Sound float64 bound of task ``task``'s Lipschitz constant, or of the whole output if ``None``."""

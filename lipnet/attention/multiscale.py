@@ -12,6 +12,7 @@ with a per-pixel ball projection or a soft clamp and applies Lemma 1 per scale
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -204,11 +205,13 @@ class MultiScaleAttentionAggregation(NormalizedModule):
         shapes = None if input_shape is None else self._scale_shapes(input_shape)
         prefix = torch.tensor(1.0, dtype=torch.float64, device=self.primary.weight.device)
         gated = []
-        for s, conv in enumerate(self.mask_convs):
+        # nn.ModuleList is typed as holding Module; these hold the classes built in __init__.
+        downs = cast("list[BjorckConv2d]", list(self.downs))
+        for s, conv in enumerate(cast("list[nn.Conv2d]", list(self.mask_convs))):
             shape = None if shapes is None else shapes[s]
             if s > 0:
                 previous = None if shapes is None else shapes[s - 1]
-                prefix = prefix * self.downs[s - 1].lipschitz_bound(previous)
+                prefix = prefix * downs[s - 1].lipschitz_bound(previous)
             kernel = rescaled(
                 conv_operator_bound(conv.weight.detach(), padding=conv.padding, input_shape=shape),
                 conv.weight.to(torch.float64).norm(),

@@ -23,6 +23,8 @@ Proofs of the pooling bounds: ``docs/proofs/attention.md#lemma-centred-pooling``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +32,9 @@ from torch import Tensor, nn
 from certify.bounds import module_bound
 from lipnet.activations import GroupSort, MaxMin
 from lipnet.attention._bounds import SLACK, NormalizedModule
+from lipnet.attention.cam import CAMHead, IntegralAttention
+from lipnet.attention.mil import SoftAttentionPooling
+from lipnet.attention.mtan import MultiTaskAttentionNetwork
 from lipnet.layers import BjorckConv2d, BjorckLinear
 from lipnet.pooling import ScaledAvgPool2d, ScaledL2NormPool2d
 
@@ -154,7 +159,7 @@ class CentredPooling(NormalizedModule):
     map is at most 1-Lipschitz up to that rounding, as the attention modules' normalisation.
     """
 
-    def __init__(self, pool: nn.Module, normalize: bool = True) -> None:
+    def __init__(self, pool: SoftAttentionPooling, normalize: bool = True) -> None:
         super().__init__()
         self.pool = pool
         self.normalize = bool(normalize)
@@ -210,11 +215,14 @@ class BagNetwork(nn.Module):
 
     def instance_scores(self, x: Tensor) -> Tensor:
         h = self.features(x)
+        # Duck-typed on purpose (any pooling with these methods); the casts say what they return,
+        # which torch's Module.__getattr__ types as Tensor | Module.
         for part in self.aggregator.modules():
             if hasattr(part, "with_attention"):
-                return part.with_attention(h)[1]
+                with_attention = cast("Callable[[Tensor], tuple[Tensor, ...]]", part.with_attention)
+                return with_attention(h)[1]
             if hasattr(part, "attention"):
-                return part.attention(h)
+                return cast("Callable[[Tensor], Tensor]", part.attention)(h)
         # No attention: the bag classifier (the aggregator's linear layer) applied to each instance.
         head = next(m for m in self.aggregator.modules() if isinstance(m, nn.Linear))
         z = head(h)
@@ -273,7 +281,12 @@ class MultiTaskNetwork(nn.Module):
     TASKS = ("class", "colour", "mask")
 
     def __init__(
-        self, width: int, body: nn.Module, num_classes: int, class_maps: int, feature_side: int = 16
+        self,
+        width: int,
+        body: MultiTaskBaseline | MultiTaskAttentionNetwork,
+        num_classes: int,
+        class_maps: int,
+        feature_side: int = 16,
     ) -> None:
         super().__init__()
         self.width = width
@@ -313,7 +326,7 @@ class CAMNetwork(nn.Module):
     certificates of the head and of the integral model need.
     """
 
-    def __init__(self, width: int, head: nn.Module, integral: nn.Module | None = None) -> None:
+    def __init__(self, width: int, head: CAMHead, integral: IntegralAttention | None = None) -> None:
         super().__init__()
         self.width = width
         self.features = nn.Sequential(

@@ -7,7 +7,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import torch
 from torch import nn
@@ -66,9 +66,20 @@ def settings_key(settings: TaskSettings, seed: int, eps: Sequence[float], attack
     )
 
 
+class _Normalizing(Protocol):
+    """A module with a ``normalize`` switch (it divides its output by its own bound when on)."""
+
+    normalize: bool
+
+
+def _normalizing(module: nn.Module) -> TypeGuard[_Normalizing]:
+    """Whether ``module`` has a ``normalize`` switch, and it is on."""
+    return getattr(module, "normalize", None) is True  # a bool that is on (bool has no subclasses)
+
+
 def raw_bound(model: nn.Module, input_shape: tuple[int, ...]) -> float:
     """The network's bound with every ``normalize`` switch off: the modules' own, unnormalised constants."""
-    switched = [m for m in model.modules() if isinstance(getattr(m, "normalize", None), bool) and m.normalize]
+    switched = [m for m in model.modules() if _normalizing(m)]
     try:
         for m in switched:
             m.normalize = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from certify.attacks import empirical_robust_accuracy
 from certify.bounds import lipschitz_bound, module_bound
 from certify.radius import format_eps
 from lipnet.activations import GroupSort
+from lipnet.attention import MultiScaleAttentionAggregation
 from lipnet.catalogue import data as task_data
 from lipnet.catalogue.metrics import attribute_f1, certified_attribute_accuracy, mean_accuracy
 from lipnet.catalogue.networks import image_network, stem
@@ -31,6 +32,17 @@ from lipnet.losses import AttentionVariance, WeightedFocal
 from lipnet.pooling import ScaledL2NormPool2d
 
 __all__ = ["AttributesTask"]
+
+
+def _layers(model: nn.Module) -> nn.Sequential:
+    """The network :meth:`AttributesTask.build` made, an ``nn.Sequential`` for every method (the task's
+    methods receive it typed as a plain module)."""
+    return cast(nn.Sequential, model)
+
+
+def _aggregation(model: nn.Module) -> MultiScaleAttentionAggregation:
+    """The last module of the network :meth:`AttributesTask.build` made for the aggregation method."""
+    return cast(MultiScaleAttentionAggregation, _layers(model)[-1])
 
 
 class AttributesTask(CatalogueTask):
@@ -70,19 +82,18 @@ class AttributesTask(CatalogueTask):
         priors = train.targets[0].mean(dim=0).double()
         state: State = {"focal": WeightedFocal(priors, gamma=2.0, tau=settings.tau)}
         if method != BASELINE:
-            n, branches = len(train.dataset), model[-1].scales + 1
+            n, branches = len(train.dataset), _aggregation(model).scales + 1
             state["variance"] = [
                 AttentionVariance(priors, num_samples=n, tau=settings.tau) for _ in range(branches)
             ]
         return state
 
-    def loss(self, method: str, model: nn.Module, batch: tuple[Tensor, ...], state: State) -> Tensor:
+    def loss(self, method: str, model: nn.Module, batch: Sequence[Tensor], state: State) -> Tensor:
         x, _, t, index = batch
         if method == BASELINE:
             return state["focal"](model(x), t)
-        features = model[:-1](x)
-        module = model[-1]
-        branches = module.branch_logits(features)
+        features = _layers(model)[:-1](x)
+        branches = _aggregation(model).branch_logits(features)
         f = torch.stack(branches, dim=1).mean(dim=1)
         variance = sum(v(b, t, index) for v, b in zip(state["variance"], branches, strict=True)) / len(
             branches
@@ -93,11 +104,13 @@ class AttributesTask(CatalogueTask):
         """Sound float64 bound of each attribute logit."""
         if method == BASELINE:
             lip = lipschitz_bound(model, input_shape)
-            return torch.full((model[-1].out_features,), lip, dtype=torch.float64)
-        first = module_bound(model[:-1], input_shape)
+            head = cast(nn.Linear, _layers(model)[-1])  # image_network ends with its dense layer
+            return torch.full((head.out_features,), lip, dtype=torch.float64)
+        first = module_bound(_layers(model)[:-1], input_shape)
         _, h, w = input_shape
-        inner = (model[-1].channels, h // 4, w // 4)
-        return first * model[-1].attribute_lipschitz_bounds(inner)
+        aggregation = _aggregation(model)
+        inner = (aggregation.channels, h // 4, w // 4)
+        return first * aggregation.attribute_lipschitz_bounds(inner)
 
     def evaluate(
         self,

@@ -44,7 +44,7 @@ class ClassificationTask(CatalogueTask):
 
     name = "classification"
     metric = "accuracy"
-    METHODS = (
+    METHODS: tuple[str, ...] = (  # annotated like CatalogueTask's: subclasses list other methods
         BASELINE,
         "SqueezeExcitation",
         "CBAM",

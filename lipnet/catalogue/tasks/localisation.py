@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,12 @@ from lipnet.catalogue.tasks.base import (
 from lipnet.losses import OAAHybrid, TauCrossEntropy
 
 __all__ = ["LocalisationTask"]
+
+
+def _cam_network(model: nn.Module) -> CAMNetwork:
+    """The network :meth:`LocalisationTask.build` made for a method other than the baseline (the task's
+    methods receive it typed as a plain module)."""
+    return cast(CAMNetwork, model)
 
 
 class LocalisationTask(CatalogueTask):
@@ -75,20 +81,21 @@ class LocalisationTask(CatalogueTask):
             state["hybrid"] = OAAHybrid(tau=settings.tau)
         return state
 
-    def loss(self, method: str, model: nn.Module, batch: tuple[Tensor, ...], state: State) -> Tensor:
+    def loss(self, method: str, model: nn.Module, batch: Sequence[Tensor], state: State) -> Tensor:
         x, y, _, index = batch
         if method == BASELINE:
             return state["ce"](model(x), y)
-        features = model.features(x)
-        maps = model.head.maps(features)
-        logits = model.head.logits_from_maps(maps)
+        net = _cam_network(model)
+        features = net.features(x)
+        maps = net.head.maps(features)
+        logits = net.head.logits_from_maps(maps)
         onehot = one_hot_targets(y, logits.shape[1])
-        model.head.update_kappa(maps, onehot)
+        net.head.update_kappa(maps, onehot)
         loss = state["ce"](logits, y)
         if "oaa" in state:
-            state["oaa"].update(index, model.head.attention_from_maps(maps.detach()), logits.detach(), onehot)
-        if model.integral is not None:
-            p = model.integral(features.detach())
+            state["oaa"].update(index, net.head.attention_from_maps(maps.detach()), logits.detach(), onehot)
+        if net.integral is not None:
+            p = net.integral(features.detach())
             rows = torch.arange(x.shape[0])
             q = state["oaa"].targets(index)[rows, y]
             loss = loss + state["hybrid"](p[rows, y], q)
@@ -99,12 +106,14 @@ class LocalisationTask(CatalogueTask):
         rows = torch.arange(x.shape[0])
         with torch.no_grad():
             if method == BASELINE:
-                energy = model[:3](x).norm(dim=1)
+                # the baseline is image_network's nn.Sequential: its first block, stem(width)
+                energy = cast(nn.Sequential, model)[:3](x).norm(dim=1)
                 return energy > energy.mean(dim=(1, 2), keepdim=True)
-            features = model.features(x)
-            if model.integral is not None:
-                return model.integral(features)[rows, y] > 0
-            return model.head.attention(features)[rows, y] >= self.theta
+            net = _cam_network(model)
+            features = net.features(x)
+            if net.integral is not None:
+                return net.integral(features)[rows, y] > 0
+            return net.head.attention(features)[rows, y] >= self.theta
 
     def evaluate(
         self,
@@ -133,16 +142,17 @@ class LocalisationTask(CatalogueTask):
         )
         miou = mean_iou(pred, masks)
         if method != BASELINE:
-            feature_bound = model.feature_bound(ds.input_shape)
+            net = _cam_network(model)
+            feature_bound = net.feature_bound(ds.input_shape)
             decisions, radii = [], []
             for xb, yb in zip(ds.images.split(250), ds.labels.split(250), strict=True):
                 rows = torch.arange(xb.shape[0])
                 with torch.no_grad():
-                    f = model.features(xb)
-                if model.integral is not None:
-                    d, r = model.integral.pixel_certificates(f, backbone_lipschitz=feature_bound)
+                    f = net.features(xb)
+                if net.integral is not None:
+                    d, r = net.integral.pixel_certificates(f, backbone_lipschitz=feature_bound)
                 else:
-                    d, r = model.head.pixel_certificates(
+                    d, r = net.head.pixel_certificates(
                         f, backbone_lipschitz=feature_bound, theta=self.theta
                     )
                 decisions.append(d[rows, yb])

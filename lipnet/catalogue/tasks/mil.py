@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lipnet.activations import GroupSort
+from lipnet.attention import LossAttentionMIL
 from lipnet.catalogue import data as task_data
 from lipnet.catalogue.metrics import bag_accuracy, instance_auc
 from lipnet.catalogue.networks import BagNetwork, CentredPooling, InstanceMean, stem
@@ -30,6 +31,11 @@ from lipnet.losses import MILInstance, TauCrossEntropy
 from lipnet.pooling import ScaledL2NormPool2d
 
 __all__ = ["MILTask"]
+
+
+def _bag_network(model: nn.Module) -> BagNetwork:
+    """The network :meth:`MILTask.build` made (the task's methods receive it typed as a plain module)."""
+    return cast(BagNetwork, model)
 
 
 class MILTask(CatalogueTask):
@@ -106,11 +112,13 @@ class MILTask(CatalogueTask):
             state["instance"] = MILInstance(tau=settings.tau, lam=2.0)
         return state
 
-    def loss(self, method: str, model: nn.Module, batch: tuple[Tensor, ...], state: State) -> Tensor:
+    def loss(self, method: str, model: nn.Module, batch: Sequence[Tensor], state: State) -> Tensor:
         x, y = batch[0], batch[1]
         if method != "LossAttentionMIL":
             return state["ce"](model(x), y)
-        bag, alpha, instance = model.aggregator.with_attention(model.features(x))
+        net = _bag_network(model)
+        aggregator = cast(LossAttentionMIL, net.aggregator)  # build's aggregator for this method
+        bag, alpha, instance = aggregator.with_attention(net.features(x))
         return state["ce"](bag, y) + state["instance"](instance, alpha, y)
 
     def evaluate(
@@ -125,7 +133,7 @@ class MILTask(CatalogueTask):
         clean, cert, robust, lip = classification_scores(model, test, eps, attack)
         ds = test.dataset
         with torch.no_grad():
-            scores = torch.cat([model.instance_scores(xb) for xb in ds.images.split(100)])
+            scores = torch.cat([_bag_network(model).instance_scores(xb) for xb in ds.images.split(100)])
             logits = batched_logits(model, ds.images)
         details = {
             "instance_AUC": round(instance_auc(scores, test.targets[0]), 4),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,12 @@ from lipnet.catalogue.tasks.base import (
 from lipnet.losses import DynamicWeightAverage, TauBCE, TauCrossEntropy
 
 __all__ = ["MultitaskTask"]
+
+
+def _multitask_network(model: nn.Module) -> MultiTaskNetwork:
+    """The network :meth:`MultitaskTask.build` made (the task's methods receive it typed as a plain
+    module)."""
+    return cast(MultiTaskNetwork, model)
 
 
 class MultitaskTask(CatalogueTask):
@@ -71,9 +77,9 @@ class MultitaskTask(CatalogueTask):
             state["dwa"] = DynamicWeightAverage(3)
         return state
 
-    def loss(self, method: str, model: nn.Module, batch: tuple[Tensor, ...], state: State) -> Tensor:
+    def loss(self, method: str, model: nn.Module, batch: Sequence[Tensor], state: State) -> Tensor:
         x, y, colour, mask = batch
-        cls, col, seg = model.task_logits(x)
+        cls, col, seg = _multitask_network(model).task_logits(x)
         losses = torch.stack(
             [state["ce"](cls, y), state["ce"](col, colour), state["bce"](seg.flatten(1), mask.flatten(1))]
         )
@@ -96,10 +102,11 @@ class MultitaskTask(CatalogueTask):
     ) -> Evaluation:
         ds = test.dataset
         colour, mask = test.targets
+        net = _multitask_network(model)
         with torch.no_grad():
-            outs = [model.task_logits(xb) for xb in ds.images.split(250)]
+            outs = [net.task_logits(xb) for xb in ds.images.split(250)]
         cls, col, seg = (torch.cat(parts) for parts in zip(*outs, strict=True))
-        bounds = model.task_bounds(ds.input_shape)
+        bounds = net.task_bounds(ds.input_shape)
         accs = {
             "class": float((cls.argmax(1) == ds.labels).double().mean()),
             "colour": float((col.argmax(1) == colour).double().mean()),
