@@ -143,8 +143,10 @@ def safe_extract_tar(archive: str | Path, dest: str | Path, *, only: str) -> Pat
             try:
                 # The checks above already make extraction safe; the "data" filter (Python >= 3.10.12 /
                 # 3.11.4) adds a second, independent guard where the interpreter has it.
-                extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tar.extractall(staging, members=wanted, **extra)
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, members=wanted, filter="data")
+                else:  # pragma: no cover - Python without extraction filters
+                    tar.extractall(staging, members=wanted)
                 target = dest / only
                 if target.exists():
                     shutil.rmtree(target)

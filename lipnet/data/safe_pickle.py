@@ -9,6 +9,7 @@ up, so nothing outside that list is ever imported or called.
 from __future__ import annotations
 
 import codecs
+import importlib
 import io
 import pickle
 from collections.abc import Callable
@@ -18,12 +19,20 @@ import numpy as np
 
 __all__ = ["RestrictedUnpickler", "UnsafePickleError", "restricted_load"]
 
-try:  # numpy >= 2 moved the implementation to numpy._core; both names appear in real files.
-    from numpy._core.multiarray import _reconstruct
-    from numpy._core.numeric import _frombuffer
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct
-    from numpy.core.numeric import _frombuffer
+
+def _numpy_private(module: str, name: str) -> Callable[..., Any]:
+    """numpy's private function ``name`` of core submodule ``module`` (absent from numpy's type stubs).
+
+    numpy >= 2 moved the implementation to numpy._core; both names appear in real files.
+    """
+    try:
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
+    except (ImportError, AttributeError):  # pragma: no cover - numpy 1.x
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+_reconstruct = _numpy_private("multiarray", "_reconstruct")
+_frombuffer = _numpy_private("numeric", "_frombuffer")
 
 
 class UnsafePickleError(pickle.UnpicklingError):

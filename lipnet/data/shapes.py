@@ -342,7 +342,9 @@ def load_shapes10(
         arrays = generate_shapes10(count, seed=seed, split=split)
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
-                np.savez(f, **arrays)
+                # numeric arrays only: no pickle (explicit, so that numpy's typing does not read the
+                # unpacked arrays as a candidate for its allow_pickle flag)
+                np.savez(f, allow_pickle=False, **arrays)
         except OSError as err:
             warnings.warn(
                 f"could not cache shapes10 at {path} ({err}); it will be generated again next time",

@@ -9,7 +9,7 @@ Each declares the scalar arguments ``lipnet sweep`` may vary (:mod:`lipnet.losse
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from lipnet.losses.attention import (
     AttentionVariance,
@@ -148,4 +148,6 @@ def create(name: str, **kwargs: object) -> LogitLoss:
     bad value.
     """
     check_arguments(name, kwargs)
-    return _REGISTRY[name](**kwargs)
+    # check_arguments matched the keywords to this class's own signature, not to LogitLoss's
+    build: Callable[..., LogitLoss] = _REGISTRY[name]
+    return build(**kwargs)

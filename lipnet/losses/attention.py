@@ -315,7 +315,7 @@ class MILInstance(LogitLoss):
         self.tau = _positive(name, "tau", tau)
         self.lam = _non_negative(name, "lam", lam)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, instance_logits: Tensor, attention: Tensor, bag_labels: Tensor, mask: Tensor | None = None
     ) -> Tensor:
         name = type(self).__name__
@@ -370,7 +370,7 @@ class Consistency(LogitLoss):
         super().__init__(validate)
         self.tau = _positive(type(self).__name__, "tau", tau)
 
-    def forward(self, logits: Tensor, reference_logits: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, logits: Tensor, reference_logits: Tensor) -> Tensor:
         name = type(self).__name__
         logits = self._check_logits(logits)
         ref = _check_float(name, "reference_logits", reference_logits, 2, self._checks_values(logits))
@@ -590,7 +590,7 @@ class TaskPartition(LogitLoss):
             raise ValueError(f"{type(self).__name__}: detach_gate must be True or False, got {detach_gate!r}")
         self.detach_gate = detach_gate
 
-    def forward(self, per_pixel_losses: Tensor, gate: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, per_pixel_losses: Tensor, gate: Tensor) -> Tensor:
         name = type(self).__name__
         if not isinstance(per_pixel_losses, Tensor):
             raise ValueError(

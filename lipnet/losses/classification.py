@@ -517,7 +517,8 @@ class PolyN(LogitLoss):
         validate: see :class:`LogitLoss`.
     """
 
-    sweepable = (TAU, GAMMA, OFFSET)
+    # annotated like LogitLoss's: a subclass (Poly1) declares a longer tuple
+    sweepable: ClassVar[tuple[LossParameter, ...]] = (TAU, GAMMA, OFFSET)
 
     def __init__(
         self,
