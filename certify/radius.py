@@ -188,7 +188,7 @@ def certified_radius(
     lipschitz: float,
     *,
     last_layer_weight: torch.Tensor | None = None,
-    input_norms: torch.Tensor | float | None = None,
+    input_norms: torch.Tensor | float,
 ) -> torch.Tensor:
     """Certified L2 radius of each sample, float64, 0 where the sample is misclassified.
 
@@ -200,17 +200,17 @@ def certified_radius(
     ``(N,)``, e.g. ``x.flatten(1).norm(dim=1)``), or one number at least every one of them. Every
     margin is reduced by ``2 * FORWARD_SLACK[dtype] * (max_k |f_k(x)| + L_f ||x||_2)`` (``L_f`` =
     ``lipschitz``, or ``lipschitz * ||W||_2`` for the last-layer rule), the allowance for the
-    rounding of the forward pass (``docs/proofs/numerics.md#lemma-forward-slack``). The default,
-    ``None``, means the norms are unknown: the rounding then has no known bound (a bias that cancels
-    ``w . x`` leaves small logits with the error of large products), so **no sample is certified**
-    (every radius is 0). Pass ``0.0`` only for logits that were not computed from an input.
+    rounding of the forward pass (``docs/proofs/numerics.md#lemma-forward-slack``). The norms are
+    required: without them the rounding has no known bound (a bias that cancels ``w . x`` leaves
+    small logits with the error of large products). An infinite norm certifies nothing for its
+    sample; pass ``0.0`` only for logits that were not computed from an input.
     """
     _check_inputs(logits, labels, lipschitz)
     slack = FORWARD_SLACK[logits.dtype]
     f = logits.detach().to(torch.float64)
     y = labels.detach().to(device=f.device, dtype=torch.long)
     n, c = f.shape
-    norms = None if input_norms is None else _input_norms(input_norms, n, f.device)
+    norms = _input_norms(input_norms, n, f.device)
     if last_layer_weight is None:
         map_bound = float(lipschitz)
         denom = torch.full_like(f, math.sqrt(2.0) * float(lipschitz))
@@ -223,8 +223,6 @@ def certified_radius(
         map_bound = float(lipschitz) * matrix_spectral_norm(w)
         # (1 + 1e-12) covers the rounding of the product and of the division below
         denom = float(lipschitz) * row_distances(w)[y] * (1.0 + 1e-12)
-    if norms is None:
-        return torch.zeros(n, dtype=torch.float64, device=f.device)
     fy = f.gather(1, y[:, None])
     margins = fy - f  # (N, C): f_y - f_j
     # the forward pass's rounding, relative to the magnitude of the computation (module doc)

@@ -101,11 +101,13 @@ def test_forward_slack_is_relative_to_the_computation(dtype: torch.dtype) -> Non
 
 
 def test_unknown_input_norms_certify_nothing() -> None:
-    # Without ||x|| the rounding of the forward pass has no known bound: the safe default certifies nothing.
+    # Without ||x|| the rounding of the forward pass has no known bound: the norms are a required
+    # argument (a clear error, never silent zeros), and an infinite norm certifies nothing.
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
     labels = torch.tensor([0, 1])
     nothing = torch.zeros(2, dtype=torch.float64)
-    assert torch.equal(certified_radius(logits, labels, 1.0), nothing)
+    with pytest.raises(TypeError, match="input_norms"):
+        certified_radius(logits, labels, 1.0)  # type: ignore[call-arg]
     assert torch.equal(certified_radius(logits, labels, 1.0, input_norms=math.inf), nothing)
     known = certified_radius(logits, labels, 1.0, input_norms=torch.tensor([1.0, math.inf]))
     assert known[0] > 0 and known[1] == 0
@@ -175,7 +177,7 @@ def test_parse_eps_rejects(bad: str | float) -> None:
 )
 def test_bad_inputs_raise(logits: torch.Tensor, labels: torch.Tensor, lip: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        certified_radius(logits, labels, lip)
+        certified_radius(logits, labels, lip, input_norms=1.0)
 
 
 def test_certify_uses_the_last_layer_rule_for_a_linear_head() -> None:
