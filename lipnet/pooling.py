@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GlobalL2NormPool2d", "InvertibleDownsampling", "ScaledAvgPool2d", "ScaledL2NormPool2d"]
+__all__ = [
+    "GlobalL2NormPool2d",
+    "InvertibleDownsampling",
+    "ScaledAvgPool2d",
+    "ScaledL2NormPool2d",
+    "window_sums",
+]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -50,14 +56,37 @@ def _window(
 
 
 def _check_4d(x: Tensor, who: str) -> None:
+    # The shape is printed as a list: TorchScript cannot build a tuple of unknown length.
     if x.ndim != 4:
-        raise ValueError(f"{who} expects input of shape (N, C, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"{who} expects input of shape (N, C, H, W), got {list(x.shape)}")
+
+
+def window_sums(x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
+    """Sums of ``x`` over non-overlapping ``k_h x k_w`` windows, as ``avg_pool2d(x, k) * (k_h k_w)``.
+
+    ``avg_pool2d`` with ``divisor_override=1`` computes the same sums, but ONNX's AveragePool has no
+    such setting and ``torch.onnx.export`` drops it (the exported model then divides by ``k_h k_w``);
+    the mean times the window size is carried by every format. For a window of ``2^j`` entries
+    (2x2, 4x4, ...) the division and the product are by powers of two, hence exact in binary
+    floating point (below the overflow and subnormal ranges), so the result equals the window sum
+    bit for bit; for other windows it differs from it by two roundings (a relative error below 2^-23).
+    """
+    return F.avg_pool2d(x, kernel_size) * (kernel_size[0] * kernel_size[1])
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).tiny`` (the smallest normal number), written out: TorchScript has no finfo."""
+    if dtype == torch.float64:
+        return 2.2250738585072014e-308
+    if dtype == torch.float16:
+        return 6.103515625e-05
+    return 1.1754943508222875e-38  # float32 and bfloat16
 
 
 def _safe_sqrt(sum_of_squares: Tensor) -> Tensor:
     # sqrt(max(s, tiny)) = max(||window||, sqrt(tiny)): still 1-Lipschitz (a max with a constant),
     # equal to the norm above 1e-19 (float32), with a zero instead of an infinite gradient at 0.
-    return sum_of_squares.clamp_min(torch.finfo(sum_of_squares.dtype).tiny).sqrt()
+    return sum_of_squares.clamp_min(_tiny(sum_of_squares.dtype)).sqrt()
 
 
 class ScaledL2NormPool2d(nn.Module):
@@ -81,8 +110,8 @@ class ScaledL2NormPool2d(nn.Module):
         self.kernel_size = _window(type(self).__name__, kernel_size, stride, padding, ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_4d(x, type(self).__name__)
-        return _safe_sqrt(F.avg_pool2d(x * x, self.kernel_size, divisor_override=1))  # window sums
+        _check_4d(x, "ScaledL2NormPool2d")
+        return _safe_sqrt(window_sums(x * x, self.kernel_size))
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Exactly 1.0: norms of disjoint windows."""
@@ -122,7 +151,7 @@ class ScaledAvgPool2d(nn.Module):
         self.count_include_pad = count_include_pad
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_4d(x, type(self).__name__)
+        _check_4d(x, "ScaledAvgPool2d")
         return F.avg_pool2d(x, self.kernel_size) * math.sqrt(self.kernel_size[0] * self.kernel_size[1])
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
@@ -158,7 +187,7 @@ class GlobalL2NormPool2d(nn.Module):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_4d(x, type(self).__name__)
+        _check_4d(x, "GlobalL2NormPool2d")
         return _safe_sqrt((x * x).sum(dim=(2, 3)))
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:

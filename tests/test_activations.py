@@ -113,3 +113,59 @@ def test_errors() -> None:
         HouseholderActivation(3)
     with pytest.raises(ValueError, match="channels"):
         HouseholderActivation(4)(torch.randn(2, 6))
+
+
+# -- the portable rewrite (issue 15): the same values and derivatives as the custom autograd Function
+
+
+class _OldSwapPairs(torch.autograd.Function):
+    """The former implementation of GroupSort(2) (a custom autograd Function, which TorchScript and
+    torch.jit.trace + save cannot carry), kept here as the reference of values and derivatives."""
+
+    @staticmethod
+    def forward(values: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
+        pairs = values.unflatten(1, (values.shape[1] // 2, 2))
+        return torch.where(swap.unsqueeze(2), pairs.flip(2), pairs).flatten(1, 2)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.swap = inputs[1]  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        return _OldSwapPairs.apply(grad, ctx.swap), None  # type: ignore[attr-defined]
+
+
+def _old_group_sort_2(x: torch.Tensor) -> torch.Tensor:
+    pairs = x.detach().unflatten(1, (x.shape[1] // 2, 2))
+    return _OldSwapPairs.apply(x, pairs[:, :, 0] > pairs[:, :, 1])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(4, 6), (3, 8, 5), (2, 4, 3, 5)])
+def test_group_sort_2_has_the_old_values_and_gradients_exactly(
+    training: bool, shape: tuple[int, ...]
+) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(shape, generator=gen, dtype=dtype)
+        x[0, :2] = 0.5  # a tie: the old Function left the pair in place and its gradient too
+        x[-1, 2:4] = 0.0
+        u = torch.randn(shape, generator=gen, dtype=dtype)
+        act = MaxMin().train(training)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = act(xa), _old_group_sort_2(xb)
+        assert torch.equal(ya, yb)
+        (ga,) = torch.autograd.grad(ya, xa, u)
+        (gb,) = torch.autograd.grad(yb, xb, u)
+        assert torch.equal(ga, gb)
+
+
+def test_group_sort_2_is_scriptable_with_the_same_values() -> None:
+    x = torch.randn(3, 6, 2, 2)
+    for training in (True, False):
+        act = GroupSort(2).train(training)
+        scripted = torch.jit.script(act)
+        assert torch.equal(scripted(x), act(x))
+    for act in (GroupSort(3), FullSort(), HouseholderActivation(6)):
+        assert torch.equal(torch.jit.script(act)(x), act(x))

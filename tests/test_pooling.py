@@ -85,3 +85,20 @@ def test_bounds_are_one() -> None:
     for pool in (ScaledL2NormPool2d(2), ScaledAvgPool2d(3), InvertibleDownsampling(2), GlobalL2NormPool2d()):
         assert pool.lipschitz_bound() == 1.0
     assert math.isclose(ScaledAvgPool2d(3)(torch.ones(1, 1, 3, 3)).item(), 3.0)
+
+
+def test_l2_norm_pool_sums_windows_without_divisor_override_bit_for_bit() -> None:
+    """The window sums are ``avg_pool2d * k_h k_w`` (ONNX has no divisor override): for power-of-two
+    windows the same floats as the former ``divisor_override=1``, and every format carries them."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for kernel in (2, (2, 4), 4):
+        x = torch.randn(3, 5, 8, 8, generator=gen) * 10.0 ** torch.randint(-3, 4, (3, 5, 8, 8), generator=gen)
+        old = F.avg_pool2d(x * x, kernel, divisor_override=1).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+        pool = ScaledL2NormPool2d(kernel)
+        assert torch.equal(pool(x), old)
+        assert torch.equal(torch.jit.script(pool)(x), old)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=gen)
+    old = F.avg_pool2d(x * x, 3, divisor_override=1).sqrt()
+    torch.testing.assert_close(ScaledL2NormPool2d(3)(x), old, rtol=2**-50, atol=0)  # two roundings

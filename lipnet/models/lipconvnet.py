@@ -44,7 +44,7 @@ class ChannelPad(nn.Module):
         if x.ndim != 4 or x.shape[1] > self.channels:
             raise ValueError(
                 f"ChannelPad({self.channels}) expects (N, C, H, W) with C <= {self.channels}, "
-                f"got {tuple(x.shape)}"
+                f"got {list(x.shape)}"  # a list: TorchScript cannot build a tuple of unknown length
             )
         return F.pad(x, (0, 0, 0, 0, 0, self.channels - x.shape[1]))
 
@@ -74,7 +74,7 @@ class FirstChannels(nn.Module):
         if x.ndim < 2 or x.shape[1] < self.channels:
             raise ValueError(
                 f"FirstChannels({self.channels}) needs at least {self.channels} channels, "
-                f"got {tuple(x.shape)}"
+                f"got {list(x.shape)}"  # a list: TorchScript cannot build a tuple of unknown length
             )
         return x[:, : self.channels]
 
