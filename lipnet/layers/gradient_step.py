@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,7 @@ class PotentialStep(nn.Module):
     """
 
     if TYPE_CHECKING:  # the buffer's type, for type checkers only: TorchScript cannot read string annotations
+        if TYPE_CHECKING:  # the buffer's type, for type checkers only: TorchScript cannot read string annotations
         steps: Tensor
 
     def __init__(
