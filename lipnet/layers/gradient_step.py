@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +143,6 @@ class PotentialStep(nn.Module):
     """
 
     if TYPE_CHECKING:  # the buffer's type, for type checkers only: TorchScript cannot read string annotations
-        if TYPE_CHECKING:  # the buffer's type, for type checkers only: TorchScript cannot read string annotations
         steps: Tensor
 
     def __init__(
