@@ -10,8 +10,10 @@
 2. **certification**: radii from the logits of a float32 forward pass (``certify.radius``): the
    last-layer rule ``min_j (f_y - f_j) / (L_g ||w_y - w_j||)`` when the model ends in a linear
    layer on per-sample features, the global rule ``margin / (sqrt 2 L)`` otherwise;
-3. **attacks** on the first ``n_attack`` samples: empirical robust accuracy at each eps (AutoAttack
-   through ``pyautoattack``, or L2 PGD when that extra is missing or asked for), and the cross-check:
+3. **attacks** on the first ``n_attack`` samples, under :func:`certify.attacks.frozen` (parameters frozen,
+   so a parametrized layer computes its weight once, not at every attack step): empirical robust
+   accuracy at each eps (AutoAttack through ``pyautoattack``, or L2 PGD; ``auto`` picks by
+   :func:`certify.attacks.resolve_attack`: AutoAttack on CUDA, PGD on a CPU), and the cross-check:
    every sample certified at radius ``r`` is attacked inside ``0.999 r`` by per-sample PGD and, with
    AutoAttack, by AutoAttack on groups of samples with similar radii (one radius per group, the
    smallest). Adversarial points of the eps attacks that land inside a certified ball count too.
@@ -29,7 +31,7 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from certify.attacks import autoattack_available, autoattack_l2, pgd_l2
+from certify.attacks import autoattack_l2, frozen, pgd_l2, resolve_attack
 from certify.bounds import module_bound
 from certify.graph import GraphAnalysis, analyze
 from certify.radius import (
@@ -58,7 +60,7 @@ __all__ = ["BOUND_TOLERANCE", "audit", "empirical_lipschitz_lower", "jacobian_no
 BOUND_TOLERANCE = 1e-3
 #: Radii within this factor of a group's smallest radius are attacked together by AutoAttack.
 _GROUP_RATIO = 1.25
-_ATTACKS = ("autoattack", "pgd", "none")
+_ATTACKS = ("auto", "autoattack", "pgd", "none")
 
 
 def _jvp_vjp(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,23 +158,6 @@ def empirical_lipschitz_lower(
         (-ratio.sum()).backward()
         opt.step()
     return best
-
-
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters (attacks need input gradients only); restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in grads:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in grads:
-            p.requires_grad_(flag)
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -343,7 +328,7 @@ def audit(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor]],
     eps: Sequence[float | str] = DEFAULT_EPS,
-    attack: str = "autoattack",
+    attack: str = "auto",
     n_attack: int = 100,
     input_shape: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
@@ -365,7 +350,9 @@ def audit(
 
     Args:
         eps: L2 radii (numbers or strings such as ``"36/255"``).
-        attack: ``"autoattack"`` (PGD when ``pyautoattack`` is missing), ``"pgd"`` or ``"none"``.
+        attack: ``"auto"`` (AutoAttack on CUDA, L2 PGD elsewhere: :func:`certify.attacks.resolve_attack`,
+            whose reason is added to the report's notes), ``"autoattack"`` (``ImportError`` without
+            ``pyautoattack``), ``"pgd"`` or ``"none"``.
         n_attack: how many of the first samples are attacked (empirical accuracy and cross-check).
         input_shape: per-sample shape; by default that of the data (checked against it when given).
         mean, std: the model's input normalisation, prepended as :class:`certify.rules.folding.Normalize`.
@@ -379,7 +366,7 @@ def audit(
     broken. Raises ``ValueError`` (bad data, shapes, arguments, a model whose outputs contain NaN or
     Inf on some of the inputs) or
     :class:`certify.bounds.UnboundableModuleError` (a model certify cannot bound) before anything
-    is written.
+    is written; ``ImportError`` when ``attack="autoattack"`` and ``pyautoattack`` is missing.
     """
     if attack not in _ATTACKS:
         raise ValueError(f"unknown attack {attack!r}: choose one of {', '.join(_ATTACKS)}")
@@ -400,12 +387,14 @@ def audit(
     device, dtype = _device_dtype(model)
     audited.to(device)
     effective = attack
-    if attack == "autoattack" and not autoattack_available():
-        effective = "pgd"
-        notes.append("pyautoattack is not installed (the 'attack' extra): PGD was used instead of AutoAttack")
+    if attack != "none":
+        choice = resolve_attack(attack, device)
+        effective = choice.name
+        if attack == "auto":
+            notes.append(f"attack: {choice}")
     shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
     timings: dict[str, float] = {}
-    with _inference(audited):
+    with frozen(audited):
         batches = iter(loader)
         first = next(batches, None)
         if first is None:

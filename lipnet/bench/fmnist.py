@@ -21,8 +21,9 @@ computes from its weights (never the library's own claim), and attacked on the f
 
 Empirical robust accuracy at ε: a sample counts when it is correctly classified and either certified at
 ε (a sound certificate proves that no attack exists, so it is not attacked) or still correctly
-classified after AutoAttack (APGD-CE + APGD-T, through ``pyautoattack``), or L2 PGD when that is not
-installed. It is an upper bound of the true robust accuracy, as the certified accuracy is a lower one.
+classified after AutoAttack (APGD-CE + APGD-T, through ``pyautoattack``) or L2 PGD: ``auto`` is
+:func:`certify.attacks.resolve_attack`'s rule (AutoAttack on CUDA, PGD on a CPU). It is an upper bound
+of the true robust accuracy, as the certified accuracy is a lower one.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 import certify
-from certify.attacks import autoattack_available, autoattack_l2, pgd_l2
+from certify.attacks import ATTACKS, autoattack_l2, pgd_l2, resolve_attack
 from certify.bounds import lipschitz_bound
 from certify.radius import format_eps
 from lipnet import data, losses
@@ -56,10 +57,6 @@ __all__ = ["ATTACKS", "EPS", "Contender", "bench_fmnist", "contenders", "to_csv"
 #: Radii of the table, on the [0, 1] pixel scale (1.58 is about 2 / sqrt(1.6), deel-lip's largest): the
 #: radii at which deel-lip reports Fashion-MNIST, not certify.radius.DEFAULT_EPS (CIFAR-10's 36/255 ...).
 EPS: tuple[float, ...] = (0.1, 0.3, 0.5, 1.0, 1.58)
-
-#: The empirical attacks: ``auto`` is AutoAttack when ``pyautoattack`` is installed, else PGD.
-ATTACKS: tuple[str, ...] = ("auto", "autoattack", "pgd")
-
 
 @dataclass(frozen=True)
 class Contender:
@@ -176,7 +173,7 @@ def bench_fmnist(
     sec_per_epoch, clean, cert (list, one per :data:`EPS`), mean_radius (misclassified count 0),
     robust (list per :data:`EPS`, or None when ``attack_n`` is 0), attack, bound (the whole
     network's sound L2 bound), rule (the certificate: last-layer or global). ``attack``: ``auto``
-    (AutoAttack when ``pyautoattack`` is installed, else PGD), ``autoattack`` or ``pgd`` (with
+    (:func:`certify.attacks.resolve_attack`: AutoAttack on CUDA, else PGD), ``autoattack`` or ``pgd`` (with
     ``attack_steps`` steps). ``on_row`` receives the rows so far after each network (to write partial
     results). A network whose training diverges raises
     :class:`~lipnet.training.loop.TrainingDivergedError` (the rows written before it are kept).
@@ -187,12 +184,9 @@ def bench_fmnist(
         raise ValueError(f"time cap must be positive seconds, got {time_cap}")
     if attack_n < 0:
         raise ValueError(f"attack_n must be >= 0, got {attack_n}")
-    if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}: choose auto, autoattack or pgd")
-    if attack == "auto":
-        attack = "autoattack" if autoattack_available() else "pgd"
-    attack_label = f"pgd ({attack_steps} steps)" if attack == "pgd" else "autoattack (apgd-ce, apgd-t)"
     dev = resolve_device(device)
+    attack = resolve_attack(attack, dev).name
+    attack_label = f"pgd ({attack_steps} steps)" if attack == "pgd" else "autoattack (apgd-ce, apgd-t)"
     # Unknown model names and a bad tau fail before any data is read (Fashion-MNIST has 10 classes).
     chosen = _select(contenders(size, len(FASHION_MNIST.classes)), models)
     loss_fn = losses.create("tau_ce", tau=tau)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from certify.attacks import ATTACKS, resolve_attack
 from certify.audit import audit
 from certify.contract import UnboundableModuleError
 from certify.io import CheckpointError
@@ -79,7 +80,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"L2 radii on the [0, 1] pixel scale (default {','.join(format_eps(e) for e in _DEFAULT_EPS)})",
     )
     p.add_argument("--n", type=positive_int, default=1000, help="number of test images (default 1000)")
-    p.add_argument("--attack", choices=["autoattack", "pgd", "none"], default="autoattack")
+    p.add_argument(
+        "--attack",
+        choices=[*ATTACKS, "none"],
+        default="auto",
+        help="auto (default): AutoAttack on CUDA, L2 PGD on a CPU (AutoAttack takes minutes per radius "
+        "there); autoattack, pgd, or none",
+    )
     p.add_argument(
         "--attacks",
         type=autoattack_list,
@@ -168,5 +175,7 @@ def run(args: argparse.Namespace) -> int:
         print("lipnet audit: interrupted", file=sys.stderr)
         return 130
     print(report.summary())
+    if args.attack != "none":
+        print(f"attack: {resolve_attack(args.attack, device)}")  # the rule audit() applied
     print(f"wrote {', '.join(str(args.out) + '/' + f for f in report.files)}")
     return 0 if report.passed else 1

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from certify.attacks import autoattack_available
+from certify.attacks import ATTACKS, resolve_attack
 from certify.io import atomic_write_text
 from lipnet.bench import device_label
 from lipnet.bench.anchors import ANCHORS
-from lipnet.bench.fmnist import ATTACKS, bench_fmnist, to_csv, to_markdown
+from lipnet.bench.fmnist import bench_fmnist, to_csv, to_markdown
 from lipnet.bench.layers import bench_layers, bench_per_layer, layers_markdown, per_layer_markdown
 from lipnet.bench.models import (
     EPOCH_IMAGES,
@@ -110,9 +110,8 @@ def run_fmnist(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    attack = args.attack
-    if attack == "auto":
-        attack = "autoattack" if autoattack_available() else "pgd"
+    choice = resolve_attack(args.attack, resolve_device(args.device))
+    attack = choice.name
     where = (
         torch.cuda.get_device_name(0)
         if args.device != "cpu" and torch.cuda.is_available()
@@ -123,7 +122,7 @@ def run_fmnist(args: argparse.Namespace) -> int:
         "AutoAttack (APGD-CE + APGD-T) through pyautoattack"
         if attack == "autoattack"
         else f"L2 PGD ({args.attack_steps} steps)"
-    )
+    ) + (f" [{choice.reason}]" if args.attack == "auto" else "")
     header = (
         f"# Fashion-MNIST, fmnist_convnet_{args.size}: {args.epochs} epoch(s), time cap {cap} per model, "
         f"τ-CE τ={args.tau:g}, Adam lr {args.lr:g} cosine, batch {args.batch_size}, seed {args.seed}; "
@@ -284,7 +283,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_fmnist.add_argument(
         "--attack-n", type=non_negative_int, default=1000, help="test images attacked (default 1000)"
     )
-    p_fmnist.add_argument("--attack", choices=list(ATTACKS), default="auto")
+    p_fmnist.add_argument(
+        "--attack",
+        choices=list(ATTACKS),
+        default="auto",
+        help="auto (default): AutoAttack on CUDA, PGD on a CPU",
+    )
     p_fmnist.add_argument("--attack-steps", type=positive_int, default=50, help="PGD steps (default 50)")
     p_fmnist.add_argument(
         "--tau", type=positive_float, default=5.0, help="τ of τ-CE (τ multiplies the logits)"

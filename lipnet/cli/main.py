@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as err:
         print(f"{name}: error: {one_line(err)}", file=sys.stderr)
         return 1
-    except (ValueError, OSError, UnboundableModuleError) as err:
+    except (ValueError, OSError, UnboundableModuleError, ImportError) as err:
         # OSError: a path given on the command line that cannot be read or written (FileNotFoundError,
         # PermissionError, a full disk), or a dataset download that failed: input, not a bug.
+        # ImportError: an optional extra the command was asked to use is not installed.
         print(f"{name}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from certify.attacks import empirical_robust_accuracy
+from certify.attacks import empirical_robust_accuracy, resolve_attack
 from certify.io import atomic_write_json, atomic_write_text
 from certify.radius import CertificationResult, certification_table, certified_accuracy, format_eps
 from lipnet import losses
@@ -47,6 +47,7 @@ from lipnet.training.config import (
     config_diff,
     dump_config,
 )
+from lipnet.training.devices import resolve_device
 from lipnet.training.plots import plot_sweep
 from lipnet.training.run import load_run_model, load_split, train
 from lipnet.training.runs import RunError, RunFolder
@@ -167,7 +168,9 @@ def _empirical(
     n = min(s.attack_n, len(test_ds), len(radii))
     certified = [certified_accuracy(radii[:n], e) for e in eps]
     cache_path = run.path / "empirical.json"
-    key = {"attack": s.attack, "n": n, "steps": s.attack_steps, "eps": eps, "seed": run_cfg.seed}
+    # the attack that runs (``auto`` resolves by device), so that a cached result is of that attack
+    attack = resolve_attack(s.attack, resolve_device(run_cfg.device))
+    key = {"attack": attack.name, "n": n, "steps": s.attack_steps, "eps": eps, "seed": run_cfg.seed}
     if cache_path.exists():
         cached = json.loads(cache_path.read_text(encoding="utf-8"))
         if cached.get("key") == key:
@@ -176,9 +179,9 @@ def _empirical(
     device = next(model.parameters()).device
     x = test_ds.images[:n].to(device)
     y = test_ds.labels[:n].to(device)
-    log(f"{run.path.name}: attacking {n} test images ({s.attack}) at {len(eps)} radii")
+    log(f"{run.path.name}: attacking {n} test images at {len(eps)} radii with {attack}")
     empirical = [
-        empirical_robust_accuracy(model, x, y, e, attack=s.attack, steps=s.attack_steps, seed=run_cfg.seed)
+        empirical_robust_accuracy(model, x, y, e, attack=attack.name, steps=s.attack_steps, seed=run_cfg.seed)
         for e in eps
     ]
     atomic_write_json(cache_path, {"key": key, "empirical_accuracy": empirical})
@@ -206,6 +209,7 @@ def _csv(param: str, eps: list[float], rows: list[SweepRow]) -> str:
 
 def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n_cert: int) -> str:
     with_emp = any(r.empirical_accuracy is not None for r in rows)
+    attack = resolve_attack(cfg.sweep.attack, resolve_device(cfg.device)).name if with_emp else ""
     extra: dict[str, list[str]] = {}
     if with_emp:
         for k, e in enumerate(eps):
@@ -232,7 +236,7 @@ def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n
         "",
         f"Certified accuracy on {n_cert} test images (sound bound, float64). "
         + (
-            f"Empirical robust accuracy ({cfg.sweep.attack}, an upper bound) on the first "
+            f"Empirical robust accuracy ({attack}, an upper bound) on the first "
             f"{cfg.sweep.attack_n} test images. "
             if with_emp
             else ""
