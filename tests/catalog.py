@@ -155,6 +155,7 @@ CATALOG: dict[type[nn.Module], Factory] = {
     BatchCentering: lambda: [
         Case(BatchCentering(3), (3, 4, 4), affine=True, per_sample_in_training=False),
         Case(BatchCentering(5), (5,), affine=True, per_sample_in_training=False),
+        Case(BatchCentering(4, momentum=None, bias=False), (4, 6), affine=True, per_sample_in_training=False),
     ],
     GroupSort: lambda: [Case(GroupSort(2), (6, 3, 3)), Case(GroupSort(3), (6,))],
     MaxMin: lambda: [Case(MaxMin(), (4, 2, 2))],

@@ -74,3 +74,61 @@ def test_two_gloo_processes_end_identical(tiny_config: Callable[..., Config], tm
     # every image of the epoch counted once: accuracies are multiples of 1/64
     assert (rows[0]["train_acc"] * 64) == pytest.approx(round(rows[0]["train_acc"] * 64))
     assert run.has_results()
+
+
+def _centering_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch (8 samples, channel offsets) and the weights of a linear loss on the output."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 2, 2, generator=g, dtype=torch.float64)
+    x = x + torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64).view(1, 3, 1, 1)
+    return x, torch.randn(8, 3, 2, 2, generator=g, dtype=torch.float64)
+
+
+def _centering_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """BatchCentering in training mode on this rank's half of the batch; saves what it computed."""
+    from lipnet.layers import BatchCentering
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x_all, w_all = _centering_batch()
+        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        x = x_all[part].clone().requires_grad_(True)
+        layer = BatchCentering(3, momentum=0.5).double()
+        y = layer(x)
+        (w_all[part] * y).sum().backward()
+        local = BatchCentering(3, momentum=0.5, sync=False).double()(x_all[part])
+        torch.save(
+            {
+                "y": y.detach(),
+                "grad": x.grad,
+                "bias_grad": layer.bias.grad,
+                "running_mean": layer.running_mean,
+                "local": local.detach(),
+            },
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_centering_synchronises_the_batch_mean(tmp_path: Path) -> None:
+    """Under torch.distributed two processes on halves of a batch compute what one process computes on
+    the whole batch: the outputs, the input gradients of the summed loss, the bias gradient (summed over
+    the processes, as DDP's average scaled by the world size) and the running mean."""
+    from lipnet.layers import BatchCentering
+
+    mp.spawn(_centering_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    x_all, w_all = _centering_batch()
+    x = x_all.clone().requires_grad_(True)
+    layer = BatchCentering(3, momentum=0.5).double()
+    y = layer(x)
+    (w_all * y).sum().backward()
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach())
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), x.grad)
+    torch.testing.assert_close(ranks[0]["bias_grad"] + ranks[1]["bias_grad"], layer.bias.grad)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], layer.running_mean)
+    # without synchronisation each process would centre on its own half's mean
+    assert not torch.allclose(torch.cat([r["local"] for r in ranks]), y.detach())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lipnet.activations import GroupSort
+from lipnet.layers.centering import BatchCentering
 from lipnet.layers.kinds import get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential
@@ -15,6 +16,7 @@ __all__ = ["SmallCNN", "small_cnn"]
 #: The layer kinds whose ``conv`` and ``dense`` layers change channels and features (plain layers).
 _KINDS = ("bjorck", "aol")
 _POOLS = ("l2", "invertible")
+_NORMS = ("none", "centering")
 
 
 class SmallCNN(LipschitzSequential):
@@ -24,11 +26,14 @@ class SmallCNN(LipschitzSequential):
     dense(., 4w) GS dense(4w, num_classes)``, with GS = GroupSort of size 2 and ``down`` a 2x2
     :class:`~lipnet.pooling.ScaledL2NormPool2d` (``pool="l2"``) or
     :class:`~lipnet.pooling.InvertibleDownsampling` (``pool="invertible"``, which multiplies the
-    channels by 4). Convolutions and dense layers are Björck/RKO (``conv="bjorck"``) or AOL
-    (``conv="aol"``), built by that :class:`~lipnet.layers.kinds.LayerKind` (its ``conv``, ``block``
-    and ``dense`` factories). The last child is the linear head, so ``certify``'s last-layer
-    certificate splits it off. ``input_size`` (square inputs) must be divisible by 4. ``lipschitz_bound`` is
-    the product of the children's bounds (:class:`~lipnet.models.sequential.LipschitzSequential`).
+    channels by 4). With ``norm="centering"`` each convolution is followed by a
+    :class:`~lipnet.layers.BatchCentering` (batch normalisation without the division: a translation in
+    eval mode, bound 1), so the network's bound is unchanged. Convolutions and dense layers are
+    Björck/RKO (``conv="bjorck"``) or AOL (``conv="aol"``), built by that
+    :class:`~lipnet.layers.kinds.LayerKind` (its ``conv``, ``block`` and ``dense`` factories). The last
+    child is the linear head, so ``certify``'s last-layer certificate splits it off. ``input_size``
+    (square inputs) must be divisible by 4. ``lipschitz_bound`` is the product of the children's
+    bounds (:class:`~lipnet.models.sequential.LipschitzSequential`).
     """
 
     def __init__(
@@ -39,11 +44,14 @@ class SmallCNN(LipschitzSequential):
         conv: str = "bjorck",
         input_size: int = 32,
         pool: str = "l2",
+        norm: str = "none",
     ) -> None:
         if conv not in _KINDS:
             raise ValueError(f"conv must be one of {sorted(_KINDS)}, got {conv!r}")
         if pool not in _POOLS:
             raise ValueError(f"pool must be one of {list(_POOLS)}, got {pool!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {list(_NORMS)}, got {norm!r}")
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -61,17 +69,20 @@ class SmallCNN(LipschitzSequential):
         def down() -> nn.Module:
             return InvertibleDownsampling(2) if pool == "invertible" else ScaledL2NormPool2d(2)
 
+        def centred(conv: nn.Module, channels: int) -> list[nn.Module]:
+            return [conv, BatchCentering(channels)] if norm == "centering" else [conv]
+
         c1, c2, hidden = width, 2 * width, 4 * width
         side = input_size // 4
         super().__init__(
-            kind.conv(in_channels, c1, 3),
+            *centred(kind.conv(in_channels, c1, 3), c1),
             GroupSort(2),
-            kind.block(c1, 3),
+            *centred(kind.block(c1, 3), c1),
             GroupSort(2),
             down(),
-            kind.conv(c1 * grow, c2, 3),
+            *centred(kind.conv(c1 * grow, c2, 3), c2),
             GroupSort(2),
-            kind.block(c2, 3),
+            *centred(kind.block(c2, 3), c2),
             GroupSort(2),
             down(),
             nn.Flatten(),
@@ -90,7 +101,8 @@ def small_cnn(
     conv: str = "bjorck",
     input_size: int = 32,
     pool: str = "l2",
+    norm: str = "none",
 ) -> SmallCNN:
     """The demo/benchmark network :class:`SmallCNN` (CIFAR-10 by default; ``in_channels=1, input_size=28`` for
-    Fashion-MNIST)."""
-    return SmallCNN(in_channels, num_classes, width, conv, input_size, pool)
+    Fashion-MNIST; ``norm="centering"``: a BatchCentering after each convolution)."""
+    return SmallCNN(in_channels, num_classes, width, conv, input_size, pool, norm)
