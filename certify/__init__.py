@@ -10,6 +10,7 @@ from certify.graph import analyze
 from certify.radius import (
     DEFAULT_EPS,
     CertificationResult,
+    binary_radius,
     certification_table,
     certified_accuracy,
     certified_radius,
@@ -34,6 +35,7 @@ __all__ = [
     "UnboundableModuleError",
     "analyze",
     "audit",
+    "binary_radius",
     "certification_table",
     "certified_accuracy",
     "certified_radius",

@@ -12,6 +12,10 @@ Formulas (all in float64):
   ``||w_y - w_j||`` are upper bounds computed from the explicit differences of the rows
   (:func:`row_distances`), never from ``||w_y||^2 + ||w_j||^2 - 2 w_y . w_j``.
 
+* per-class (binary, multi-label, per-pixel) rule: a decision ``f_c(x) > theta_c`` with Lip(f_c) <= L_c
+  is constant on the ball of radius ``|f_c(x) - theta_c| / L_c`` (:func:`binary_radius`; no
+  sqrt(2): one output moves, not a difference of two).
+
 A sample is certified at eps when it is correctly classified **and** ``r(x) > eps`` (strict).
 The logits come from a float32 (or float64) forward pass; its rounding is covered by
 subtracting ``2 * slack * (max_k |f_k(x)| + L_f ||x||_2)`` from every margin, with ``L_f`` the bound
@@ -19,11 +23,13 @@ of the whole map (``L`` for the global rule, ``L_g ||W||_2`` for the last-layer 
 = 1e-5 for float32 logits (about 170 ulps of the computation's magnitude) and 1e-12 for float64.
 The scale is that of the computation, not of its result: the rounding error of ``w . x + b`` is
 relative to ``|w| |x|``, which a cancelling bias hides from the logits but not from ``L_f ||x||``.
-Without the input norms that scale is unknown, and no sample is certified.
+Without the input norms that scale is unknown, and no sample is certified. The per-class rule has one
+computed output against a constant, so it subtracts the allowance once:
+``slack * (max(max_k |f_k(x)|, |theta_c|) + L_c ||x||_2)``.
 Half-precision logits are refused: certify in float32 or float64.
 
 Proofs: ``docs/proofs/certificates.md`` (``#lemma-global-rule``, ``#lemma-last-layer-rule``,
-``#lemma-last-layer-dominates``); the forward slack is an assumption stated in
+``#lemma-last-layer-dominates``, ``#lemma-sign-radius``); the forward slack is an assumption stated in
 ``docs/proofs/numerics.md#lemma-forward-slack``, the row distances ``#lemma-row-distances`` there.
 """
 
@@ -45,6 +51,7 @@ __all__ = [
     "DEFAULT_EPS",
     "FORWARD_SLACK",
     "CertificationResult",
+    "binary_radius",
     "certification_table",
     "certified_accuracy",
     "certified_radius",
@@ -235,6 +242,90 @@ def certified_radius(
         radius = ratio.amin(dim=1)
     correct = margins.masked_fill(~others, math.inf).amin(dim=1) > 0
     return torch.where(correct, radius.clamp_min(0.0), torch.zeros_like(radius))
+
+
+def _per_class(
+    name: str, value: float | Sequence[float] | torch.Tensor, shape: torch.Size, device: torch.device
+) -> torch.Tensor:
+    """A number, or one value per class (dim 1 of ``shape``), as float64 broadcastable to ``shape``."""
+    try:
+        v = torch.as_tensor(value, dtype=torch.float64).detach().to(device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a number or one number per class, got {value!r}") from err
+    if v.ndim == 1:
+        if v.numel() != shape[1]:
+            raise ValueError(f"{v.numel()} values of {name} for {shape[1]} classes (dim 1 of {tuple(shape)})")
+        return v.view(1, -1, *([1] * (len(shape) - 2)))
+    if v.ndim != 0:
+        raise ValueError(f"{name} must be a number or one number per class, got shape {tuple(v.shape)}")
+    return v
+
+
+def binary_radius(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lipschitz: float | Sequence[float] | torch.Tensor,
+    *,
+    input_norms: torch.Tensor | float,
+    threshold: float | Sequence[float] | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """Certified L2 radius of each per-class decision ``f_c(x) > theta_c``: float64, shape of ``logits``.
+
+    The one rule for multi-label, per-attribute, per-task binary and per-pixel decisions.
+    ``logits (N, A, ...)``: ``N`` samples (the inputs), ``A`` classes along dim 1, any further
+    dimensions (pixels) after it; ``targets``, of the same shape, 0/1 or bool: the right decision
+    (1 for ``f_c > theta_c``). ``lipschitz``: a sound bound ``L_c`` of each output ``f_c`` w.r.t. the
+    input (every position of class ``c`` shares it), a number or one per class; ``threshold``:
+    ``theta_c``, a number or one per class. ``input_norms``: the L2 norms ``||x||_2`` of the inputs
+    (shape ``(N,)``, e.g. ``x.flatten(1).norm(dim=1)``), or one number at least every one of them.
+
+    Each radius is
+
+        ``r_c(x) = (|f_c(x) - theta_c| - a_c(x)) / L_c``,
+        ``a_c(x) = FORWARD_SLACK[dtype] * (max(max_k |f_k(x)|, |theta_c|) + L_c ||x||_2)``,
+
+    with ``max_k`` over every output of the sample, where the decision is right, and 0 where it is
+    wrong, where ``f_c(x) = theta_c`` exactly (no side is certain), or where ``|f_c - theta_c|`` is
+    within the allowance. The decision is constant on the open ball of that radius
+    (``docs/proofs/certificates.md#lemma-sign-radius``); ``a_c`` is the rounding allowance of the
+    forward pass for one output (``docs/proofs/numerics.md#lemma-forward-slack``: one computed value
+    against a constant, so once, where a margin of two logits loses it twice). A decision counts as
+    certified at ``eps`` when its radius is ``> eps`` (:func:`certified_accuracy`). An infinite norm
+    certifies nothing for its sample; pass ``0.0`` only for logits that were not computed from an input.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim < 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must have shape (N, A, ...) with A classes along dim 1, got {got}")
+    if logits.dtype not in FORWARD_SLACK:
+        raise ValueError(
+            f"logits in {logits.dtype} are too imprecise to certify: "
+            "run the forward pass in float32 or float64"
+        )
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape:
+        got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must have the logits' shape {tuple(logits.shape)}, got {got}")
+    f = logits.detach().to(torch.float64)
+    if not torch.isfinite(f).all():
+        raise ValueError("logits contain NaN or Inf: the model's output is not finite")
+    t = targets.detach().to(f.device)
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError("targets must hold 0/1 (or bool) values: the right decision of each output")
+    lip = _per_class("lipschitz", lipschitz, f.shape, f.device)
+    if not bool(torch.isfinite(lip).all()) or bool((lip <= 0).any()):
+        raise ValueError(f"the Lipschitz bounds must be finite numbers > 0, got {lipschitz!r}")
+    theta = _per_class("threshold", threshold, f.shape, f.device)
+    if not bool(torch.isfinite(theta).all()):
+        raise ValueError(f"the thresholds must be finite, got {threshold!r}")
+    n = f.shape[0]
+    norms = _input_norms(input_norms, n, f.device).view(n, *([1] * (f.ndim - 1)))
+    # the rounding of the forward pass, relative to the magnitude of the computation (module doc); |theta_c|
+    # covers the float64 subtraction below
+    largest = f.abs().flatten(1).amax(dim=1).view_as(norms) if f.numel() else torch.zeros_like(norms)
+    allowance = FORWARD_SLACK[logits.dtype] * (torch.maximum(largest, theta.abs()) + lip * norms)
+    d = f - theta
+    margin = d.abs() - allowance
+    correct = ((d > 0) == t.bool()) & (d != 0) & (margin > 0)
+    return torch.where(correct, margin / lip, torch.zeros_like(f))
 
 
 def certified_accuracy(radii: torch.Tensor, eps: float | str) -> float:

@@ -130,7 +130,10 @@ def test_cam_certified_pixels_survive_attacks() -> None:
     with torch.no_grad():
         head.kappa.copy_(head.maps(features).amax(dim=(0, 2, 3)).double())
     theta = 0.4
-    foreground, radius = head.pixel_certificates(features, backbone_lipschitz=lip_f, theta=theta)
+    # the network's input is the image x: its norm is the scale of the forward pass's rounding
+    foreground, radius = head.pixel_certificates(
+        features, backbone_lipschitz=lip_f, input_norms=x.norm(), theta=theta
+    )
     assert foreground.shape == radius.shape == (1, 2, 5, 5) and radius.dtype == torch.float64
     eps = float(radius.flatten().median())
     certified = (radius[0] > eps).nonzero().tolist()
@@ -150,6 +153,51 @@ def test_cam_certified_pixels_survive_attacks() -> None:
     sign = 1.0 if foreground[0, c, i, j] else -1.0
     far = 20 * eps + 1.0
     assert _pixel_attack(model, x, (c, i, j), sign, far, theta * float(head.kappa[c])) < 0
+
+
+def test_cam_pixel_certificates_cover_maps_that_cancel_their_products() -> None:
+    """The per-pixel counterexample: a float32 CAMHead reading the image (3072 channels, 2 x 2 pixels),
+    rows of random signs +-1/sqrt(3072), each pixel's channel vector moved so that both maps equal the
+    threshold theta kappa_c (~1e-6) up to +-2e-6 (3 pixels in 4) or +-0.02. The float32 maps round with
+    the error of products of size ~28 (measured up to 1e-6), far above the former allowance
+    2e-5 max(max|M|, |theta kappa|) (~4e-7 at most), which certifies beyond the exact radius
+    |M_cj(x) - theta kappa_c| / ||w_c|| of the decision; with the image's norm (~64) in the scale, no
+    radius does, and the worst perturbation of the certified norm leaves the exact decision unchanged."""
+    c_in, k, n = 3072, 2, 32
+    theta = 0.5
+    g = torch.Generator().manual_seed(0)
+    head = CAMHead(c_in, k, normalize=False).eval()
+    w = ((torch.randint(0, 2, (k, c_in), generator=g).double() * 2 - 1) / c_in**0.5).float().double()
+    with torch.no_grad():
+        head.fc.weight.copy_(w)
+        head.kappa.copy_(torch.tensor([2e-6, 4e-6]))
+    t = theta * head.kappa.double()[None, :, None, None]  # the exact thresholds (float32 kappa, theta 1/2)
+    size = torch.where(torch.rand(n, k, 2, 2, generator=g) < 0.75, 2e-6, 0.02).double()
+    goal = t + (torch.randint(0, 2, (n, k, 2, 2), generator=g).double() * 2 - 1) * size
+    # per pixel, x - W^T (W W^T)^-1 (W x - goal): maps at the goal up to the float32 rounding of x
+    pixels = torch.rand(n, c_in, 2, 2, generator=g).double().permute(0, 2, 3, 1)
+    excess = pixels @ w.T - goal.permute(0, 2, 3, 1)
+    x = (pixels - excess @ torch.linalg.solve(w @ w.T, w)).permute(0, 3, 1, 2).float().contiguous()
+    exact = torch.einsum("kc,nchw->nkhw", w, x.double())  # float32 products are exact in float64
+    norms = x.flatten(1).double().norm(dim=1)
+    foreground, radius = head.pixel_certificates(x, backbone_lipschitz=1.0, input_norms=norms, theta=theta)
+    with torch.no_grad():
+        maps = head.maps(x).double()
+    assert torch.equal(foreground, maps >= t)
+    sign = foreground.double() * 2 - 1
+    row = w.norm(dim=1)[None, :, None, None]
+    true = (sign * (exact - t)).clamp_min(0.0) / row  # 0 where the exact decision differs
+    assert bool((radius <= true).all())
+    assert int((radius > 0).sum()) >= 16  # the +-0.02 pixels are certified: the test is not vacuous
+    # the former allowance (relative to the maps and the threshold alone) certified beyond the exact radius
+    scale = torch.maximum(maps.abs().amax(dim=(2, 3), keepdim=True), t.abs())
+    lip = head.map_lipschitz_bounds()[None, :, None, None] * (1 + 1e-9)  # times backbone 1, times SLACK
+    former = ((maps - t).abs() - 2e-5 * scale).clamp_min(0.0) / lip
+    assert int((former > true).sum()) > 0
+    # the worst perturbation of each certified pixel: its channel vector moved by r against w_c
+    for i, c, h, v in (radius > 0).nonzero().tolist():
+        moved = x[i, :, h, v].double() - sign[i, c, h, v] * radius[i, c, h, v] * w[c] / row[0, c, 0, 0]
+        assert float(sign[i, c, h, v] * (w[c] @ moved - t[0, c, 0, 0])) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +289,9 @@ def test_integral_attention_certified_pixels_survive_attacks() -> None:
     model = _frozen(IntegralAttention(2, 2, hidden=4))
     shape = (2, 5, 5)
     x = 3.0 * torch.randn(shape, dtype=torch.float64)
-    foreground, radius = model.pixel_certificates(x.unsqueeze(0), backbone_lipschitz=1.0)
+    foreground, radius = model.pixel_certificates(
+        x.unsqueeze(0), backbone_lipschitz=1.0, input_norms=x.norm()
+    )
     assert torch.equal(foreground, model(x.unsqueeze(0)) > 0)
     eps = float(radius.flatten().median())
     certified = sorted((radius[0] > eps).nonzero().tolist(), key=lambda p: float(radius[0][tuple(p)]))
@@ -275,9 +325,22 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="momentum"):
         CAMHead(4, 2, momentum=1.5)
     with pytest.raises(ValueError, match="theta"):
-        CAMHead(4, 2).pixel_certificates(torch.randn(1, 4, 3, 3), backbone_lipschitz=1.0, theta=1.0)
+        CAMHead(4, 2).pixel_certificates(
+            torch.randn(1, 4, 3, 3), backbone_lipschitz=1.0, input_norms=1.0, theta=1.0
+        )
     with pytest.raises(ValueError, match="backbone_lipschitz"):
-        CAMHead(4, 2).pixel_certificates(torch.randn(1, 4, 3, 3), backbone_lipschitz=0.0)
+        CAMHead(4, 2).pixel_certificates(torch.randn(1, 4, 3, 3), backbone_lipschitz=0.0, input_norms=1.0)
+    # the images' norms are required: they are the scale of the forward pass's rounding
+    with pytest.raises(TypeError, match="input_norms"):
+        CAMHead(4, 2).pixel_certificates(torch.randn(1, 4, 3, 3), backbone_lipschitz=1.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="input_norms"):
+        IntegralAttention(4, 2, hidden=4).pixel_certificates(  # type: ignore[call-arg]
+            torch.randn(1, 4, 3, 3), backbone_lipschitz=1.0
+        )
+    with pytest.raises(ValueError, match="input_norms"):
+        CAMHead(4, 2).pixel_certificates(
+            torch.randn(2, 4, 3, 3), backbone_lipschitz=1.0, input_norms=torch.ones(3)
+        )
     with pytest.raises(ValueError, match="expects"):
         CAMHead(4, 2)(torch.randn(1, 3, 3, 3))
     with pytest.raises(ValueError, match="even"):
@@ -288,5 +351,5 @@ def test_bad_arguments() -> None:
         OnlineAttentionAccumulator(3, 2, (2, 2, 2))
     with pytest.raises(ValueError, match="bfloat16|imprecise"):
         CAMHead(4, 2).to(torch.bfloat16).pixel_certificates(
-            torch.randn(1, 4, 3, 3, dtype=torch.bfloat16), backbone_lipschitz=1.0
+            torch.randn(1, 4, 3, 3, dtype=torch.bfloat16), backbone_lipschitz=1.0, input_norms=1.0
         )

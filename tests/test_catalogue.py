@@ -13,10 +13,9 @@ from torch import nn
 
 from certify.attacks import pgd_l2
 from certify.bounds import lipschitz_bound
-from certify.radius import certified_radius
+from certify.radius import binary_radius, certified_radius
 from lipnet import catalogue
 from lipnet.attention import SqueezeExcitation
-from lipnet.catalogue.metrics import sign_radius
 from lipnet.catalogue.networks import image_network
 from lipnet.catalogue.report import CatalogueRow, read_rows, write_outputs
 from lipnet.catalogue.runner import train_method
@@ -142,7 +141,7 @@ def test_per_attribute_certificates_survive_an_attack(lipnet_data: Path) -> None
     assert bool((bounds <= lipschitz_bound(model, ds.input_shape) * (1 + 1e-9)).all())
     with torch.no_grad():
         logits = model(ds.images)
-    radii = sign_radius(logits, targets, bounds)
+    radii = binary_radius(logits, targets, bounds, input_norms=ds.images.flatten(1).norm(dim=1))
     assert bool((radii > 0).any())
     for c in range(targets.shape[1]):
         flips = _attack_inside(_Pair(model, c), ds.images, targets[:, c].long(), radii[:, c])

@@ -13,6 +13,7 @@ from torch import nn
 from certify.radius import (
     DEFAULT_EPS,
     CertificationResult,
+    binary_radius,
     certification_table,
     certified_accuracy,
     certified_radius,
@@ -142,6 +143,120 @@ def test_forward_slack_covers_a_bias_that_cancels_the_products() -> None:
         assert float(certified_radius(f32, label, 1.0, last_layer_weight=w, input_norms=norms)) <= true
         overclaimed += float(certified_radius(f32, label, lip, input_norms=0.0)) > true
     assert overclaimed > 0  # the counterexample is real: the logit-relative allowance fails here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binary_radius_allowance_is_relative_to_the_computation(dtype: torch.dtype) -> None:
+    # one output against a constant: (|f_c - theta_c| - s (max(max_k |f_k|, |theta_c|) + L_c ||x||)) / L_c
+    slack = 1e-5 if dtype == torch.float32 else 1e-12
+    logits = torch.tensor([[1.0, -0.5, 0.25]], dtype=dtype)
+    targets = torch.tensor([[1, 0, 1]])
+    r = binary_radius(logits, targets, [2.0, 4.0, 1.0], input_norms=torch.tensor([3.0]), threshold=[0, 0, 2])
+    # class 2: 0.25 < theta = 2 decides "negative", but the target says positive: wrong, radius 0
+    expected = [(1.0 - slack * (1.0 + 6.0)) / 2.0, (0.5 - slack * (1.0 + 12.0)) / 4.0, 0.0]
+    assert r.dtype == torch.float64 and r.shape == (1, 3)
+    assert r[0].tolist() == pytest.approx(expected, rel=1e-12)
+    # the threshold's magnitude enters the scale when it is the largest number involved
+    small = torch.tensor([[0.1, -0.2, 0.3]], dtype=dtype)
+    r = binary_radius(small, torch.tensor([[1, 1, 1]]), 1.0, input_norms=0.0, threshold=-2.0)
+    expected = [float(v) + 2.0 - slack * 2.0 for v in small[0].double()]
+    assert r[0].tolist() == pytest.approx(expected, rel=1e-12)
+    # the decision at f_c = theta_c is wrong whatever the target (no side is certain); wrong signs get 0
+    r = binary_radius(logits, torch.tensor([[0, 1, 1]]), 1.0, input_norms=0.0, threshold=[1.0, 0.0, 0.0])
+    assert r[0, 0] == 0 and r[0, 1] == 0 and r[0, 2] > 0
+    # pixels: (N, A, H, W), the per-class bound and threshold broadcast over the positions, the scale
+    # is the largest output of the sample (both classes, every pixel)
+    maps = torch.tensor([[[[0.5, -0.1]], [[3.0, 2.0]]]], dtype=dtype)
+    r = binary_radius(maps, maps > 0, [1.0, 0.5], input_norms=2.0)
+    allowance = slack * (3.0 + torch.tensor([1.0, 0.5], dtype=torch.float64) * 2.0)[:, None, None]
+    expected_maps = (maps[0].double().abs() - allowance) / torch.tensor([1.0, 0.5]).double()[:, None, None]
+    torch.testing.assert_close(r[0], expected_maps, rtol=1e-12, atol=0)
+
+
+def test_binary_radius_strictness_and_unknown_norms() -> None:
+    logits = torch.tensor([[0.5], [-0.25]], dtype=torch.float64)
+    targets = torch.tensor([[1], [0]])
+    r = binary_radius(logits, targets, 1.0, input_norms=0.0)
+    radii = r.flatten()
+    # certified only when the radius is strictly above eps
+    assert certified_accuracy(radii, float(radii[1])) == 0.5
+    with pytest.raises(TypeError, match="input_norms"):
+        binary_radius(logits, targets, 1.0)  # type: ignore[call-arg]
+    assert torch.equal(binary_radius(logits, targets, 1.0, input_norms=math.inf), torch.zeros(2, 1).double())
+    known = binary_radius(logits, targets, 1.0, input_norms=torch.tensor([1.0, math.inf]))
+    assert known[0, 0] > 0 and known[1, 0] == 0
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "lip", "kwargs", "match"),
+    [
+        (torch.zeros(3), torch.zeros(3), 1.0, {}, "shape"),
+        (torch.zeros(2, 2), torch.zeros(2, 3), 1.0, {}, "targets"),
+        (torch.zeros(2, 2), torch.full((2, 2), 2), 1.0, {}, "0/1"),
+        (torch.tensor([[float("nan"), 0.0]]), torch.zeros(1, 2), 1.0, {}, "NaN"),
+        (torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(2, 2), 1.0, {}, "imprecise"),
+        (torch.zeros(2, 2), torch.zeros(2, 2), 0.0, {}, "Lipschitz"),
+        (torch.zeros(2, 2), torch.zeros(2, 2), [1.0, math.inf], {}, "Lipschitz"),
+        (torch.zeros(2, 2), torch.zeros(2, 2), [1.0, 1.0, 1.0], {}, "2 classes"),
+        (torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), {}, "one number per class"),
+        (torch.zeros(2, 2), torch.zeros(2, 2), 1.0, {"threshold": math.nan}, "thresholds"),
+        (torch.zeros(2, 2), torch.zeros(2, 2), 1.0, {"input_norms": torch.ones(3)}, "shape"),
+        (torch.zeros(2, 2), torch.zeros(2, 2), 1.0, {"input_norms": -1.0}, ">= 0"),
+    ],
+)
+def test_binary_radius_bad_inputs_raise(
+    logits: torch.Tensor, targets: torch.Tensor, lip: object, kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        binary_radius(logits, targets, lip, **{"input_norms": 1.0, **kwargs})  # type: ignore[arg-type]
+
+
+def test_binary_radius_covers_a_bias_that_cancels_the_products() -> None:
+    # The binary rule's counterexample: a float32 Linear(3072, 4), rows (1, -0.5, 2, -1) / sqrt(3072) times
+    # the all-ones vector, x in [0, 1]^3072, biases that cancel w_c . x up to +-2e-6. The float32 outputs
+    # are ~1e-6, their rounding error that of products of size up to ~55 (measured: up to 3e-5). An allowance
+    # relative to max|f| alone (the former rule, input_norms=0 here) certifies beyond the exact radius
+    # |f_c(x)| / ||w_c|| of the decision; with s (max|f| + L_c ||x||) (here about 3.2e-4 L_c), never, and the
+    # worst perturbation of that norm, -sign(f_c) r w_c / ||w_c||, leaves the exact decision unchanged.
+    n, scales = 3072, torch.tensor([1.0, -0.5, 2.0, -1.0], dtype=torch.float64)
+    w = (scales[:, None] * torch.ones(4, n, dtype=torch.float64) / n**0.5).float()
+    w64 = w.double()  # float32 rows, exact in float64
+    row_norms = w64.norm(dim=1)
+    lip = row_norms * (1 + 1e-12)  # sound bounds of each output (the norm's rounding is ~1e-16)
+    overclaimed = flipped = 0
+    for seed in range(100):
+        gs = torch.Generator().manual_seed(seed)
+        x = torch.rand(1, n, generator=gs)
+        products = (w64 @ x.double().T).squeeze(1)
+        offsets = (torch.randint(0, 2, (4,), generator=gs).double() * 2 - 1) * 2e-6
+        b = (offsets - products).float()
+        layer = nn.Linear(n, 4)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+            f32 = layer(x)
+        # float32 products are exact in float64; the float64 sum's error (~1e-13) is far below the margins
+        exact = products + b.double()
+        decisions = f32 > 0  # the decisions the float32 network makes (and which are certified)
+        sign = decisions.double()[0] * 2 - 1
+        # the exact radius of each decision: its distance to the boundary if the exact sign agrees, else 0
+        true = (sign * exact).clamp_min(0.0) / row_norms
+        norms = x.double().norm(dim=1)
+        new = binary_radius(f32, decisions, lip, input_norms=norms)[0]
+        old = binary_radius(f32, decisions, lip, input_norms=0.0)[0]
+        assert bool((new <= true).all()), (new, true)
+        overclaimed += int((old > true).sum())
+        for c in range(4):
+            for radius, counter in ((float(new[c]), None), (float(old[c]), "old")):
+                if radius <= 0:
+                    continue
+                moved = x.double()[0] - sign[c] * radius * w64[c] / row_norms[c]
+                value = float(w64[c] @ moved + b.double()[c])
+                if counter is None:
+                    assert value * float(sign[c]) > 0, (seed, c, value)
+                else:
+                    flipped += value * float(sign[c]) <= 0
+    assert overclaimed > 0 and flipped > 0  # the counterexample is real: the former allowance fails here
 
 
 def test_certified_accuracy_is_strict() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from certify.radius import binary_radius
 from lipnet.catalogue import data as tasks
 from lipnet.catalogue.metrics import (
     attribute_f1,
@@ -19,7 +20,6 @@ from lipnet.catalogue.metrics import (
     mean_accuracy,
     mean_iou,
     per_task_accuracy,
-    sign_radius,
 )
 
 
@@ -116,18 +116,32 @@ def test_bag_accuracy_miou_and_per_task() -> None:
 
 
 def test_certified_attribute_and_pixel_accuracy() -> None:
+    # float64 logits and inputs of norms 1 and 2: the rounding allowance, 1e-12 (max|f| + L_c ||x||) <= 3e-12,
+    # moves no radius by more than 1e-11 (relative 1e-9 here) and crosses no eps below
     f = torch.tensor([[0.5, -0.05], [-0.3, 0.2]], dtype=torch.float64)
     t = torch.tensor([[1, 0], [1, 1]])
-    r = sign_radius(f, t, [1.0, 0.5])
+    norms = torch.tensor([1.0, 2.0])
+    r = binary_radius(f, t, [1.0, 0.5], input_norms=norms)
     assert r[1, 0] == 0.0  # wrong sign
     assert r[0, 0].item() == pytest.approx(0.5, rel=1e-9) and r[1, 1].item() == pytest.approx(0.4, rel=1e-9)
-    assert certified_attribute_accuracy(f, t, [1.0, 0.5], 0.2) == [0.5, 0.5]
-    assert certified_attribute_accuracy(f, t, [1.0, 0.5], 0.45) == [0.5, 0.0]
+    assert certified_attribute_accuracy(f, t, [1.0, 0.5], 0.2, input_norms=norms) == [0.5, 0.5]
+    assert certified_attribute_accuracy(f, t, [1.0, 0.5], 0.45, input_norms=norms) == [0.5, 0.0]
     maps = torch.tensor([[[0.5, -0.5], [0.05, -0.01]]], dtype=torch.float64)
     masks = torch.tensor([[[True, False], [True, True]]])
-    assert certified_pixel_fraction(maps, masks, 1.0, 0.1) == 0.5
+    assert certified_pixel_fraction(maps, masks, 1.0, 0.1, input_norms=1.0) == 0.5
     with pytest.raises(ValueError, match="Lipschitz"):
-        sign_radius(f, t, 0.0)
+        binary_radius(f, t, 0.0, input_norms=norms)
+    # the input norms are required (the scale of the forward pass's rounding), and they are used: float32
+    # logits of 1e-3 from an input of norm 1000 are within their allowance 1e-5 (1e-3 + 1 * 1000)
+    with pytest.raises(TypeError, match="input_norms"):
+        certified_attribute_accuracy(f, t, [1.0, 0.5], 0.2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="input_norms"):
+        certified_pixel_fraction(maps, masks, 1.0, 0.1)  # type: ignore[call-arg]
+    small = torch.full((1, 2, 2), 1e-3)
+    assert certified_pixel_fraction(small, torch.ones(1, 2, 2), 1.0, 0.0, input_norms=0.0) == 1.0
+    assert certified_pixel_fraction(small, torch.ones(1, 2, 2), 1.0, 0.0, input_norms=1000.0) == 0.0
+    per_attribute = certified_attribute_accuracy(small[0], torch.ones(2, 2), 1.0, 0.0, input_norms=1000.0)
+    assert per_attribute == [0.0, 0.0]
 
 
 def test_certified_per_task_matches_the_margin_formula() -> None:
@@ -138,7 +152,11 @@ def test_certified_per_task_matches_the_margin_formula() -> None:
     assert out == {"cls": 0.5}
     out = certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 2.0}, 0.5, input_norms=0.0)
     assert out == {"cls": 0.0}
-    # without the input norms the forward pass's rounding has no known scale: nothing is certified
-    assert certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 1.0}, 0.5) == {"cls": 0.0}
+    # without the input norms the forward pass's rounding has no known scale: they are required, and an
+    # infinite norm certifies nothing
+    with pytest.raises(TypeError, match="input_norms"):
+        certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 1.0}, 0.5)  # type: ignore[call-arg]
+    out = certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": 1.0}, 0.5, input_norms=math.inf)
+    assert out == {"cls": 0.0}
     with pytest.raises(ValueError, match="finite"):
-        certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": math.inf}, 0.5)
+        certified_per_task_accuracy({"cls": f}, {"cls": y}, {"cls": math.inf}, 0.5, input_norms=0.0)

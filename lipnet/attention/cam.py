@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from certify.radius import binary_radius
 from lipnet.activations import MaxMin
 from lipnet.attention._bounds import (
     SLACK,
@@ -37,10 +38,6 @@ from lipnet.layers import BjorckConv2d
 
 __all__ = ["CAMHead", "IntegralAttention", "OnlineAttentionAccumulator"]
 
-#: Relative rounding slack of a forward pass per dtype, as in :mod:`certify.radius`: subtracted
-#: (times the largest magnitude involved) from every per-pixel margin.
-_ROUNDING = {torch.float32: 1e-5, torch.float64: 1e-12}
-
 
 def _check_image(x: Tensor, channels: int, who: str) -> None:
     if x.ndim != 4 or x.shape[1] != channels:
@@ -48,28 +45,33 @@ def _check_image(x: Tensor, channels: int, who: str) -> None:
 
 
 def _pixel_certificates(
-    scores: Tensor, threshold: Tensor, lipschitz: Tensor, backbone_lipschitz: float
+    scores: Tensor,
+    threshold: Tensor,
+    lipschitz: Tensor,
+    backbone_lipschitz: float,
+    input_norms: Tensor | float,
+    *,
+    foreground_at_threshold: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Decisions ``scores >= threshold`` and their certified radii, in float64.
+    """Foreground decisions and their radii (:func:`certify.radius.binary_radius`), both ``(N, K, H, W)``.
 
     ``scores (N, K, H, W)``; ``threshold`` and ``lipschitz`` ``(K,)``, the latter the Lipschitz bound
-    of one pixel of class ``k`` w.r.t. the head's input. A decision is stable within
-    ``|score - threshold| / (lipschitz_k * backbone_lipschitz)``; the forward pass's rounding is
-    covered by subtracting ``2 * slack * max(max_j |score_kj|, |threshold_k|)`` per image and class.
+    of one pixel of class ``k`` w.r.t. the head's input; ``backbone_lipschitz`` a bound from the network
+    input to the head's input, so one pixel of class ``k`` is ``lipschitz_k * backbone_lipschitz``-
+    Lipschitz in the network input, whose norms are ``input_norms``. A pixel is foreground when its score
+    is above its threshold, or at it when ``foreground_at_threshold`` (the rule ``>=``); a pixel exactly at
+    its threshold has radius 0 either way.
     """
-    if scores.dtype not in _ROUNDING:
-        raise ValueError(f"scores in {scores.dtype} are too imprecise to certify: use float32 or float64")
     lb = float(backbone_lipschitz)
     if isinstance(backbone_lipschitz, bool) or not math.isfinite(lb) or lb <= 0:
         raise ValueError(f"backbone_lipschitz must be a positive finite number, got {backbone_lipschitz!r}")
-    s = scores.detach().to(torch.float64)
-    if not torch.isfinite(s).all():
-        raise ValueError("scores contain NaN or Inf: nothing can be certified")
-    t = threshold.detach().to(device=s.device, dtype=torch.float64)[None, :, None, None]
-    lip = lipschitz.detach().to(device=s.device, dtype=torch.float64)[None, :, None, None]
-    scale = torch.maximum(s.abs().amax(dim=(2, 3), keepdim=True), t.abs())
-    margin = ((s - t).abs() - 2.0 * _ROUNDING[scores.dtype] * scale).clamp_min(0.0)
-    return s >= t, margin / (lip * lb * SLACK)
+    s = scores.detach()
+    t = threshold.detach().to(device=s.device, dtype=torch.float64)
+    # SLACK covers the float64 rounding of the product of the two bounds
+    bound = lipschitz.detach().to(device=s.device, dtype=torch.float64) * lb * SLACK
+    above = s.to(torch.float64) - t[None, :, None, None]
+    decisions = above >= 0 if foreground_at_threshold else above > 0
+    return decisions, binary_radius(s, decisions, bound, input_norms=input_norms, threshold=t)
 
 
 class CAMHead(NormalizedModule):
@@ -202,21 +204,27 @@ class CAMHead(NormalizedModule):
         return self.map_lipschitz_bounds() / self.kappa.detach().to(device="cpu", dtype=torch.float64) * SLACK
 
     def pixel_certificates(
-        self, x: Tensor, *, backbone_lipschitz: float, theta: float = 0.5
+        self, x: Tensor, *, backbone_lipschitz: float, input_norms: Tensor | float, theta: float = 0.5
     ) -> tuple[Tensor, Tensor]:
         """Foreground decisions ``A_cj >= theta`` and their certified radii, both ``(N, K, H, W)``.
 
         ``x`` are the head's input features; ``backbone_lipschitz`` a sound bound of the
-        Lipschitz constant from the network input to ``x`` (see the class docstring). The
-        decision at a pixel is certified at ``eps`` when its radius is ``> eps`` (strict); radii
-        are float64.
+        Lipschitz constant from the network input to ``x`` (see the class docstring);
+        ``input_norms`` the L2 norms of the network inputs (the images, shape ``(N,)``; ``x``'s own
+        norms when the head reads the image itself), the scale of the forward pass's rounding.
+        Radius ``(|M_cj - theta kappa_c| - a) / (L_c L_F)``, float64, 0 where ``M_cj = theta kappa_c``
+        (:func:`certify.radius.binary_radius`, ``a`` its rounding allowance). The decision at a pixel is
+        certified at ``eps`` when its radius is ``> eps`` (strict).
         """
         if not 0.0 < theta < 1.0:
             raise ValueError(f"theta must be in (0, 1), got {theta!r}")
         with torch.no_grad():
             maps = self.maps(x)
             lip = self.map_lipschitz_bounds()
-        return _pixel_certificates(maps, theta * self.kappa, lip, backbone_lipschitz)
+        threshold = theta * self.kappa.detach().to(torch.float64)
+        return _pixel_certificates(
+            maps, threshold, lip, backbone_lipschitz, input_norms, foreground_at_threshold=True
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -381,16 +389,23 @@ class IntegralAttention(NormalizedModule):
             divisor = float(self._raw_bound(shape).to(self._dtype()).to(torch.float64))
             return per_pixel / divisor * SLACK
 
-    def pixel_certificates(self, x: Tensor, *, backbone_lipschitz: float) -> tuple[Tensor, Tensor]:
+    def pixel_certificates(
+        self, x: Tensor, *, backbone_lipschitz: float, input_norms: Tensor | float
+    ) -> tuple[Tensor, Tensor]:
         """Foreground decisions ``p > 0`` and their certified radii (float64), both ``(N, K, H, W)``.
 
         ``x`` are the head's input features, ``backbone_lipschitz`` a sound Lipschitz bound from the
-        network input to them (1.0 when the head reads the input itself).
+        network input to them (1.0 when the head reads the input itself), ``input_norms`` the L2 norms
+        of the network inputs (the images; see :meth:`CAMHead.pixel_certificates`). Radius
+        ``(|p_cj| - a) / (Lip(p_cj) L_F)`` (:func:`certify.radius.binary_radius`), 0 where ``p_cj = 0``.
         """
         with torch.no_grad():
             scores = self(x)
             lip = self.pixel_lipschitz_bounds(tuple(x.shape[1:]))
-        return _pixel_certificates(scores, torch.zeros(self.num_classes), lip, backbone_lipschitz)
+        threshold = torch.zeros(self.num_classes, dtype=torch.float64)
+        return _pixel_certificates(
+            scores, threshold, lip, backbone_lipschitz, input_norms, foreground_at_threshold=False
+        )
 
     def extra_repr(self) -> str:
         return (

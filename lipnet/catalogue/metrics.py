@@ -8,15 +8,14 @@ heads (Liu et al., CVPR 2019).
 Certified metrics need a sound Lipschitz bound ``L`` of the map from the input to the logits used (e.g.
 ``certify.bounds.lipschitz_bound`` of the network or of one task's head composed with the backbone):
 
-* single-label decisions (a class, a bag, one task's head): ``certify.radius.certified_radius``,
-  ``radius = margin / (sqrt(2) L)``;
-* per-attribute / per-pixel binary decisions ``sign(f_c)``: ``radius_c = |f_c| / L_c``
-  (``docs/design.md``), with the same float32 rounding slack as :mod:`certify.radius`.
+* single-label decisions (a class, a bag, one task's head): ``certify.radius.certified_radius``;
+* per-attribute / per-pixel binary decisions ``sign(f_c)``: ``certify.radius.binary_radius``.
 
-A sample (attribute, pixel) counts as certified at ``eps`` when it is correct **and** its radius is
-strictly greater than ``eps``.
+Both take the norms of the inputs that produced the logits (the scale of the forward pass's rounding);
+no radius is computed here. A sample (attribute, pixel) counts as certified at ``eps`` when it is correct
+**and** its radius is strictly greater than ``eps`` (``certify.radius.certified_accuracy``).
 
-Proofs: ``docs/proofs/certificates.md#lemma-sign-radius``.
+Proofs: ``docs/proofs/certificates.md#lemma-global-rule``, ``#lemma-sign-radius``.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from certify.radius import FORWARD_SLACK, certified_accuracy, certified_radius, parse_eps
+from certify.radius import binary_radius, certified_accuracy, certified_radius
 
 __all__ = [
     "attribute_f1",
@@ -39,7 +38,6 @@ __all__ = [
     "mean_accuracy",
     "mean_iou",
     "per_task_accuracy",
-    "sign_radius",
 ]
 
 
@@ -163,49 +161,39 @@ def per_task_accuracy(logits: Mapping[str, Tensor], labels: Mapping[str, Tensor]
     return {k: bag_accuracy(logits[k], labels[k]) for k in logits}
 
 
-def sign_radius(logits: Tensor, targets: Tensor, lipschitz: float | Sequence[float] | Tensor) -> Tensor:
-    """Certified radius ``|f_c| / L_c`` of each binary decision ``f_c > 0`` (float64, 0 where wrong).
-
-    ``logits (N, A, ...)`` and 0/1 ``targets`` of the same shape; ``lipschitz`` a sound bound of each
-    ``f_c`` (a number, or one per attribute along dim 1). A logit of exactly 0 counts as wrong.
-    """
-    f = _scores("logits", logits)
-    t = _binary("targets", targets, tuple(f.shape))
-    lip = torch.as_tensor(lipschitz, dtype=torch.float64).detach().cpu().to(f.device)
-    if not bool(torch.isfinite(lip).all()) or bool((lip <= 0).any()):
-        raise ValueError(f"Lipschitz bounds must be finite and > 0, got {lipschitz!r}")
-    if lip.ndim == 1:
-        if f.ndim < 2 or lip.numel() != f.shape[1]:
-            raise ValueError(f"{lip.numel()} Lipschitz bounds for logits of shape {tuple(f.shape)}")
-        lip = lip.view(1, -1, *([1] * (f.ndim - 2)))
-    elif lip.ndim != 0:
-        raise ValueError("lipschitz must be a number or a 1-D sequence (one bound per attribute)")
-    # the forward pass's rounding allowance of certify.radius (1e-2 of the largest logit in half precision,
-    # which certify.radius refuses): a margin counts only beyond it
-    slack = FORWARD_SLACK.get(logits.dtype, 1e-2) * f.abs().amax()
-    margin = f.abs() - slack
-    correct = ((f > 0) == t) & (f != 0) & (margin > 0)
-    return torch.where(correct, margin / lip, torch.zeros_like(f))
-
-
 def certified_attribute_accuracy(
-    logits: Tensor, targets: Tensor, lipschitz: float | Sequence[float] | Tensor, eps: float | str
+    logits: Tensor,
+    targets: Tensor,
+    lipschitz: float | Sequence[float] | Tensor,
+    eps: float | str,
+    *,
+    input_norms: Tensor | float,
 ) -> list[float]:
-    """Per-attribute certified accuracy at ``eps``: fraction of samples with ``|f_c| / L_c > eps`` and
-    ``f_c > 0`` iff the attribute holds."""
-    radius = sign_radius(logits, targets, lipschitz)
-    if radius.ndim != 2:
-        raise ValueError(f"logits must be (N, A), got {tuple(radius.shape)}")
-    return [float(v) for v in (radius > parse_eps(eps)).double().mean(dim=0)]
+    """Per-attribute certified accuracy at ``eps``: for each attribute ``c``, the fraction of samples whose
+    decision ``f_c > 0`` is right and whose :func:`certify.radius.binary_radius` (``L_c = lipschitz[c]``,
+    the inputs' norms ``input_norms``) is ``> eps``."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be (N, A), got {got}")
+    radius = binary_radius(logits, targets, lipschitz, input_norms=input_norms)
+    return [certified_accuracy(radius[:, c], eps) for c in range(radius.shape[1])]
 
 
 def certified_pixel_fraction(
-    pixel_logits: Tensor, true_masks: Tensor, lipschitz: float, eps: float | str
+    pixel_logits: Tensor,
+    true_masks: Tensor,
+    lipschitz: float,
+    eps: float | str,
+    *,
+    input_norms: Tensor | float,
 ) -> float:
-    """Fraction of pixels whose fore/background decision ``p_j > 0`` is correct and certified at ``eps``
-    (``|p_j| / L > eps``, ``L`` a bound of every pixel's logit)."""
-    radius = sign_radius(pixel_logits[:, None], true_masks[:, None], lipschitz)
-    return float((radius > parse_eps(eps)).double().mean())
+    """Fraction of pixels whose fore/background decision ``p_j > 0`` is right and certified at ``eps``:
+    :func:`certify.radius.binary_radius` of ``pixel_logits (N, H, W)`` with ``L = lipschitz`` (a bound of
+    every pixel's logit) and the norms ``input_norms`` of the images, ``> eps``."""
+    if not isinstance(pixel_logits, Tensor) or not isinstance(true_masks, Tensor):
+        raise ValueError("pixel_logits and true_masks must be torch.Tensors")
+    radius = binary_radius(pixel_logits[:, None], true_masks[:, None], lipschitz, input_norms=input_norms)
+    return certified_accuracy(radius.flatten(), eps)
 
 
 def certified_per_task_accuracy(
@@ -214,11 +202,11 @@ def certified_per_task_accuracy(
     lipschitz: Mapping[str, float],
     eps: float | str,
     *,
-    input_norms: Tensor | float | None = None,
+    input_norms: Tensor | float,
 ) -> dict[str, float]:
     """Certified accuracy of each task's head at ``eps`` (``certify.radius.certified_radius`` with that
-    head's sound bound ``lipschitz[task]`` and the inputs' norms ``input_norms``, the scale of the
-    forward pass's rounding: without them nothing is certified). Also the certified bag accuracy."""
+    head's sound bound ``lipschitz[task]`` and the inputs' norms ``input_norms``, required: they set the
+    scale of the forward pass's rounding). Also the certified bag accuracy."""
     if set(logits) != set(labels) or set(logits) != set(lipschitz):
         raise ValueError("logits, labels and lipschitz must name the same tasks")
     out = {}

@@ -53,9 +53,10 @@ class AttributesTask(CatalogueTask):
     mean-aggregated (at ``16 x 16`` the module's per-forward exact bound costs 20 times more); trained
     with the weighted focal loss on the aggregate and the attention-variance loss on every branch (one
     history per branch), as in the paper. Metrics: mA (task metric), example-based F1, per-attribute
-    accuracy and per-attribute certified accuracy ``|f_c| / L_c > eps`` (``L_c`` the bound of logit
-    ``c``: the whole network's ``L`` for the baseline, the bound of the layers before the module times
-    the module's per-attribute bound for the aggregation); PGD per attribute on the two-logit model
+    accuracy and per-attribute certified accuracy, radius ``|f_c| / L_c`` less the forward pass's rounding
+    allowance ``> eps`` (:func:`certify.radius.binary_radius` with the images' norms; ``L_c`` the bound of
+    logit ``c``: the whole network's ``L`` for the baseline, the bound of the layers before the module
+    times the module's per-attribute bound for the aggregation); PGD per attribute on the two-logit model
     ``(-f_c, f_c)``. The table's clean and
     certified accuracies are means over the attributes.
     """
@@ -125,9 +126,10 @@ class AttributesTask(CatalogueTask):
         logits = batched_logits(model, ds.images)
         bounds = self.attribute_bounds(method, model, ds.input_shape)
         per_attr = ((logits > 0) == t.bool()).double().mean(dim=0)
+        norms = ds.images.flatten(1).double().norm(dim=1)  # the scale of the forward pass's rounding
         cert, per_eps = {}, {}
         for e in eps:
-            values = certified_attribute_accuracy(logits, t, bounds, e)
+            values = certified_attribute_accuracy(logits, t, bounds, e, input_norms=norms)
             cert[format_eps(e)] = sum(values) / len(values)
             per_eps[format_eps(e)] = [round(v, 4) for v in values]
         robust = None

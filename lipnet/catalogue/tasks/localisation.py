@@ -8,7 +8,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from certify.radius import format_eps
+from certify.radius import certified_accuracy, format_eps
 from lipnet.catalogue import data as task_data
 from lipnet.catalogue.metrics import mean_iou
 from lipnet.catalogue.networks import CAMNetwork, image_network
@@ -147,19 +147,24 @@ class LocalisationTask(CatalogueTask):
             decisions, radii = [], []
             for xb, yb in zip(ds.images.split(250), ds.labels.split(250), strict=True):
                 rows = torch.arange(xb.shape[0])
+                # the images' norms: the scale of the forward pass's rounding (binary_radius)
+                norms = xb.flatten(1).double().norm(dim=1)
                 with torch.no_grad():
                     f = net.features(xb)
                 if net.integral is not None:
-                    d, r = net.integral.pixel_certificates(f, backbone_lipschitz=feature_bound)
+                    d, r = net.integral.pixel_certificates(
+                        f, backbone_lipschitz=feature_bound, input_norms=norms
+                    )
                 else:
                     d, r = net.head.pixel_certificates(
-                        f, backbone_lipschitz=feature_bound, theta=self.theta
+                        f, backbone_lipschitz=feature_bound, input_norms=norms, theta=self.theta
                     )
                 decisions.append(d[rows, yb])
                 radii.append(r[rows, yb])
             right = torch.cat(decisions) == masks
-            radius = torch.cat(radii)
+            # a pixel counts when its decision is right and its radius > eps
+            radius = torch.where(right, torch.cat(radii), 0.0).flatten()
             details["certified_pixels"] = {
-                format_eps(e): round(float((right & (radius > e)).double().mean()), 4) for e in eps
+                format_eps(e): round(certified_accuracy(radius, e), 4) for e in eps
             }
         return Evaluation(self.metric, miou, clean, cert, robust, lip, details)

@@ -45,8 +45,10 @@ class MultitaskTask(CatalogueTask):
     class and colour, tau-BCE per pixel for the mask (at ``16 x 16``). Per-task metrics: class and
     colour accuracy, mask pixel accuracy and mIoU; the task metric is the mean of the three
     accuracies. Per-task certificates with each task's own bound (:meth:`MultiTaskNetwork.task_bounds`):
-    class and colour ``margin / (sqrt 2 L_t)``, mask pixels ``|p_j| / L_mask`` (the certified-pixel
-    fraction). The table's clean, certified and PGD columns are the class task's.
+    class and colour ``margin / (sqrt 2 L_t)`` (:func:`certify.radius.certified_radius`), mask pixels
+    ``|p_j| / L_mask`` (:func:`certify.radius.binary_radius`, the certified-pixel fraction), both less the
+    forward pass's rounding allowance at the images' norms. The table's clean, certified and PGD columns
+    are the class task's.
     """
 
     name = "multitask"
@@ -113,15 +115,16 @@ class MultitaskTask(CatalogueTask):
             "mask_pixel": float(((seg > 0) == mask.bool()).double().mean()),
         }
         per_task: dict[str, dict[str, float]] = {}
+        norms = ds.images.flatten(1).double().norm(dim=1)  # the scale of the forward pass's rounding
         for e in eps:
             c = certified_per_task_accuracy(
                 {"class": cls, "colour": col},
                 {"class": ds.labels, "colour": colour},
                 {"class": bounds["class"], "colour": bounds["colour"]},
                 e,
-                input_norms=ds.images.flatten(1).double().norm(dim=1),
+                input_norms=norms,
             )
-            c["mask_pixel"] = certified_pixel_fraction(seg, mask, bounds["mask"], e)
+            c["mask_pixel"] = certified_pixel_fraction(seg, mask, bounds["mask"], e, input_norms=norms)
             per_task[format_eps(e)] = {k: round(v, 4) for k, v in c.items()}
         details = {
             "accuracy": {k: round(v, 4) for k, v in accs.items()},
