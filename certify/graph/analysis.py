@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.fx.node import Node
 
 from certify.contract import Shape, is_plain
+from certify.graph import patterns as _patterns  # noqa: F401  (registers the op-pattern rules)
 from certify.graph import rules as _rules  # noqa: F401  (registers every per-op rule)
 from certify.graph.engine import Analysis, LayerBound, module_path
 from certify.graph.ops import aten_name

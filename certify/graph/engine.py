@@ -5,7 +5,9 @@ not is a constant, with bound 0), refuses what cannot be certified (random opera
 place on weights or on values read later, half precision), bounds a leaf module call by its own
 bound times the bound of its input (folding an eval-mode BatchNorm into the convolution or linear
 layer that only feeds it, :mod:`certify.rules.folding`), and bounds every other call with the rule
-registered for it (:func:`rule`; the rules are in :mod:`certify.graph.rules`). Each leaf with a
+registered for it (:func:`rule`; the rules are in :mod:`certify.graph.rules`), after the rules of
+op patterns that are Lipschitz as a whole (:func:`pre_rule`, :mod:`certify.graph.patterns`). A
+boolean computed from the input is no error by itself, only where it is used. Each leaf with a
 weight becomes a :class:`LayerBound` row. Unsupported nodes are collected, not raised one by one,
 so that one :class:`~certify.graph.trace.UnsupportedOperationsError` lists all of them.
 """
@@ -39,6 +41,7 @@ from certify.graph.ops import (
     RANDOM_METHODS,
     SHAPE_ONLY_SECOND,
     Unsupported,
+    UnsupportedValue,
     arg,
     aten_name,
     target_name,
@@ -46,7 +49,17 @@ from certify.graph.ops import (
 from certify.graph.trace import Problem, UnsupportedOperationsError, one_line
 from certify.rules.folding import can_fold, folded_bound
 
-__all__ = ["Analysis", "LayerBound", "Rule", "module_path", "rule"]
+__all__ = [
+    "CONDITION",
+    "SQUARE_REASON",
+    "Analysis",
+    "LayerBound",
+    "PreRule",
+    "Rule",
+    "module_path",
+    "pre_rule",
+    "rule",
+]
 
 
 #: A per-op rule: ``fn(analysis, node)`` -> the bound of the node's output (see :func:`rule`).
@@ -54,6 +67,10 @@ Rule = Callable[["Analysis", Node], "float | list[float | None]"]
 _FUNCTION_RULES: dict[Any, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 _ATEN_RULES: dict[str, Rule] = {}
+#: Rules of op patterns (:mod:`certify.graph.patterns`), asked first: each returns None when its
+#: pattern does not match ``node``, else the node's bound (or a symbolic value, such as a sum of squares).
+PreRule = Callable[["Analysis", Node], Any]
+_PRE_RULES: list[PreRule] = []
 
 
 def rule(
@@ -75,6 +92,21 @@ def rule(
         return fn
 
     return deco
+
+
+#: The bound recorded for a boolean tensor computed from the input (see :meth:`Analysis.L`).
+CONDITION = object()
+#: Why a square of an input-dependent value is refused where it is used.
+SQUARE_REASON = (
+    "product of two input-dependent tensors (here a square, e.g. x * x) is not globally Lipschitz; only the "
+    "square root of a non-negative combination of squares (an L2 norm) is bounded"
+)
+
+
+def pre_rule(fn: PreRule) -> PreRule:
+    """Register a pattern rule, asked before the per-op rules (see :data:`PreRule`)."""
+    _PRE_RULES.append(fn)
+    return fn
 
 
 @dataclass
@@ -146,6 +178,12 @@ class Analysis:
         bound = self.lip[a]
         if isinstance(bound, list):
             raise Unsupported(f"'{a.name}' is a tuple of tensors, used here as one tensor")
+        if bound is CONDITION:
+            raise UnsupportedValue(
+                a, "a condition computed from the input, used as a number or a selector: not continuous"
+            )
+        if not isinstance(bound, (int, float)):  # a pattern's symbolic value (a sum of squares)
+            raise UnsupportedValue(a, SQUARE_REASON)
         return float(bound)
 
     def static(self, node: Node, *exclude: int) -> None:
@@ -217,6 +255,11 @@ class Analysis:
                 continue
             try:
                 self._visit(node)
+            except UnsupportedValue as why:
+                # the value without a bound is the problem, not each of its uses
+                if why.node.name not in {p.node for p in self.problems}:
+                    self._problem(why.node, str(why))
+                self.dynamic[node], self.lip[node] = True, math.inf
             except Unsupported as why:
                 self._problem(node, str(why))
             except (UnboundableModuleError, ValueError) as err:
@@ -234,7 +277,11 @@ class Analysis:
             raise UnsupportedOperationsError(self.model, self.problems)
         # a Node: any other result was recorded as a problem above
         self.output_node = cast(Node, result)
-        return float(self.lip[self.output_node])
+        try:
+            return self.L(self.output_node)
+        except Unsupported as why:
+            self._problem(output, str(why))
+            raise UnsupportedOperationsError(self.model, self.problems) from None
 
     def _problem(self, node: Node, reason: str) -> None:
         self.dynamic[node] = True
@@ -272,6 +319,16 @@ class Analysis:
             )
         if node.op == "call_module":
             self.lip[node] = self._module_call(node)
+            return
+        for pattern in _PRE_RULES:
+            found = pattern(self, node)
+            if found is not None:
+                self.lip[node] = found
+                return
+        if isinstance(value, Tensor) and value.dtype == torch.bool:
+            # A condition computed from the input (a comparison): not Lipschitz, and not refused here but
+            # where it is used, by a pattern that proves its use continuous or by the rule that refuses it.
+            self.lip[node] = CONDITION
             return
         rule = self._find_rule(node)
         if rule is None:

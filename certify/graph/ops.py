@@ -36,6 +36,7 @@ __all__ = [
     "SELECTION_METHODS",
     "SHAPE_ONLY_SECOND",
     "Unsupported",
+    "UnsupportedValue",
     "arg",
     "aten_name",
     "target_name",
@@ -49,6 +50,15 @@ MISSING = object()
 
 class Unsupported(Exception):
     """Raised by a rule: the node cannot be bounded (the message says why)."""
+
+
+class UnsupportedValue(Unsupported):
+    """Raised where a value that has no bound is used (a square, a condition): the problem is that value's
+    node, ``node``, which is reported once however many operations use it."""
+
+    def __init__(self, node: Node, reason: str) -> None:
+        super().__init__(reason)
+        self.node = node
 
 
 def arg(node: Node, index: int, name: str, default: Any = MISSING) -> Argument:

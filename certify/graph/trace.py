@@ -4,7 +4,8 @@
 (:func:`certify.contract.has_bound`) are leaves, every other module is traced into, parameters and
 buffers enter as constants (so computations on weights alone run eagerly), and a submodule that
 cannot be traced becomes a leaf reported as a :class:`Problem`. A TorchScript model is converted to
-an aten-level graph. :class:`Recorder` then runs the graph once on a batch of :data:`BATCH` inputs
+an aten-level graph for the input shape at hand (:mod:`certify.graph.torchscript`). :class:`Recorder`
+then runs the graph once on a batch of :data:`BATCH` inputs
 (:func:`record_input`) and keeps every node's value, which the engine reads for shapes and
 constants; :func:`same_output` compares the graph's output with the model's.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.fx.node import Node
 
 from certify.contract import Shape, UnboundableModuleError, has_bound
+from certify.graph.torchscript import TorchScriptError, script_to_graph
 
 __all__ = [
     "BATCH",
@@ -39,6 +40,8 @@ __all__ = [
 
 #: Batch size of the recording pass: two samples, so that mixing samples can be detected.
 BATCH = 2
+#: An unsupported-operations error details this many problems, then names this many more, then counts.
+_DETAILED, _NAMED = 3, 10
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,19 @@ class UnsupportedOperationsError(UnboundableModuleError):
     def __init__(self, model: nn.Module, problems: list[Problem], path: str = "") -> None:
         name = type(model).__qualname__
         where = f" at '{path}'" if path else ""
-        lines = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        # one line of bounded length: the first problems in full, the names of a few more, the count
+        shown = problems[:_DETAILED]
+        lines = "; ".join(f"({i}) {p}" for i, p in enumerate(shown, 1))
+        more = problems[_DETAILED:]
+        if more:
+            names = ", ".join(f"'{p.node}' ({p.target})" for p in more[:_NAMED])
+            rest = f" and {len(more) - _NAMED} more" if len(more) > _NAMED else ""
+            lines += f"; also {names}{rest}"
+        first = f", first {len(shown)}" if more else ""
         detail = (
             f"cannot bound the Lipschitz constant of {name}{where}: {len(problems)} unsupported "
-            f"operation(s): {lines}. To certify such a model, put the unsupported part in a module and "
+            f"operation(s){first}: {lines}. To certify such a model, put the unsupported part in a module "
+            "and "
             "give it a sound bound: a method lipschitz_bound(self, input_shape=None) -> float, or "
             "certify.register_bound(YourModule, fn) with fn(module, input_shape) -> float. "
             "certify never guesses a bound."
@@ -191,22 +203,10 @@ def trace(model: nn.Module, example: Tensor | None = None) -> tuple[fx.GraphModu
 def _convert_torchscript(model: torch.jit.ScriptModule, example: Tensor | None) -> fx.GraphModule:
     if example is None:
         raise ValueError("bounding a TorchScript model needs an example input batch")
-    # A private torch module, absent from some of the torch versions lipnet supports: imported
-    # only when a TorchScript model is bounded.
-    from torch._export.converter import TS2EPConverter
-
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            return TS2EPConverter(model, (example,)).convert().module()
-    except Exception as err:
-        raise UnboundableModuleError(
-            model,
-            detail=(
-                f"cannot convert the TorchScript model to a graph certify can analyse ({one_line(err)}): "
-                "save its state_dict (torch.save or safetensors) and audit it with its architecture (--arch)"
-            ),
-        ) from None
+        return script_to_graph(model, example)
+    except TorchScriptError as err:
+        raise UnboundableModuleError(model, detail=one_line(err)) from None
 
 
 def _node_for(gm: fx.GraphModule, path: str) -> str:
