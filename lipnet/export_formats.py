@@ -41,8 +41,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from certify.contract import UnboundableModuleError
 from certify.graph import analyze
 from certify.io import atomic_write_bytes
+from certify.onnx import onnx_to_graph
 from certify.radius import (
     DEFAULT_EPS,
     certified_accuracy,
@@ -57,7 +59,9 @@ from lipnet.layers.cayley import FourierConv2d, fourier_conv2d
 __all__ = [
     "FORMATS",
     "ONNX_OPSET",
+    "TOLERANCE",
     "ExportError",
+    "ExportMismatchError",
     "ExportReport",
     "circular_conv_of",
     "export_file",
@@ -74,7 +78,12 @@ TOLERANCE = 1e-5
 
 
 class ExportError(ValueError):
-    """An export that cannot be written: a format that cannot carry the model, or a failed verification."""
+    """An export that cannot be written: bad verification data, or a format that cannot carry the model."""
+
+
+class ExportMismatchError(ExportError):
+    """A written artefact that failed its verification: it does not compute the model's outputs, or
+    certify cannot bound it. Nothing is written."""
 
 
 def circular_conv_of(layer: FourierConv2d) -> nn.Module:
@@ -373,6 +382,7 @@ def export_file(
     x = inputs.to(device=device, dtype=torch.float32)
     y = labels.to(device=device, dtype=torch.long)
     shape = input_shape if input_shape is not None else tuple(x.shape[1:])
+    own = certify(model, [(x, y)], eps_values, progress=False)  # an unboundable model is refused first
     plain = portable(model, shape).to(device)
     try:
         data = _serialise(plain, fmt, x[:2])
@@ -392,23 +402,24 @@ def export_file(
         )
     difference = float((got - want).abs().max())
     if not difference <= tolerance:
-        raise ExportError(
+        raise ExportMismatchError(
             f"the exported {fmt} model differs from the model by up to {difference:.3g} on the verification "
             f"inputs (tolerance {tolerance:.3g}): refused, nothing written"
         )
-    own = certify(model, [(x, y)], eps_values, progress=False)
-    if fmt == "torch":
-        theirs = certify(loaded, [(x, y)], eps_values, progress=False)
-        export_radii, export_bound, export_rule = theirs.radii, theirs.lipschitz, theirs.rule
-    else:
-        graph_module = loaded
-        if fmt == "onnx":
-            from certify.onnx import onnx_to_graph
-
-            graph_module = onnx_to_graph(data, x[:2].cpu())
-        export_radii, export_bound, export_rule = _graph_radii(
-            graph_module, x.cpu(), y.cpu(), got.float().cpu()
-        )
+    try:
+        if fmt == "torch":
+            theirs = certify(loaded, [(x, y)], eps_values, progress=False)
+            export_radii, export_bound, export_rule = theirs.radii, theirs.lipschitz, theirs.rule
+        else:
+            graph_module = onnx_to_graph(data, x[:2].cpu()) if fmt == "onnx" else loaded
+            export_radii, export_bound, export_rule = _graph_radii(
+                graph_module, x.cpu(), y.cpu(), got.float().cpu()
+            )
+    except (UnboundableModuleError, ValueError) as err:
+        raise ExportMismatchError(
+            f"certify cannot bound the exported {fmt} model ({' '.join(str(err).split())[:300]}): refused, "
+            "nothing written"
+        ) from None
     certified = own.radii > 0
     ratio = 1.0
     if bool(certified.any()):

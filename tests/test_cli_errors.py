@@ -134,6 +134,7 @@ BASE: dict[tuple[str, ...], tuple[str, ...]] = {
     ("sweep",): ("--config", "{config}", "--out", "out", "--quiet"),
     ("certify",): ("{run}", "--quiet"),
     ("audit",): ("--model", "{run}", "--data", "shapes10", "--out", "out", "--quiet"),
+    ("export",): ("{run}", "--format", "torch", "--out", "out.pt"),
     ("catalogue",): ("--out", "out", "--quiet"),
     ("bench", "layers"): ("--out", "out.md"),
     ("bench", "fmnist"): ("--out", "out", "--quiet"),
@@ -217,6 +218,36 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
         (("--mean", "0.5,0.5,0.5", "--std", "0.2,0,0.2"), "std"),
         (("--device", "tpu"), "device"),
         (("--out", "{file}"), "--out"),
+        (("--data", "cifar10", "--data-dir", "{empty}"), "data.download=true"),
+    ],
+    ("export",): [
+        (("!", "--format", "torch", "--out", "out.pt"), "RUN|MODEL"),
+        (("!", "{run}", "--out", "out.pt"), "--format"),
+        (("!", "{missing}", "--format", "onnx", "--out", "out.onnx"), "not found"),
+        (("!", "{empty}", "--format", "onnx", "--out", "out.onnx"), "run"),
+        (("!", "{bad_ckpt_run}", "--format", "pt2", "--out", "out.pt2"), "corrupted"),
+        (("!", "{bad_config_run}", "--format", "pt2", "--out", "out.pt2"), "unreadable"),
+        (("!", "{raw_pickle}", "--format", "torch", "--out", "out.pt"), "pickle"),
+        (("!", "{weights}", "--format", "torch", "--out", "out.pt"), "--arch"),
+        (
+            (
+                "!",
+                "{weights}",
+                "--arch",
+                "torch.nn:Linear",
+                "--arch-kwargs",
+                '{{"in_features": 2, "out_features": 2}}',  # braces doubled: the arguments are format strings
+                "--format",
+                "torch",
+                "--out",
+                "out.pt",
+            ),
+            "give --data",
+        ),
+        (("--arch", "torch.nn:Linear"), "--arch"),
+        (("--device", "tpu"), "device"),
+        (("--out", "{empty}"), "--out"),
+        (("--out", "{file}/model.pt"), "--out"),
         (("--data", "cifar10", "--data-dir", "{empty}"), "data.download=true"),
     ],
     ("catalogue",): [
@@ -318,7 +349,7 @@ def test_the_guard_stops_real_work(files: dict[str, Path], guarded: Path) -> Non
 
 def test_every_command_has_bad_input_cases() -> None:
     assert set(COMMANDS) == set(BASE) == set(CASES)
-    assert len(COMMANDS) >= 8  # train, sweep, certify, audit, catalogue, bench layers|fmnist|models
+    assert len(COMMANDS) >= 9  # train, sweep, certify, audit, export, catalogue, bench layers|fmnist|models
 
 
 def test_every_typed_option_declares_its_range() -> None:

@@ -148,7 +148,8 @@ def check_output_path(path: str | Path, flag: str, *, folder: bool) -> None:
         raise ValueError(f"{flag} {target}: is a file, expected a folder")
     if not folder and target.is_dir():
         raise ValueError(f"{flag} {target}: is a folder, expected a file name")
-    ancestor = target if target.exists() else target.parent
+    # an existing output file is replaced (atomically, by the command): its folder must be writable
+    ancestor = target if target.exists() and folder else target.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():

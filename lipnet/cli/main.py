@@ -1,11 +1,11 @@
-"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit``, ``catalogue``,
+"""The ``lipnet`` command: ``train``, ``sweep``, ``certify``, ``audit``, ``export``, ``catalogue``,
 ``bench layers|fmnist|models``, and ``lipnet --version``.
 
 Each command is one module of this package that owns its parser (``add_parser(subparsers)``) and
 its run (the function its parser sets as ``func``): :mod:`~lipnet.cli.train`,
 :mod:`~lipnet.cli.sweep`, :mod:`~lipnet.cli.certify`, :mod:`~lipnet.cli.audit`,
-:mod:`~lipnet.cli.catalogue`, :mod:`~lipnet.cli.bench`. This module builds the parser from them and
-maps errors to exit codes.
+:mod:`~lipnet.cli.export`, :mod:`~lipnet.cli.catalogue`, :mod:`~lipnet.cli.bench`. This module
+builds the parser from them and maps errors to exit codes.
 
 Exit codes: 0 success, 1 training diverged (:class:`~lipnet.training.loop.TrainingDivergedError`) or
 a broken certificate (a sweep's or an audit's), 2 bad input (unknown key, impossible value, missing
@@ -28,7 +28,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from certify.contract import UnboundableModuleError
-from lipnet.cli import audit, bench, catalogue, certify, sweep, train
+from lipnet.cli import audit, bench, catalogue, certify, export, sweep, train
 from lipnet.cli.argtypes import Parser, one_line
 from lipnet.training.loop import TrainingDivergedError
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lipnet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (train, sweep, certify, audit, catalogue, bench):
+    for command in (train, sweep, certify, audit, export, catalogue, bench):
         command.add_parser(sub)
     return parser
 
