@@ -7,11 +7,18 @@ A model specification is one of
   reads a run folder's ``final`` checkpoint: safetensors weights and a JSON sidecar, nothing
   pickled); certify itself reads files only and never imports lipnet;
 * a TorchScript file (``torch.jit.save``): ``torch.jit.load`` (TorchScript is a restricted language,
-  not Python; its graph is converted for analysis by :mod:`certify.graph`);
+  not Python; its graph is run into an fx graph for analysis by :mod:`certify.graph.torchscript`);
+* a ``torch.export`` program (``.pt2``, ``torch.export.save``): ``torch.export.load``, after checking
+  that every pickle in the archive loads with torch's weights-only reader (``torch.export.load``
+  itself falls back to full unpickling), as a plain ``fx.GraphModule`` of aten operations;
+* an ONNX file (``.onnx``; the ``onnx`` extra): converted op by op into an fx graph of torch
+  operations and checked against onnxruntime (:func:`certify.onnx.onnx_to_graph`), for the input
+  shape the file declares;
 * a ``.safetensors`` file, or a ``torch.save`` checkpoint (``.pt``/``.pth``) read with
   ``torch.load(..., weights_only=True)``, holding a state_dict (possibly under a ``state_dict``,
   ``model_state_dict`` or ``model`` key), together with an architecture ``package.module:function``
-  that builds the model (called with no arguments, or with keyword arguments).
+  that builds the model (called with no arguments, or with keyword arguments), imported from the
+  current folder or the import path (``sys.path``, which includes ``PYTHONPATH``).
 
 A checkpoint that only loads by running arbitrary code (a pickled ``nn.Module`` or any other Python
 object) is refused with :class:`CheckpointError`, which says how to save it instead. Truncated or
@@ -22,8 +29,12 @@ corrupted files, checkpoints that do not fit the architecture and unknown archit
 from __future__ import annotations
 
 import importlib
+import io
+import json
+import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -32,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from certify.io import CheckpointError
+from certify.onnx import onnx_input_shape, onnx_to_graph
 
 __all__ = [
     "CheckpointError",
@@ -79,10 +92,7 @@ def build_architecture(arch: str, arch_kwargs: Mapping[str, Any] | None = None) 
     module_name, sep, attr = arch.partition(":")
     if not sep or not module_name or not attr:
         raise CheckpointError(f"--arch must look like package.module:function, got {arch!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise CheckpointError(f"cannot import the architecture module {module_name!r}: {err}") from None
+    module = _import_architecture(module_name)
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -99,6 +109,27 @@ def build_architecture(arch: str, arch_kwargs: Mapping[str, Any] | None = None) 
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _import_architecture(module_name: str) -> Any:
+    """Import ``module_name`` from the current folder or ``sys.path`` (the ``lipnet`` console script does
+    not put the current folder on its path, ``python -m`` does); the error names the places searched."""
+    here = os.getcwd()
+    added = here not in [os.path.abspath(p or ".") for p in sys.path]
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as err:
+        places = [here] + [p for p in sys.path if p and os.path.abspath(p) != here]
+        shown = ", ".join(places[:4]) + (f" and {len(places) - 4} more" if len(places) > 4 else "")
+        raise CheckpointError(
+            f"cannot import the architecture module {module_name!r} ({err}); looked in the current folder "
+            f"and on the import path (PYTHONPATH and site-packages): {shown}"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -166,6 +197,82 @@ def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -
     return _tensor_dict(obj, path)
 
 
+def _is_pt2(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("archive_format") for n in archive.namelist())
+
+
+def _check_pt2_pickles(archive: zipfile.ZipFile, path: Path) -> None:
+    """Refuse a ``.pt2`` archive holding a pickle that torch's weights-only reader would not load.
+
+    ``torch.export.load`` unpickles pickled weights, constants and sample inputs with
+    ``weights_only=False`` when the safe reader fails, which can run any code. Every member is
+    checked here except the raw tensor payloads its configuration lists as not pickled: each that
+    is a pickle (protocol 2 or higher) or a ``torch.save`` archive must name no global beyond
+    torch's weights-only allowlist.
+    """
+    raw: set[str] = set()
+    for name in archive.namelist():
+        if name.endswith("_config.json"):
+            try:
+                config = json.loads(archive.read(name)).get("config", {})
+            except (ValueError, AttributeError):
+                raise CheckpointError(
+                    f"{path} is not a readable torch.export program: {name} is not JSON"
+                ) from None
+            folder = name.rpartition("/")[0]
+            raw |= {f"{folder}/{m['path_name']}" for m in config.values() if not m.get("use_pickle", True)}
+    for name in archive.namelist():
+        if name in raw:
+            continue
+        data = archive.read(name)
+        if not (data[:2] == b"PK" or data[:1] == b"\x80"):
+            continue
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+        except Exception as err:  # not a torch.save archive: a plain pickle
+            unsafe = [f"a plain pickle ({' '.join(str(err).split())[:80]})"]
+        if unsafe:
+            raise CheckpointError(
+                f"{path} holds a pickle ({name}) that only loads by unpickling arbitrary Python objects "
+                f"({', '.join(unsafe[:3])}); certify refuses to do that"
+            )
+
+
+def _load_pt2(path: Path, device: str | torch.device) -> LoadedModel:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _check_pt2_pickles(archive, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path))
+    except CheckpointError:
+        raise
+    except Exception as err:  # whatever a damaged archive makes the reader raise
+        raise CheckpointError(
+            f"{path} is not a loadable torch.export program (truncated or corrupted?): "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from None
+    module = program.module()
+    graph = fx.GraphModule(module, module.graph)  # the program's own module refuses .eval()
+    example = next((n.meta.get("val") for n in graph.graph.nodes if n.op == "placeholder"), None)
+    shape = tuple(int(s) for s in example.shape[1:]) if isinstance(example, torch.Tensor) else None
+    return LoadedModel(graph.to(device).eval(), str(path), "pt2", shape)
+
+
+def _load_onnx(path: Path, device: str | torch.device) -> LoadedModel:
+    shape = onnx_input_shape(path)
+    if shape is None:
+        raise CheckpointError(
+            f"{path} does not declare the size of its input (a symbolic axis besides the batch): certify "
+            "bounds a graph for one input size; export it with a fixed input size"
+        )
+    graph = onnx_to_graph(path, torch.rand((1, *shape), generator=torch.Generator().manual_seed(0)))
+    return LoadedModel(graph.to(device).eval(), str(path), "onnx", shape)
+
+
 def _unpickling_reason(err: BaseException) -> str:
     """What torch's weights_only unpickler refused, in our words: the Python global the file names, or
     the pickle opcode it cannot run (e.g. FRAME, 149, in a ``pickle.dump`` file of protocol 4 or 5);
@@ -220,6 +327,10 @@ def load_model(
                 "weights); a training run folder is loaded by its library's loader (lipnet audit does this)"
             )
         return run_loader(path, device)
+    if path.suffix == ".onnx" or (path.suffix == ".pt2" and not zipfile.is_zipfile(path)) or _is_pt2(path):
+        if arch is not None:
+            raise CheckpointError(f"{path} is an exported model, which carries its architecture: drop --arch")
+        return _load_onnx(path, device) if path.suffix == ".onnx" else _load_pt2(path, device)
     if path.suffix != ".safetensors" and _is_torchscript(path):
         if arch is not None:
             raise CheckpointError(
