@@ -6,7 +6,10 @@
    ``(x - mean) / std`` prepended when given: a :class:`certify.rules.folding.Normalize`, which multiplies
    the bound by ``1 / min std``) and bounds it along its graph, with one row per leaf layer. Each
    row gets a lower estimate by power iteration on the layer's Jacobian at the input a real sample
-   gives it (:func:`jacobian_norm_lower`), and the network one from the same on a few samples;
+   gives it (:func:`jacobian_norm_lower`), and the network one from the same on a few samples. A
+   deel-torchlip or orthogonium layer's row also carries the constant its library claims
+   (:func:`certify.rules.third_party.claimed_bound`), flagged where the bound exceeds it (the claim is
+   not proven) or the lower estimate does (the claim is false): a wrong claim is reported, not used;
 2. **certification**: radii from the logits of a float32 forward pass (``certify.radius``): the
    last-layer rule ``min_j (f_y - f_j) / (L_g ||w_y - w_j||)`` when the model ends in a linear
    layer on per-sample features, the global rule ``margin / (sqrt 2 L)`` otherwise;
@@ -52,6 +55,7 @@ from certify.radius import (
 )
 from certify.report import AuditReport, LayerReport, Violation, write_report
 from certify.rules.folding import Normalize
+from certify.rules.third_party import claimed_bound
 
 __all__ = ["BOUND_TOLERANCE", "audit", "empirical_lipschitz_lower", "jacobian_norm_lower"]
 
@@ -295,9 +299,10 @@ def _attack_phase(
 
 
 def _layer_rows(
-    analysis: GraphAnalysis, iterations: int, progress: bool, notes: list[str]
+    analysis: GraphAnalysis, iterations: int, progress: bool, notes: list[str], model: nn.Module
 ) -> tuple[list[LayerReport], list[str]]:
     rows: list[LayerReport] = []
+    modules = dict(model.named_modules())
     broken: list[str] = []
     for layer in tqdm(analysis.layers, desc="bound", disable=not progress, leave=False):
         lower: float | None = None
@@ -307,9 +312,18 @@ def _layer_rows(
                 lower = jacobian_norm_lower(layer.fn, layer.example, iterations=iterations)
             except RuntimeError as err:
                 note = f"(no lower estimate: {' '.join(str(err).split())[:120]})"
+        module = modules.get(layer.path)
+        claimed = claimed_bound(module) if module is not None else None
         rows.append(
             LayerReport(
-                layer.path, layer.kind, layer.bound, lower, layer.input_shape, layer.folded_into, note
+                layer.path,
+                layer.kind,
+                layer.bound,
+                lower,
+                layer.input_shape,
+                layer.folded_into,
+                note,
+                claimed,
             )
         )
         if lower is not None and lower > layer.bound * (1 + BOUND_TOLERANCE):
@@ -457,7 +471,7 @@ def audit(
         # The per-layer lower estimates (the slow part of the bound) come after the outputs are
         # known to be finite, so that a model with NaN outputs is refused at once.
         start = time.perf_counter()
-        rows, broken = _layer_rows(analysis, power_iterations, progress, notes)
+        rows, broken = _layer_rows(analysis, power_iterations, progress, notes, audited)
         net_lower = empirical_lipschitz_lower(
             audited, x0[:2].to(device, dtype), iterations=power_iterations, steps=lower_steps
         )

@@ -21,7 +21,12 @@ from torch import Tensor
 from certify.io import atomic_write_files, matplotlib_available
 from certify.radius import format_eps
 
-__all__ = ["AuditReport", "LayerReport", "Violation", "write_report"]
+__all__ = ["CLAIM_TOLERANCE", "AuditReport", "LayerReport", "Violation", "write_report"]
+
+
+#: Relative margin within which a layer's bound or lower estimate still counts as meeting its library's claim
+#: (the bounds carry float64 slacks of this order, and the lower estimates are float32 autograd).
+CLAIM_TOLERANCE = 1e-6
 
 
 def _num(x: float | None) -> float | str | None:
@@ -52,12 +57,36 @@ class LayerReport:
     input_shape: tuple[int, ...]
     folded_into: str | None = None
     note: str = ""
+    claimed: float | None = None
 
     @property
     def ratio(self) -> float | None:
         if self.lower is None or self.lower <= 0:
             return None
         return self.bound / self.lower
+
+    @property
+    def claim(self) -> str | None:
+        """How certify's numbers compare with ``claimed`` (the constant the layer's library claims):
+        None without a claim, ``"holds"`` when the bound is within it, ``"exceeded"`` when the bound is
+        above it (the claim is not proven), ``"refuted"`` when the lower estimate is above it by more
+        than :data:`CLAIM_TOLERANCE` (the claim is false at a real input)."""
+        if self.claimed is None:
+            return None
+        if self.lower is not None and self.lower > self.claimed * (1 + CLAIM_TOLERANCE):
+            return "refuted"
+        return "holds" if self.bound <= self.claimed * (1 + CLAIM_TOLERANCE) else "exceeded"
+
+    def claim_line(self) -> str | None:
+        """One line for a layer whose claim is exceeded or refuted, else None."""
+        if self.claim not in ("exceeded", "refuted") or self.claimed is None:
+            return None
+        lower = f", lower estimate {self.lower:.6g}" if self.lower is not None else ""
+        verdict = "the claim is false" if self.claim == "refuted" else "the claim is not proven"
+        return (
+            f"layer '{self.path}' ({self.kind}) claims {self.claimed:.6g}; certify bounds it by "
+            f"{self.bound:.6g}{lower}: {verdict}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +98,8 @@ class LayerReport:
             "input_shape": list(self.input_shape),
             "folded_into": self.folded_into,
             "note": self.note,
+            "claimed": _num(self.claimed),
+            "claim": self.claim,
         }
 
 
@@ -165,6 +196,7 @@ class AuditReport:
             "cross_checked": self.cross_checked,
             "violations": [v.to_dict() for v in self.violations],
             "bound_violations": self.bound_violations,
+            "claims_not_met": self.claim_lines(),
             "layers": [row.to_dict() for row in self.layers],
             "notes": self.notes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
@@ -190,7 +222,12 @@ class AuditReport:
             )
         lines.extend(f"VIOLATION: {v}" for v in self.violations)
         lines.extend(f"BOUND VIOLATION: {b}" for b in self.bound_violations)
+        lines.extend(f"CLAIM: {c}" for c in self.claim_lines())
         return "\n".join(lines)
+
+    def claim_lines(self) -> list[str]:
+        """One line per third-party layer whose bound or lower estimate exceeds what its library claims."""
+        return [line for row in self.layers if (line := row.claim_line()) is not None]
 
     def to_markdown(self) -> str:
         status = "PASSED" if self.passed else "**FAILED**"
@@ -224,6 +261,9 @@ class AuditReport:
             out += ["", "## Violations", ""]
             out += [f"- {v}" for v in self.violations]
             out += [f"- {b}" for b in self.bound_violations]
+        if self.claim_lines():
+            out += ["", "## Third-party claims not met", ""]
+            out += [f"- {c}" for c in self.claim_lines()]
         out += ["", "## Certified vs empirical accuracy", ""]
         out.append("| ε | certified (all) | certified (attacked subset) | empirical (attacked subset) |")
         out.append("|---|---|---|---|")
@@ -246,8 +286,17 @@ class AuditReport:
             "their radius."
         )
         out += ["", "## Per-layer bounds", ""]
-        out.append("| layer | type | input shape | bound | lower estimate | bound / lower |")
-        out.append("|---|---|---|---|---|---|")
+        claims = any(row.claimed is not None for row in self.layers)
+        if claims:
+            out.append(
+                "The *claimed* column is the constant the layer's library (deel-torchlip, orthogonium) "
+                "claims; a layer whose sound bound exceeds it is flagged **exceeded** (the claim is not "
+                "proven), one whose lower estimate exceeds it **refuted** (the claim is false)."
+            )
+            out.append("")
+        header = "| layer | type | input shape | bound | lower estimate | bound / lower |"
+        out.append(header + (" claimed |" if claims else ""))
+        out.append("|---|---|---|---|---|---|" + ("---|" if claims else ""))
         for row in self.layers:
             lower_cell = f"{row.lower:.6g}" if row.lower is not None else "–"
             ratio_cell = f"{row.ratio:.4g}" if row.ratio is not None else "–"
@@ -262,6 +311,9 @@ class AuditReport:
                 lower_cell,
                 ratio_cell,
             ]
+            if claims:
+                flag = {"exceeded": " **exceeded**", "refuted": " **refuted**"}.get(row.claim or "", "")
+                cells.append(f"{row.claimed:.6g}{flag}" if row.claimed is not None else "–")
             out.append("| " + " | ".join(cells) + " |")
         if self.notes:
             out += ["", "## Notes", ""]

@@ -41,7 +41,7 @@ from certify.contract import (
 from certify.exact import dense_operator_norm
 from certify.rules.conv import configured_conv_bound, conv_operator_bound
 
-__all__ = ["sll_bound"]
+__all__ = ["claimed_bound", "sll_bound"]
 
 # The third-party modules are untyped (deel-torchlip and orthogonium ship no type information), so the
 # rules below read their attributes through Any.
@@ -343,6 +343,30 @@ def _aoc_res_block(module: Any, input_shape: Shape | None) -> float:
         kernel, stride=1, padding=0, dilation=1, groups=groups, padding_mode="zeros", input_shape=input_shape
     )
     return sll_bound(a)
+
+
+def claimed_bound(module: nn.Module) -> float | None:
+    """The Lipschitz constant a third-party library claims for ``module``, or None (no claim known).
+
+    * deel-torchlip: every ``LipschitzModule`` claims its ``k_coef_lip`` (the ``_coefficient_lip`` it
+      stores), the constant its constraint is documented to ensure;
+    * orthogonium: every layer of ``orthogonium.layers`` is documented as 1-Lipschitz (orthogonal,
+      AOL, SLL and AOC layers, its activations and residual wrappers): 1.
+
+    A claim is what the library says, not a bound: the audit prints it next to certify's bound
+    computed from the weights, and flags a layer whose bound exceeds its claim (the claim is then
+    unproven) and one whose measured lower estimate exceeds it (the claim is then false). Neither
+    library is imported: the module name of the class (of the first library class in its MRO, for
+    a layer with a torch parametrization, whose class torch derives) says where it comes from.
+    """
+    origins = [k.__module__ for k in type(module).__mro__]
+    origin = next((o for o in origins if o.startswith(("deel.torchlip.", "orthogonium."))), "")
+    if origin.startswith("deel.torchlip."):
+        coefficient = getattr(module, "_coefficient_lip", None)
+        return abs(float(coefficient)) if isinstance(coefficient, (int, float)) else None
+    if origin.startswith("orthogonium.layers"):
+        return 1.0
+    return None
 
 
 register_lazy_rules("deel", _register_deel)
