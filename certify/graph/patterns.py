@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.fx.node import Argument, Node
 
 from certify.contract import FLOAT64_SLACK, matrix_spectral_norm
-from certify.graph.engine import SQUARE_REASON, Analysis, pre_rule
+from certify.graph.engine import SQUARE_REASON, Analysis, module_path, pre_rule
 from certify.graph.ops import (
     COPY_ATEN,
     COPY_FUNCTIONS,
@@ -374,7 +374,12 @@ def _circular_convolution(an: Analysis, node: Node) -> float | None:
     convolution's norms. Symmetric padding only (the layout of ``nn.Conv2d``); others fall through
     to the per-op rules.
     """
-    if not _is(node, "conv1d", "conv2d", "_convolution_mode"):
+    if not _is(node, "conv1d", "conv2d", "_convolution_mode", "convolution", "_convolution"):
+        return None
+    # conv(input, weight, bias, stride, padding, dilation, groups); convolution(input, weight, bias,
+    # stride, padding, dilation, transposed, output_padding, groups, ...)
+    general = _is(node, "convolution", "_convolution")
+    if general and (len(node.args) < 9 or an.value(node.args[6])):
         return None
     padded = arg(node, 0, "input")
     if not (_is(padded, "pad", "_pad_circular") and isinstance(padded, Node)) or len(node.args) < 2:
@@ -394,8 +399,9 @@ def _circular_convolution(an: Analysis, node: Node) -> float | None:
     per_axis = [(pads[2 * (nd - 1 - i)], pads[2 * (nd - 1 - i) + 1]) for i in range(nd)]
     if any(left != right for left, right in per_axis):
         return None
-    names, defaults = ("stride", "padding", "dilation", "groups"), (1, 0, 1, 1)
-    cfg = {n: an.value(arg(node, 3 + i, n, d)) for i, (n, d) in enumerate(zip(names, defaults, strict=True))}
+    positions = {"stride": 3, "padding": 4, "dilation": 5, "groups": 8 if general else 6}
+    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    cfg = {n: an.value(arg(node, i, n, defaults[n])) for n, i in positions.items()}
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
     if cfg["padding"] not in (0, "valid", (0,) * nd):
         return None
@@ -415,7 +421,8 @@ def _circular_convolution(an: Analysis, node: Node) -> float | None:
     def layer(t: Tensor) -> Tensor:
         return conv(F.pad(t, pads, mode="circular"), w, bias, stride, 0, dilation, groups)
 
-    row = an.add_layer(padded, f"{conv.__name__} (circular padding)", factor, layer, name=node.name)
+    kind = f"{conv.__name__} (circular padding)"
+    row = an.add_layer(padded, kind, factor, layer, path=module_path(node), name=node.name)
     return row * an.L(x)
 
 

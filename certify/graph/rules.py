@@ -558,7 +558,10 @@ def _as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-@rule(functions=(F.conv1d, F.conv2d, torch.conv1d, torch.conv2d), aten=("conv1d", "conv2d"))
+@rule(
+    functions=(F.conv1d, F.conv2d, torch.conv1d, torch.conv2d),
+    aten=("conv1d", "conv2d", "_convolution_mode"),  # the last: padding given as 'same' or 'valid'
+)
 def _conv_rule(an: Analysis, node: Node) -> float:
     w = _weight(an, node, 1, "weight")
     b = an.value(arg(node, 2, "bias", None))

@@ -160,6 +160,7 @@ class _Converter:
             for path, m in model.named_modules()
         }
         self.owner: dict[int, tuple[str, str]] = {}  # id(tensor attribute) -> (module path, class name)
+        self.names = {path: name for path, name in self.paths.values()}
         self.unsupported: list[str] = []
         self.data_dependent: list[str] = []
 
@@ -183,6 +184,16 @@ class _Converter:
         if isinstance(v, tuple):
             return tuple(self.to_arg(x) for x in v)
         return v
+
+    def scope(self, node: Any) -> tuple[str, str] | None:
+        """``(module path, class name)`` of a traced node (``torch.jit.trace`` records its scope as
+        ``__module.a/__module.a.b``); scripted graphs have none, and their nodes are named by the module
+        whose weights they read."""
+        scope = node.scopeName().rpartition("/")[2]
+        if not scope.startswith("__module"):
+            return None
+        path = scope.removeprefix("__module").removeprefix(".")
+        return path, self.names.get(path, "")
 
     # -- running ------------------------------------------------------------------------------
 
@@ -327,7 +338,7 @@ class _Converter:
         fx_node = self.graph.call_function(
             op, tuple(self.to_arg(a) for a in args), {k: self.to_arg(v) for k, v in kwargs.items()}
         )
-        owner = next(
+        owner = self.scope(node) or next(
             (self.owner[id(v)] for v in _concrete(inputs) if isinstance(v, Tensor) and id(v) in self.owner),
             None,
         )
