@@ -549,19 +549,45 @@ class SquareSum:
     sign_of: SquareSum | None = field(default=None, repr=False)
 
 
-def _square_of(an: Analysis, node: Node) -> Node | None:
-    """``x`` when ``node`` computes ``x * x``, ``x ** 2`` or ``square(x)`` of an input-dependent ``x``."""
+def _scaled(an: Analysis, node: Argument) -> tuple[Argument, float]:
+    """``(x, c)`` when ``node`` is ``c * x`` for a scalar constant ``c`` (products and quotients by
+    constants, any number of them), else ``(node, 1.0)``."""
+    factor = 1.0
+    while isinstance(node, Node) and _name(node) in _PRODUCTS + _QUOTIENTS and len(node.args) == 2:
+        a, b = node.args
+        dyn, const = (a, b) if an.is_dyn(a) else (b, a)
+        if an.is_dyn(const) or node.kwargs:
+            break
+        value = torch.as_tensor(an.value(const), dtype=torch.float64)
+        if value.numel() != 1 or not bool(torch.isfinite(value).all()):
+            break
+        c = float(value.item())
+        if _name(node) in _QUOTIENTS:
+            if dyn is not a or c == 0.0:
+                break
+            c = 1.0 / c
+        factor *= c
+        node = dyn
+    return node, factor
+
+
+def _square_of(an: Analysis, node: Node) -> tuple[Node, float] | None:
+    """``(x, c)`` when ``node`` computes ``c x * x`` (``c >= 0``; also ``(a x) * (b x)``), ``x ** 2`` or
+    ``square(x)`` of an input-dependent ``x``."""
     name = _name(node)
+    if name in _PRODUCTS and len(node.args) == 2 and not node.kwargs:
+        (x, c1), (y, c2) = (_scaled(an, a) for a in node.args)
+        if x is y and isinstance(x, Node) and an.dynamic.get(x, False) and c1 * c2 >= 0.0:
+            return None if isinstance(an.lip.get(x), SquareSum) else (x, c1 * c2)
+        return None
     x = node.args[0] if node.args else None
     if not isinstance(x, Node) or not an.dynamic.get(x, False) or isinstance(an.lip.get(x), SquareSum):
         return None
-    if name in ("mul", "__mul__", "multiply") and len(node.args) == 2 and node.args[1] is x:
-        return x
     if name in ("pow", "__pow__", "float_power") and len(node.args) == 2 and not an.is_dyn(node.args[1]):
         exponent = an.value(node.args[1])
-        return x if isinstance(exponent, (int, float)) and float(exponent) == 2.0 else None
+        return (x, 1.0) if isinstance(exponent, (int, float)) and float(exponent) == 2.0 else None
     if name == "square" and len(node.args) == 1:
-        return x
+        return x, 1.0
     return None
 
 
@@ -607,9 +633,10 @@ _LINEAR = (
 def _square_sums(an: Analysis, node: Node) -> SquareSum | float | None:
     if node.op not in ("call_function", "call_method"):
         return None
-    x = _square_of(an, node)
-    if x is not None:
-        return SquareSum({x: lambda z: z})
+    square = _square_of(an, node)
+    if square is not None:
+        x, c = square
+        return SquareSum({x: lambda z, c=c: z * c})
     squares = [a for a in an.nodes_in((node.args, node.kwargs)) if isinstance(an.lip.get(a), SquareSum)]
     if not squares:
         return None
