@@ -532,3 +532,16 @@ def test_layer_export_gives_the_eval_form_and_keeps_the_mode() -> None:
         assert getattr(plain, key) == getattr(conv, key), key
     assert isinstance(conv.parametrizations.weight[0], AOLConvRescaling)
 
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 4])
+def test_gram_norm_bound_gradient_is_that_of_the_formula(steps: int) -> None:
+    # the normalisations are constants of the graph (the bound is homogeneous of degree 1 in each
+    # rescaled power): value and gradient are those of ||G^(2^t)||_F^(1/2^t) computed directly
+    w = torch.randn(5, 8, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+    w.requires_grad_(True)
+    (grad,) = torch.autograd.grad(gram_norm_bound(w @ w.T, steps), w)
+    direct = torch.linalg.matrix_norm(torch.linalg.matrix_power(w @ w.T, 2**steps)) ** (1 / 2**steps)
+    (expected,) = torch.autograd.grad(direct, w)
+    torch.testing.assert_close(gram_norm_bound(w @ w.T, steps), direct, atol=0, rtol=1e-13)
+    torch.testing.assert_close(grad, expected, atol=0, rtol=1e-11)

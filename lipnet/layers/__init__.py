@@ -14,7 +14,8 @@ Functional attach, like :func:`torch.nn.utils.parametrizations.orthogonal`: :fun
 :func:`bjorck` (``nn.Linear`` or ``nn.Conv2d``) and :func:`orthogonal` (``nn.Linear``) constrain an
 existing layer's weight and return the layer. The names ``lipnet.layers.aol``, ``.bjorck`` and
 ``.orthogonal`` are these functions; their modules are imported as ``from lipnet.layers.aol import
-...`` (or ``importlib.import_module("lipnet.layers.aol")``).
+...`` (or ``importlib.import_module("lipnet.layers.aol")``). :func:`batch_weights` makes a model compute
+all its Björck weights in a few batched calls per training forward (:mod:`~lipnet.layers.batching`).
 """
 
 from lipnet.layers.aoc import AOCConv2d
@@ -26,11 +27,13 @@ from lipnet.layers.base import (
     InputSizeUnknownError,
     LipschitzBounded,
 )
+from lipnet.layers.batching import WeightBatcher, batch_weights
 from lipnet.layers.bjorck import (
     BjorckConv2d,
     BjorckLinear,
     BjorckOrthonormal,
     bjorck,
+    bjorck_gram_transform,
     bjorck_orthonormalize,
     gram_norm_bound,
 )
@@ -74,8 +77,11 @@ __all__ = [
     "PotentialStep",
     "SLLConv2d",
     "SLLLinear",
+    "WeightBatcher",
     "aol",
+    "batch_weights",
     "bjorck",
+    "bjorck_gram_transform",
     "bjorck_orthonormalize",
     "get_layer_kind",
     "gram_norm_bound",

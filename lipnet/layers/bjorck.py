@@ -24,20 +24,24 @@ Proofs: ``docs/proofs/convolutions.md#lemma-bjorck``, ``#lemma-gram-iteration`` 
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from lipnet.layers.base import BoundedConv2d, BoundedLinear
-from lipnet.layers.parametrization import CachedParametrization, attach
+from lipnet.layers.parametrization import CachedParametrization, attach, full_precision
 from lipnet.layers.patches import patch_multiplicity
+
+if TYPE_CHECKING:
+    from lipnet.layers.batching import WeightBatcher
 
 __all__ = [
     "BjorckConv2d",
     "BjorckLinear",
     "BjorckOrthonormal",
     "bjorck",
+    "bjorck_gram_transform",
     "bjorck_orthonormalize",
     "gram_norm_bound",
 ]
@@ -48,11 +52,14 @@ Padding = str | int | tuple[int, int]
 _Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear)
 
 
-def _gram(matrix: Tensor) -> Tensor:
-    """The smaller Gram matrix of each matrix of a batch ``(..., m, n)``."""
-    if matrix.shape[-2] <= matrix.shape[-1]:
-        return matrix @ matrix.mT
-    return matrix.mT @ matrix
+def _frobenius(matrix: Tensor) -> Tensor:
+    """Frobenius norm of each matrix of a batch ``(..., m, n)`` (one kernel, no reshapes)."""
+    return torch.linalg.vector_norm(matrix, dim=(-2, -1))
+
+
+def _square(matrix: Tensor) -> Tensor:
+    """``matrix @ matrix`` (one ``bmm`` for a batch of matrices, with no reshapes)."""
+    return torch.bmm(matrix, matrix) if matrix.ndim == 3 else matrix @ matrix
 
 
 def gram_norm_bound(gram: Tensor, steps: int = 2) -> Tensor:
@@ -60,46 +67,123 @@ def gram_norm_bound(gram: Tensor, steps: int = 2) -> Tensor:
 
     Gram iteration (Delattre, Barthélemy, Araujo & Allauzen, ICML 2023):
     ``||G||_2 = ||G^(2^t)||_2^(1 / 2^t) <= ||G^(2^t)||_F^(1 / 2^t)``, at most ``m^(1 / 2^(t+1))``
-    times the true norm (``t = 0`` is the Frobenius norm). Each power is divided by its Frobenius
-    norm before squaring and the scale is carried in log space, so nothing overflows. For
-    ``G = W W^T`` this bounds ``||W||_2^2``.
+    times the true norm (``t = 0`` is the Frobenius norm). For ``G = W W^T`` this bounds ``||W||_2^2``.
+
+    Computed as ``c_0 c_2^(1/4) c_4^(1/16) ... (||X_t||_F + tiny)^(1 / 2^t)``: ``G`` is divided by
+    ``c_0 = ||G||_F + tiny``, and the power ``X_k`` is divided again by ``c_k = ||X_k||_F + tiny`` before
+    every second squaring (``k = 2, 4, ...``), so that the largest eigenvalue stays in ``[m^-2, 1]``
+    between two divisions (a unit Frobenius norm puts it in ``[m^(-1/2), 1]``): nothing overflows and,
+    for ``m < 10^9`` in float32 or float64, nothing that carries the bound underflows; ``t <= 2`` needs
+    one division. The value is ``||G^(2^t)||_F^(1 / 2^t)`` whatever the ``c_k > 0`` (it is positively
+    homogeneous of degree 1 in each rescaled power), so they are constants of the autograd graph and the
+    gradient is that of ``||G^(2^t)||_F^(1 / 2^t)``
+    (``docs/proofs/convolutions.md#lemma-gram-iteration``).
 
     The bound holds in exact arithmetic; it pre-scales the Björck iteration and is not a
     certificate (certificates are computed in float64 by ``certify`` from the final weight).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if steps == 0:
+        return _frobenius(gram)
     tiny = torch.finfo(gram.dtype).tiny
-    power = gram
-    log_scale = torch.zeros(gram.shape[:-2], dtype=gram.dtype, device=gram.device)
-    for _ in range(steps):
-        norm = torch.linalg.matrix_norm(power).clamp_min(tiny)
-        power = power / norm[..., None, None]
-        log_scale = 2.0 * (log_scale + norm.log())
-        power = power @ power
-    last = torch.linalg.matrix_norm(power).clamp_min(tiny)
-    return torch.exp((log_scale + last.log()) / 2**steps)
+    scale = _frobenius(gram.detach()) + tiny
+    power = gram / scale[..., None, None]
+    for k in range(steps):
+        if k and k % 2 == 0:
+            renorm = _frobenius(power.detach()) + tiny
+            power = power / renorm[..., None, None]
+            scale = scale * renorm ** (1.0 / 2**k)
+        power = _square(power)
+    # + tiny: an upper bound stays one, and the root's derivative stays finite at a zero matrix
+    return scale * (_frobenius(power) + tiny) ** (1.0 / 2**steps)
 
 
-def _polynomial(residual: Tensor, eye: Tensor, coeffs: list[float]) -> Tensor:
-    """``sum_i c_i R^i`` by Horner's rule: ``c_0 I + R (c_1 I + R (c_2 I + ...))``."""
-    poly = coeffs[-1] * residual + coeffs[-2] * eye
-    for c in reversed(coeffs[:-2]):
-        poly = c * eye + residual @ poly
+def _monomial_coefficients(order: int) -> list[float]:
+    """``a_j`` with ``sum_{i<=p} c_i (1 - x)^i = sum_j a_j x^j``, ``c_i = binom(2i, i) / 4^i``.
+
+    Dyadic rationals, so exact in binary floating point (order 2: ``15/8 - 5/4 x + 3/8 x^2``).
+    """
+    taylor = [math.comb(2 * i, i) / 4**i for i in range(order + 1)]
+    return [
+        (-1) ** j * sum(c * math.comb(i, j) for i, c in enumerate(taylor) if i >= j) for j in range(order + 1)
+    ]
+
+
+def _identities(size: int, coeffs: list[float], like: Tensor) -> tuple[Tensor, Tensor]:
+    """``I`` and ``a_(p-1) I`` of side ``size``, the constants of :func:`_polynomial`."""
+    eye = torch.eye(size, dtype=like.dtype, device=like.device)
+    return eye, eye * coeffs[-2]
+
+
+def _polynomial(x: Tensor, eye: Tensor, scaled_eye: Tensor, coeffs: list[float]) -> Tensor:
+    """``sum_j a_j X^j`` for a batch ``X`` ``(E, m, m)`` by Horner's rule, one kernel per degree:
+    ``a_(p-1) I + a_p X``, then ``a_j I + X (...)`` as one ``baddbmm`` each."""
+    poly = torch.add(scaled_eye, x, alpha=coeffs[-1])
+    for a in reversed(coeffs[:-2]):
+        poly = torch.baddbmm(eye, x, poly, beta=a)
     return poly
 
 
-def _bjorck_direct(
-    w: Tensor, gram: Tensor, eye: Tensor, coeffs: list[float], iterations: int, tol: float | None, wide: bool
+def _converged(x: Tensor, eye: Tensor, tol: float | None) -> bool:
+    """Whether ``||I - X||_F <= tol`` for every matrix of the batch (never without ``tol``)."""
+    return tol is not None and bool(_frobenius(eye - x).max() <= tol)
+
+
+def _gram_space(x: Tensor, coeffs: list[float], iterations: int, tol: float | None) -> Tensor:
+    """``Q = P(X_k) ... P(X_0)`` for the pre-scaled Gram matrices ``X_0`` ``(E, m, m)``, with
+    ``X_(j+1) = P(X_j)^2 X_j``: ``Bjorck^k(W) = Q W`` when ``X_0 = W W^T`` (module docstring)."""
+    eye, scaled_eye = _identities(x.shape[-1], coeffs, x)
+    transform: Tensor | None = None
+    for step in range(iterations):
+        converged = _converged(x, eye, tol)
+        poly = _polynomial(x, eye, scaled_eye, coeffs)
+        transform = poly if transform is None else torch.bmm(poly, transform)
+        if converged or step == iterations - 1:
+            break
+        x = torch.bmm(poly, torch.bmm(poly, x))
+    assert transform is not None  # iterations >= 1
+    return transform
+
+
+def bjorck_gram_transform(
+    gram: Tensor, iterations: int, order: int = 1, bound_steps: int = 2, scale: Tensor | None = None
 ) -> Tensor:
-    """The Björck iteration on the pre-scaled matrix ``w`` itself; ``gram`` is its smaller Gram matrix."""
+    """``T`` with ``scale * Bjorck(W) = T W`` (``m <= n``) or ``W T`` (``m > n``), from the smaller Gram
+    matrix ``G`` ``(E, m, m)`` of each ``W`` of a batch; differentiable.
+
+    ``T = scale * P(X_(k-1)) ... P(X_0) / sqrt(b)`` with ``b = gram_norm_bound(G, bound_steps)``,
+    ``X_0 = G / b`` and ``X_(j+1) = P(X_j)^2 X_j`` (``iterations = k`` steps of order ``order``, as
+    :func:`bjorck_orthonormalize` without a tolerance; ``scale`` ``(E,)`` multiplies each matrix, 1 when
+    omitted). Zero padding is exact: for ``G`` in the top-left ``m x m`` block of a larger zero matrix,
+    ``T``'s top-left block is the ``T`` of ``G`` (every quantity is block diagonal and the bound sees
+    the same Frobenius norms; ``docs/proofs/convolutions.md#lemma-batched-bjorck``), which is how
+    :mod:`lipnet.layers.batching` orthonormalises matrices of several sizes in one call.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    # a zero matrix gets a positive bound (and T W = 0); the clamp's zero gradient there also stops the
+    # 0 * inf of d(b^-1/2)/db at b = tiny, so a zero weight gets finite gradients
+    bound = gram_norm_bound(gram, bound_steps).clamp_min(torch.finfo(gram.dtype).tiny)
+    transform = _gram_space(gram / bound[:, None, None], _monomial_coefficients(order), iterations, None)
+    coef = bound.rsqrt() if scale is None else bound.rsqrt() * scale
+    return transform * coef[:, None, None]
+
+
+def _bjorck_direct(
+    w: Tensor, x: Tensor, coeffs: list[float], iterations: int, tol: float | None, wide: bool
+) -> Tensor:
+    """The Björck iteration on the pre-scaled batch ``w`` ``(E, m, n)`` itself (``x``: its smaller Gram
+    matrix)."""
+    eye, scaled_eye = _identities(x.shape[-1], coeffs, x)
     for step in range(iterations):
         if step:
-            gram = _gram(w)
-        residual = eye - gram
-        converged = tol is not None and bool(torch.linalg.matrix_norm(residual).max() <= tol)
-        poly = _polynomial(residual, eye, coeffs)
-        w = poly @ w if wide else w @ poly
+            x = torch.bmm(w, w.mT) if wide else torch.bmm(w.mT, w)
+        converged = _converged(x, eye, tol)
+        poly = _polynomial(x, eye, scaled_eye, coeffs)
+        w = torch.bmm(poly, w) if wide else torch.bmm(w, poly)
         if converged:
             break
     return w
@@ -119,7 +203,9 @@ def bjorck_orthonormalize(
     iterate is ``Q_k W`` with ``Q_k`` a polynomial in the Gram matrix ``G = W W^T``, so the
     iteration runs on ``m x m`` matrices only (``Q_{k+1} = P(G_k) Q_k``,
     ``G_{k+1} = P(G_k)^2 G_k``, all commuting) and touches the ``m x n`` matrix twice: to form
-    ``G`` and to apply ``Q``. This is the Björck iteration exactly, in exact arithmetic.
+    ``G`` and to apply ``Q`` (:func:`bjorck_gram_transform`). This is the Björck iteration exactly, in
+    exact arithmetic. ``P(X) = sum_i c_i (I - X)^i`` is evaluated in the monomial form
+    ``sum_j a_j X^j`` (exact coefficients), one kernel per degree.
 
     Runs ``iterations`` steps; with ``tol``, stops once ``||I - G_k||_F <= tol`` (after one more
     step, which takes the error to about ``tol^(order + 1)``) and ends with one Björck step on
@@ -135,31 +221,21 @@ def bjorck_orthonormalize(
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
-    coeffs = [math.comb(2 * i, i) / 4**i for i in range(order + 1)]
-    wide = matrix.shape[-2] <= matrix.shape[-1]
-    gram = _gram(matrix)
-    eye = torch.eye(gram.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    tiny = torch.finfo(matrix.dtype).tiny
-    bound_sq = gram_norm_bound(gram, bound_steps).clamp_min(tiny)[..., None, None]
-    gram = gram / bound_sq
-    small, large = sorted(matrix.shape[-2:])
+    shape = matrix.shape
+    w = matrix.reshape(-1, *shape[-2:])
+    wide = shape[-2] <= shape[-1]
+    coeffs = _monomial_coefficients(order)
+    gram = torch.bmm(w, w.mT) if wide else torch.bmm(w.mT, w)
+    bound = gram_norm_bound(gram, bound_steps).clamp_min(torch.finfo(w.dtype).tiny)[:, None, None]
+    small, large = sorted(shape[-2:])
     if 2 * large < 3 * small:
-        return _bjorck_direct(matrix / bound_sq.sqrt(), gram, eye, coeffs, iterations, tol, wide)
-    transform = eye / bound_sq.sqrt()
-    for step in range(iterations):
-        residual = eye - gram
-        converged = tol is not None and bool(torch.linalg.matrix_norm(residual).max() <= tol)
-        poly = _polynomial(residual, eye, coeffs)
-        # the first product with the scaled identity is a scaling, not a matrix product
-        transform = poly * transform[..., :1, :1] if step == 0 else poly @ transform
-        if converged or step == iterations - 1:
-            break
-        gram = poly @ (poly @ gram)
-    w = transform @ matrix if wide else matrix @ transform
+        w = _bjorck_direct(w / bound.sqrt(), gram / bound, coeffs, iterations, tol, wide)
+        return w.reshape(shape)
+    transform = _gram_space(gram / bound, coeffs, iterations, tol) * bound.rsqrt()
+    w = torch.bmm(transform, w) if wide else torch.bmm(w, transform)
     if tol is not None:
-        poly = _polynomial(eye - _gram(w), eye, coeffs)
-        w = poly @ w if wide else w @ poly
-    return w
+        w = _bjorck_direct(w, torch.bmm(w, w.mT) if wide else torch.bmm(w.mT, w), coeffs, 1, None, wide)
+    return w.reshape(shape)
 
 
 class BjorckOrthonormal(CachedParametrization):
@@ -210,6 +286,19 @@ class BjorckOrthonormal(CachedParametrization):
         self.eval_max_iterations = eval_max_iterations
         self.eval_tol = eval_tol
         self.bound_steps = bound_steps
+        #: The :class:`~lipnet.layers.batching.WeightBatcher` that computes this weight in training, if any
+        #: (set by :func:`~lipnet.layers.batching.batch_weights`).
+        self.batcher: WeightBatcher | None = None
+
+    def forward(self, original: Tensor) -> Tensor:
+        # In training, a model-wide WeightBatcher (lipnet.layers.batching) computes this weight together
+        # with the model's other Björck weights, once per forward pass; None means: compute it here.
+        if self.training and self.batcher is not None:
+            with full_precision(original.device.type):
+                weight = self.batcher.weight(self, original)
+            if weight is not None:
+                return weight
+        return super().forward(original)
 
     def compute(self, original: Tensor) -> Tensor:
         rows = original.shape[0]
@@ -222,7 +311,9 @@ class BjorckOrthonormal(CachedParametrization):
             w = w.to(torch.float64)
             iterations, tol = self.eval_max_iterations, self.eval_tol
         w = bjorck_orthonormalize(w, iterations, self.order, tol, self.bound_steps)
-        return (self.scale * w).to(original.dtype).reshape(original.shape)
+        if self.scale != 1.0:
+            w = self.scale * w
+        return w.to(original.dtype).reshape(original.shape)
 
     def extra_repr(self) -> str:
         return (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
 
 import torch
@@ -24,7 +25,14 @@ from torch.nn.utils import parametrize
 
 from certify.contract import redefines_behaviour
 
-__all__ = ["CachedParametrization", "EvalCache", "EvalTensorCache", "attach", "check_attachable"]
+__all__ = [
+    "CachedParametrization",
+    "EvalCache",
+    "EvalTensorCache",
+    "attach",
+    "check_attachable",
+    "full_precision",
+]
 
 _Key = tuple[int, int, int, torch.device, torch.dtype, torch.Size]
 _CacheKey = tuple[object, ...]
@@ -59,6 +67,20 @@ def attach(module: _Module, parametrization: nn.Module, bases: tuple[type[nn.Mod
     return module
 
 
+def full_precision(device_type: str) -> AbstractContextManager[object]:
+    """Autocast off for ``device_type`` when it is on, else nothing.
+
+    A constrained weight is computed in the raw weight's dtype even inside a bf16 / fp16 autocast region
+    (the training forward on CUDA): the orthogonalisation, its bound and the rescaling are what make the
+    layer 1-Lipschitz, and in bf16 (8 bits of mantissa) Björck or AOL would be so only to about 1e-2. The
+    layer's own product with its input then runs under autocast as usual (the weight cast once).
+    """
+    # devices without autocast (meta: shape-only models) have nothing to turn off
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 class EvalTensorCache:
     """A tensor computed from some parameters, reused in eval mode while they are unchanged.
 
@@ -75,9 +97,16 @@ class EvalTensorCache:
     def get(
         self, training: bool, tensors: Sequence[Tensor], compute: Callable[[], Tensor], extra: _CacheKey = ()
     ) -> Tensor:
-        """``compute()``, or the value it returned last time when the key is the same (see the class)."""
-        if training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return compute()
+        """``compute()``, or the value it returned last time when the key is the same (see the class);
+        ``compute`` runs outside autocast (:func:`full_precision`)."""
+        with full_precision(tensors[0].device.type if tensors else "cpu"):
+            if training or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+                return compute()
+            return self._cached(tensors, compute, extra)
+
+    # Eager even inside compiled code (see CachedParametrization._cached).
+    @torch.compiler.disable
+    def _cached(self, tensors: Sequence[Tensor], compute: Callable[[], Tensor], extra: _CacheKey) -> Tensor:
         key = (*((id(t), t.data_ptr(), t._version, t.device, t.dtype, t.shape) for t in tensors), *extra)
         if self._key != key or self._value is None:
             self._value = compute()
@@ -119,8 +148,15 @@ class CachedParametrization(nn.Module, ABC):
         return original.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def forward(self, original: Tensor) -> Tensor:
-        if self.training or self._needs_graph(original):
-            return self.compute(original)
+        with full_precision(original.device.type):
+            if self.training or self._needs_graph(original):
+                return self.compute(original)
+            return self._cached(original)
+
+    # Eager even inside compiled code: the key holds Python identities, on which torch.compile would guard
+    # and recompile once per layer; the compiled graph takes the cached weight as an input.
+    @torch.compiler.disable
+    def _cached(self, original: Tensor) -> Tensor:
         key: _Key = (
             id(original),
             original.data_ptr(),

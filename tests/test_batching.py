@@ -1,0 +1,212 @@
+"""lipnet.layers.batching: the batched Björck weights are the per-layer ones (values and gradients), the
+batcher's lifetime (one forward pass), its fallbacks, and the bucketing rule."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lipnet.layers import BjorckConv2d, BjorckLinear, bjorck
+from lipnet.layers.batching import WeightBatcher, batch_weights, buckets
+from lipnet.layers.bjorck import bjorck_gram_transform, gram_norm_bound
+from lipnet.models import create
+
+
+class _Net(nn.Module):
+    """Björck layers of four sizes (tall, wide, grouped, square) and one layer applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = BjorckConv2d(2, 6, 3, padding=1)  # 6 x 18: wide
+        self.grouped = BjorckConv2d(6, 4, 1, groups=2)  # 2 x (2 x 3): tall per group
+        self.twice = BjorckLinear(4, 4)  # square, applied twice
+        self.head = BjorckLinear(4, 9)  # 9 x 4: tall
+        self.plain = nn.Linear(9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.grouped(self.stem(x)).mean(dim=(2, 3))
+        return self.plain(self.head(self.twice(self.twice(h))))
+
+
+def _pair(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    per_layer = _Net().to(dtype)
+    with torch.no_grad():  # raw weights far from orthogonal, so that the iteration has work to do
+        for p in per_layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return per_layer, batch_weights(copy.deepcopy(per_layer), max_padding=1e9)
+
+
+def test_padded_gram_transform_is_the_per_matrix_transform() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sides = [3, 7, 5]
+    mats = [torch.randn(m, m + 4, generator=gen, dtype=torch.float64) for m in sides]
+    grams = [w @ w.T for w in mats]
+    padded = torch.zeros(3, 7, 7, dtype=torch.float64)
+    for i, (m, g) in enumerate(zip(sides, grams, strict=True)):
+        padded[i, :m, :m] = g
+    scale = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    batched = bjorck_gram_transform(padded, 3, order=2, scale=scale)
+    bounds = gram_norm_bound(padded, 2)
+    for i, (m, g) in enumerate(zip(sides, grams, strict=True)):
+        alone = bjorck_gram_transform(g[None], 3, order=2, scale=scale[i : i + 1])[0]
+        torch.testing.assert_close(batched[i, :m, :m], alone, atol=1e-13, rtol=0)
+        torch.testing.assert_close(bounds[i], gram_norm_bound(g, 2), atol=0, rtol=1e-14)
+        # the padding block stays diagonal and never mixes with the matrix
+        assert not batched[i, :m, m:].any() and not batched[i, m:, :m].any()
+
+
+@pytest.mark.parametrize("max_padding", [1.0, 4.0, 1e9])
+def test_batched_weights_and_gradients_match_per_layer(max_padding: float) -> None:
+    per_layer, batched = _pair()
+    batch_weights(batched, max_padding=max_padding)
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    out_ref, out = per_layer(x), batched(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(per_layer.named_parameters(), batched.parameters(), strict=True):
+        assert q.grad is not None and p.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-11, rtol=0, msg=name)
+
+
+def test_batched_weights_are_the_per_layer_ones_in_float32() -> None:
+    # float32 differs by the summation order only; the Björck weights are contractions either way
+    per_layer, batched = _pair(dtype=torch.float32)
+    x = torch.randn(3, 2, 5, 5)
+    torch.testing.assert_close(batched(x), per_layer(x), atol=2e-5, rtol=0)
+
+
+def test_batched_gradients_pass_gradcheck() -> None:
+    _, batched = _pair()
+    names = [n for n, _ in batched.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in batched.parameters())
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        # functional_call swaps the raw weights: the batcher sees them as the parametrizations' originals
+        return functional_call(batched, dict(zip(names, ps, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-7)
+
+
+def test_one_computation_per_forward_and_reused_by_a_layer_applied_twice() -> None:
+    _, net = _pair()
+    batcher = net.weight_batcher
+    assert isinstance(batcher, WeightBatcher) and len(batcher.members) == 4
+    seen: list[torch.Tensor] = []
+    handle = net.twice.register_forward_pre_hook(lambda m, args: seen.append(m.weight))
+    calls = []
+    original = batcher._compute
+
+    def counted() -> None:
+        calls.append(1)
+        original()
+
+    batcher._compute = counted  # type: ignore[method-assign]
+    net(torch.randn(1, 2, 4, 4, dtype=torch.float64))
+    handle.remove()
+    assert len(calls) == 1 and len(seen) == 2 and seen[0] is seen[1]
+    # the weights and their graph are released with the pass
+    assert batcher._weights == {} and batcher._depth == 0
+
+
+def test_outside_a_forward_eval_mode_and_errors_fall_back_to_the_layer() -> None:
+    per_layer, net = _pair()
+    # outside the model's forward: the layer computes its own weight
+    torch.testing.assert_close(net.head.weight, per_layer.head.weight, atol=1e-13, rtol=0)
+    net.eval()
+    per_layer.eval()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), per_layer(x), atol=1e-13, rtol=0)
+    net.train()
+    with pytest.raises(RuntimeError):
+        net(torch.randn(2, 3, 4, 4, dtype=torch.float64))  # wrong channels: the stem raises
+    assert net.weight_batcher._weights == {} and net.weight_batcher._depth == 0
+
+
+def test_copies_keep_their_own_batcher_and_the_state_dict_is_unchanged() -> None:
+    per_layer, net = _pair()
+    assert net.state_dict().keys() == per_layer.state_dict().keys()
+    # (torch refuses to pickle parametrized modules; checkpoints are state dicts)
+    for clone in (copy.deepcopy(net),):
+        batcher = clone.weight_batcher
+        assert batcher is not net.weight_batcher
+        assert all(p.batcher is batcher for _, p in batcher.members)
+        members = {id(m) for m in clone.modules()}
+        assert all(id(plist) in members for plist, _ in batcher.members)
+        x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+        torch.testing.assert_close(clone(x), per_layer(x), atol=1e-12, rtol=0)
+
+
+def test_rebatching_replaces_and_remove_detaches() -> None:
+    _, net = _pair()
+    first = net.weight_batcher
+    batch_weights(net)
+    second = net.weight_batcher
+    assert second is not first and first.handles == [] and all(p.batcher is second for _, p in first.members)
+    second.remove()
+    assert all(p.batcher is None for _, p in second.members)
+    assert not net._forward_pre_hooks and not net._forward_hooks
+
+
+def test_only_lone_bjorck_parametrizations_are_batched() -> None:
+    net = nn.Sequential(bjorck(nn.Linear(3, 4)), nn.Linear(4, 4), BjorckLinear(4, 2))
+    batch_weights(net)
+    assert [type(p).__name__ for _, p in net.weight_batcher.members] == ["BjorckOrthonormal"] * 2
+    # a parametrization chained after another one receives that one's output, not the raw weight
+    chained = nn.Linear(3, 4)
+    torch.nn.utils.parametrize.register_parametrization(chained, "weight", nn.Identity())
+    bjorck(chained)
+    assert batch_weights(nn.Sequential(chained)).weight_batcher.members == []
+
+
+def test_buckets_group_equal_sides_and_bound_the_padding() -> None:
+    assert buckets([4, 8, 4, 2], [1, 1, 1, 1], 1.0) == [[1], [0, 2], [3]]
+    # 128 with a 64: padded 2 * 128^3 <= 2 * (128^3 + 64^3)
+    assert buckets([64, 128], [1, 1], 2.0) == [[1, 0]]
+    assert buckets([64, 128], [1, 1], 1.5) == [[1], [0]]
+    # counts weigh both sides: 3 matrices of side 64 with one of 128
+    assert buckets([128, 64], [1, 3], 2.0) == [[0], [1]]
+    sides = [10, 27, 32, 64, 64, 128]
+    for limit in (1.0, 2.0, 16.0, 1e9):
+        flat = sorted(i for bucket in buckets(sides, [1] * 6, limit) for i in bucket)
+        assert flat == list(range(6))
+    assert len(buckets(sides, [1] * 6, 1e9)) == 1
+    with pytest.raises(ValueError, match="max_padding"):
+        buckets([1], [1], 0.5)
+
+
+def test_zero_weight_has_finite_gradients() -> None:
+    for net in (_pair()[0], _pair()[1]):
+        with torch.no_grad():
+            net.head.parametrizations.weight.original.zero_()
+        net(torch.randn(2, 2, 4, 4, dtype=torch.float64)).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+        assert net.head.weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("conv", ["bjorck", "aol"])
+def test_weights_stay_float32_under_bf16_autocast(conv: str) -> None:
+    # the orthogonalisation / rescaling runs outside autocast: the weight a layer uses in an autocast
+    # forward is the float32 weight of a float32 forward, batched or not
+    torch.manual_seed(0)
+    model = batch_weights(create("small_cnn", width=4, input_size=8, conv=conv))
+    x = torch.rand(2, 3, 8, 8)
+    layers = [m for m in model.modules() if hasattr(m, "parametrizations")]
+    seen: dict[int, list[torch.Tensor]] = {id(m): [] for m in layers}
+    for m in layers:
+        m.register_forward_pre_hook(lambda mod, args: seen[id(mod)].append(mod.weight.detach().clone()))
+    model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    for m in layers:
+        full, under_autocast = seen[id(m)]
+        assert under_autocast.dtype == torch.float32
+        assert torch.equal(under_autocast, full)
