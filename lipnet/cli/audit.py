@@ -64,10 +64,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="TorchScript file, state_dict (.pt/.pth, loaded with weights_only) or .safetensors with --arch, "
-        "or a lipnet run folder",
+        help="TorchScript file, torch.export program (.pt2), ONNX file (.onnx, the onnx extra), state_dict "
+        "(.pt/.pth, loaded with weights_only) or .safetensors with --arch, or a lipnet run folder",
     )
-    p.add_argument("--arch", help="package.module:function that builds the architecture of a weights file")
+    p.add_argument(
+        "--arch",
+        help="package.module:function that builds the architecture of a weights file (imported from the "
+        "current folder or PYTHONPATH)",
+    )
     p.add_argument(
         "--arch-kwargs", type=json_object, help="JSON keyword arguments of --arch, e.g. '{\"width\": 16}'"
     )
