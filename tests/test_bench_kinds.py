@@ -28,9 +28,9 @@ PER_LAYER_COLUMNS = (
     "CUDA peak (MiB) | σ_min | σ_max | operator | train / anchor | eval / anchor | saved / anchor |"
 )
 MODELS_COLUMNS = (
-    "| implementation | kind | train step (ms) | images/s | s per 50k epoch | published A100 s/epoch (M) | "
-    "train / anchor | eval forward (ms) | eval / anchor | exported eval (ms) | eval / exported | "
-    "plain share |"
+    "| implementation | kind | mode | train step (ms) | images/s | s per 50k epoch | "
+    "published A100 s/epoch (M) | train / anchor | eval forward (ms) | eval / anchor | exported eval (ms) | "
+    "eval / exported | plain share |"
 )
 EVAL_COLUMNS = (
     "| model | kind | parameters (M) | plain share | eval min (ms) | eval median (ms) | exported min (ms) | "
@@ -150,7 +150,7 @@ def test_bench_models_with_anchor_rows(tmp_path: Path, capsys: pytest.CaptureFix
     table = md.read_text()
     (row,) = [line for line in table.splitlines() if line.startswith("| lipnet:aol |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 12 and cells[5] == "19.6" and cells[6] == cells[8] == "–"
+    assert len(cells) == 13 and cells[2] == "eager" and cells[6] == "19.6" and cells[7] == cells[9] == "–"
     assert "orthogonium" not in table
     code, _, err = _run([*argv[:5], "nope", "--device", "cpu"], capsys)
     assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1

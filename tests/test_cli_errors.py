@@ -139,6 +139,7 @@ BASE: dict[tuple[str, ...], tuple[str, ...]] = {
     ("bench", "layers"): ("--out", "out.md"),
     ("bench", "fmnist"): ("--out", "out", "--quiet"),
     ("bench", "models"): ("--out", "out.md"),
+    ("bench", "kernels"): ("--out", "out.md"),
 }
 
 #: Bad input beyond a single option's type, per command: (arguments after the base, a fragment of the
@@ -259,9 +260,17 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
     ],
     ("bench", "layers"): [
         (("--kinds", "no_such_kind"), "no_such_kind"),
+        (("--modes", "eager,no_such_mode"), "no_such_mode"),
+        (("--networks", "plain,no_such_network"), "no_such_network"),
         (("--device", "tpu"), "device"),
         (("--out", "{empty}"), "--out"),
         (("--out", "{file}/table.md"), "--out"),
+    ],
+    ("bench", "kernels"): [
+        (("--networks", "no_such_network"), "no_such_network"),
+        (("--kinds", "no_such_kind"), "no_such_kind"),
+        (("--width", "3"), "width"),
+        (("--out", "{empty}"), "--out"),
     ],
     ("bench", "fmnist"): [
         (("--models", "lipnet:no_such_kind"), "no_such_kind"),
@@ -272,6 +281,7 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
         (("--model", "no_such_model"), "no_such_model"),
         (("--kinds", "no_such_kind"), "no_such_kind"),
         (("--eval-only", "--models", "no_such_model"), "no_such_model"),
+        (("--modes", "no_such_mode"), "no_such_mode"),
         (("--device", "tpu"), "device"),
         (("--out", "{empty}"), "--out"),
     ],
@@ -349,7 +359,8 @@ def test_the_guard_stops_real_work(files: dict[str, Path], guarded: Path) -> Non
 
 def test_every_command_has_bad_input_cases() -> None:
     assert set(COMMANDS) == set(BASE) == set(CASES)
-    assert len(COMMANDS) >= 9  # train, sweep, certify, audit, export, catalogue, bench layers|fmnist|models
+    assert len(COMMANDS) >= 10  # train, sweep, certify, audit, export, catalogue, bench layers|fmnist|models|
+    # kernels
 
 
 def test_every_typed_option_declares_its_range() -> None:

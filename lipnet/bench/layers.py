@@ -6,7 +6,10 @@ GroupSort2, scaled L2-norm pooling), built from lipnet's layers, from deel-torch
 (``AdaptiveOrthoConv2d``, ``OrthoLinear``, ``MaxMin``, lipnet's pooling), the anchors as their
 libraries ship them (:data:`lipnet.bench.anchors.ANCHORS`), and from plain unconstrained layers, timed
 side by side in one process with interleaved rounds so that machine load hits all of them alike.
-The reported figure is the median over rounds; ratios are to deel-torchlip and to the plain net.
+lipnet's networks compute their Björck weights in batched calls (:mod:`lipnet.layers.batching`); the
+Björck network is also timed without (``[per layer]``). Each network runs in each requested mode
+(:mod:`lipnet.bench.modes`: eager, ``torch.compile``, compiled with CUDA-graph capture). The reported
+figure is the median over rounds; ratios are to deel-torchlip and to the plain net in the same mode.
 
 ``lipnet bench layers --per-layer`` (or ``--kinds``) times one channel-preserving layer of every
 registered kind (:func:`lipnet.layers.kinds.list_layer_kinds`) next to its anchor implementation
@@ -31,7 +34,9 @@ from certify.exact import dense_matrix
 from lipnet.activations import GroupSort
 from lipnet.bench import cell, markdown_table, timed
 from lipnet.bench.anchors import ANCHORS
+from lipnet.bench.modes import WARMUP, check_modes, prepare, step_begin
 from lipnet.export import export
+from lipnet.layers.batching import batch_weights
 from lipnet.layers.kinds import LayerKind, get_layer_kind, list_layer_kinds
 from lipnet.models import create
 from lipnet.pooling import ScaledL2NormPool2d
@@ -39,16 +44,19 @@ from lipnet.pooling import ScaledL2NormPool2d
 __all__ = [
     "OPERATOR_JACOBIAN",
     "OPERATOR_MATRIX",
+    "PLAIN",
     "bench_layers",
     "bench_per_layer",
+    "layer_networks",
     "layers_markdown",
+    "network",
     "per_layer_markdown",
     "saved_bytes",
     "singular_value_range",
 ]
 
 
-def _network(
+def network(
     kind: LayerKind, activation: Callable[[], nn.Module], pool: Callable[[], nn.Module], width: int
 ) -> nn.Module:
     """:class:`~lipnet.models.small.SmallCNN`'s layout on 3x32x32 inputs, 10 classes, from ``kind``'s
@@ -61,8 +69,8 @@ def _network(
     )  # fmt: skip
 
 
-#: The unconstrained reference: plain 'same' ``nn.Conv2d`` and ``nn.Linear`` layers.
-_PLAIN = LayerKind(
+#: The unconstrained reference kind: plain 'same' ``nn.Conv2d`` and ``nn.Linear`` layers.
+PLAIN = LayerKind(
     "plain",
     lambda c, k: nn.Conv2d(c, c, k, padding=k // 2),
     lambda i, o, k: nn.Conv2d(i, o, k, padding=k // 2),
@@ -74,69 +82,119 @@ _PLAIN = LayerKind(
 def _anchor_network(kind: str, width: int) -> nn.Module:
     """The network from the anchor of lipnet's ``kind`` as its library ships it; ImportError without it."""
     anchor = ANCHORS[kind]
-    return _network(anchor.layers(as_lipnet=False), anchor.activation, anchor.pool, width)
+    return network(anchor.layers(as_lipnet=False), anchor.activation, anchor.pool, width)
 
 
 def _builders(width: int) -> dict[str, Callable[[], nn.Module]]:
     return {
-        "lipnet bjorck": lambda: create("small_cnn", width=width, conv="bjorck"),
-        "lipnet aol": lambda: create("small_cnn", width=width, conv="aol"),
+        "lipnet bjorck": lambda: batch_weights(create("small_cnn", width=width, conv="bjorck")),
+        "lipnet bjorck [per layer]": lambda: create("small_cnn", width=width, conv="bjorck"),
+        "lipnet aol": lambda: batch_weights(create("small_cnn", width=width, conv="aol")),
         ANCHORS["bjorck"].library: lambda: _anchor_network("bjorck", width),
         ANCHORS["aoc"].library: lambda: _anchor_network("aoc", width),
-        "plain": lambda: _network(_PLAIN, lambda: GroupSort(2), lambda: ScaledL2NormPool2d(2), width),
+        "plain": lambda: network(PLAIN, lambda: GroupSort(2), lambda: ScaledL2NormPool2d(2), width),
     }
 
 
-def bench_layers(
-    *, width: int = 32, batch: int = 64, rounds: int = 10, device: str = "cpu", seed: int = 0
-) -> list[dict[str, float | str]]:
-    """Median training-step (forward, backward, Adam step) and eval-forward time of each network.
+def layer_networks() -> list[str]:
+    """The names of the networks :func:`bench_layers` times (before skipping missing libraries)."""
+    return list(_builders(2))
 
-    Networks whose library is not installed are skipped. Times are in milliseconds.
+
+#: Networks timed in the eager mode only (they show what the batching saves, which compiled code fuses).
+_EAGER_ONLY = ("lipnet bjorck [per layer]",)
+
+
+def bench_layers(
+    *,
+    width: int = 32,
+    batch: int = 64,
+    rounds: int = 10,
+    device: str = "cpu",
+    seed: int = 0,
+    modes: Sequence[str] = ("eager",),
+    backend: str = "inductor",
+    networks: Sequence[str] | None = None,
+) -> list[dict[str, float | str | None]]:
+    """Median training-step (forward, backward, Adam step) and eval-forward time of each network in each
+    mode (:mod:`lipnet.bench.modes`: ``eager``, ``compile``, ``graph``; ``backend`` is the compiler's).
+
+    lipnet's networks compute their Björck weights in batched calls
+    (:func:`~lipnet.layers.batching.batch_weights`); ``lipnet bjorck [per layer]`` (eager only) is the same
+    network without. ``networks`` chooses some of them by name (default: all; :func:`layer_networks` lists
+    them). Every (network, mode) pair is timed in each round, interleaved. Networks whose library is not
+    installed are skipped. Times are in milliseconds; ``train_vs_deel`` and ``train_vs_plain`` /
+    ``eval_vs_plain`` are ratios to deel-torchlip's and to the plain network's medians in the same mode.
     """
+    chosen = check_modes(modes, backend)
+    builders = _builders(width)
+    if networks is not None:
+        unknown = [n for n in networks if n not in builders]
+        if unknown:
+            raise ValueError(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(builders)}")
+        builders = {n: builders[n] for n in builders if n in networks}
     torch.manual_seed(seed)
     dev = torch.device(device)
     x = torch.rand(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     nets: dict[str, nn.Module] = {}
-    for name, build in _builders(width).items():
+    for name, build in builders.items():
         try:
             nets[name] = build().to(dev)
         except ImportError:
             continue
+    runs = {
+        (name, mode): prepare(net, mode, backend)
+        for mode in chosen
+        for name, net in nets.items()
+        if mode == "eager" or name not in _EAGER_ONLY
+    }
     opts = {k: torch.optim.Adam(n.parameters(), lr=1e-3) for k, n in nets.items()}
 
-    def train_step(k: str) -> None:
-        opts[k].zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(nets[k](x), y).backward()
-        opts[k].step()
+    def train_step(key: tuple[str, str]) -> None:
+        name, mode = key
+        step_begin(mode)
+        opts[name].zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(runs[key](x), y).backward()
+        opts[name].step()
 
-    train: dict[str, list[float]] = {k: [] for k in nets}
-    evals: dict[str, list[float]] = {k: [] for k in nets}
-    for k in nets:  # warm-up: lazy initialisation, allocator, caches
-        nets[k].train()
-        train_step(k)
-        train_step(k)
+    def eval_forward(key: tuple[str, str]) -> None:
+        step_begin(key[1])
+        runs[key](x)
+
+    train: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    evals: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    for key in runs:  # warm-up: compilation, lazy initialisation, allocator, caches, CUDA graphs
+        for _ in range(WARMUP[key[1]]):
+            nets[key[0]].train()
+            train_step(key)
+            nets[key[0]].eval()
+            with torch.no_grad():
+                eval_forward(key)
     for _ in range(rounds):
-        for k, net in nets.items():
+        for key in runs:
+            net = nets[key[0]]
             net.train()
-            train[k].append(timed(lambda k=k: train_step(k), dev))
+            train[key].append(timed(lambda key=key: train_step(key), dev))
             net.eval()
             with torch.no_grad():
-                net(x)
-                evals[k].append(timed(lambda net=net: net(x), dev))
-    rows: list[dict[str, float | str]] = []
-    ref_train = statistics.median(train["deel-torchlip"]) if "deel-torchlip" in train else float("nan")
-    plain_eval = statistics.median(evals["plain"])
-    for k in nets:
-        tr, ev = statistics.median(train[k]), statistics.median(evals[k])
+                eval_forward(key)
+                evals[key].append(timed(lambda key=key: eval_forward(key), dev))
+    train_med = {k: statistics.median(v) for k, v in train.items()}
+    eval_med = {k: statistics.median(v) for k, v in evals.items()}
+    rows: list[dict[str, float | str | None]] = []
+    for name, mode in runs:
+        tr, ev = train_med[(name, mode)], eval_med[(name, mode)]
+        deel, plain = (ANCHORS["bjorck"].library, mode), ("plain", mode)
         rows.append(
             {
-                "network": k,
+                "network": name,
+                "mode": mode,
                 "train_ms": 1e3 * tr,
                 "eval_ms": 1e3 * ev,
-                "train_vs_deel": tr / ref_train,
-                "eval_vs_plain": ev / plain_eval,
+                "train_vs_deel": tr / train_med[deel] if deel in train_med else None,
+                "train_vs_plain": tr / train_med[plain] if plain in train_med else None,
+                "eval_vs_plain": ev / eval_med[plain] if plain in eval_med else None,
             }
         )
     return rows
@@ -347,13 +405,16 @@ def bench_per_layer(
 
 def layers_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     """The rows of :func:`bench_layers` as a Markdown table under ``header``."""
-    columns = ["network", "train step (ms)", "eval forward (ms)", "train / deel-torchlip", "eval / plain"]
+    columns = [
+        "network", "mode", "train step (ms)", "eval forward (ms)", "train / deel-torchlip", "train / plain",
+        "eval / plain",
+    ]  # fmt: skip
     return markdown_table(
         header,
         columns,
         (
-            [str(r["network"]), f"{r['train_ms']:.1f}", f"{r['eval_ms']:.1f}", f"{r['train_vs_deel']:.2f}",
-             f"{r['eval_vs_plain']:.2f}"]
+            [str(r["network"]), str(r["mode"]), f"{r['train_ms']:.1f}", f"{r['eval_ms']:.1f}",
+             *(cell(r[k], ".2f") for k in ("train_vs_deel", "train_vs_plain", "eval_vs_plain"))]
             for r in rows
         ),
     )  # fmt: skip

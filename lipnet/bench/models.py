@@ -31,9 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import certify
 from lipnet.bench import cell, markdown_table, timed
 from lipnet.bench.anchors import ANCHORS
+from lipnet.bench.modes import WARMUP, check_modes, prepare, step_begin
 from lipnet.export import export
+from lipnet.layers.batching import batch_weights
 from lipnet.layers.kinds import LayerKind, list_layer_kinds
 from lipnet.models import create, list_models, model_entrypoint
 
@@ -42,8 +45,10 @@ __all__ = [
     "EVAL_KWARGS",
     "PUBLISHED_A100_S_PER_EPOCH",
     "Implementation",
+    "bench_certify",
     "bench_eval",
     "bench_models",
+    "certify_markdown",
     "eval_markdown",
     "implementations",
     "models_markdown",
@@ -161,20 +166,26 @@ def bench_models(
     device: str = "cpu",
     seed: int = 0,
     timer: Timer = timed,
+    modes: Sequence[str] = ("eager",),
+    backend: str = "inductor",
 ) -> list[dict[str, Any]]:
-    """Median training step and eval forward of ``model`` built with each layer kind and with its anchor.
+    """Median training step and eval forward of ``model`` built with each layer kind and with its anchor,
+    in each mode (:mod:`lipnet.bench.modes`: ``eager``, ``compile``, ``graph``; ``backend`` the compiler's).
 
     ``kinds`` defaults to every registered kind; with ``anchors`` each kind with an anchor
     (:data:`lipnet.bench.anchors.ANCHORS`) is followed by the same architecture built from the
     anchor library's layers (skipped, and listed by :func:`run`, when that library is not installed).
+    lipnet's models compute their Björck weights in batched calls
+    (:func:`~lipnet.layers.batching.batch_weights`).
     Training step: forward on a ``(batch, 3, input_size, input_size)`` uniform batch, cross-entropy
     against random labels, backward, Adam step. Eval forward: under ``torch.no_grad`` in eval mode, after
-    one untimed eval forward (so eval caches hold the current weights), of the model and of
-    ``lipnet.export(model)``. Times in ms; ``images_per_s`` and ``s_per_epoch`` follow from the training
-    step; ``published_s_per_epoch`` is :data:`PUBLISHED_A100_S_PER_EPOCH` for the method (``None`` when
-    the paper has none). ``train_vs_anchor`` / ``eval_vs_anchor``: this row's median over the anchor
-    row's of the same kind (1 on the anchor row, ``None`` without one). ``plain_eval_ms`` /
-    ``eval_vs_plain`` are ``None`` for an anchor whose export fails or computes another function;
+    the warm-up calls (so eval caches hold the current weights), of the model and, in the eager mode, of
+    ``lipnet.export(model)``. Every (implementation, mode) pair is timed in each round, interleaved. Times
+    in ms; ``images_per_s`` and ``s_per_epoch`` follow from the training step; ``published_s_per_epoch``
+    is :data:`PUBLISHED_A100_S_PER_EPOCH` for the method (``None`` when the paper has none).
+    ``train_vs_anchor`` / ``eval_vs_anchor``: this row's median over the anchor row's of the same kind and
+    mode (1 on the anchor row, ``None`` without one). ``plain_eval_ms`` / ``eval_vs_plain`` are ``None``
+    outside the eager mode and for an anchor whose export fails or computes another function;
     ``plain_share`` is :func:`plain_share` of the export. ``timer`` is the clock
     (:func:`lipnet.bench.timed`), replaceable for tests.
     """
@@ -188,6 +199,7 @@ def bench_models(
             f"batch, input_size and rounds must be >= 1, got batch={batch}, input_size={input_size}, "
             f"rounds={rounds}"
         )
+    chosen_modes = check_modes(modes, backend)
     impls, _ = implementations(chosen, anchors)
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -196,22 +208,39 @@ def bench_models(
     nets: list[nn.Module] = []
     for impl in impls:
         torch.manual_seed(seed)
-        nets.append(_build(model, impl, input_size).to(dev))
+        net = _build(model, impl, input_size).to(dev)
+        nets.append(net if impl.is_anchor else batch_weights(net))
     opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in nets]
+    keys = [(i, mode) for mode in chosen_modes for i in range(len(nets))]
+    runs = {(i, mode): prepare(nets[i], mode, backend) for i, mode in keys}
 
-    def train_step(i: int) -> Callable[[], None]:
+    def train_step(key: tuple[int, str]) -> Callable[[], None]:
+        i, mode = key
+
         def step() -> None:
+            step_begin(mode)
             opts[i].zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(nets[i](x), y).backward()
+            nn.functional.cross_entropy(runs[key](x), y).backward()
             opts[i].step()
 
         return step
 
-    steps = [train_step(i) for i in range(len(nets))]
-    for i, net in enumerate(nets):  # warm-up: lazy initialisation, allocator, caches
-        net.train()
-        steps[i]()
-        steps[i]()
+    def eval_forward(key: tuple[int, str]) -> Callable[[], None]:
+        def forward() -> None:
+            step_begin(key[1])
+            runs[key](x)
+
+        return forward
+
+    steps = {key: train_step(key) for key in keys}
+    forwards = {key: eval_forward(key) for key in keys}
+    for key in keys:  # warm-up: compilation, lazy initialisation, allocator, caches, CUDA graphs
+        for _ in range(WARMUP[key[1]]):
+            nets[key[0]].train()
+            steps[key]()
+            nets[key[0]].eval()
+            with torch.no_grad():
+                forwards[key]()
     plains: list[nn.Module | None] = []
     for impl, net in zip(impls, nets, strict=True):
         net.eval()
@@ -228,48 +257,134 @@ def bench_models(
                 )
             plain = None
         plains.append(plain)
-    train: list[list[float]] = [[] for _ in nets]
-    evals: list[list[float]] = [[] for _ in nets]
+    train: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
+    evals: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
     plain_evals: list[list[float]] = [[] for _ in nets]
     for _ in range(rounds):
-        for i, net in enumerate(nets):
+        for key in keys:
+            i, mode = key
+            net = nets[i]
             net.train()
-            train[i].append(timer(steps[i], dev))
+            train[key].append(timer(steps[key], dev))
             net.eval()
             with torch.no_grad():
-                net(x)
-                evals[i].append(timer(lambda net=net: net(x), dev))
+                forwards[key]()
+                evals[key].append(timer(forwards[key], dev))
                 plain = plains[i]
-                if plain is not None:
+                if plain is not None and mode == "eager":
                     plain(x)
                     plain_evals[i].append(timer(lambda plain=plain: plain(x), dev))
-    train_med = [statistics.median(t) for t in train]
-    eval_med = [statistics.median(e) for e in evals]
+    train_med = {key: statistics.median(t) for key, t in train.items()}
+    eval_med = {key: statistics.median(e) for key, e in evals.items()}
     anchor_of = {impl.kind: i for i, impl in enumerate(impls) if impl.is_anchor}
     rows: list[dict[str, Any]] = []
-    for i, impl in enumerate(impls):
-        tr, ev = train_med[i], eval_med[i]
-        pev = statistics.median(plain_evals[i]) if plain_evals[i] else None
+    for i, mode in keys:
+        impl = impls[i]
+        tr, ev = train_med[(i, mode)], eval_med[(i, mode)]
+        eager = mode == "eager"
+        pev = statistics.median(plain_evals[i]) if eager and plain_evals[i] else None
         a = anchor_of.get(impl.kind)
         plain = plains[i]
         rows.append(
             {
                 "implementation": impl.label,
                 "kind": impl.kind,
+                "mode": mode,
                 "anchor": impl.is_anchor,
                 "train_ms": 1e3 * tr,
                 "images_per_s": batch / tr,
                 "s_per_epoch": EPOCH_IMAGES * tr / batch,
                 "published_s_per_epoch": PUBLISHED_A100_S_PER_EPOCH.get(impl.kind),
-                "train_vs_anchor": _ratio(tr, None if a is None else train_med[a]),
+                "train_vs_anchor": _ratio(tr, None if a is None else train_med[(a, mode)]),
                 "eval_ms": 1e3 * ev,
-                "eval_vs_anchor": _ratio(ev, None if a is None else eval_med[a]),
+                "eval_vs_anchor": _ratio(ev, None if a is None else eval_med[(a, mode)]),
                 "plain_eval_ms": None if pev is None else 1e3 * pev,
                 "eval_vs_plain": None if pev is None else ev / pev,
                 "plain_share": None if plain is None else plain_share(plain),
             }
         )
     return rows
+
+
+def bench_certify(
+    *,
+    model: str = "lipconvnet_m",
+    kinds: Sequence[str] = ("cpl",),
+    n: int = 10_000,
+    batch: int = 256,
+    input_size: int = 32,
+    rounds: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
+    timer: Timer = timed,
+) -> list[dict[str, Any]]:
+    """Time to certify ``n`` images against one eval pass over the same images, for ``model`` with each kind.
+
+    The images are uniform ``(3, input_size, input_size)`` tensors with random labels, already on the device
+    in batches of ``batch`` (synthetic: the time does not depend on the data). The eval pass runs the model
+    on every batch under ``torch.no_grad`` in eval mode; certification is :func:`certify.certify` on the same
+    batches (the float64 bound of the model, computed once from its weights, the float32 forward with
+    autocast off, the radii), as ``lipnet train`` and ``lipnet certify`` run it. Each round times both, in
+    alternating order, after one untimed pass of each; medians over ``rounds`` in seconds and their ratio
+    (the issue-14 target: ``certify_s / eval_s <= 1.1``).
+    """
+    if n < 1 or batch < 1 or rounds < 1 or input_size < 1:
+        raise ValueError(
+            f"n, batch, rounds and input_size must be >= 1, got {n}, {batch}, {rounds}, {input_size}"
+        )
+    known = list_layer_kinds()
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        raise ValueError(f"unknown layer kind(s) {', '.join(unknown)}; known kinds: {', '.join(known)}")
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [min(batch, n - start) for start in range(0, n, batch)]
+    batches = [
+        (
+            torch.rand(b, 3, input_size, input_size, generator=gen).to(dev),
+            torch.randint(0, 10, (b,), generator=gen).to(dev),
+        )
+        for b in sizes
+    ]
+    rows: list[dict[str, Any]] = []
+    for kind in dict.fromkeys(kinds):
+        torch.manual_seed(seed)
+        net = create(model, conv=kind, input_size=input_size).to(dev).eval()
+
+        def eval_pass(net: nn.Module = net) -> None:
+            with torch.no_grad():
+                for x, _ in batches:
+                    net(x)
+
+        def certify_pass(net: nn.Module = net) -> None:
+            certify.certify(net, batches, progress=False)
+
+        eval_pass()
+        certify_pass()
+        evals: list[float] = []
+        certs: list[float] = []
+        for r in range(rounds):
+            pair = ((eval_pass, evals), (certify_pass, certs))
+            for fn, sink in pair if r % 2 == 0 else pair[::-1]:
+                sink.append(timer(fn, dev))
+        ev, ce = statistics.median(evals), statistics.median(certs)
+        row = {"model": model, "kind": kind, "n": n, "batch": batch, "eval_s": ev, "certify_s": ce}
+        rows.append({**row, "ratio": ce / ev})
+    return rows
+
+
+def certify_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
+    """The rows of :func:`bench_certify` as a Markdown table under ``header``."""
+    columns = ["model", "kind", "images", "batch", "eval pass (s)", "certify (s)", "certify / eval"]
+    return markdown_table(
+        header,
+        columns,
+        (
+            [str(r["model"]), str(r["kind"]), str(r["n"]), str(r["batch"]), f"{r['eval_s']:.3f}",
+             f"{r['certify_s']:.3f}", f"{r['ratio']:.2f}"]
+            for r in rows
+        ),
+    )  # fmt: skip
 
 
 def _eval_models(models: Sequence[str] | None) -> list[str]:
@@ -378,7 +493,7 @@ def bench_eval(
 def models_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     """The rows of :func:`bench_models` as a Markdown table under ``header``."""
     columns = [
-        "implementation", "kind", "train step (ms)", "images/s", "s per 50k epoch",
+        "implementation", "kind", "mode", "train step (ms)", "images/s", "s per 50k epoch",
         "published A100 s/epoch (M)", "train / anchor", "eval forward (ms)", "eval / anchor",
         "exported eval (ms)", "eval / exported", "plain share",
     ]  # fmt: skip
@@ -386,7 +501,8 @@ def models_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
         header,
         columns,
         (
-            [str(r["implementation"]), str(r["kind"]), f"{r['train_ms']:.1f}", f"{r['images_per_s']:.1f}",
+            [str(r["implementation"]), str(r["kind"]), str(r["mode"]), f"{r['train_ms']:.1f}",
+             f"{r['images_per_s']:.1f}",
              f"{r['s_per_epoch']:.1f}", cell(r["published_s_per_epoch"], ".1f"),
              cell(r["train_vs_anchor"], ".2f"), f"{r['eval_ms']:.2f}", cell(r["eval_vs_anchor"], ".2f"),
              cell(r["plain_eval_ms"], ".2f", "n/a"), cell(r["eval_vs_plain"], ".2f", "n/a"),

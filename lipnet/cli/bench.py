@@ -1,4 +1,4 @@
-"""``lipnet bench layers|fmnist|models``: the benchmarks of :mod:`lipnet.bench`, their tables and files.
+"""``lipnet bench layers|fmnist|models|kernels``: the benchmarks of :mod:`lipnet.bench`, tables and files.
 
 ``layers``: the small_cnn networks of each library (:func:`lipnet.bench.layers.bench_layers`), or with
 ``--per-layer`` / ``--kinds`` one layer per kind next to its anchor
@@ -6,8 +6,11 @@
 certified and attacked on Fashion-MNIST (:func:`lipnet.bench.fmnist.bench_fmnist`; ``fmnist.csv`` and
 ``fmnist.md``, rewritten after each network). ``models``: a model family with each kind and anchor
 (:func:`lipnet.bench.models.bench_models`), or ``--eval-only`` every model against its export
-(:func:`lipnet.bench.models.bench_eval`). ``--out F`` of ``layers`` and ``models`` writes the Markdown
-table when ``F`` ends in ``.md``, else the rows as JSON.
+(:func:`lipnet.bench.models.bench_eval`). ``--modes`` of ``layers`` and ``models`` times each network
+eagerly, compiled and compiled with CUDA-graph capture (:mod:`lipnet.bench.modes`). ``kernels``: the ATen
+operations one training step dispatches, per kind and library (:func:`lipnet.bench.kernels.bench_kernels`).
+``--out F`` of ``layers``, ``models`` and ``kernels`` writes the Markdown table when ``F`` ends in ``.md``,
+else the rows as JSON.
 """
 
 from __future__ import annotations
@@ -24,16 +27,26 @@ from certify.io import atomic_write_text
 from lipnet.bench import device_label
 from lipnet.bench.anchors import ANCHORS
 from lipnet.bench.fmnist import bench_fmnist, to_csv, to_markdown
-from lipnet.bench.layers import bench_layers, bench_per_layer, layers_markdown, per_layer_markdown
+from lipnet.bench.kernels import NETWORKS, bench_kernels, kernels_markdown
+from lipnet.bench.layers import (
+    bench_layers,
+    bench_per_layer,
+    layer_networks,
+    layers_markdown,
+    per_layer_markdown,
+)
 from lipnet.bench.models import (
     EPOCH_IMAGES,
     PUBLISHED_A100_S_PER_EPOCH,
+    bench_certify,
     bench_eval,
     bench_models,
+    certify_markdown,
     eval_markdown,
     implementations,
     models_markdown,
 )
+from lipnet.bench.modes import BACKENDS, MODES, check_modes
 from lipnet.cli.argtypes import (
     Parser,
     check_output_path,
@@ -45,7 +58,7 @@ from lipnet.cli.argtypes import (
 from lipnet.layers.kinds import list_layer_kinds
 from lipnet.training.devices import resolve_device
 
-__all__ = ["add_parser", "run_fmnist", "run_layers", "run_models"]
+__all__ = ["add_parser", "run_fmnist", "run_kernels", "run_layers", "run_models"]
 
 
 def _emit(out: str | None, text: str, body: dict[str, Any]) -> None:
@@ -80,6 +93,7 @@ def run_layers(args: argparse.Namespace) -> int:
     table."""
     if args.out is not None:
         check_output_path(args.out, "--out", folder=False)
+    modes = check_modes(args.modes, args.compile_backend)
     device = str(resolve_device(args.device or "auto"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,11 +110,56 @@ def run_layers(args: argparse.Namespace) -> int:
         )
         text = per_layer_markdown(rows, _per_layer_header(args, device))
     else:
-        rows = bench_layers(width=args.width, batch=args.batch, rounds=args.rounds, device=device)
+        rows = bench_layers(
+            width=args.width,
+            batch=args.batch,
+            rounds=args.rounds,
+            device=device,
+            modes=modes,
+            backend=args.compile_backend,
+            networks=args.networks,
+        )
         text = layers_markdown(
-            rows, f"small_cnn, batch {args.batch}x3x32x32, {device_label(device)}, torch {torch.__version__}"
+            rows,
+            f"small_cnn width {args.width}, batch {args.batch}x3x32x32, {device_label(device)}, torch "
+            f"{torch.__version__}; medians over {args.rounds} interleaved rounds of every network in every "
+            f"mode ({_modes_text(modes, args.compile_backend)}). Train step: forward + cross-entropy + "
+            "backward + Adam. lipnet's Björck weights are computed in batched calls "
+            "(lipnet.layers.batching); [per layer]: without. Ratios to deel-torchlip and to the plain "
+            "network in the same mode.",
         )
     _emit(args.out, text, {"device": device_label(device), "rows": rows})
+    return 0
+
+
+def _modes_text(modes: list[str], backend: str) -> str:
+    words = {
+        "eager": "eager",
+        "compile": f"torch.compile, {backend}",
+        "graph": f"torch.compile mode=reduce-overhead, {backend}: CUDA graphs on CUDA",
+    }
+    return "; ".join(f"{m}: {words[m]}" for m in modes)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    """Run ``lipnet bench kernels``: the operations of one training step per network and implementation."""
+    if args.out is not None:
+        check_output_path(args.out, "--out", folder=False)
+    rows, skipped = bench_kernels(
+        networks=args.networks, kinds=args.kinds, width=args.width, batch=args.batch
+    )
+    header = (
+        f"ATen operations dispatched by one training step (zero_grad, forward, cross-entropy, backward, "
+        f"Adam foreach step), counted on the CPU by a TorchDispatchMode after two warm-up steps; torch "
+        f"{torch.__version__}. kernels: the operations that are not views (an upper proxy of the kernels a "
+        f"GPU launches). small_cnn at width {args.width}, bethune_vgg at its default widths; every row the "
+        "same layout, activation and pooling, only the layers differ; anchors configured as lipnet's kind. "
+        "lipnet rows batch their Björck weights as on CUDA; [cpu batching]: as on a CPU; [per layer]: not "
+        "batched. Ratios: to the anchor of the same kind (deel-torchlip for Björck) and to the plain network."
+    )
+    if skipped:
+        header += f" Not counted: {'; '.join(skipped)}."
+    _emit(args.out, kernels_markdown(rows, header), {"rows": rows, "skipped": skipped})
     return 0
 
 
@@ -183,19 +242,43 @@ def _run_eval(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
+def _run_certify(args: argparse.Namespace, device: str) -> int:
+    model = args.model or "lipconvnet_m"
+    batch = args.batch or 256
+    rounds = args.rounds or 3
+    kinds = args.kinds or ["cpl"]
+    rows = bench_certify(
+        model=model, kinds=kinds, n=args.certify, batch=batch, input_size=args.input_size, rounds=rounds,
+        device=device,
+    )  # fmt: skip
+    header = (
+        f"Certification of {args.certify:,} synthetic {args.input_size}x{args.input_size} images against one "
+        f"eval pass over them, {model}, batch {batch}, {device_label(device)}, torch {torch.__version__}; "
+        f"medians over {rounds} rounds in alternating order. Certify: certify.certify (float64 bound from "
+        "the weights, float32 forward with autocast off, radii), as lipnet train and lipnet certify run it. "
+        "Target: certify / eval <= 1.1."
+    )
+    body = {"device": device_label(device), "model": model, "rows": rows}
+    _emit(args.out, certify_markdown(rows, header), body)
+    return 0
+
+
 def run_models(args: argparse.Namespace) -> int:
-    """Run ``lipnet bench models``, or ``--eval-only`` the eval table.
+    """Run ``lipnet bench models``, or ``--eval-only`` the eval table, or ``--certify N`` the certify time.
 
     Without ``--model`` / ``--batch``: ``lipconvnet_m`` at batch 256 on CUDA, ``lipconvnet_xs`` at batch
     32 on CPU (the header says which).
     """
     if args.out is not None:
         check_output_path(args.out, "--out", folder=False)
+    modes = check_modes(args.modes, args.compile_backend)
     device = str(resolve_device(args.device or "auto"))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.eval_only:
         return _run_eval(args, device)
+    if args.certify:
+        return _run_certify(args, device)
     on_cuda = torch.device(device).type == "cuda"
     model = args.model or ("lipconvnet_m" if on_cuda else "lipconvnet_xs")
     batch = args.batch or (256 if on_cuda else 32)
@@ -210,13 +293,16 @@ def run_models(args: argparse.Namespace) -> int:
         input_size=size,
         rounds=rounds,
         device=device,
+        modes=modes,
+        backend=args.compile_backend,
     )
     defaults = "" if on_cuda or args.model else " (the CPU default; lipconvnet_m at batch 256 on CUDA)"
     published = ", ".join(f"{k} {v:g} s" for k, v in PUBLISHED_A100_S_PER_EPOCH.items())
     header = (
         f"{model}{defaults}, batch {batch}x3x{size}x{size}, {device_label(device)}, "
-        f"torch {torch.__version__}; medians over {rounds} interleaved rounds. Train step: forward + "
-        "cross-entropy + backward + Adam; "
+        f"torch {torch.__version__}; medians over {rounds} interleaved rounds of every row in every mode "
+        f"({_modes_text(modes, args.compile_backend)}). Train step: forward + cross-entropy + backward + "
+        "Adam; "
         f"s per epoch = {EPOCH_IMAGES:,} images at that rate. Published (Prach et al., CVPR 2024, "
         f"LipConvNet-M on one A100, s per 50k-image epoch): {published}. Eval: no_grad, eval mode, warm "
         "caches, against lipnet.export(model) (plain frozen weights; n/a where the export fails or differs); "
@@ -256,6 +342,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--per-layer", action="store_true", help="one layer per kind and its anchor, not the small_cnn nets"
     )
     p_layers.add_argument("--kinds", type=name_list, help="per-layer table of these kinds, e.g. aol,sll")
+    p_layers.add_argument(
+        "--networks",
+        type=name_list,
+        help=f"some of the networks (default all: {','.join(layer_networks())})",
+    )
     p_layers.add_argument("--channels", type=positive_int, default=64, help="per-layer channels (default 64)")
     p_layers.add_argument("--size", type=positive_int, default=32, help="per-layer input size (default 32)")
     p_layers.add_argument(
@@ -264,6 +355,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_layers.add_argument(
         "--sv-size", type=positive_int, default=8, help="input size of the singular-value check (default 8)"
     )
+    _add_modes(p_layers)
     p_layers.add_argument("--out", help="output file: the Markdown table if it ends in .md, else JSON rows")
     p_layers.set_defaults(func=run_layers)
 
@@ -314,10 +406,45 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p_models.add_argument("--models", type=name_list, help="with --eval-only: these models (default: all)")
     p_models.add_argument(
+        "--certify",
+        type=positive_int,
+        help="time the certification of N images against one eval pass (kinds: --kinds, default cpl)",
+    )
+    p_models.add_argument(
         "--rounds", type=positive_int, help="interleaved rounds (default 5; 30 with --eval-only)"
     )
     p_models.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     p_models.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    _add_modes(p_models)
     p_models.add_argument("--out", help="output file: the Markdown table if it ends in .md, else JSON rows")
     p_models.set_defaults(func=run_models)
+
+    p_kernels = bench_sub.add_parser(
+        "kernels", help="ATen operations per training step of each layer kind and library (deterministic)"
+    )
+    p_kernels.add_argument("--networks", type=name_list, help=f"networks (default: {','.join(NETWORKS)})")
+    p_kernels.add_argument("--kinds", type=name_list, help="lipnet layer kinds (default: all)")
+    p_kernels.add_argument(
+        "--width", type=positive_int, default=32, help="small_cnn's first width, even (default 32)"
+    )
+    p_kernels.add_argument(
+        "--batch", type=positive_int, default=2, help="batch size (the counts do not depend on it)"
+    )
+    p_kernels.add_argument("--out", help="output file: the Markdown table if it ends in .md, else JSON rows")
+    p_kernels.set_defaults(func=run_kernels)
     return p_bench
+
+
+def _add_modes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--modes",
+        type=name_list,
+        default=["eager"],
+        help=f"comma-separated, of {','.join(MODES)} (default eager; graph: CUDA graphs on CUDA)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        choices=BACKENDS,
+        default="inductor",
+        help="torch.compile backend (default inductor)",
+    )

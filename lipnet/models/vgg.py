@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lipnet.activations import GroupSort
-from lipnet.layers.kinds import get_layer_kind
+from lipnet.layers.kinds import LayerKind, get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import LipschitzSequential, linear_head
 from lipnet.pooling import GlobalL2NormPool2d, ScaledL2NormPool2d
@@ -42,12 +42,12 @@ class BethuneVGG(LipschitzSequential):
         in_channels: int = 3,
         num_classes: int = 10,
         input_size: int = 32,
-        conv: str = "bjorck",
+        conv: str | LayerKind = "bjorck",
         widths: Sequence[int] = (32, 64, 128),
         depths: Sequence[int] = (2, 3, 3),
         hidden: int = 128,
     ) -> None:
-        kind = get_layer_kind(conv)
+        kind = conv if isinstance(conv, LayerKind) else get_layer_kind(conv)
         widths, depths = tuple(widths), tuple(depths)
         if len(widths) != len(depths) or not widths:
             raise ValueError(f"widths and depths need the same non-zero length, got {widths} and {depths}")
@@ -91,10 +91,11 @@ def bethune_vgg(
     in_channels: int = 3,
     num_classes: int = 10,
     input_size: int = 32,
-    conv: str = "bjorck",
+    conv: str | LayerKind = "bjorck",
     widths: Sequence[int] = (32, 64, 128),
     depths: Sequence[int] = (2, 3, 3),
     hidden: int = 128,
 ) -> BethuneVGG:
-    """:class:`BethuneVGG`, the network of Béthune et al. (NeurIPS 2022); ``conv=`` any layer kind."""
+    """:class:`BethuneVGG`, the network of Béthune et al. (NeurIPS 2022); ``conv=`` any layer kind (a
+    registered name or a :class:`~lipnet.layers.kinds.LayerKind`)."""
     return BethuneVGG(in_channels, num_classes, input_size, conv, widths, depths, hidden)
