@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -106,8 +106,8 @@ def circular_conv_of(layer: FourierConv2d) -> nn.Module:
     with torch.no_grad():
         # the convolution the layer applies after its space-to-depth step, on one impulse per channel
         response = fourier_conv2d(impulses, symbol)  # (c_in, c_out, h, w): k[:, :, m] of each channel
-    sizes = [n if n % 2 else n + 1 for n in (h, w)]
-    pads = [(k - 1) // 2 for k in sizes]
+    sizes = (h if h % 2 else h + 1, w if w % 2 else w + 1)
+    pads = ((sizes[0] - 1) // 2, (sizes[1] - 1) // 2)
     rows = (pads[0] - torch.arange(sizes[0])) % h
     cols = (pads[1] - torch.arange(sizes[1])) % w
     kernel = response[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()  # (c_out, c_in, K_h, K_w)
@@ -119,8 +119,8 @@ def circular_conv_of(layer: FourierConv2d) -> nn.Module:
     conv = nn.Conv2d(
         c_in,
         layer.out_channels,
-        tuple(sizes),
-        padding=tuple(pads),
+        sizes,
+        padding=pads,
         padding_mode="circular",
         bias=layer.bias is not None,
         device=ref.device,
@@ -188,7 +188,7 @@ def _serialise(model: nn.Module, fmt: str, example: Tensor) -> bytes:
             torch.onnx.export(
                 model,
                 (example,),
-                buf,
+                cast(Any, buf),  # a file object is accepted, though the signature names paths only
                 dynamo=False,
                 opset_version=ONNX_OPSET,
                 input_names=["input"],

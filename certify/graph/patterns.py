@@ -182,7 +182,7 @@ def _order_statistic(an: Analysis, part: Argument) -> _Order | None:
             if an.values[a].shape == an.values[b].shape == an.values[part].shape:
                 return _Order(_name(part) in ("minimum", "min", "fmin"), (a, b))
         return None
-    reduced = part
+    reduced: Argument = part
     if _is(part, "getitem") and part.args[1] == 0:
         reduced = part.args[0]
     elif _is(part, "getattr") and part.args[1] == "values":
@@ -244,11 +244,15 @@ def _sorted_pairs_in_cat(an: Analysis, node: Node) -> float | None:
         if i not in matched or order is None:
             return values(part) if isinstance(part, Node) else torch.as_tensor(part)
         operands = order.operands
-        if order.dim is None and orders[matched[i]] is not None and not order.low:
-            operands = orders[matched[i]].operands  # type: ignore[union-attr]  # the min's (a, b) order
+        partner = orders[matched[i]]
+        if order.dim is None and partner is not None and not order.low:
+            operands = partner.operands  # the min's (a, b) order: max(b, a) stands for b
         return _halves(order, [values(o) for o in operands])
 
-    leaves = [o for i, p in enumerate(parts) for o in (orders[i].operands if i in matched else (p,))]
+    leaves: list[Argument] = []
+    for i, p in enumerate(parts):
+        order = orders[i]
+        leaves.extend(order.operands if i in matched and order is not None else (p,))
     source = _common_source(an, [x for x in leaves if isinstance(x, Node) and an.dynamic.get(x, False)])
     if source is not None:
 
@@ -442,7 +446,7 @@ def _affine(an: Analysis, node: Argument) -> tuple[str, Node, Tensor, dict[str, 
         return "linear", x, w, {}
     if not _is(node, "conv2d", "conv_transpose2d") or w.ndim != 4:
         return None
-    names = ("stride", "padding", "dilation", "groups")
+    names: tuple[str, ...] = ("stride", "padding", "dilation", "groups")
     if _is(node, "conv_transpose2d"):
         names = ("stride", "padding", "output_padding", "groups", "dilation")
     defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
@@ -603,10 +607,41 @@ def _nonnegative_constant(an: Analysis, value: Argument) -> Tensor | float | Non
     return v.detach().to(torch.float64) if isinstance(v, Tensor) else float(v)
 
 
-def _extend(q: SquareSum, step: Callable[[Tensor], Tensor]) -> SquareSum:
+Linear = Callable[[Tensor], Tensor]
+
+
+def _then(first: Linear, second: Linear) -> Linear:
+    def composed(z: Tensor) -> Tensor:
+        return second(first(z))
+
+    return composed
+
+
+def _scaled_by(c: Tensor | float) -> Linear:
+    def scale(z: Tensor) -> Tensor:
+        return z * c
+
+    return scale
+
+
+def _divided_by(c: Tensor | float) -> Linear:
+    def divide(z: Tensor) -> Tensor:
+        return z / c
+
+    return divide
+
+
+def _sum_of(a: Linear, b: Linear) -> Linear:
+    def total(z: Tensor) -> Tensor:
+        return a(z) + b(z)
+
+    return total
+
+
+def _extend(q: SquareSum, step: Linear) -> SquareSum:
     if q.floored:
         raise Unsupported("a floored sum of squares is used by another operation than its root")
-    return SquareSum({x: (lambda z, m=m: step(m(z))) for x, m in q.maps.items()})
+    return SquareSum({x: _then(m, step) for x, m in q.maps.items()})
 
 
 def _root_bound(an: Analysis, q: SquareSum) -> float:
@@ -635,15 +670,15 @@ def _square_sums(an: Analysis, node: Node) -> SquareSum | float | None:
         return None
     square = _square_of(an, node)
     if square is not None:
-        x, c = square
-        return SquareSum({x: lambda z, c=c: z * c})
+        x, factor = square
+        return SquareSum({x: _scaled_by(factor)})
     squares = [a for a in an.nodes_in((node.args, node.kwargs)) if isinstance(an.lip.get(a), SquareSum)]
     if not squares:
         return None
     name = _name(node)
     first = node.args[0] if node.args else None
     q = an.lip.get(first) if isinstance(first, Node) else None
-    if len(squares) == 1 and isinstance(q, SquareSum):
+    if len(squares) == 1 and isinstance(q, SquareSum) and isinstance(first, Node):
         rest = node.args[1:]
         kwargs = {k: an.value(v) for k, v in node.kwargs.items()}
         if name in ("sqrt",) or (
@@ -671,11 +706,11 @@ def _square_sums(an: Analysis, node: Node) -> SquareSum | float | None:
             if len(rest) <= 1 and _nonnegative_constant(an, floor) is not None:
                 if tuple(an.values[node].shape) == tuple(an.values[first].shape):
                     return SquareSum(q.maps, floored=True)
-        c = _nonnegative_constant(an, rest[0]) if len(rest) == 1 and not node.kwargs else None
-        if c is not None and name in _PRODUCTS:
-            return _extend(q, lambda z, c=c: z * c)
-        if c is not None and name in _QUOTIENTS and bool(torch.as_tensor(c).min() > 0):
-            return _extend(q, lambda z, c=c: z / c)
+        const = _nonnegative_constant(an, rest[0]) if len(rest) == 1 and not node.kwargs else None
+        if const is not None and name in _PRODUCTS:
+            return _extend(q, _scaled_by(const))
+        if const is not None and name in _QUOTIENTS and bool(torch.as_tensor(const).min() > 0):
+            return _extend(q, _divided_by(const))
         if name in ("add", "__add__", "__radd__") and len(rest) == 1:
             c = _nonnegative_constant(an, rest[0])
             if c is not None and tuple(an.values[node].shape) == tuple(an.values[first].shape):
@@ -692,6 +727,6 @@ def _square_sums(an: Analysis, node: Node) -> SquareSum | float | None:
             if all(tuple(an.values[v].shape) == shape for v in node.args if isinstance(v, Node)):
                 maps = dict(a.maps)
                 for x, m in b.maps.items():
-                    maps[x] = (lambda z, m1=maps[x], m2=m: m1(z) + m2(z)) if x in maps else m
+                    maps[x] = _sum_of(maps[x], m) if x in maps else m
                 return SquareSum(maps)
     raise UnsupportedValue(squares[0], SQUARE_REASON)

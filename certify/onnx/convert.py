@@ -49,8 +49,9 @@ def onnx_input_shape(data: bytes | str | Path) -> tuple[int, ...] | None:
     if len(inputs) != 1:
         raise OnnxError(f"the ONNX model takes {len(inputs)} inputs: certify bounds maps of one input tensor")
     dims = inputs[0].type.tensor_type.shape.dim
-    sizes = [d.dim_value if d.HasField("dim_value") else None for d in dims][1:]
-    return tuple(int(s) for s in sizes) if sizes and all(s is not None for s in sizes) else None
+    sizes = [int(d.dim_value) if d.HasField("dim_value") else None for d in dims][1:]
+    known = [s for s in sizes if s is not None]
+    return tuple(known) if sizes and len(known) == len(sizes) else None
 
 
 def _graph_inputs(model: Any) -> list[Any]:

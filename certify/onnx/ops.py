@@ -129,7 +129,7 @@ def _binary(fn: Callable[..., Any]) -> Op:
     return lambda b, i, a: b.call(fn, i[0], i[1])
 
 
-for _name, _fn in {
+_BINARY: dict[str, Callable[..., Any]] = {
     "Add": torch.add,
     "Sub": torch.sub,
     "Mul": torch.mul,
@@ -142,7 +142,8 @@ for _name, _fn in {
     "And": torch.logical_and,
     "Or": torch.logical_or,
     "Xor": torch.logical_xor,
-}.items():
+}
+for _name, _fn in _BINARY.items():
     OPS[_name] = _binary(_fn)
 
 
@@ -150,7 +151,7 @@ def _unary(fn: Callable[..., Any]) -> Op:
     return lambda b, i, a: b.call(fn, i[0])
 
 
-for _name, _fn in {
+_UNARY: dict[str, Callable[..., Any]] = {
     "Relu": F.relu,
     "Sigmoid": torch.sigmoid,
     "Tanh": torch.tanh,
@@ -166,7 +167,8 @@ for _name, _fn in {
     "Softsign": F.softsign,
     "Erf": torch.erf,
     "Reciprocal": torch.reciprocal,
-}.items():
+}
+for _name, _fn in _UNARY.items():
     OPS[_name] = _unary(_fn)
 
 
@@ -375,7 +377,8 @@ def _circular_pad(b: Builder, parts: list[Any], axis: int) -> Any | None:
     def piece(p: Dyn, start: int) -> int | None:
         node = p.node
         ok = node.target is torch.narrow and node.args[0] is x.node and node.args[1:3] == (axis, start)
-        return int(node.args[3]) if ok else None
+        length = node.args[3] if ok else None
+        return length if isinstance(length, int) else None
 
     left = piece(head, n - head.value.shape[axis])
     right = piece(tail, 0)
@@ -413,8 +416,8 @@ def _concat(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
     return b.call(torch.cat, list(parts), axis)
 
 
-@_op("Split")
-def split(b: Builder, i: list[Any], a: dict[str, Any], outputs: int = 0) -> Any:
+def split(b: Builder, i: list[Any], a: dict[str, Any], *, outputs: int = 0) -> Any:
+    """ONNX Split: sizes from the second input or the ``split`` attribute, else ``outputs`` equal parts."""
     axis = int(_attr(a, "axis", 0))
     sizes = _ints(i[1]) if len(i) > 1 and i[1] is not None else a.get("split")
     if sizes is None:
@@ -423,6 +426,9 @@ def split(b: Builder, i: list[Any], a: dict[str, Any], outputs: int = 0) -> Any:
         chunk = -(-length // n)
         sizes = [min(chunk, length - k * chunk) for k in range(n)]
     return b.call(torch.split, i[0], [int(s) for s in sizes], axis)
+
+
+OPS["Split"] = split  # the converter passes the number of outputs of opset-18 files
 
 
 @_op("Slice")
