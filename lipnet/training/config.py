@@ -1,7 +1,8 @@
 """Run configuration: nested dataclasses read from YAML, with ``--set section.key=value`` overrides.
 
 A config file has the sections ``model``, ``data``, ``loss``, ``optim``, ``certify`` and ``sweep``
-plus a few top-level keys (``seed``, ``device``, ``amp``, ``channels_last``, ``compile``, ``out``).
+plus a few top-level keys (``seed``, ``device``, ``amp``, ``channels_last``, ``compile``, ``compile_mode``,
+``out``).
 ``model`` and ``loss`` hold a ``name`` and, flat beside it, the keyword arguments of the
 constructor (``loss: {name: tau_ce, tau: 10}``; override with ``--set loss.tau=20``).
 
@@ -59,6 +60,9 @@ RESUME_IGNORES: tuple[str, ...] = ("out", "sweep", "device")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _ATTACKS = ("auto", "pgd", "autoattack")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: ``torch.compile``'s modes; ``reduce-overhead`` also captures the compiled forward and backward in CUDA
+#: graphs (on CUDA; elsewhere it compiles as ``default``).
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: torch.finfo(torch.float32).max: the optimisers apply lr to float32 weights as a float32 scalar.
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -295,6 +299,7 @@ class Config:
     amp: bool = True
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -525,6 +530,9 @@ def _validate(cfg: Config) -> None:
     _positive_int(cfg.seed, "seed", minimum=0)
     if not _DEVICE_RE.match(cfg.device):
         raise ConfigError(f"device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.compile_mode not in _COMPILE_MODES:
+        modes = ", ".join(_COMPILE_MODES)
+        raise ConfigError(f"compile_mode must be one of {modes}, got {cfg.compile_mode!r}")
     if cfg.out is not None and not cfg.out.strip():
         raise ConfigError("out must be a folder path, got an empty string")
 

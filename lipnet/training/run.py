@@ -20,7 +20,10 @@ checkpoint holds the model, the optimiser state, the step counter (the learning 
 of it) and every RNG state.
 
 On CUDA the forward and backward passes run under bf16 autocast (``amp``), optionally in
-channels-last layout and under ``torch.compile``; certification always runs a float32 forward pass
+channels-last layout and under ``torch.compile`` (``compile_mode: reduce-overhead`` also captures the compiled
+forward and backward in CUDA graphs); the Björck weights of each training forward are computed in
+batched calls (:func:`~lipnet.layers.batching.batch_weights`, the same weights) and, under autocast, in
+float32; certification always runs a float32 forward pass
 on the uncompiled model and float64 bounds (:func:`certify.certify`, the one certification path,
 also behind ``lipnet certify``: :func:`certify_run`). Under ``torchrun`` (``WORLD_SIZE`` > 1) the
 model is wrapped in ``DistributedDataParallel``, each rank reads its shard of every epoch, metrics
@@ -47,6 +50,7 @@ from certify.bounds import lipschitz_bound
 from certify.io import atomic_write_json
 from certify.radius import CertificationResult, certification_table
 from lipnet import data
+from lipnet.layers.batching import batch_weights
 from lipnet.training.build import build_loss, build_model, build_optimizer, check_model_fits
 from lipnet.training.config import RESUME_IGNORES, Config, ConfigError, ModelConfig, config_diff
 from lipnet.training.devices import Distributed, resolve_device
@@ -453,7 +457,7 @@ def train(
         torch.manual_seed(cfg.seed)
         # in_channels / input_size / num_classes from the data where the config leaves them out
         model_spec = cfg.model.for_data(train_ds.input_shape, train_ds.num_classes)
-        model = build_model(model_spec).to(device)
+        model = batch_weights(build_model(model_spec).to(device))
         loss_fn = build_loss(cfg)
         input_shape = check_model_fits(model, train_ds, cfg)
         optimizer = build_optimizer(model.parameters(), cfg)
@@ -488,7 +492,7 @@ def train(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
         if cfg.compile:
-            train_model = torch.compile(train_model)  # type: ignore[assignment]
+            train_model = torch.compile(train_model, mode=cfg.compile_mode)  # type: ignore[assignment]
 
         use_amp = cfg.amp and device.type == "cuda"
 
