@@ -60,6 +60,7 @@ from lipnet.layers import (
     LinearResidualConv2d,
     OrthogonalLinear,
     PotentialStep,
+    RowNormLinear,
     SLLConv2d,
     SLLLinear,
 )
@@ -111,6 +112,11 @@ CATALOG: dict[type[nn.Module], Factory] = {
     AOLLinear: lambda: [
         Case(AOLLinear(5, 7), (5,), affine=True),
         Case(AOLLinear(9, 4), (9,), affine=True),
+    ],
+    # unit rows, not 1-Lipschitz as a whole (up to sqrt(out)): the bound is the weight's spectral norm
+    RowNormLinear: lambda: [
+        Case(RowNormLinear(6, 4), (6,), affine=True),
+        Case(RowNormLinear(3, 5), (3,), affine=True),
     ],
     BjorckConv2d: lambda: [
         Case(BjorckConv2d(2, 4, 3, padding=1), (2, 6, 6), affine=True),
@@ -174,6 +180,10 @@ CATALOG: dict[type[nn.Module], Factory] = {
     FashionConvNet: lambda: [
         Case(FashionConvNet(num_classes=3, width=2, hidden=2, input_size=8), (1, 8, 8)),
         Case(FashionConvNet(in_channels=2, width=2, blocks=0, hidden=4, conv="aol", input_size=4), (2, 4, 4)),
+        Case(
+            FashionConvNet(num_classes=4, width=2, blocks=1, hidden=2, input_size=4, head="rownorm"),
+            (1, 4, 4),
+        ),
     ],
     LipschitzSequential: lambda: [
         Case(LipschitzSequential(BjorckLinear(4, 6), GroupSort(2), AOLLinear(6, 3)), (4,)),

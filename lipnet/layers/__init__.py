@@ -8,7 +8,8 @@ Layers (each with ``lipschitz_bound()``, and ``export()`` where a plainer frozen
 :class:`SLLLinear` / :class:`SLLConv2d` (:mod:`~lipnet.layers.sll`), :class:`CPLLinear` /
 :class:`CPLConv2d` (:mod:`~lipnet.layers.cpl`), both on :class:`GradientStepBlock`
 (:mod:`~lipnet.layers.gradient_step`), :class:`LinearResidualConv2d` (:mod:`~lipnet.layers.residual`),
-:class:`BatchCentering` (:mod:`~lipnet.layers.centering`).
+:class:`BatchCentering` (:mod:`~lipnet.layers.centering`), :class:`RowNormLinear` (unit-norm rows, a
+classifier head; :mod:`~lipnet.layers.rownorm`).
 
 Functional attach, like :func:`torch.nn.utils.parametrizations.orthogonal`: :func:`aol`,
 :func:`bjorck` (``nn.Linear`` or ``nn.Conv2d``) and :func:`orthogonal` (``nn.Linear``) constrain an
@@ -46,6 +47,7 @@ from lipnet.layers.orthogonal import OrthogonalLinear, orthogonal
 from lipnet.layers.parametrization import CachedParametrization, EvalCache, EvalTensorCache
 from lipnet.layers.patches import patch_multiplicity
 from lipnet.layers.residual import LinearResidualConv2d
+from lipnet.layers.rownorm import RowNormalization, RowNormLinear, row_normalize
 from lipnet.layers.sll import SLLConv2d, SLLLinear
 
 __all__ = [
@@ -75,6 +77,8 @@ __all__ = [
     "LipschitzBounded",
     "OrthogonalLinear",
     "PotentialStep",
+    "RowNormLinear",
+    "RowNormalization",
     "SLLConv2d",
     "SLLLinear",
     "WeightBatcher",
@@ -89,4 +93,5 @@ __all__ = [
     "orthogonal",
     "patch_multiplicity",
     "register_layer_kind",
+    "row_normalize",
 ]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from certify.contract import redefines_behaviour
 from certify.rules.conv import conv_operator_bound
-from lipnet.layers.base import eval_mode, frozen_conv2d
+from lipnet.layers.base import eval_mode, frozen_conv2d, zero_bias
 from lipnet.layers.bjorck import gram_norm_bound
 
 __all__ = ["AOC_BJORCK_ITERATIONS", "AOCConv2d", "GramPrescale"]
@@ -87,7 +87,7 @@ class AOCConv2d(nn.Module):
     ``ortho_params`` (an ``orthogonium.reparametrizers.OrthoParams``) replaces the default
     Gram-prescaled Björck orthogonalisation. The orthogonium layer is ``self.conv``; in eval mode
     its kernel is cached (see :class:`~lipnet.layers.parametrization.CachedParametrization` for
-    when the cache is bypassed), so an eval forward is one ``conv2d``.
+    when the cache is bypassed), so an eval forward is one ``conv2d``. The bias starts at zero.
     """
 
     def __init__(
@@ -138,6 +138,7 @@ class AOCConv2d(nn.Module):
             padding_mode=padding_mode,
             ortho_params=ortho_params,
         )
+        zero_bias(self.conv)  # as every lipnet layer (lipnet.layers.base.zero_bias); orthogonium's is uniform
         self._cache_key: _Key | None = None
         self._cache_value: Tensor | None = None
 

@@ -34,6 +34,7 @@ __all__ = [
     "frozen_conv2d",
     "frozen_linear",
     "set_frozen_weights",
+    "zero_bias",
 ]
 
 _Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
@@ -61,6 +62,22 @@ class InputSizeUnknownError(ValueError):
     :func:`lipnet.export` answers it by one forward pass of a zero batch when it knows the input shape
     (its ``input_shape`` argument or the model's ``input_shape`` attribute).
     """
+
+
+def zero_bias(module: nn.Module) -> None:
+    """Set ``module.bias`` to zero, when it has one: the initial bias of every lipnet 1-Lipschitz layer.
+
+    torch's default bias, uniform in ``±1 / sqrt(fan_in)``, is as large as a 1-Lipschitz layer's response
+    to its input (``±0.33`` on a 3x3 stem over one channel, whose 1-Lipschitz response to a [0, 1] patch is
+    at most 1): a random offset of that size on every channel costs Fashion-MNIST networks about 3 points of
+    clean accuracy at a short budget, and it is what separated lipnet's Björck networks from
+    deel-torchlip's, which zero their biases. It changes no bound: a bias does not enter the Lipschitz
+    constant.
+    """
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        with torch.no_grad():
+            bias.zero_()
 
 
 @contextmanager
@@ -135,8 +152,13 @@ class BoundedConv2d(nn.Conv2d):
     kernel for the layer as configured (padding and padding mode, stride, dilation, groups): a sound
     float64 bound for every input size, or for the given per-sample ``(C, H, W)``. The
     parametrization makes the layer 1-Lipschitz by construction (see each subclass); the bound
-    checks it.
+    checks it. The bias starts at zero (:func:`zero_bias`).
     """
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s initialisation, then a zero bias (:func:`zero_bias`)."""
+        super().reset_parameters()
+        zero_bias(self)
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Sound float64 bound of this convolution's operator norm, as configured, from its actual kernel."""
@@ -153,7 +175,13 @@ class BoundedLinear(nn.Linear):
 
     ``lipschitz_bound()`` is the float64 spectral norm of the weight the layer uses in its current
     mode (``certify.bounds.matrix_spectral_norm``, times ``1 + FLOAT64_SLACK``), never a constant.
+    The bias starts at zero (:func:`zero_bias`).
     """
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation, then a zero bias (:func:`zero_bias`)."""
+        super().reset_parameters()
+        zero_bias(self)
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
         """Float64 spectral norm of the current weight (times ``1 + FLOAT64_SLACK``)."""

@@ -8,7 +8,7 @@ from lipnet.activations import MaxMin
 from lipnet.layers import LinearResidualConv2d
 from lipnet.layers.kinds import get_layer_kind
 from lipnet.models.registry import register_model
-from lipnet.models.sequential import LipschitzSequential, linear_head
+from lipnet.models.sequential import HEADS, HeadName, LipschitzSequential, classifier_head
 from lipnet.pooling import InvertibleDownsampling, ScaledAvgPool2d
 
 __all__ = ["LiResNet", "liresnet"]
@@ -26,7 +26,8 @@ class LiResNet(LipschitzSequential):
     child). The residual blocks are bounded as the single convolution they are, not as
     ``1 + ||conv||``, which is what lets the stack be deep. This is not the paper's exact network
     (its stem, neck and EMMA loss are not reproduced; the paper's own models have more dense
-    layers and use the last-layer normalisation).
+    layers). The paper's last-layer normalisation (unit-norm class rows) is ``head="rownorm"``
+    (:class:`~lipnet.layers.rownorm.RowNormLinear`); ``head="kind"`` (default) is the kind's dense layer.
 
     Guarantee: 1-Lipschitz when the kind's layers are (each normalised residual block is a
     contraction); ``lipschitz_bound`` is the product of the children's sound bounds.
@@ -44,8 +45,11 @@ class LiResNet(LipschitzSequential):
         width: int = 128,
         depth: int = 12,
         hidden: int = 512,
+        head: HeadName = "kind",
     ) -> None:
         kind = get_layer_kind(conv)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if input_size < 8 or input_size % 8:
@@ -71,7 +75,7 @@ class LiResNet(LipschitzSequential):
             nn.Flatten(),
             kind.dense(features, hidden),
             MaxMin(),
-            linear_head(kind, hidden, num_classes),
+            classifier_head(kind, hidden, num_classes, head),
         )
         self.input_shape = (in_channels, input_size, input_size)
 
@@ -85,6 +89,8 @@ def liresnet(
     width: int = 128,
     depth: int = 12,
     hidden: int = 512,
+    head: HeadName = "kind",
 ) -> LiResNet:
-    """:class:`LiResNet`: ``depth`` linear residual convolutions of ``width`` channels; ``conv=`` any kind."""
-    return LiResNet(in_channels, num_classes, input_size, conv, width, depth, hidden)
+    """:class:`LiResNet`: ``depth`` linear residual convolutions of ``width`` channels; ``conv=`` any kind;
+    ``head="rownorm"``: the last-layer normalisation."""
+    return LiResNet(in_channels, num_classes, input_size, conv, width, depth, hidden, head)

@@ -8,13 +8,22 @@ what ``certify.radius.split_head`` uses to split off the linear head), and nothi
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal, get_args
 
 from torch import nn
 
 from certify.bounds import input_shapes, module_bound
 from lipnet.layers.kinds import LayerKind
+from lipnet.layers.rownorm import RowNormLinear
 
-__all__ = ["LipschitzSequential", "linear_head"]
+__all__ = ["HEADS", "HeadName", "LipschitzSequential", "classifier_head", "linear_head"]
+
+#: The classifier heads a model family takes as ``head=``: ``kind``, the layer kind's dense layer
+#: (:func:`linear_head`), or ``rownorm``, a :class:`~lipnet.layers.rownorm.RowNormLinear` (unit-norm class
+#: rows; every logit 1-Lipschitz in the features). The annotation lets the run config refuse another name
+#: before any data is loaded.
+HeadName = Literal["kind", "rownorm"]
+HEADS: tuple[str, ...] = get_args(HeadName)
 
 
 def linear_head(kind: LayerKind, in_features: int, out_features: int) -> nn.Linear:
@@ -32,6 +41,19 @@ def linear_head(kind: LayerKind, in_features: int, out_features: int) -> nn.Line
             "not an nn.Linear: the linear head needs in_features != out_features with this kind"
         )
     return head
+
+
+def classifier_head(
+    kind: LayerKind, in_features: int, out_features: int, head: HeadName = "kind"
+) -> nn.Linear:
+    """A model's last layer, an ``nn.Linear`` that ``certify``'s last-layer certificate splits off: the
+    kind's dense layer (``head="kind"``, :func:`linear_head`) or a row-normalised one (``"rownorm"``);
+    ``ValueError`` for another name (:data:`HEADS`)."""
+    if head == "kind":
+        return linear_head(kind, in_features, out_features)
+    if head == "rownorm":
+        return RowNormLinear(in_features, out_features)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
 
 
 class LipschitzSequential(nn.Sequential):

@@ -8,7 +8,7 @@ from lipnet.activations import GroupSort
 from lipnet.layers.centering import BatchCentering
 from lipnet.layers.kinds import get_layer_kind
 from lipnet.models.registry import register_model
-from lipnet.models.sequential import LipschitzSequential
+from lipnet.models.sequential import HEADS, HeadName, LipschitzSequential, classifier_head
 from lipnet.pooling import InvertibleDownsampling, ScaledL2NormPool2d
 
 __all__ = ["SmallCNN", "small_cnn"]
@@ -31,7 +31,8 @@ class SmallCNN(LipschitzSequential):
     eval mode, bound 1), so the network's bound is unchanged. Convolutions and dense layers are
     Björck/RKO (``conv="bjorck"``) or AOL (``conv="aol"``), built by that
     :class:`~lipnet.layers.kinds.LayerKind` (its ``conv``, ``block`` and ``dense`` factories). The last
-    child is the linear head, so ``certify``'s last-layer certificate splits it off. ``input_size``
+    child is the linear head, so ``certify``'s last-layer certificate splits it off; ``head="rownorm"``
+    makes it a :class:`~lipnet.layers.rownorm.RowNormLinear` (unit class rows). ``input_size``
     (square inputs) must be divisible by 4. ``lipschitz_bound`` is the product of the children's
     bounds (:class:`~lipnet.models.sequential.LipschitzSequential`).
     """
@@ -45,6 +46,7 @@ class SmallCNN(LipschitzSequential):
         input_size: int = 32,
         pool: str = "l2",
         norm: str = "none",
+        head: HeadName = "kind",
     ) -> None:
         if conv not in _KINDS:
             raise ValueError(f"conv must be one of {sorted(_KINDS)}, got {conv!r}")
@@ -52,6 +54,8 @@ class SmallCNN(LipschitzSequential):
             raise ValueError(f"pool must be one of {list(_POOLS)}, got {pool!r}")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {list(_NORMS)}, got {norm!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -88,7 +92,7 @@ class SmallCNN(LipschitzSequential):
             nn.Flatten(),
             kind.dense(c2 * grow * side * side, hidden),
             GroupSort(2),
-            kind.dense(hidden, num_classes),
+            classifier_head(kind, hidden, num_classes, head),
         )
         self.input_shape = (in_channels, input_size, input_size)
 
@@ -102,7 +106,9 @@ def small_cnn(
     input_size: int = 32,
     pool: str = "l2",
     norm: str = "none",
+    head: HeadName = "kind",
 ) -> SmallCNN:
     """The demo/benchmark network :class:`SmallCNN` (CIFAR-10 by default; ``in_channels=1, input_size=28`` for
-    Fashion-MNIST; ``norm="centering"``: a BatchCentering after each convolution)."""
-    return SmallCNN(in_channels, num_classes, width, conv, input_size, pool, norm)
+    Fashion-MNIST; ``norm="centering"``: a BatchCentering after each convolution; ``head="rownorm"``: a
+    row-normalised last layer)."""
+    return SmallCNN(in_channels, num_classes, width, conv, input_size, pool, norm, head)
