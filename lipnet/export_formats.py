@@ -376,69 +376,74 @@ def export_file(
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise ExportError(f"tolerance must be a finite number > 0, got {tolerance}")
     eps_values = sorted({parse_eps(e) for e in eps})
-    model = model.eval()
-    ref = next(iter(model.parameters()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    x = inputs.to(device=device, dtype=torch.float32)
-    y = labels.to(device=device, dtype=torch.long)
-    shape = input_shape if input_shape is not None else tuple(x.shape[1:])
-    own = certify(model, [(x, y)], eps_values, progress=False)  # an unboundable model is refused first
-    plain = portable(model, shape).to(device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        data = _serialise(plain, fmt, x[:2])
-    except ExportError:
-        raise
-    except Exception as err:
-        raise ExportError(
-            f"torch cannot write {type(model).__name__} as {fmt}: {' '.join(str(err).split())[:300]}"
-        ) from None
-    loaded = load_exported(data, fmt, _classes(plain) if fmt == "torch" else None)
-    with torch.no_grad():
-        want = model(x).double()
-        got = loaded(x.cpu() if fmt == "onnx" else x).to(want.device).double()
-    if got.shape != want.shape:
-        raise ExportError(
-            f"the exported {fmt} model returns shape {tuple(got.shape)}, the model {tuple(want.shape)}"
-        )
-    difference = float((got - want).abs().max())
-    if not difference <= tolerance:
-        raise ExportMismatchError(
-            f"the exported {fmt} model differs from the model by up to {difference:.3g} on the verification "
-            f"inputs (tolerance {tolerance:.3g}): refused, nothing written"
-        )
-    try:
-        if fmt == "torch":
-            theirs = certify(loaded, [(x, y)], eps_values, progress=False)
-            export_radii, export_bound, export_rule = theirs.radii, theirs.lipschitz, theirs.rule
-        else:
-            graph_module = onnx_to_graph(data, x[:2].cpu()) if fmt == "onnx" else loaded
-            export_radii, export_bound, export_rule = _graph_radii(
-                graph_module, x.cpu(), y.cpu(), got.float().cpu()
+        ref = next(iter(model.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        x = inputs.to(device=device, dtype=torch.float32)
+        y = labels.to(device=device, dtype=torch.long)
+        shape = input_shape if input_shape is not None else tuple(x.shape[1:])
+        own = certify(model, [(x, y)], eps_values, progress=False)  # an unboundable model is refused first
+        plain = portable(model, shape).to(device)
+        try:
+            data = _serialise(plain, fmt, x[:2])
+        except ExportError:
+            raise
+        except Exception as err:
+            raise ExportError(
+                f"torch cannot write {type(model).__name__} as {fmt}: {' '.join(str(err).split())[:300]}"
+            ) from None
+        loaded = load_exported(data, fmt, _classes(plain) if fmt == "torch" else None)
+        with torch.no_grad():
+            want = model(x).double()
+            got = loaded(x.cpu() if fmt == "onnx" else x).to(want.device).double()
+        if got.shape != want.shape:
+            raise ExportError(
+                f"the exported {fmt} model returns shape {tuple(got.shape)}, the model {tuple(want.shape)}"
             )
-    except (UnboundableModuleError, ValueError) as err:
-        raise ExportMismatchError(
-            f"certify cannot bound the exported {fmt} model ({' '.join(str(err).split())[:300]}): refused, "
-            "nothing written"
-        ) from None
-    certified = own.radii > 0
-    ratio = 1.0
-    if bool(certified.any()):
-        ratio = float((export_radii[certified] / own.radii[certified]).min())
-    report = ExportReport(
-        format=fmt,
-        path=str(path),
-        bytes=len(data),
-        n=int(x.shape[0]),
-        max_difference=difference,
-        tolerance=tolerance,
-        model_bound=own.lipschitz,
-        model_rule=own.rule,
-        export_bound=export_bound,
-        export_rule=export_rule,
-        eps=eps_values,
-        model_certified=dict(own.certified_accuracy),
-        export_certified={e: certified_accuracy(export_radii, e) for e in eps_values},
-        radius_ratio=ratio,
-    )
-    atomic_write_bytes(path, data)
-    return report
+        difference = float((got - want).abs().max())
+        if not difference <= tolerance:
+            raise ExportMismatchError(
+                f"the exported {fmt} model differs from the model by up to {difference:.3g} on the "
+                f"verification inputs (tolerance {tolerance:.3g}): refused, nothing written"
+            )
+        try:
+            if fmt == "torch":
+                theirs = certify(loaded, [(x, y)], eps_values, progress=False)
+                export_radii, export_bound, export_rule = theirs.radii, theirs.lipschitz, theirs.rule
+            else:
+                graph_module = onnx_to_graph(data, x[:2].cpu()) if fmt == "onnx" else loaded
+                export_radii, export_bound, export_rule = _graph_radii(
+                    graph_module, x.cpu(), y.cpu(), got.float().cpu()
+                )
+        except (UnboundableModuleError, ValueError) as err:
+            raise ExportMismatchError(
+                f"certify cannot bound the exported {fmt} model ({' '.join(str(err).split())[:300]}): "
+                "refused, nothing written"
+            ) from None
+        certified = own.radii > 0
+        ratio = 1.0
+        if bool(certified.any()):
+            ratio = float((export_radii[certified] / own.radii[certified]).min())
+        report = ExportReport(
+            format=fmt,
+            path=str(path),
+            bytes=len(data),
+            n=int(x.shape[0]),
+            max_difference=difference,
+            tolerance=tolerance,
+            model_bound=own.lipschitz,
+            model_rule=own.rule,
+            export_bound=export_bound,
+            export_rule=export_rule,
+            eps=eps_values,
+            model_certified=dict(own.certified_accuracy),
+            export_certified={e: certified_accuracy(export_radii, e) for e in eps_values},
+            radius_ratio=ratio,
+        )
+        atomic_write_bytes(path, data)
+        return report
+    finally:  # the model's modes as they were
+        for m, mode in modes:
+            m.training = mode

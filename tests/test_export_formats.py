@@ -116,9 +116,11 @@ def test_a_file_that_does_not_compute_the_model_is_refused_and_nothing_is_writte
     model, shape = _model("SmallCNN", "aol")
     x = torch.rand(4, *shape)
     path = tmp_path / f"model.{fmt}"
+    drifting = _Drifting(model).train()
     with pytest.raises(ExportMismatchError, match="differs from the model by up to 0.001"):
-        export_file(_Drifting(model), path, fmt, x, torch.zeros(4, dtype=torch.long))
+        export_file(drifting, path, fmt, x, torch.zeros(4, dtype=torch.long))
     assert list(tmp_path.iterdir()) == []  # no file, no temporary file left behind
+    assert all(m.training for m in drifting.modules())  # the model's modes are restored
 
 
 class _Drifting(nn.Module):
