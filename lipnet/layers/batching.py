@@ -25,7 +25,9 @@ that waits for launches and not on a CPU that waits for arithmetic: the default 
 
 Eval mode, a forward under ``torch.compile`` (compiled code fuses the per-layer kernels itself), a weight
 read outside the model's forward, a layer whose parametrization is not alone on its weight: each layer
-computes its own weight, as without the batcher.
+computes its own weight, as without the batcher. The batched backward is differentiable once: a second
+derivative through the weights (a gradient penalty on the parameters) needs the per-layer computation
+(``model.weight_batcher.remove()``).
 """
 
 from __future__ import annotations
@@ -125,8 +127,11 @@ class _PackGrams(torch.autograd.Function):
     def forward(ctx: Any, layout: _Layout, *mats: Tensor) -> Tensor:
         out = mats[0].new_zeros(layout.entries, layout.side, layout.side)
         for slot, w in zip(layout.slots, mats, strict=True):
-            block, wide = layout.block(out, slot), slot[3]
-            torch.bmm(w, w.mT, out=block) if wide else torch.bmm(w.mT, w, out=block)
+            block = layout.block(out, slot)
+            if slot[3]:
+                torch.bmm(w, w.mT, out=block)
+            else:
+                torch.bmm(w.mT, w, out=block)
         ctx.save_for_backward(*mats)
         ctx.layout = layout
         return out
