@@ -36,6 +36,7 @@ from lipnet.cli.argtypes import (
     non_negative_int,
     positive_float,
     positive_int,
+    seed_list,
 )
 from lipnet.training.config import Config, dump_config
 
@@ -50,6 +51,7 @@ BAD_VALUES: dict[Callable[[str], object], tuple[str, ...]] = {
     name_list: (",",),
     json_object: ("{", "[1]"),
     autoattack_list: ("bogus", "apgd-ce,nope"),
+    seed_list: ("x", "-1", "1.5", ",", "0,0"),
 }
 
 
@@ -138,6 +140,7 @@ BASE: dict[tuple[str, ...], tuple[str, ...]] = {
     ("catalogue",): ("--out", "out", "--quiet"),
     ("bench", "layers"): ("--out", "out.md"),
     ("bench", "fmnist"): ("--out", "out", "--quiet"),
+    ("bench", "recipe"): ("--config", "{config}", "--out", "out", "--quiet"),
     ("bench", "models"): ("--out", "out.md"),
     ("bench", "kernels"): ("--out", "out.md"),
 }
@@ -161,6 +164,9 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
         (("--set", "optim.momentun=0.9"), "optim.momentun"),
         (("--set", "certify.eps=abc"), "certify.eps"),
         (("--set", "certify.eps=[72/255, 36/255]"), "certify.eps"),
+        (("--set", "optim.ema=1.5"), "optim.ema"),
+        (("--set", "loss.label_smoothing=-1"), "label_smoothing"),
+        (("--set", "model.head=softmax"), "head"),
         (("--set", "data.name=no_such_data"), "no_such_data"),
         (("--set", "data.name=cifar10", "--set", "data.data_dir={empty}"), "data.download=true"),
         (("--set", "oops"), "section.key=value"),
@@ -271,6 +277,17 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
         (("--kinds", "no_such_kind"), "no_such_kind"),
         (("--width", "3"), "width"),
         (("--out", "{empty}"), "--out"),
+    ],
+    ("bench", "recipe"): [
+        (("!", "--out", "out"), "give --config"),
+        (("--ablations", "no_such_element"), "no_such_element"),
+        (("--ablations", "ema,ema"), "repeat"),
+        (("--ablations", "blocks"), "blocks"),
+        (("--ablations", "optim.lr=0"), "optim.lr"),
+        (("--ablations", "loss.label_smoothing=2"), "label_smoothing"),
+        (("--set", "optim.warmup=1"), "optim.warmup"),
+        (("--device", "tpu"), "device"),
+        (("--out", "{file}"), "--out"),
     ],
     ("bench", "fmnist"): [
         (("--models", "lipnet:no_such_kind"), "no_such_kind"),

@@ -1,4 +1,5 @@
-"""The one fit loop (lipnet.training.loop): schedule, callbacks, epoch sums, resume, divergence, time cap."""
+"""The one fit loop (lipnet.training.loop): schedule and warm-up, callbacks (gradient clipping), epoch sums,
+resume, divergence, time cap, progress bars only on a terminal."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from lipnet.losses import TauCrossEntropy
 from lipnet.training.loop import (
     Callback,
     EpochResult,
+    GradientClipping,
     StepOutput,
     TrainingDivergedError,
     classification_step,
     fit,
     lr_at,
+    show_bars,
 )
 
 
@@ -216,3 +219,141 @@ def test_reduce_sums_the_epoch_over_processes() -> None:
     (two,), (one,) = rec.epochs, single.epochs
     assert two.samples == 2 * one.samples and two.stats["correct"] == 2 * one.stats["correct"]
     assert two.loss == one.loss
+
+
+# ---------------------------------------------------------------------------------------------
+# warm-up, gradient clipping, progress bars
+
+
+def test_warmup_ramps_linearly_then_runs_the_schedule_over_the_rest() -> None:
+    total, base = 100, 0.1
+    lrs = [lr_at(s, total, base, "cosine", 0.1) for s in range(total)]
+    assert lrs[:10] == [base * (s + 1) / 10 for s in range(10)]
+    # then the cosine over the 90 remaining steps, starting from the base rate
+    assert lrs[10:] == [base * 0.5 * (1.0 + math.cos(math.pi * s / 90)) for s in range(90)]
+    assert [lr_at(s, total, base, "none", 0.25) for s in (0, 24, 25, 99)] == [base / 25, base, base, base]
+    # no warm-up: exactly the schedule as before (a resumed run of an older config draws the same rates)
+    assert [lr_at(s, total, base, "cosine", 0.0) for s in range(total)] == [
+        base * 0.5 * (1.0 + math.cos(math.pi * s / total)) for s in range(total)
+    ]
+    # a warm-up shorter than half a step rounds to none
+    assert lr_at(0, 4, base, "cosine", 0.1) == base
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "match"),
+    [("onecycle", 0.1, "own warm-up"), ("cosine", 1.0, r"in \[0, 1\)"), ("cosine", -0.1, r"in \[0, 1\)")],
+)
+def test_bad_warmup_is_refused_before_any_step(schedule: str, warmup: float, match: str) -> None:
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        fit(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            _Loader(),
+            classification_step(nn.CrossEntropyLoss()),
+            epochs=1,
+            lr=0.1,
+            schedule=schedule,
+            warmup=warmup,
+        )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_fit_passes_the_warmup_to_every_step() -> None:
+    model, rec = _model(), _Recorder()
+    fit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        _Loader(),
+        classification_step(nn.CrossEntropyLoss()),
+        epochs=2,
+        lr=0.1,
+        warmup=0.5,
+        callbacks=[rec],
+    )
+    assert rec.lrs == [lr_at(s, 6, 0.1, "cosine", 0.5) for s in range(6)]
+    assert rec.lrs[:3] == [0.1 * (s + 1) / 3 for s in range(3)]  # three warm-up steps of six
+
+
+class _GradNorms(Callback):
+    """The global gradient norm each optimiser step sees (after the callbacks before it)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.cat(grads).norm()))
+
+
+def test_gradient_clipping_caps_the_global_norm_and_leaves_small_gradients_alone() -> None:
+    raw = _GradNorms()
+    model = _model()
+    fit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        _Loader(),
+        classification_step(nn.CrossEntropyLoss()),
+        epochs=1,
+        lr=0.0,
+        callbacks=[raw],
+    )
+    cap = sorted(raw.norms)[1]  # between the smallest and the largest norm of the three steps
+    clipped = _GradNorms()
+    model = _model()
+    fit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        _Loader(),
+        classification_step(nn.CrossEntropyLoss()),
+        epochs=1,
+        lr=0.0,
+        callbacks=[GradientClipping(cap), clipped],
+    )
+    for before, after in zip(raw.norms, clipped.norms, strict=True):
+        if before <= cap:
+            assert after == pytest.approx(before, rel=1e-6)
+        else:  # scaled by cap / (norm + 1e-6): at most cap, and within 1e-6 relative of it
+            assert after <= cap and after == pytest.approx(cap, rel=1e-5)
+    with pytest.raises(ValueError, match="max_norm"):
+        GradientClipping(0.0)
+    with pytest.raises(ValueError, match="max_norm"):
+        GradientClipping(math.inf)
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_bars_only_on_a_terminal(tty: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log file (stderr not a terminal) gets nothing per step; a terminal gets the bar."""
+    stream = _Stream(tty)
+    monkeypatch.setattr("sys.stderr", stream)
+    assert show_bars(True) is tty and show_bars(False) is False
+    model = _model()
+    fit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        _Loader(),
+        classification_step(nn.CrossEntropyLoss()),
+        epochs=1,
+        lr=0.1,
+        progress=True,
+    )
+    assert ("epoch 1/1" in stream.text) is tty
+    if not tty:
+        assert stream.text == ""

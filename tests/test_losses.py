@@ -590,3 +590,47 @@ def test_check_arguments_builds_nothing_and_says_what_create_says() -> None:
         check_arguments("tau_ce", {"tau": 1.0, "temperature": 1.0})
     with pytest.raises(ValueError, match=r"needs argument\(s\) \['alpha', 'margin'\]"):
         check_arguments("hkr", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# label smoothing of tau-CE
+
+
+@pytest.mark.parametrize(("tau", "offset", "smoothing"), [(1.0, 0.0, 0.1), (0.5, 0.3, 0.2), (20.0, 0.1, 1.0)])
+def test_label_smoothing_is_torchs_on_the_scaled_offset_logits(
+    tau: float, offset: float, smoothing: float
+) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(16, 7, dtype=torch.float64)
+    target = torch.randint(0, 7, (16,))
+    shifted = logits + offset * (1.0 - F.one_hot(target, 7).double())
+    expected = F.cross_entropy(tau * shifted, target, label_smoothing=smoothing) / tau
+    got = TauCrossEntropy(tau, offset=offset, label_smoothing=smoothing)(logits, target)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    plain = TauCrossEntropy(tau, offset=offset)(logits, target)
+    assert torch.equal(TauCrossEntropy(tau, offset=offset, label_smoothing=0.0)(logits, target), plain)
+
+
+def test_label_smoothing_caps_the_margin_the_loss_asks_for() -> None:
+    """The minimiser over the logits has tau (f_y - f_j) = log(1 + C (1 - s) / s) for every j != y: the
+    gradient vanishes there, and points towards it from either side."""
+    c, tau, s = 10, 0.5, 0.1
+    gap = math.log(1 + c * (1 - s) / s) / tau
+    target = torch.tensor([3])
+    loss = TauCrossEntropy(tau, label_smoothing=s)
+    for lead, sign in ((gap, 0), (0.5 * gap, -1), (1.5 * gap, 1)):
+        logits = torch.zeros(1, c, dtype=torch.float64)
+        logits[0, 3] = lead
+        logits.requires_grad_(True)
+        loss(logits, target).backward()
+        grad = logits.grad[0, 3].item()
+        if sign == 0:
+            assert abs(grad) < 1e-12
+        else:  # below the cap the loss pulls the target logit up, above it pushes it down
+            assert grad * sign > 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf])
+def test_label_smoothing_outside_0_1_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TauCrossEntropy(1.0, label_smoothing=bad)

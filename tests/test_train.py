@@ -78,12 +78,48 @@ def test_dump_round_trip(tmp_path: Path, tiny_config: Callable[..., Config]) -> 
         ("amp=maybe", "amp: expected true or false"),
         ("sweep.attack=fgsm", "sweep.attack must be one of"),
         ("noequals", "must look like section.key=value"),
+        ("optim.warmup=1", r"optim.warmup is a fraction of the training steps in [0, 1)"),
+        ("optim.warmup=-0.1", "optim.warmup is a fraction"),
+        ("optim.warmup=.nan", "optim.warmup must be finite"),
+        ("optim.ema=1", "optim.ema must be null or a decay in (0, 1)"),
+        ("optim.ema=0", "optim.ema must be null or a decay in (0, 1)"),
+        ("optim.ema=yes", "optim.ema: expected a number"),
+        ("optim.clip_grad_norm=0", "optim.clip_grad_norm must be null or a number > 0"),
+        ("optim.clip_grad_norm=.inf", "optim.clip_grad_norm must be null or a number > 0"),
+        ("optim.lr_scaling=quadratic", "optim.lr_scaling must be one of none, linear, sqrt"),
+        ("optim.reference_batch_size=0", "optim.reference_batch_size must be an integer >= 1"),
+        ("data.flip=sometimes", "data.flip: expected true or false"),
     ],
 )
 def test_bad_values_are_config_errors(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+def test_onecycle_refuses_a_warmup() -> None:
+    with pytest.raises(ConfigError, match="onecycle schedule has its own warm-up"):
+        load_config(None, ["optim.schedule=onecycle", "optim.warmup=0.1"])
+    assert load_config(None, ["optim.schedule=onecycle"]).optim.warmup == 0.0
+
+
+def test_lr_scaling_relative_to_the_reference_batch() -> None:
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.batch_size=512", "optim.reference_batch_size=128"])
+    assert cfg.optim.scaled_lr() == 1e-3
+    assert apply_overrides(cfg, ["optim.lr_scaling=linear"]).optim.scaled_lr() == 4e-3
+    assert apply_overrides(cfg, ["optim.lr_scaling=sqrt"]).optim.scaled_lr() == 2e-3
+    with pytest.raises(ConfigError, match="after optim.lr_scaling"):
+        load_config(None, ["optim.lr=1e37", "optim.batch_size=1024", "optim.lr_scaling=linear"])
+
+
+def test_flips_default_to_what_the_dataset_allows() -> None:
+    """data.flip: null flips CIFAR-10 and shapes10, never digits or Fashion-MNIST; true or false wins."""
+    expected = {"cifar10": True, "shapes10": True, "fashion_mnist": False, "mnist": False}
+    for name, flips in expected.items():
+        assert load_config(None, [f"data.name={name}"]).data.flips() is flips, name
+        assert load_config(None, [f"data.name={name}", "data.flip=true"]).data.flips() is True
+        assert load_config(None, [f"data.name={name}", "data.flip=false"]).data.flips() is False
+    assert load_config(None).data.flip is None
 
 
 def test_bad_files(tmp_path: Path) -> None:
@@ -314,3 +350,56 @@ def test_corrupted_checkpoint_is_detected(finished: TrainResult, tmp_path: Path)
     tensors.unlink()
     with pytest.raises(CheckpointError, match="missing"):
         run.load_checkpoint("last")
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe's elements in a run
+
+
+def test_a_run_with_the_recipe_options(
+    tmp_path: Path, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warm-up, gradient clipping, label smoothing and a row-normalised head in one tiny run: the learning
+    rates are the warmed-up schedule, augmentation touches the training batches only (never the per-epoch
+    evaluation or the certification), and summary.md names the recipe."""
+    from lipnet import data
+    from lipnet.layers import RowNormLinear
+
+    augmented: list[int] = []
+    original = data.Augment.__call__
+
+    def counting(
+        self: data.Augment, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        augmented.append(len(images))
+        return original(self, images, generator)
+
+    monkeypatch.setattr(data.Augment, "__call__", counting)
+    cfg = tiny_config(
+        tmp_path / "run",
+        "optim.warmup=0.5",
+        "optim.clip_grad_norm=0.5",
+        "loss.label_smoothing=0.1",
+        "model.head=rownorm",
+    )
+    result = train(cfg, progress=False)
+    assert isinstance(result.model[-1], RowNormLinear)
+    run = RunFolder(result.run_dir)
+    rows = run.read_metrics()
+    # 2 epochs of 2 steps: the first 2 steps warm up, the last of each epoch is logged
+    assert [r["lr"] for r in rows] == [lr_at(s, 4, 1e-2, "cosine", 0.5) for s in (1, 3)]
+    assert rows[0]["lr"] == 1e-2
+    # every augmented batch is a training batch: 4 steps of 32 images, nothing at evaluation
+    assert augmented == [32] * 4
+    summary = run.summary_path.read_text(encoding="utf-8")
+    recipe = next(line for line in summary.splitlines() if line.startswith("- recipe: "))
+    for part in (
+        "batch 32",
+        "adam lr 0.01",
+        "linear warm-up over 50% of the steps, then cosine decay to 0",
+        "gradients clipped to norm 0.5",
+        "augmentation: shifts up to 4 px and horizontal flips",
+        "label smoothing 0.1",
+    ):
+        assert part in recipe, part
+    assert "EMA" not in recipe

@@ -28,6 +28,7 @@ __all__ = [
     "one_line",
     "positive_float",
     "positive_int",
+    "seed_list",
 ]
 
 
@@ -114,6 +115,14 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     return _int_at_least(text, 0)
+
+
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers >= 0 (random seeds)."""
+    values = _items(text, lambda v: _int_at_least(v, 0), "0,1,2")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds such as 0,1,2, got {text!r}")
+    return values
 
 
 def positive_float(text: str) -> float:

@@ -55,6 +55,7 @@ from lipnet.cli.argtypes import (
     positive_float,
     positive_int,
 )
+from lipnet.cli.recipe import add_parser as add_recipe_parser
 from lipnet.layers.kinds import list_layer_kinds
 from lipnet.training.devices import resolve_device
 
@@ -432,6 +433,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p_kernels.add_argument("--out", help="output file: the Markdown table if it ends in .md, else JSON rows")
     p_kernels.set_defaults(func=run_kernels)
+
+    add_recipe_parser(bench_sub)  # lipnet.cli.recipe: the recipe ablation (lipnet.bench.recipe)
     return p_bench
 
 

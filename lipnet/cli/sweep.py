@@ -16,7 +16,7 @@ from typing import Any
 
 from lipnet import losses
 from lipnet.cli.argtypes import check_output_path, float_list, non_negative_int
-from lipnet.cli.train import add_config_options, check_buildable, config_from_args
+from lipnet.cli.train import add_config_options, apply_threads, check_buildable, config_from_args, epoch_log
 from lipnet.training.config import ConfigError
 from lipnet.training.sweep import run_sweep, values_flag
 
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         param, values = args.param or cfg.sweep.param, cfg.sweep.values
     out = args.out or cfg.out or str(Path("runs") / f"{Path(args.config).stem}-sweep")
     check_output_path(out, "--out", folder=True)
-    result = run_sweep(cfg, param, values, out, progress=not args.quiet)
+    apply_threads(args)
+    result = run_sweep(cfg, param, values, out, progress=not args.quiet, log=epoch_log)
     print(result.md_path.read_text(encoding="utf-8"))
     print(f"wrote {result.csv_path}, {result.md_path}" + (f", {result.png_path}" if result.png_path else ""))
     return 0 if not result.violations else 1

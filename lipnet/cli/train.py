@@ -1,29 +1,44 @@
 """``lipnet train``: train one model into a run folder, then certify it (:func:`lipnet.training.run.train`).
 
 Also the options every config-driven command shares (``--config``, ``--set``, ``--device``,
-``--quiet``; :func:`add_config_options`), the config they give (:func:`config_from_args`) and the
-check that its model and loss can be built before any data is read (:func:`check_buildable`), which
-``lipnet sweep`` uses too.
+``--threads``, ``--quiet``; :func:`add_config_options`), the config they give (:func:`config_from_args`),
+the check that its model and loss can be built before any data is read (:func:`check_buildable`) and the
+per-epoch output (:func:`epoch_log`), which ``lipnet sweep`` uses too.
+
+Output: one line per epoch on stdout, flushed, in a terminal and in a log file alike; tqdm progress bars
+on stderr only when it is a terminal, and not with ``--quiet``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from lipnet.cli.argtypes import check_output_path
+import torch
+from tqdm.auto import tqdm
+
+from lipnet.cli.argtypes import check_output_path, positive_int
 from lipnet.training.build import build_loss
 from lipnet.training.config import Config, ConfigError, apply_overrides, load_config
 from lipnet.training.run import train
 from lipnet.training.runs import RunFolder
 
-__all__ = ["add_config_options", "add_parser", "check_buildable", "config_from_args", "run"]
+__all__ = [
+    "add_config_options",
+    "add_parser",
+    "apply_threads",
+    "check_buildable",
+    "config_from_args",
+    "epoch_log",
+    "run",
+]
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
-    """``--config``, ``--set KEY=VALUE`` (repeatable), ``--device`` and ``--quiet``."""
+    """``--config``, ``--set KEY=VALUE`` (repeatable), ``--device``, ``--threads`` and ``--quiet``."""
     p.add_argument("--config", help="YAML config file (experiments/configs/*.yaml)")
     p.add_argument(
         "--set",
@@ -33,7 +48,25 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set loss.tau=10 --set optim.epochs=3 (YAML scalars)",
     )
     p.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars (the one line per epoch stays; bars are drawn only on a terminal anyway)",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``torch.set_num_threads(--threads)`` when the option is given."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def epoch_log(line: str) -> None:
+    """Print one progress line (an epoch's metrics) on stdout and flush it, so that a log file gets it
+    at once; ``tqdm.write`` keeps a progress bar on the terminal intact."""
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -79,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             cfg.out = str(Path("runs") / Path(args.config).stem)
         check_output_path(cfg.out, "--out", folder=True)
     check_buildable(cfg)
-    result = train(cfg, resume=args.resume is not None, progress=not args.quiet)
+    apply_threads(args)
+    result = train(cfg, resume=args.resume is not None, progress=not args.quiet, log=epoch_log)
     if _is_main_process():
         print(f"run folder: {result.run_dir}")
     return 0

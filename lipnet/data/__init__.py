@@ -12,15 +12,17 @@ from lipnet.data.dataset import ImageDataset
 from lipnet.data.errors import DatasetCorruptError, DatasetNotFoundError
 from lipnet.data.fetch import default_data_dir
 from lipnet.data.loader import DeviceLoader
-from lipnet.data.registry import list_datasets, load
+from lipnet.data.registry import FLIP_INVARIANT, flip_invariant, list_datasets, load
 
 __all__ = [
+    "FLIP_INVARIANT",
     "Augment",
     "DatasetCorruptError",
     "DatasetNotFoundError",
     "DeviceLoader",
     "ImageDataset",
     "default_data_dir",
+    "flip_invariant",
     "list_datasets",
     "load",
 ]

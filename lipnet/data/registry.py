@@ -10,7 +10,7 @@ from lipnet.data.dataset import ImageDataset
 from lipnet.data.mnist import FASHION_MNIST, MNIST, load_idx_dataset
 from lipnet.data.shapes import load_shapes10
 
-__all__ = ["list_datasets", "load"]
+__all__ = ["FLIP_INVARIANT", "flip_invariant", "list_datasets", "load"]
 
 _Dir = str | Path | None
 
@@ -37,6 +37,22 @@ _LOADERS: dict[str, Callable[[str, _Dir, bool, int | None, int], ImageDataset]] 
     "fashion_mnist": _fashion_mnist,
     "mnist": _mnist,
 }
+
+
+#: Whether a horizontally mirrored image of each dataset shows the same class and looks like the data, so
+#: that random flips suit it as augmentation: CIFAR-10's objects and animals and shapes10's shapes (each
+#: class is mirror-symmetric or drawn at random rotations) yes; digits no (a mirrored 2, 3, 4, 7 or 9 is no
+#: digit), nor Fashion-MNIST, where every shoe, sandal and ankle boot faces the same way.
+FLIP_INVARIANT: dict[str, bool] = {"shapes10": True, "cifar10": True, "fashion_mnist": False, "mnist": False}
+
+
+def flip_invariant(name: str) -> bool:
+    """:data:`FLIP_INVARIANT` of dataset ``name`` (``-`` accepted for ``_``, case ignored); ``ValueError``
+    for a dataset :func:`load` does not know."""
+    key = name.lower().replace("-", "_")
+    if key not in FLIP_INVARIANT:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    return FLIP_INVARIANT[key]
 
 
 def list_datasets() -> list[str]:

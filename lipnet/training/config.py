@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from certify.radius import DEFAULT_EPS, parse_eps
-from lipnet import losses
+from lipnet import data, losses
 from lipnet.models import model_entrypoint
 from lipnet.training.loop import SCHEDULES
 
@@ -58,6 +58,7 @@ __all__ = [
 RESUME_IGNORES: tuple[str, ...] = ("out", "sweep", "device")
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
+_LR_SCALINGS = ("none", "linear", "sqrt")
 _ATTACKS = ("auto", "pgd", "autoattack")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: ``torch.compile``'s modes; ``reduce-overhead`` also captures the compiled forward and backward in CUDA
@@ -212,6 +213,13 @@ class DataConfig:
 
     ``seed`` is the generator seed of procedural datasets (shapes10), separate from the training
     seed so that runs with different seeds see the same images; real datasets ignore it.
+
+    ``augment`` turns on, for training batches only (evaluation and certification never see it), a
+    random shift by up to ``crop_padding`` pixels (zero padding, then a crop back to the input size) and,
+    with ``flip``, a random horizontal flip. ``flip: null`` (the default) flips only where a mirrored
+    image keeps its class and looks like the data (:data:`lipnet.data.FLIP_INVARIANT`: CIFAR-10 and
+    shapes10; not digits, whose mirror images are other symbols or none, nor Fashion-MNIST, whose
+    footwear all faces one way).
     """
 
     name: str = "shapes10"
@@ -222,12 +230,21 @@ class DataConfig:
     n_test: int | None = None
     augment: bool = False
     crop_padding: int = 4
-    flip: bool = True
+    flip: bool | None = None
+
+    def flips(self) -> bool:
+        """Whether the training augmentation flips: ``flip``, or where it is null whether the dataset's
+        classes are mirror-invariant (:func:`lipnet.data.flip_invariant`)."""
+        return data.flip_invariant(self.name) if self.flip is None else self.flip
 
 
 @dataclass
 class LossConfig:
     """A loss of the catalogue: ``lipnet.losses.create(name, **kwargs)`` (tau, margin, alpha, ...).
+
+    ``tau_ce`` takes ``tau``, ``offset`` (the Lipschitz-margin offset, logit units) and
+    ``label_smoothing`` (see :class:`lipnet.losses.TauCrossEntropy`: with ``tau`` it caps the logit
+    margin the loss asks for at ``log(1 + C (1 - s) / s) / tau``).
 
     A value of an argument the loss declares sweepable (:func:`lipnet.losses.parameter_rule`) is checked
     against the declared range when the config is validated; the rest is left to the constructor.
@@ -243,7 +260,20 @@ class OptimConfig:
 
     ``schedule``: ``cosine`` (per step, to 0), ``onecycle`` (cosine warm-up from lr/25 over the
     first 30% of steps, then cosine decay to lr/25e4, as torch's OneCycleLR without momentum
-    cycling) or ``none``.
+    cycling) or ``none``. ``warmup``: a fraction of all steps, in [0, 1), over which the learning rate
+    first rises linearly to ``lr`` before ``cosine`` or ``none`` runs over the rest
+    (:func:`lipnet.training.loop.lr_at`; onecycle has its own warm-up and refuses one).
+
+    ``lr_scaling``: ``none``, or ``linear`` / ``sqrt``: the learning rate used is ``lr`` times
+    ``batch_size / reference_batch_size`` (or its square root), so that a config tuned at one batch size
+    keeps its step size per sample at another (:meth:`scaled_lr`).
+
+    ``ema``: null, or the decay in (0, 1) of an exponential moving average of the weights
+    (:class:`lipnet.training.ema.ExponentialMovingAverage`); the per-epoch evaluation and bound, the
+    checkpoints' model weights, the final certification and the exported model are then the averaged
+    model's. ``clip_grad_norm``: null, or the largest global L2 norm of the gradients
+    (:class:`lipnet.training.loop.GradientClipping`). ``weight_decay``: L2 penalty of Adam and SGD,
+    decoupled decay of AdamW.
     """
 
     name: str = "adam"
@@ -252,8 +282,23 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     schedule: str = "cosine"
+    warmup: float = 0.0
     epochs: int = 10
     batch_size: int = 128
+    lr_scaling: str = "none"
+    reference_batch_size: int = 128
+    ema: float | None = None
+    clip_grad_norm: float | None = None
+
+    def scaled_lr(self) -> float:
+        """The learning rate training uses: ``lr``, times ``batch_size / reference_batch_size`` with
+        ``lr_scaling: linear`` or its square root with ``sqrt``."""
+        ratio = self.batch_size / self.reference_batch_size
+        if self.lr_scaling == "linear":
+            return self.lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.lr * math.sqrt(ratio)
+        return self.lr
 
 
 @dataclass
@@ -489,11 +534,25 @@ def _validate(cfg: Config) -> None:
         _finite(getattr(o, key), f"optim.{key}")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr!r}")
-    if 10.0 * o.lr > _FLOAT32_MAX:
+    _positive_int(o.batch_size, "optim.batch_size")
+    _positive_int(o.reference_batch_size, "optim.reference_batch_size")
+    if o.lr_scaling not in _LR_SCALINGS:
+        raise ConfigError(f"optim.lr_scaling must be one of {', '.join(_LR_SCALINGS)}, got {o.lr_scaling!r}")
+    if 10.0 * o.scaled_lr() > _FLOAT32_MAX:
         # Adam's first step is lr / (1 - 0.9) = 10 lr; above float32's range torch fails mid-step.
         raise ConfigError(
-            f"optim.lr must be <= {_FLOAT32_MAX / 10:.3g} (10 lr must fit in float32), got {o.lr!r}"
+            f"optim.lr must be <= {_FLOAT32_MAX / 10:.3g} (10 lr must fit in float32, after "
+            f"optim.lr_scaling), got {o.lr!r}"
         )
+    _finite(o.warmup, "optim.warmup")
+    if not 0.0 <= o.warmup < 1.0:
+        raise ConfigError(f"optim.warmup is a fraction of the training steps in [0, 1), got {o.warmup!r}")
+    if o.warmup and o.schedule == "onecycle":
+        raise ConfigError("optim.warmup: the onecycle schedule has its own warm-up; set optim.warmup=0")
+    if o.ema is not None and not (math.isfinite(o.ema) and 0.0 < o.ema < 1.0):
+        raise ConfigError(f"optim.ema must be null or a decay in (0, 1) such as 0.999, got {o.ema!r}")
+    if o.clip_grad_norm is not None and not (math.isfinite(o.clip_grad_norm) and o.clip_grad_norm > 0):
+        raise ConfigError(f"optim.clip_grad_norm must be null or a number > 0, got {o.clip_grad_norm!r}")
     if o.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
     if not 0.0 <= o.momentum < 1.0:
@@ -501,7 +560,6 @@ def _validate(cfg: Config) -> None:
     if o.nesterov and (o.name != "sgd" or o.momentum == 0):
         raise ConfigError("optim.nesterov needs optim.name: sgd and optim.momentum > 0")
     _positive_int(o.epochs, "optim.epochs")
-    _positive_int(o.batch_size, "optim.batch_size")
 
     c = cfg.certify
     if not c.eps:

@@ -8,7 +8,8 @@ loss on bags) and, in ``stats``, per-batch sums to add up over the epoch (``corr
 ...). The loop does the rest, the same for all:
 
 * per epoch: ``loader.set_epoch(epoch)`` (a :class:`~lipnet.data.DeviceLoader` reshuffles), the model in
-  train mode, then for each batch the learning rate ``lr_at(step, total)`` on every parameter group,
+  train mode, then for each batch the learning rate ``lr_at(step, total)`` (the schedule after an
+  optional linear warm-up) on every parameter group,
   the step, ``zero_grad`` / ``backward`` / ``optimizer.step()``;
 * the epoch's mean loss (float64, weighted by batch size: ``len(batch[0])`` samples) and the sums of
   ``stats``, reduced over processes by ``reduce`` under DDP;
@@ -22,7 +23,9 @@ loss on bags) and, in ``stats``, per-batch sums to add up over the epoch (``corr
 * callbacks (:class:`Callback`): at the start and end of each epoch (per-epoch evaluation,
   checkpoints, metrics files, a task's epoch state) and around each optimiser step
   (:meth:`Callback.before_optimizer_step` sees the gradients, :meth:`Callback.after_optimizer_step` the
-  updated weights): the places to add gradient clipping or an average of the weights.
+  updated weights): gradient clipping (:class:`GradientClipping`) and the moving average of the
+  weights (:class:`lipnet.training.ema.ExponentialMovingAverage`) are such callbacks;
+* progress: tqdm bars only when stderr is a terminal (:func:`show_bars`), nothing per step otherwise.
 
 The loop draws no random numbers of its own, so a resumed run draws what the uninterrupted one drew
 (bitwise equal weights on CPU): the schedule is a function of the step counter, the data order of
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -47,6 +51,7 @@ __all__ = [
     "Callback",
     "EpochResult",
     "FitResult",
+    "GradientClipping",
     "SCHEDULES",
     "StepFn",
     "StepOutput",
@@ -55,6 +60,7 @@ __all__ = [
     "fit",
     "lr_at",
     "require_finite",
+    "show_bars",
 ]
 
 #: The learning-rate schedules of :func:`lr_at`.
@@ -155,25 +161,66 @@ class Callback:
         """After the epoch's loss and stats are reduced and checked."""
 
 
-def lr_at(step: int, total: int, base: float, schedule: str) -> float:
+class GradientClipping(Callback):
+    """Scale the gradients down to a global L2 norm of at most ``max_norm`` before each optimiser step.
+
+    :func:`torch.nn.utils.clip_grad_norm_` over every parameter of the model the loop trains: with
+    ``g`` the gradients of all parameters as one vector, ``g <- g min(1, max_norm / (||g||_2 + 1e-6))``.
+    Under DDP the gradients are already averaged over the processes when it runs, so every process
+    clips the same vector. A NaN or Inf gradient is left as it is (the loss check reports the divergence).
+    """
+
+    def __init__(self, max_norm: float) -> None:
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+            raise TypeError(f"max_norm must be a number, got {max_norm!r}")
+        if not (math.isfinite(max_norm) and max_norm > 0):
+            raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+
+    def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        nn.utils.clip_grad_norm_(model.parameters(), self.max_norm)
+
+
+def lr_at(step: int, total: int, base: float, schedule: str, warmup: float = 0.0) -> float:
     """Learning rate of optimiser step ``step`` (0-based) out of ``total``.
 
     ``cosine``: ``base (1 + cos(pi step / total)) / 2``, per step down to 0. ``onecycle``: a cosine
     warm-up from ``base / 25`` over the first 30% of the steps, then a cosine decay to ``base / 25e4``
     (torch's OneCycleLR without momentum cycling). ``none``: ``base``.
+
+    ``warmup`` (a fraction of the steps, ``0 <= warmup < 1``; ``cosine`` and ``none`` only, onecycle
+    has its own): the first ``w = round(warmup total)`` steps ramp up linearly, ``base (step + 1) / w``,
+    and the schedule then runs over the remaining ``total - w`` steps as if they were all of them
+    (cosine: ``base (1 + cos(pi (step - w) / (total - w))) / 2``). ``warmup = 0`` is the schedule alone.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {warmup!r}")
+    if warmup and schedule == "onecycle":
+        raise ValueError("the onecycle schedule has its own warm-up (30% of the steps): use warmup 0")
+    warm = round(warmup * total)
+    if step < warm:
+        return base * (step + 1) / warm
+    step, total = step - warm, total - warm
     if schedule == "none":
         return base
     if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    if schedule == "onecycle":
-        start, end = base / 25.0, base / 25.0 / 1e4
-        warm = max(1, round(0.3 * total))
-        if step < warm:
-            return start + (base - start) * 0.5 * (1.0 - math.cos(math.pi * step / warm))
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return end + (base - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-    raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+    start, end = base / 25.0, base / 25.0 / 1e4
+    warm = max(1, round(0.3 * total))
+    if step < warm:
+        return start + (base - start) * 0.5 * (1.0 - math.cos(math.pi * step / warm))
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return end + (base - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def show_bars(progress: bool) -> bool:
+    """Whether to draw tqdm progress bars: asked for (``progress``) and stderr, where tqdm draws them, is
+    a terminal. In a log file a bar is a stream of carriage returns (hundreds of kB per run), so there
+    the commands write one line per epoch instead."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return progress and callable(isatty) and bool(isatty())
 
 
 def _diverged(label: str, what: str, value: str, where: str, advice: str) -> TrainingDivergedError:
@@ -190,6 +237,7 @@ def fit(
     epochs: int,
     lr: float,
     schedule: str = "cosine",
+    warmup: float = 0.0,
     start_epoch: int = 0,
     start_step: int = 0,
     stop_after_epoch: int | None = None,
@@ -204,18 +252,22 @@ def fit(
     docstring.
 
     ``model`` is what the step calls (a DDP or compiled wrapper as well). The learning rate of step ``s``
-    is ``lr_at(s, epochs * len(loader), lr, schedule)``; ``start_step`` is the step counter at
+    is ``lr_at(s, epochs * len(loader), lr, schedule, warmup)``; ``start_step`` is the step counter at
     ``start_epoch`` (resume). ``time_cap``: seconds of training after which no further step starts (each
     step is timed from setting the learning rate to the end of the optimiser step, CUDA synchronised after
     it when a cap is set), so the first step always runs. ``reduce`` sums a list of
     floats over processes (DDP; default: this process only). ``advice(epoch)`` (0-based epoch) ends the
-    message of a :class:`TrainingDivergedError`, ``label`` starts it (and names the progress bar).
+    message of a :class:`TrainingDivergedError`, ``label`` starts it (and names the progress bar, drawn
+    when ``progress`` is on and stderr is a terminal: :func:`show_bars`; nothing is written per step
+    otherwise).
     ``stop_after_epoch``: return before that epoch as if the process had stopped there.
     """
     batches = len(loader)
     total = epochs * batches
     if total == 0:
         raise ValueError(f"nothing to train: {epochs} epochs of {batches} batches")
+    lr_at(0, total, lr, schedule, warmup)  # an unknown schedule or a bad warm-up fails before any step
+    bars = show_bars(progress)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     sync = time_cap is not None and device.type == "cuda"
     sum_over = reduce if reduce is not None else (lambda values: values)
@@ -236,7 +288,7 @@ def fit(
         seen = 0
         current_lr = lr
         desc = f"{label + ' ' if label else ''}epoch {epoch + 1}/{epochs}"
-        bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+        bar = tqdm(loader, desc=desc, leave=False, disable=not bars)
         try:
             for i, batch in enumerate(bar):
                 if time_cap is not None and result.seconds >= time_cap:
@@ -244,7 +296,7 @@ def fit(
                     result.stopped = "time cap"
                     return result
                 t_step = time.perf_counter()
-                current_lr = lr_at(result.step, total, lr, schedule)
+                current_lr = lr_at(result.step, total, lr, schedule, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = current_lr
                 try:
@@ -269,7 +321,7 @@ def fit(
                 for key, value in out.stats.items():
                     sums[key] = sums[key] + value.detach() if key in sums else value.detach().clone()
                 seen += n
-                if progress and i % 10 == 0:
+                if bars and i % 10 == 0:
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{current_lr:.2e}")
         finally:
             bar.close()

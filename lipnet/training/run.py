@@ -19,6 +19,16 @@ the checks, and it goes when the call ends). ``train(cfg, resume=True)`` continu
 checkpoint holds the model, the optimiser state, the step counter (the learning rate is a function
 of it) and every RNG state.
 
+With ``optim.ema`` the run keeps a moving average of the weights
+(:class:`~lipnet.training.ema.ExponentialMovingAverage`) and everything after training sees the averaged
+model: the per-epoch test accuracy and bound, the checkpoints' model weights (the ``last`` checkpoint
+also holds the trained weights and the optimiser state, to resume from), the ``final`` checkpoint, the
+certification, :func:`load_run_model` and what ``lipnet.export`` exports from it.
+
+Progress: tqdm bars only when stderr is a terminal (:func:`~lipnet.training.loop.show_bars`); the
+per-epoch lines go to ``log`` either way (``lipnet train`` prints them, one line per epoch, also with
+``--quiet``, which turns the bars off).
+
 On CUDA the forward and backward passes run under bf16 autocast (``amp``), optionally in
 channels-last layout and under ``torch.compile`` (``compile_mode: reduce-overhead`` also captures the compiled
 forward and backward in CUDA graphs); the Björck weights of each training forward are computed in
@@ -54,7 +64,8 @@ from lipnet.layers.batching import batch_weights
 from lipnet.training.build import build_loss, build_model, build_optimizer, check_model_fits
 from lipnet.training.config import RESUME_IGNORES, Config, ConfigError, ModelConfig, config_diff
 from lipnet.training.devices import Distributed, resolve_device
-from lipnet.training.loop import Callback, EpochResult, classification_step, fit
+from lipnet.training.ema import ExponentialMovingAverage
+from lipnet.training.loop import Callback, EpochResult, GradientClipping, classification_step, fit, show_bars
 from lipnet.training.plots import plot_history
 from lipnet.training.runs import RunError, RunFolder
 
@@ -63,6 +74,7 @@ __all__ = [
     "certification_summary",
     "certify_on_test",
     "certify_run",
+    "describe_recipe",
     "load_run_model",
     "load_split",
     "summary_table",
@@ -318,6 +330,34 @@ def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], what: str
         raise RunError(f"{what}: {detail}") from None
 
 
+def describe_recipe(cfg: Config) -> str:
+    """The training recipe of ``cfg`` in one line: batch, learning rate (and its scaling), schedule and
+    warm-up, weight decay, gradient clipping, weight averaging, augmentation, label smoothing."""
+    o, d = cfg.optim, cfg.data
+    parts = [f"batch {o.batch_size}"]
+    lr = f"{o.name} lr {o.scaled_lr():g}"
+    if o.lr_scaling != "none":
+        lr += f" (lr {o.lr:g} x {o.lr_scaling} batch / {o.reference_batch_size})"
+    parts.append(lr)
+    schedule = {"cosine": "cosine decay to 0", "onecycle": "one-cycle", "none": "constant"}[o.schedule]
+    if o.warmup:
+        schedule = f"linear warm-up over {100 * o.warmup:g}% of the steps, then {schedule}"
+    parts.append(schedule)
+    if o.weight_decay:
+        parts.append(f"weight decay {o.weight_decay:g}")
+    if o.clip_grad_norm is not None:
+        parts.append(f"gradients clipped to norm {o.clip_grad_norm:g}")
+    if o.ema is not None:
+        parts.append(f"EMA of the weights (decay {o.ema:g}), evaluated and certified")
+    if d.augment:
+        flip = " and horizontal flips" if d.flips() else ""
+        parts.append(f"augmentation: shifts up to {d.crop_padding} px{flip}")
+    smoothing = cfg.loss.kwargs.get("label_smoothing")
+    if smoothing:
+        parts.append(f"label smoothing {smoothing:g}")
+    return "; ".join(parts)
+
+
 def _summary(cfg: Config, results: dict[str, Any]) -> str:
     cert = results["certify"]
     loss_args = ", ".join(f"{k}={v}" for k, v in cfg.loss.kwargs.items())
@@ -334,6 +374,7 @@ def _summary(cfg: Config, results: dict[str, Any]) -> str:
         f"- training: {results['epochs']} epochs, {results['steps']} steps, "
         f"{cfg.optim.name} lr={cfg.optim.lr:g}, "
         f"{results['train_time']:.1f} s",
+        f"- recipe: {describe_recipe(cfg)}",
         f"- final epoch: loss {last['loss']:.4f}, train accuracy {100 * last['train_acc']:.2f}%, "
         f"test accuracy {100 * last['test_acc']:.2f}%",
         f"- sound Lipschitz bound {cert['lipschitz']:.6f} "
@@ -348,7 +389,12 @@ def _summary(cfg: Config, results: dict[str, Any]) -> str:
 class _EpochRecorder(Callback):
     """After each epoch, on rank 0: the test accuracy and the model's sound bound, the ``last``
     checkpoint (with the history and every RNG state), then the metrics files and the log line; a
-    barrier on every rank, so that no rank runs ahead of the files."""
+    barrier on every rank, so that no rank runs ahead of the files.
+
+    ``model`` is the evaluated model (the moving average with ``optim.ema``), whose weights the
+    checkpoint stores as its model; ``trained``, when it is another module, is the one the optimiser
+    updates, whose weights go in the checkpoint's state (``training_model``) to resume from.
+    """
 
     def __init__(
         self,
@@ -366,8 +412,10 @@ class _EpochRecorder(Callback):
         history: list[dict[str, Any]],
         train_time: float,
         log: Callable[[str], None],
+        trained: nn.Module | None = None,
     ) -> None:
         self.run, self.cfg, self.model, self.model_spec = run, cfg, model, model_spec
+        self.trained = trained
         self.optimizer, self.test_loader, self.autocast = optimizer, test_loader, autocast
         self.input_shape, self.num_classes, self.dist = input_shape, num_classes, dist
         self.history, self.train_time, self.log = history, train_time, log
@@ -395,7 +443,11 @@ class _EpochRecorder(Callback):
                 epoch=result.epoch,
                 step=result.step,
                 model_state=model.state_dict(),
-                state={"optimizer": self.optimizer.state_dict(), "rng": _rng_state()},
+                state={
+                    "optimizer": self.optimizer.state_dict(),
+                    "rng": _rng_state(),
+                    **({"training_model": self.trained.state_dict()} if self.trained is not None else {}),
+                },
                 meta={
                     "model": {"name": self.cfg.model.name, "kwargs": self.model_spec.kwargs},
                     "input_shape": list(self.input_shape),
@@ -443,7 +495,7 @@ def train(
         log = tqdm.write if progress else (lambda _line: None)
     if not dist.main:
         log = lambda _line: None  # noqa: E731
-    show = progress and dist.main
+    show = show_bars(progress) and dist.main
     dist.start(device)
     held = contextlib.ExitStack()
     try:
@@ -464,19 +516,35 @@ def train(
 
         history: list[dict[str, Any]] = []
         start_epoch, step, train_time = 0, 0, 0.0
+        misfit = (
+            f"cannot resume {run.path}: its 'last' checkpoint does not fit model {cfg.model.name!r} "
+            "as config.yaml describes it"
+        )
+        average_state: Mapping[str, torch.Tensor] | None = None  # the checkpoint's moving average
         if resume and run.has_checkpoint("last"):
             ckpt = run.load_checkpoint("last")
-            _load_weights(
-                model,
-                ckpt.model,
-                f"cannot resume {run.path}: its 'last' checkpoint does not fit model {cfg.model.name!r} "
-                "as config.yaml describes it",
-            )
+            if cfg.optim.ema is not None:
+                # the checkpoint's model is the average; the trained weights are in its state
+                if "training_model" not in ckpt.state:
+                    raise RunError(
+                        f"cannot resume {run.path}: its 'last' checkpoint holds no trained weights"
+                    )
+                _load_weights(model, ckpt.state["training_model"], misfit)
+                average_state = ckpt.model
+            else:
+                _load_weights(model, ckpt.model, misfit)
             optimizer.load_state_dict(ckpt.state["optimizer"])
             _set_rng_state(ckpt.state["rng"])
             history = list(ckpt.meta["history"])
             start_epoch, step, train_time = ckpt.epoch, ckpt.step, float(ckpt.meta["train_time"])
             log(f"resuming {run.path} after epoch {start_epoch} (step {step})")
+        ema: ExponentialMovingAverage | None = None
+        if cfg.optim.ema is not None:
+            ema = ExponentialMovingAverage(model, cfg.optim.ema)
+            if average_state is not None:
+                _load_weights(ema.average, average_state, misfit)
+        # what is evaluated, bounded, checkpointed as the model, certified and returned
+        evaluated = ema.average if ema is not None else model
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         if dist.main and not resume:
             run.write_config(cfg)
@@ -500,7 +568,9 @@ def train(
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
         augment = (
-            data.Augment(crop_padding=cfg.data.crop_padding, flip=cfg.data.flip) if cfg.data.augment else None
+            data.Augment(crop_padding=cfg.data.crop_padding, flip=cfg.data.flips())
+            if cfg.data.augment
+            else None
         )
         loader = data.DeviceLoader(
             train_ds,
@@ -521,7 +591,7 @@ def train(
         recorder = _EpochRecorder(
             run=run,
             cfg=cfg,
-            model=model,
+            model=evaluated,
             model_spec=model_spec,
             optimizer=optimizer,
             test_loader=data.DeviceLoader(test_ds, cfg.certify.batch_size, device=device),
@@ -532,7 +602,16 @@ def train(
             history=history,
             train_time=train_time,
             log=log,
+            trained=model if ema is not None else None,
         )
+
+        callbacks: list[Callback] = []
+        if cfg.optim.clip_grad_norm is not None:
+            callbacks.append(GradientClipping(cfg.optim.clip_grad_norm))
+        if ema is not None:
+            callbacks.append(ema)
+        callbacks.append(recorder)
+        step_fn = classification_step(loss_fn, autocast=autocast, channels_last=cfg.channels_last)
 
         def advice(epoch: int) -> str:
             kept = f"keeps its last checkpoint (epoch {epoch})" if epoch else "has no checkpoint yet"
@@ -542,26 +621,27 @@ def train(
             train_model,
             optimizer,
             loader,
-            classification_step(loss_fn, autocast=autocast, channels_last=cfg.channels_last),
+            step_fn,
             epochs=cfg.optim.epochs,
-            lr=cfg.optim.lr,
+            lr=cfg.optim.scaled_lr(),
             schedule=cfg.optim.schedule,
+            warmup=cfg.optim.warmup,
             start_epoch=start_epoch,
             start_step=step,
             stop_after_epoch=stop_after_epoch,
             reduce=lambda values: dist.sum(values, device),
-            callbacks=[recorder],
+            callbacks=callbacks,
             advice=advice,
             progress=show,
         )
         if fitted.stopped is not None:
-            return TrainResult(run.path, model, history, False, None)
+            return TrainResult(run.path, evaluated, history, False, None)
 
         results: dict[str, Any] | None = None
         if dist.main:
             run.promote("last", "final")
             cert, per_sample = certify_on_test(
-                model,
+                evaluated,
                 test_ds,
                 cfg.certify.eps,
                 n=cfg.certify.n,
@@ -587,7 +667,7 @@ def train(
             run.write_results(results)
             log(summary_table(cert))
         dist.barrier()
-        return TrainResult(run.path, model.eval(), history, True, results)
+        return TrainResult(run.path, evaluated.eval(), history, True, results)
     finally:
         held.close()
         dist.close()
