@@ -1,6 +1,6 @@
 """Run configuration: nested dataclasses read from YAML, with ``--set section.key=value`` overrides.
 
-A config file has the sections ``model``, ``data``, ``loss``, ``optim``, ``certify`` and ``sweep``
+A config file has the sections ``model``, ``data``, ``loss``, ``optim``, ``certify``, ``sweep`` and ``log``
 plus a few top-level keys (``seed``, ``device``, ``amp``, ``channels_last``, ``compile``, ``compile_mode``,
 ``out``).
 ``model`` and ``loss`` hold a ``name`` and, flat beside it, the keyword arguments of the
@@ -41,6 +41,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "LogConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 #: Top-level keys that do not change what is trained: a run may be resumed with other values.
-RESUME_IGNORES: tuple[str, ...] = ("out", "sweep", "device")
+RESUME_IGNORES: tuple[str, ...] = ("out", "sweep", "device", "log")
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
 _LR_SCALINGS = ("none", "linear", "sqrt")
@@ -330,6 +331,18 @@ class SweepConfig:
 
 
 @dataclass
+class LogConfig:
+    """Logging beside ``metrics.jsonl``: with ``tensorboard``, TensorBoard event files in
+    ``<run>/tensorboard`` (:mod:`lipnet.training.tensorboard`; the ``tensorboard`` extra): per-step loss
+    and learning rate, per-epoch loss, accuracies, the sound bound and the certified accuracy at each
+    ``certify.eps`` on the first ``certify_n`` test images (0: no certified-accuracy curves; it costs
+    one certification pass per epoch). Not part of what is trained: a run resumes with other values."""
+
+    tensorboard: bool = False
+    certify_n: int = 1000
+
+
+@dataclass
 class Config:
     """Everything a run needs; ``out`` is the run folder (``lipnet train``) or the sweep folder."""
 
@@ -339,6 +352,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -584,6 +598,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"sweep.attack must be one of {', '.join(_ATTACKS)}, got {s.attack!r}")
     _positive_int(s.attack_n, "sweep.attack_n", minimum=0)
     _positive_int(s.attack_steps, "sweep.attack_steps")
+
+    _positive_int(cfg.log.certify_n, "log.certify_n", minimum=0)
 
     _positive_int(cfg.seed, "seed", minimum=0)
     if not _DEVICE_RE.match(cfg.device):

@@ -5,7 +5,8 @@
 :mod:`lipnet.training.runs`): the config, one metrics row per epoch (with the sound Lipschitz bound
 of the model at that epoch), a ``last`` checkpoint after every epoch, and at the end a ``final``
 checkpoint, the per-sample radii, ``summary.md``, ``curves.png`` and, last, the certification of the
-final model on the test set (``results.json``, the mark of a finished run).
+final model on the test set (``results.json``, the mark of a finished run). With ``log.tensorboard``,
+TensorBoard event files go to ``tensorboard/`` (:mod:`lipnet.training.tensorboard`).
 
 The folder is locked for the whole call (a second ``train`` into it raises :class:`RunError`), and
 a run killed at any moment resumes to the same folder as an uninterrupted run: resume deletes the
@@ -68,6 +69,7 @@ from lipnet.training.ema import ExponentialMovingAverage
 from lipnet.training.loop import Callback, EpochResult, GradientClipping, classification_step, fit, show_bars
 from lipnet.training.plots import plot_history
 from lipnet.training.runs import RunError, RunFolder
+from lipnet.training.tensorboard import TensorBoardLogger, require_tensorboard
 
 __all__ = [
     "TrainResult",
@@ -484,6 +486,8 @@ def train(
     naming the tensors). Divergence raises :class:`~lipnet.training.loop.TrainingDivergedError`.
     """
     cfg.validate()
+    if cfg.log.tensorboard:
+        require_tensorboard()  # before anything is written, on every rank
     dist = Distributed.from_env()
     device = resolve_device(cfg.device, dist.local_rank)
     if cfg.optim.batch_size % dist.world_size:
@@ -612,6 +616,22 @@ def train(
             callbacks.append(ema)
         callbacks.append(recorder)
         step_fn = classification_step(loss_fn, autocast=autocast, channels_last=cfg.channels_last)
+        if cfg.log.tensorboard and dist.main:
+            board = TensorBoardLogger(
+                run.path / "tensorboard",
+                model=evaluated,
+                history=history,
+                test_ds=test_ds,
+                eps=cfg.certify.eps,
+                certify_n=cfg.log.certify_n,
+                batch_size=cfg.certify.batch_size,
+                device=device,
+                start_step=step,
+                resume=resume,
+            )
+            held.callback(board.close)
+            step_fn = board.watch(step_fn)
+            callbacks.append(board)  # after the recorder, whose metrics row it logs
 
         def advice(epoch: int) -> str:
             kept = f"keeps its last checkpoint (epoch {epoch})" if epoch else "has no checkpoint yet"
