@@ -37,21 +37,14 @@ def sort_pairs(x: Tensor) -> Tensor:
     permutation, 1-Lipschitz). The condition is a constant of the autograd graph (a comparison has
     no gradient), so the derivative of every order is the swap itself: a permutation, which sends
     each gradient entry to exactly one input also at ties (``minimum`` / ``maximum`` would split it
-    in halves there); pairs with equal entries are left in place. :class:`GroupSort` uses it in eval
-    mode, hence in every exported model.
+    in halves there); pairs with equal entries are left in place. Of the exact forms measured in
+    ``lipnet bench layers``' network (CPU, one thread), it is the fastest training step: within a
+    few percent of the former custom autograd Function, where a gather with the swap as index took
+    25% longer and ``stack(minimum, maximum)`` 38% longer.
     """
     pairs = x.unflatten(1, [x.shape[1] // 2, 2])
     swap = (pairs.select(2, 0) > pairs.select(2, 1)).unsqueeze(2)
     return torch.where(swap, pairs.flip([2]), pairs).flatten(1, 2)
-
-
-def _sort_pairs_by_index(x: Tensor) -> Tensor:
-    """:func:`sort_pairs` as a gather with the swap as index: the same values and the same derivatives
-    (a permutation, identity at ties), about 1.4 times faster forward and backward on a CPU (no
-    flipped copy; its backward scatters the gradient once). The training-mode form of :class:`GroupSort`."""
-    pairs = x.unflatten(1, [x.shape[1] // 2, 2])
-    swap = (pairs.select(2, 0) > pairs.select(2, 1)).unsqueeze(2)
-    return pairs.gather(2, torch.cat((swap, ~swap), 2).long()).flatten(1, 2)
 
 
 class GroupSort(nn.Module):
@@ -71,9 +64,7 @@ class GroupSort(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         channels = _check_channels(x, self.group_size, "GroupSort")
         if self.group_size == 2:
-            # two forms of the same map, with the same values and derivatives: the faster one for
-            # training, the one certify recognises in exported graphs for eval (see sort_pairs)
-            return _sort_pairs_by_index(x) if self.training else sort_pairs(x)
+            return sort_pairs(x)
         grouped = x.unflatten(1, [channels // self.group_size, self.group_size])
         return grouped.sort(dim=2).values.flatten(1, 2)
 
