@@ -205,8 +205,14 @@ CATALOG: dict[type[nn.Module], Factory] = {
     SmallCNN: lambda: [
         Case(SmallCNN(in_channels=1, num_classes=3, width=2, input_size=8), (1, 8, 8)),
         Case(
-            SmallCNN(in_channels=2, num_classes=4, width=2, conv="aol", input_size=4, pool="invertible"),
+            SmallCNN(2, 4, width=2, conv="aol", input_size=4, pool="invertible", norm="none"),
             (2, 4, 4),
+        ),
+        # AOL's default: centred after each convolution, which couples the samples of a training batch
+        Case(
+            SmallCNN(in_channels=1, num_classes=3, width=2, conv="aol", input_size=4),
+            (1, 4, 4),
+            per_sample_in_training=False,
         ),
     ],
     SqueezeExcitation: lambda: [

@@ -96,7 +96,7 @@ def test_the_head_option_builds_a_row_normalised_last_layer(name: str) -> None:
     }.get(name, {"input_size": 8})
     model = models.create(name, head="rownorm", **small)
     assert isinstance(model[-1], RowNormLinear)
-    assert type(models.create(name, **small)[-1]) is not RowNormLinear
+    assert not isinstance(models.create(name, **small)[-1], RowNormLinear)
     split = split_head(model)
     assert split is not None and split[1] is model[-1]
     with pytest.raises(ValueError, match="head must be one of"):
@@ -147,3 +147,43 @@ def test_the_last_layer_certificate_of_a_row_normalised_head_holds_under_attack(
     assert not inside.any()
     outside = flips_within_radius(model, x, y, radii, shrink=3.0, steps=40, restarts=1)
     assert outside.any()
+
+
+def test_small_cnn_heads_and_its_default_centring() -> None:
+    from lipnet.layers import BatchCentering, BjorckLinear
+
+    def centred(model: nn.Module) -> int:
+        return sum(isinstance(m, BatchCentering) for m in model.modules())
+
+    for conv in ("bjorck", "aol"):
+        model = models.create("small_cnn", conv=conv, width=4, input_size=8, head="orthogonal")
+        assert isinstance(model[-1], BjorckLinear), conv
+    aol = models.create("small_cnn", conv="aol", width=4, input_size=8)
+    assert isinstance(aol[-1], AOLLinear) and not isinstance(aol[-1], BjorckLinear)
+    # AOL: a BatchCentering after each of the four convolutions unless norm says otherwise
+    assert centred(aol) == 4
+    assert centred(models.create("small_cnn", conv="aol", width=4, input_size=8, norm="none")) == 0
+    assert centred(models.create("small_cnn", conv="bjorck", width=4, input_size=8)) == 0
+
+
+@pytest.mark.slow
+def test_an_aol_small_cnn_learns_shapes10_from_the_start(lipnet_data: object) -> None:
+    """Issue 13: ``small_cnn`` with AOL stayed at chance on shapes10 (11.7% test accuracy after two epochs
+    of 4,000 images with this seed, 9.6% with seed 1). Centred after each convolution (its default now)
+    it learns: 14.6% here, 15.2% with seed 1, as fast as Björck (14.5%)."""
+    from lipnet import data
+    from lipnet.losses import TauCrossEntropy
+    from lipnet.training.loop import classification_step, fit
+
+    train_ds, test_ds = data.load("shapes10", "train", n=4000), data.load("shapes10", "test", n=1000)
+    torch.manual_seed(0)
+    model = models.create("small_cnn", conv="aol", width=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = data.DeviceLoader(train_ds, 128, shuffle=True, seed=0)
+    step = classification_step(TauCrossEntropy(5.0))
+    fit(model, optimizer, loader, step, epochs=2, lr=1e-2, schedule="none")
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(test_ds.images).argmax(dim=1) == test_ds.labels).double().mean())
+    # chance is 10%, with a standard deviation of 0.95% on 1,000 images
+    assert accuracy > 0.13

@@ -403,3 +403,17 @@ def test_a_run_with_the_recipe_options(
     ):
         assert part in recipe, part
     assert "EMA" not in recipe
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parent.parent / "experiments" / "configs").glob("*.yaml")),
+    ids=str,
+)
+def test_every_experiment_config_loads_and_names_a_buildable_model(path: Path) -> None:
+    cfg = load_config(path)
+    cfg.model.check()
+    if cfg.data.name == "fashion_mnist":  # the issue-13 recipe: warm-up; flips stay off
+        assert cfg.optim.warmup > 0 and not cfg.data.flips()
+    if cfg.model.name == "fmnist_convnet_s":  # the anchor layout
+        assert cfg.model.kwargs["blocks"] == 0

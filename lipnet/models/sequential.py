@@ -13,16 +13,18 @@ from typing import Literal, get_args
 from torch import nn
 
 from certify.bounds import input_shapes, module_bound
+from lipnet.layers.bjorck import BjorckLinear
 from lipnet.layers.kinds import LayerKind
 from lipnet.layers.rownorm import RowNormLinear
 
 __all__ = ["HEADS", "HeadName", "LipschitzSequential", "classifier_head", "linear_head"]
 
 #: The classifier heads a model family takes as ``head=``: ``kind``, the layer kind's dense layer
-#: (:func:`linear_head`), or ``rownorm``, a :class:`~lipnet.layers.rownorm.RowNormLinear` (unit-norm class
+#: (:func:`linear_head`); ``orthogonal``, a :class:`~lipnet.layers.bjorck.BjorckLinear` whatever the kind
+#: (orthonormal class rows); or ``rownorm``, a :class:`~lipnet.layers.rownorm.RowNormLinear` (unit-norm class
 #: rows; every logit 1-Lipschitz in the features). The annotation lets the run config refuse another name
 #: before any data is loaded.
-HeadName = Literal["kind", "rownorm"]
+HeadName = Literal["kind", "orthogonal", "rownorm"]
 HEADS: tuple[str, ...] = get_args(HeadName)
 
 
@@ -47,10 +49,12 @@ def classifier_head(
     kind: LayerKind, in_features: int, out_features: int, head: HeadName = "kind"
 ) -> nn.Linear:
     """A model's last layer, an ``nn.Linear`` that ``certify``'s last-layer certificate splits off: the
-    kind's dense layer (``head="kind"``, :func:`linear_head`) or a row-normalised one (``"rownorm"``);
-    ``ValueError`` for another name (:data:`HEADS`)."""
+    kind's dense layer (``head="kind"``, :func:`linear_head`), a Björck one (``"orthogonal"``) or a
+    row-normalised one (``"rownorm"``); ``ValueError`` for another name (:data:`HEADS`)."""
     if head == "kind":
         return linear_head(kind, in_features, out_features)
+    if head == "orthogonal":
+        return BjorckLinear(in_features, out_features)
     if head == "rownorm":
         return RowNormLinear(in_features, out_features)
     raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
