@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     def write(rows: list[RecipeRow]) -> None:
         write_tables(args.out, rows, base.certify.eps, header)
 
-    rows = bench_recipe(
+    bench_recipe(
         base,
         ablations,
         out=args.out,
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print((Path(args.out) / "recipe.md").read_text(encoding="utf-8"))
     print(f"wrote {Path(args.out) / 'recipe.csv'}, {Path(args.out) / 'recipe.md'}")
-    return 0 if rows else 1
+    return 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

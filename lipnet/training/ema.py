@@ -50,10 +50,12 @@ class ExponentialMovingAverage(Callback):
         self.decay = float(decay)
         self.model = model
         self.average = copy.deepcopy(model).eval().requires_grad_(False)
-        self._sources: list[Tensor] = list(model.parameters())
-        self._targets: list[Tensor] = list(self.average.parameters())
-        self._source_buffers: list[Tensor] = list(model.buffers())
+        pairs = list(zip(self.average.parameters(), model.parameters(), strict=True))
+        # the parameters averaged (floating point: all a model trains) and the buffers copied
+        self._targets: list[Tensor] = [a for a, _ in pairs if a.is_floating_point()]
+        self._sources: list[Tensor] = [p for a, p in pairs if a.is_floating_point()]
         self._target_buffers: list[Tensor] = list(self.average.buffers())
+        self._source_buffers: list[Tensor] = list(model.buffers())
 
     def decay_at(self, step: int) -> float:
         """``d_t = min(decay, (1 + t) / (10 + t))`` of optimiser step ``t = step`` (0-based)."""
@@ -62,12 +64,10 @@ class ExponentialMovingAverage(Callback):
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Move the average towards the current weights as after optimiser step ``step``."""
-        weight = 1.0 - self.decay_at(step)
-        targets = [t for t, s in zip(self._targets, self._sources, strict=True) if t.is_floating_point()]
-        sources = [s for t, s in zip(self._targets, self._sources, strict=True) if t.is_floating_point()]
-        if targets:
-            # a <- a + (1 - d) (w - a): one fused kernel per group of tensors, the same on every run
-            torch._foreach_lerp_(targets, sources, weight)
+        if self._targets:
+            # a <- a + (1 - d) (w - a), as torch.optim's foreach paths: one kernel per group of tensors of
+            # one device and dtype, deterministic (the same on every run)
+            torch._foreach_lerp_(self._targets, self._sources, 1.0 - self.decay_at(step))
         for target, source in zip(self._target_buffers, self._source_buffers, strict=True):
             target.copy_(source)
 
