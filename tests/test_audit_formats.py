@@ -238,3 +238,23 @@ def test_the_report_puts_third_party_claims_next_to_certify_bounds(tmp_path: Pat
     markdown = (tmp_path / "audit" / "audit.md").read_text(encoding="utf-8")
     assert "| claimed |" in markdown and "1 **refuted**" in markdown
     assert sum(line.startswith("CLAIM: ") for line in report.summary().splitlines()) == 2
+
+
+class _BatchDependent(nn.Module):
+    """Scales its logits by 100 on batches of more than two samples: per sample, another map than the
+    one the recording batch shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * (100.0 if x.shape[0] > 2 else 1.0)
+
+
+def test_a_torchscript_model_that_depends_on_the_batch_size_is_refused() -> None:
+    from certify.contract import UnboundableModuleError
+
+    scripted = torch.jit.script(_BatchDependent().eval())
+    with pytest.raises(UnboundableModuleError, match="other batch sizes"):
+        analyze(scripted, (4,))

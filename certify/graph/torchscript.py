@@ -9,7 +9,8 @@ weight computed from parameters by the model's own code is the weight it uses), 
 control flow, whose conditions may depend on the input's shape but not on its values: an ``if``
 takes the branch its condition selects, a loop runs its trip count, and a scalar or a condition read
 from the input's values (``x.item()``, ``bool(x.sum() > 0)``) is refused. The graph is therefore the
-model on inputs of the example's shape (the analysis checks that it reproduces the model's output).
+model on inputs of the example's shape (the analysis checks that it reproduces the model's output),
+and the same operations must run for a batch of another size.
 
 Operations that cannot be run this way are collected and refused together in one
 :class:`TorchScriptError` whose message is one line that counts them and names the first few.
@@ -383,12 +384,7 @@ def _split_arguments(op: Any, inputs: list[Any]) -> tuple[list[Any], dict[str, A
     return args, kwargs
 
 
-def script_to_graph(model: torch.jit.ScriptModule, example: Tensor) -> fx.GraphModule:
-    """The graph of ``model`` on inputs of ``example``'s shape (see the module docstring).
-
-    Raises :class:`TorchScriptError` (one line) when the model calls something that cannot be run
-    node by node here, reads control flow or scalars from its input's values, or fails on the example.
-    """
+def _run(model: torch.jit.ScriptModule, example: Tensor) -> fx.GraphModule:
     conv = _Converter(model)
     graph = model.inlined_graph
     params = list(graph.inputs())
@@ -418,3 +414,65 @@ def script_to_graph(model: torch.jit.ScriptModule, example: Tensor) -> fx.GraphM
     return fx.GraphModule(
         conv.root, conv.graph, class_name=f"TorchScript_{getattr(model, 'original_name', 'Module')}"
     )
+
+
+def _same_program(a: fx.GraphModule, b: fx.GraphModule, sizes: tuple[int, int]) -> bool:
+    """Whether two conversions for batch sizes ``sizes`` run the same operations with the same constants,
+    up to integers that scale with the batch size (a reshape to ``(batch, -1)``, say)."""
+    a_nodes, b_nodes = list(a.graph.nodes), list(b.graph.nodes)
+    if len(a_nodes) != len(b_nodes):
+        return False
+    a_index = {n: i for i, n in enumerate(a_nodes)}
+    b_index = {n: i for i, n in enumerate(b_nodes)}
+
+    def same(u: Any, v: Any) -> bool:
+        if isinstance(u, fx.Node) and isinstance(v, fx.Node):
+            return a_index[u] == b_index[v]
+        if isinstance(u, (list, tuple)) and isinstance(v, (list, tuple)):
+            return len(u) == len(v) and all(same(x, y) for x, y in zip(u, v, strict=True))
+        if isinstance(u, int) and isinstance(v, int) and not isinstance(u, bool) and u != v:
+            return u * sizes[1] == v * sizes[0]
+        return type(u) is type(v) and u == v
+
+    for m, n in zip(a_nodes, b_nodes, strict=True):
+        if (
+            m.op != n.op
+            or m.target != n.target
+            or not same(m.args, n.args)
+            or m.kwargs.keys() != n.kwargs.keys()
+        ):
+            return False
+        if not all(same(m.kwargs[k], n.kwargs[k]) for k in m.kwargs):
+            return False
+        if m.op == "get_attr":
+            # weights the model computes on each call (power iterations, Björck steps) repeat up to
+            # float rounding, not bit for bit: a batch-dependent constant differs by far more
+            t, u = getattr(a, str(m.target)), getattr(b, str(n.target))
+            if t.shape != u.shape or t.dtype != u.dtype:
+                return False
+            scale = float(t.abs().max()) if t.numel() and t.is_floating_point() else 0.0
+            if not torch.allclose(t, u, rtol=1e-5, atol=1e-5 * scale):
+                return False
+    return True
+
+
+def script_to_graph(model: torch.jit.ScriptModule, example: Tensor) -> fx.GraphModule:
+    """The graph of ``model`` on inputs of ``example``'s shape (see the module docstring).
+
+    The model is also run on a batch of one more sample: a model whose operations change with the
+    batch size (control flow on ``x.shape[0]``) computes another map on the batches it certifies
+    than on the example, and is refused.
+
+    Raises :class:`TorchScriptError` (one line) when the model calls something that cannot be run
+    node by node here, reads control flow or scalars from its input's values or its batch size, or
+    fails on the example.
+    """
+    graph = _run(model, example)
+    other = _run(model, torch.cat([example, example[:1]]))
+    sizes = (example.shape[0], example.shape[0] + 1)
+    if not _same_program(graph, other, sizes):
+        raise TorchScriptError(
+            "the TorchScript model computes otherwise for other batch sizes (control flow or constants "
+            "that depend on the batch size): it cannot be bounded as one per-sample map"
+        )
+    return graph
