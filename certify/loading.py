@@ -258,6 +258,12 @@ def _load_pt2(path: Path, device: str | torch.device) -> LoadedModel:
     module = program.module()
     graph = fx.GraphModule(module, module.graph)  # the program's own module refuses .eval()
     example = next((n.meta.get("val") for n in graph.graph.nodes if n.op == "placeholder"), None)
+    if isinstance(example, torch.Tensor) and example.ndim and isinstance(example.shape[0], int):
+        raise CheckpointError(
+            f"{path} was exported for batches of exactly {example.shape[0]} inputs: certify runs the model "
+            "on batches of other sizes; export it with a dynamic batch dimension (dynamic_shapes="
+            "({0: torch.export.Dim('batch')},), as lipnet export does)"
+        )
     shape = tuple(int(s) for s in example.shape[1:]) if isinstance(example, torch.Tensor) else None
     return LoadedModel(graph.to(device).eval(), str(path), "pt2", shape)
 

@@ -258,3 +258,13 @@ def test_a_torchscript_model_that_depends_on_the_batch_size_is_refused() -> None
     scripted = torch.jit.script(_BatchDependent().eval())
     with pytest.raises(UnboundableModuleError, match="other batch sizes"):
         analyze(scripted, (4,))
+
+
+def test_a_pt2_program_for_one_batch_size_is_refused_with_the_fix(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    path = tmp_path / "static.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(model, (torch.rand(1, 1, 4, 4),)), str(path))
+    with pytest.raises(CheckpointError, match="batches of exactly 1 inputs.*dynamic batch dimension"):
+        load_model(path)
