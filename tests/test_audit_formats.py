@@ -106,8 +106,8 @@ def test_onnx_files_refused_in_one_short_line(tmp_path: Path, monkeypatch: pytes
     graph = helper.make_graph(
         nodes,
         "unsupported",
-        [helper.make_tensor_value_info("v0", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("v17", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("v0", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("v17", TensorProto.FLOAT, ["batch", 4])],
     )
     path = tmp_path / "unsupported.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))

@@ -166,8 +166,14 @@ def run_onnxruntime(data: bytes | str | Path, x: Tensor) -> Tensor:
     raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().float().numpy()})
+    try:
+        session = onnxruntime.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().float().numpy()})
+    except Exception as err:  # onnxruntime's own errors (its pybind classes): the file fails on x
+        raise OnnxError(
+            f"onnxruntime cannot run the file on inputs of shape {tuple(x.shape)}: "
+            f"{' '.join(str(err).split())[:200]}"
+        ) from None
     return torch.from_numpy(out)
 
 
@@ -180,6 +186,14 @@ def onnx_to_graph(data: bytes | str | Path, example: Tensor, *, probes: int = 4)
     not reproduce onnxruntime's outputs on the example and ``probes`` random batches.
     """
     model, onnx, numpy_helper = _load(data)
+    inputs = _graph_inputs(model)
+    batch = inputs[0].type.tensor_type.shape.dim[:1] if len(inputs) == 1 else []
+    if batch and batch[0].HasField("dim_value"):
+        raise OnnxError(
+            f"the ONNX model was exported for batches of exactly {batch[0].dim_value} inputs: certify runs "
+            "it on batches of other sizes; export it with a dynamic batch axis (torch.onnx.export(..., "
+            "dynamic_axes={'input': {0: 'batch'}}), as lipnet export does)"
+        )
     sample = example[:1].detach().float().cpu()
     graphs = []
     for size in _BATCHES:
