@@ -50,7 +50,7 @@ from lipnet.layers.kinds import list_layer_kinds
 from lipnet.models import create
 from lipnet.models.fmnist import SIZES, fmnist_layers
 from lipnet.training.devices import resolve_device
-from lipnet.training.loop import classification_step, fit
+from lipnet.training.loop import classification_step, fit, show_bars
 
 __all__ = ["ATTACKS", "EPS", "Contender", "bench_fmnist", "contenders", "to_csv", "to_markdown"]
 
@@ -216,7 +216,7 @@ def bench_fmnist(
         done, seconds = fitted.epochs, fitted.seconds
         model.eval()
         result = certify.certify(
-            model, data.DeviceLoader(test_ds, 500, device=dev), eps=list(EPS), progress=progress
+            model, data.DeviceLoader(test_ds, 500, device=dev), eps=list(EPS), progress=show_bars(progress)
         )
         robust = (
             _robust(model, x_att, y_att, result.radii[:n_attack], EPS, attack, attack_steps, seed)

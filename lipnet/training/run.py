@@ -186,12 +186,13 @@ def certify_on_test(
     """Certify ``model`` on the first ``n`` test samples with :func:`certify.certify`; float32 forward,
     float64 bound.
 
+    ``progress``: a tqdm bar when stderr is a terminal (:func:`~lipnet.training.loop.show_bars`).
     Returns a JSON-ready dict (n, eps, clean_accuracy, certified_accuracy with one entry per eps in
     the same order, mean_radius, lipschitz: the sound bound used, rule: ``last-layer`` or ``global``)
     and the per-sample tensors (radii float64, predictions, labels) in test-set order.
     """
     loader = data.DeviceLoader(test_ds, batch_size, device=device)
-    result = certify.certify(model, _take(loader, n), eps=eps, progress=progress)
+    result = certify.certify(model, _take(loader, n), eps=eps, progress=show_bars(progress))
     summary = {
         "n": result.n,
         "eps": list(eps),
