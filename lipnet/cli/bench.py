@@ -1,4 +1,4 @@
-"""``lipnet bench layers|fmnist|models|kernels``: the benchmarks of :mod:`lipnet.bench`, tables and files.
+"""``lipnet bench layers|fmnist|models|kernels|recipe``: the benchmarks of :mod:`lipnet.bench`, their files.
 
 ``layers``: the small_cnn networks of each library (:func:`lipnet.bench.layers.bench_layers`), or with
 ``--per-layer`` / ``--kinds`` one layer per kind next to its anchor
@@ -10,7 +10,8 @@ certified and attacked on Fashion-MNIST (:func:`lipnet.bench.fmnist.bench_fmnist
 eagerly, compiled and compiled with CUDA-graph capture (:mod:`lipnet.bench.modes`). ``kernels``: the ATen
 operations one training step dispatches, per kind and library (:func:`lipnet.bench.kernels.bench_kernels`).
 ``--out F`` of ``layers``, ``models`` and ``kernels`` writes the Markdown table when ``F`` ends in ``.md``,
-else the rows as JSON.
+else the rows as JSON. ``recipe``: a training recipe's elements toggled on one budget (its own module,
+:mod:`lipnet.cli.recipe`).
 """
 
 from __future__ import annotations
