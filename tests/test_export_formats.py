@@ -32,6 +32,7 @@ from lipnet.export_formats import (
     portable,
 )
 from lipnet.layers import CayleyConv2d
+from lipnet.models.small import small_cnn
 from lipnet.pooling import GlobalL2NormPool2d, ScaledL2NormPool2d
 from lipnet.training.config import Config
 
@@ -181,6 +182,14 @@ def test_cli_exports_a_run_and_refuses_on_one_line(
         assert main(["export", str(run), "--format", fmt, "--out", str(out), "--n", "8"]) == 0
         printed = capsys.readouterr().out
         assert out.is_file() and f"exported {fmt}" in printed and "max |exported - model|" in printed
+    # a weights file with its architecture, verified on --data
+    weights = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(small_cnn(width=4, conv="aol").state_dict(), weights)
+    argv = ["export", str(weights), "--arch", "lipnet.models.small:small_cnn", "--arch-kwargs"]
+    argv += ['{"width": 4, "conv": "aol"}', "--data", "shapes10", "--format", "torchscript"]
+    assert main([*argv, "--out", str(tmp_path / "weights.ts"), "--n", "8"]) == 0
+    assert "exported torchscript" in capsys.readouterr().out and (tmp_path / "weights.ts").is_file()
     if _has_onnx():  # onnxruntime's float rounding differs from torch's (by about 1e-8 here)
         refused = tmp_path / "refused.onnx"
         argv = [
