@@ -73,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``recipe`` to the ``lipnet bench`` sub-commands ``subparsers``."""
     p = subparsers.add_parser(
-        "recipe", help="train a base config and each recipe element toggled on one budget; recipe.csv/md"
+        "recipe",
+        help="train a base config and each recipe element toggled on one budget; recipe.csv/md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="named ablations (each toggled relative to the config):\n"
+        + "\n".join(f"  {a.name:13s} {a.description}" for a in ABLATIONS.values()),
     )
     add_config_options(p)
     p.add_argument(
