@@ -25,7 +25,7 @@ __all__ = ["SIZES", "FashionConvNet", "fmnist_convnet_m", "fmnist_convnet_s", "f
 #: model config overrides (``model.width``, ``model.blocks``, ``model.hidden``). ``blocks: 0`` is
 #: deel-torchlip's anchor layout, which ``experiments/configs/fmnist_*.yaml`` train: with Björck the
 #: channel-preserving blocks are contractive RKO convolutions at initialisation, and one block per stage
-#: cost 2.4x the time per step and about 4 points of clean accuracy at a short budget (20,000 images x 3
+#: cost 2.4x the time per step and about 3.5 points of clean accuracy at a short budget (20,000 images x 3
 #: epochs); ``lipnet bench fmnist`` keeps the sizes below, its tables' layout.
 SIZES: dict[str, dict[str, int]] = {
     "s": {"width": 16, "blocks": 1, "hidden": 64},
