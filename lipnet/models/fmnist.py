@@ -23,7 +23,7 @@ __all__ = ["SIZES", "FashionConvNet", "fmnist_convnet_m", "fmnist_convnet_s", "f
 
 #: Keyword arguments of :func:`fmnist_layers` for ``fmnist_convnet_s`` / ``_m``: their defaults, which the
 #: model config overrides (``model.width``, ``model.blocks``, ``model.hidden``). ``blocks: 0`` is
-#: deel-torchlip's anchor layout, which ``experiments/configs/fmnist_*.yaml`` train: with Björck the
+#: deel-torchlip's anchor layout, which ``experiments/configs/fmnist_convnet_s.yaml`` trains: with Björck the
 #: channel-preserving blocks are contractive RKO convolutions at initialisation, and one block per stage
 #: cost 2.4x the time per step and about 3.5 points of clean accuracy at a short budget (20,000 images x 3
 #: epochs); ``lipnet bench fmnist`` keeps the sizes below, its tables' layout.
