@@ -545,3 +545,30 @@ def test_gram_norm_bound_gradient_is_that_of_the_formula(steps: int) -> None:
     (expected,) = torch.autograd.grad(direct, w)
     torch.testing.assert_close(gram_norm_bound(w @ w.T, steps), direct, atol=0, rtol=1e-13)
     torch.testing.assert_close(grad, expected, atol=0, rtol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (8, 4), (4, 4), (3, 20), (20, 3)])
+@pytest.mark.parametrize("fill", ["equal_rows", "zero_row"])
+def test_bjorck_eval_weight_of_a_rank_deficient_raw_weight_is_finite(
+    shape: tuple[int, int], fill: str
+) -> None:
+    # The eval iteration runs up to 100 float64 steps that never reach the tolerance for a rank-deficient
+    # matrix; a Gram-space recursion amplifies the rounding on the null space by 1.875 per step (NaN
+    # after 100 steps), the direct iteration stays in the row space: a partial isometry, bounded by 1.
+    from lipnet.layers import BjorckLinear
+
+    layer = BjorckLinear(shape[1], shape[0])
+    with torch.no_grad():
+        raw = layer.parametrizations.weight.original
+        if fill == "equal_rows":
+            raw.fill_(1.0)
+        else:
+            raw[0].zero_()
+    layer.eval()
+    weight = layer.weight.double()
+    assert torch.isfinite(weight).all()
+    singular = torch.linalg.svdvals(weight)
+    assert singular.max() <= 1 + 1e-6
+    assert singular.max() >= 1 - 1e-6  # the range of the raw weight is orthonormalised
+    bound = layer.lipschitz_bound()
+    assert float(singular.max()) <= bound <= 1 + 1e-6

@@ -130,16 +130,17 @@ def _converged(x: Tensor, eye: Tensor, tol: float | None) -> bool:
     return tol is not None and bool(_frobenius(eye - x).max() <= tol)
 
 
-def _gram_space(x: Tensor, coeffs: list[float], iterations: int, tol: float | None) -> Tensor:
+def _gram_space(x: Tensor, coeffs: list[float], iterations: int) -> Tensor:
     """``Q = P(X_k) ... P(X_0)`` for the pre-scaled Gram matrices ``X_0`` ``(E, m, m)``, with
-    ``X_(j+1) = P(X_j)^2 X_j``: ``Bjorck^k(W) = Q W`` when ``X_0 = W W^T`` (module docstring)."""
+    ``X_(j+1) = P(X_j)^2 X_j``: ``Bjorck^k(W) = Q W`` when ``X_0 = W W^T`` (module docstring). A fixed
+    number of steps only: over many steps the recursion is unstable for a rank-deficient ``W``
+    (:func:`bjorck_orthonormalize`)."""
     eye, scaled_eye = _identities(x.shape[-1], coeffs, x)
     transform: Tensor | None = None
     for step in range(iterations):
-        converged = _converged(x, eye, tol)
         poly = _polynomial(x, eye, scaled_eye, coeffs)
         transform = poly if transform is None else torch.bmm(poly, transform)
-        if converged or step == iterations - 1:
+        if step == iterations - 1:
             break
         x = torch.bmm(poly, torch.bmm(poly, x))
     assert transform is not None  # iterations >= 1
@@ -167,7 +168,7 @@ def bjorck_gram_transform(
     # a zero matrix gets a positive bound (and T W = 0); the clamp's zero gradient there also stops the
     # 0 * inf of d(b^-1/2)/db at b = tiny, so a zero weight gets finite gradients
     bound = gram_norm_bound(gram, bound_steps).clamp_min(torch.finfo(gram.dtype).tiny)
-    transform = _gram_space(gram / bound[:, None, None], _monomial_coefficients(order), iterations, None)
+    transform = _gram_space(gram / bound[:, None, None], _monomial_coefficients(order), iterations)
     coef = bound.rsqrt() if scale is None else bound.rsqrt() * scale
     return transform * coef[:, None, None]
 
@@ -208,14 +209,17 @@ def bjorck_orthonormalize(
     ``sum_j a_j X^j`` (exact coefficients), one kernel per degree.
 
     Runs ``iterations`` steps; with ``tol``, stops once ``||I - G_k||_F <= tol`` (after one more
-    step, which takes the error to about ``tol^(order + 1)``) and ends with one Björck step on
-    the product itself, which removes the rounding accumulated in the Gram-space recursion.
+    step, which takes the error to about ``tol^(order + 1)``).
 
-    Near-square matrices (larger side below 1.5 times the smaller) run the same iteration on the
-    ``m x n`` iterate itself, ``W_{k+1} = P(I - W_k W_k^T) W_k``: a step then costs
-    ``2 m^2 n + m^3`` multiply-adds instead of ``4 m^3`` (for a square matrix 11 products in 3
-    steps instead of 13), the tolerance is checked on the actual iterate, and no final step is
-    needed. Same iterates, pre-scaling and stopping rule in exact arithmetic.
+    Near-square matrices (larger side below 1.5 times the smaller), and every matrix when ``tol`` is
+    given, run the same iteration on the ``m x n`` iterate itself, ``W_{k+1} = P(I - W_k W_k^T) W_k``:
+    a step then costs ``2 m^2 n + m^3`` multiply-adds instead of ``4 m^3`` (for a square matrix 11
+    products in 3 steps instead of 13), and the tolerance is checked on the actual iterate. The
+    converging mode (``tol``) never uses the Gram-space recursion because it is unstable for a
+    rank-deficient matrix: on the Gram matrix's null space ``P`` multiplies ``Q_k`` by ``sum_i c_i > 1``
+    at every step (1.875 for order 2), so over tens of steps the rounding of ``Q_k W`` grows without
+    bound (NaN after 100 steps for a matrix with equal rows), while the direct iterate never leaves
+    the row space of ``W``. Same iterates, pre-scaling and stopping rule in exact arithmetic.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -228,13 +232,11 @@ def bjorck_orthonormalize(
     gram = torch.bmm(w, w.mT) if wide else torch.bmm(w.mT, w)
     bound = gram_norm_bound(gram, bound_steps).clamp_min(torch.finfo(w.dtype).tiny)[:, None, None]
     small, large = sorted(shape[-2:])
-    if 2 * large < 3 * small:
+    if tol is not None or 2 * large < 3 * small:
         w = _bjorck_direct(w / bound.sqrt(), gram / bound, coeffs, iterations, tol, wide)
         return w.reshape(shape)
-    transform = _gram_space(gram / bound, coeffs, iterations, tol) * bound.rsqrt()
+    transform = _gram_space(gram / bound, coeffs, iterations) * bound.rsqrt()
     w = torch.bmm(transform, w) if wide else torch.bmm(w, transform)
-    if tol is not None:
-        w = _bjorck_direct(w, torch.bmm(w, w.mT) if wide else torch.bmm(w.mT, w), coeffs, 1, None, wide)
     return w.reshape(shape)
 
 
