@@ -3,6 +3,9 @@
 Depends only on torch (and numpy/tqdm); never on lipnet's training stack.
 """
 
+# The deel-torchlip / orthogonium adapters (loaded the first time one of their classes is looked up)
+# bound the modules they wrap through the dispatcher, so they sit above it, not in certify.rules.
+from certify import third_party as third_party
 from certify.audit import audit
 from certify.bounds import UnboundableModuleError, lipschitz_bound, register_bound
 from certify.contract import LipschitzBounded
@@ -19,11 +22,6 @@ from certify.radius import (
     parse_eps,
 )
 from certify.report import AuditReport
-
-# The deel-torchlip / orthogonium rules (loaded the first time one of their classes is looked up)
-# bound the modules they wrap through the dispatcher, which imports certify.rules: they are
-# installed here rather than by certify.rules.
-from certify.rules import third_party as third_party
 from certify.rules.folding import Normalize
 
 __all__ = [

@@ -8,7 +8,7 @@
    row gets a lower estimate by power iteration on the layer's Jacobian at the input a real sample
    gives it (:func:`jacobian_norm_lower`), and the network one from the same on a few samples. A
    deel-torchlip or orthogonium layer's row also carries the constant its library claims
-   (:func:`certify.rules.third_party.claimed_bound`), flagged where the bound exceeds it (the claim is
+   (:func:`certify.third_party.claimed_bound`), flagged where the bound exceeds it (the claim is
    not proven) or the lower estimate does (the claim is false): a wrong claim is reported, not used;
 2. **certification**: radii from the logits of a float32 forward pass (``certify.radius``): the
    last-layer rule ``min_j (f_y - f_j) / (L_g ||w_y - w_j||)`` when the model ends in a linear
@@ -55,7 +55,7 @@ from certify.radius import (
 )
 from certify.report import AuditReport, LayerReport, Violation, write_report
 from certify.rules.folding import Normalize
-from certify.rules.third_party import claimed_bound
+from certify.third_party import claimed_bound
 
 __all__ = ["BOUND_TOLERANCE", "audit", "empirical_lipschitz_lower", "jacobian_norm_lower"]
 

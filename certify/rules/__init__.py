@@ -7,10 +7,11 @@
   (the banded Gram certificate);
 * :mod:`~certify.rules.pooling`: average, max, LP and adaptive pooling;
 * :mod:`~certify.rules.folding`: BatchNorm (alone or folded into its layer) and input normalisation;
-* :mod:`~certify.rules.shapes`: identities and permutations (flatten, pixel shuffles, eval dropout);
-* :mod:`~certify.rules.third_party`: deel-torchlip and orthogonium layers, registered lazily. It
-  bounds the modules those layers wrap through the dispatcher :mod:`certify.bounds`, which imports
-  this package, so it is not imported here but by the ``certify`` package itself.
+* :mod:`~certify.rules.shapes`: identities and permutations (flatten, pixel shuffles, eval dropout).
+
+The deel-torchlip and orthogonium adapters are :mod:`certify.third_party`: they bound the modules
+those layers wrap through the dispatcher :mod:`certify.bounds`, which imports this package, so they
+sit above it.
 """
 
 from certify.rules import activations, conv, folding, linear, pooling, shapes
