@@ -4,7 +4,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
-EXTRAS ?= attack,plot,onnx,bench,dev
+EXTRAS ?= attack,plot,onnx,tensorboard,bench,dev
 DEMO_OUT ?= runs/demo
 
 .PHONY: demo test lint mypy-baseline venv clean

@@ -157,6 +157,9 @@ class BatchCentering(nn.Module):
         out = _PLAIN_NORMS[self._input_ndim](
             self.num_features, eps=0.0, momentum=None, device=mean.device, dtype=mean.dtype
         )
+        # Built with track_running_stats (the default), so the three buffers exist; mypy sees Optional.
+        assert out.running_mean is not None and out.running_var is not None
+        assert out.num_batches_tracked is not None
         with torch.no_grad():
             out.running_mean.copy_(mean)
             out.running_var.fill_(1.0)
