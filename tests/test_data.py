@@ -451,6 +451,67 @@ def test_shapes10_works_when_the_cache_cannot_be_written(
     assert len(ds) == 10 and not (tmp_path / "shapes10").exists()
 
 
+def test_shapes10_difficulty_scales_only_the_nuisances() -> None:
+    """The setting multiplies each image's difficulty draw; everything else is the same stream."""
+    full = shapes_module.generate_shapes10(30, seed=0)
+    # The default, 1 as a float or an int, is the data set as it was before the setting existed.
+    for one in (1.0, 1):
+        same = shapes_module.generate_shapes10(20, seed=0, difficulty=one)
+        assert hashlib.sha256(same["images"].tobytes()).hexdigest() == SHAPES10_DIGEST
+    for setting in (0.0, 0.3, 0.5):
+        part = shapes_module.generate_shapes10(30, seed=0, difficulty=setting)
+        for key in ("labels", "masks", "colour", "size", "x", "y", "rotation"):
+            assert np.array_equal(part[key], full[key]), (setting, key)
+        assert np.array_equal(part["difficulty"], full["difficulty"] * np.float32(setting))
+        assert not np.array_equal(part["images"], full["images"])
+    # At 0 every image is clean: more than 3 pixels from the labelled shape's mask (the star's and the
+    # crescent's distance functions are not exact, so their anti-aliasing reaches past 1 pixel), the
+    # background is one flat colour (no texture, stripes, distractors or noise).
+    clean = shapes_module.generate_shapes10(30, seed=0, difficulty=0.0)
+    near = torch.nn.functional.max_pool2d(torch.from_numpy(clean["masks"]).float()[:, None], 7, 1, 3)[:, 0]
+    background = ~near.bool().numpy()
+    for image, where in zip(clean["images"], background, strict=True):
+        assert where.sum() > 300
+        assert all(len(np.unique(channel[where])) == 1 for channel in image)
+    # Lower settings give smoother images: the mean absolute difference between neighbouring pixels falls.
+    images = [shapes_module.generate_shapes10(30, seed=0, difficulty=s)["images"] for s in (0.0, 0.5, 1.0)]
+    roughness = [np.abs(np.diff(x.astype(np.float64))).mean() for x in images]
+    assert roughness[0] < roughness[1] < roughness[2]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.5", None])
+def test_shapes10_difficulty_is_checked(bad: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"difficulty must be a number in \[0, 1\]"):
+        shapes_module.generate_shapes10(10, difficulty=bad)  # type: ignore[arg-type]
+    if bad is not None:  # load's None is the data set's default
+        with pytest.raises(ValueError, match=r"difficulty must be a number in \[0, 1\]"):
+            load("shapes10", n=10, data_dir=tmp_path, difficulty=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "shapes10").exists()
+
+
+def test_only_shapes10_has_a_difficulty_setting(tmp_path: Path) -> None:
+    assert data.has_difficulty("shapes10") and not data.has_difficulty("cifar10")
+    assert not data.has_difficulty("fashion-mnist") and not data.has_difficulty("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        data.has_difficulty("nope")
+    with pytest.raises(ValueError, match="dataset 'mnist' has no difficulty setting"):
+        load("mnist", data_dir=tmp_path, difficulty=0.5)
+
+
+def test_shapes10_cache_names_the_difficulty_setting(tmp_path: Path) -> None:
+    stem = f"shapes10-v{shapes_module.GENERATOR_VERSION}-train-seed0-n30"
+    default = load("shapes10", data_dir=tmp_path, n=30)
+    one = load("shapes10", data_dir=tmp_path, n=30, difficulty=1)
+    half = load("shapes10", data_dir=tmp_path, n=30, difficulty=0.5)
+    # The default keeps the name caches had before the setting existed; another setting has its own file.
+    names = sorted(p.name for p in (tmp_path / "shapes10").iterdir())
+    assert names == [f"{stem}-d0.5.npz", f"{stem}.npz"]
+    assert torch.equal(default.images, one.images) and not torch.equal(default.images, half.images)
+    again = load("shapes10", data_dir=tmp_path, n=30, difficulty=0.5)
+    assert torch.equal(half.images, again.images)
+    assert torch.equal(half.attributes["difficulty"], default.attributes["difficulty"] * 0.5)
+
+
 # -------------------------------------------------------------------------------------------- ImageDataset
 
 

@@ -89,12 +89,27 @@ def test_dump_round_trip(tmp_path: Path, tiny_config: Callable[..., Config]) -> 
         ("optim.lr_scaling=quadratic", "optim.lr_scaling must be one of none, linear, sqrt"),
         ("optim.reference_batch_size=0", "optim.reference_batch_size must be an integer >= 1"),
         ("data.flip=sometimes", "data.flip: expected true or false"),
+        ("data.difficulty=1.5", "data.difficulty must be in [0, 1]"),
+        ("data.difficulty=-0.1", "data.difficulty must be in [0, 1]"),
+        ("data.difficulty=.nan", "data.difficulty must be finite"),
+        ("data.difficulty=hard", "data.difficulty: expected a number"),
     ],
 )
 def test_bad_values_are_config_errors(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert fragment in str(info.value)
+
+
+def test_difficulty_is_shapes10_only() -> None:
+    """data.difficulty: null by default, a number in [0, 1] for shapes10, refused for other datasets."""
+    assert load_config(None, []).data.difficulty is None
+    assert load_config(None, ["data.difficulty=0.5"]).data.difficulty == 0.5
+    assert load_config(None, ["data.difficulty=0"]).data.difficulty == 0
+    with pytest.raises(ConfigError, match="dataset 'mnist' has no difficulty setting"):
+        load_config(None, ["data.name=mnist", "data.difficulty=0.5"])
+    with pytest.raises(ConfigError, match="data.name: unknown dataset 'nope'"):
+        load_config(None, ["data.name=nope", "data.difficulty=0.5"])
 
 
 def test_onecycle_refuses_a_warmup() -> None:

@@ -12,7 +12,7 @@ from lipnet.data.dataset import ImageDataset
 from lipnet.data.errors import DatasetCorruptError, DatasetNotFoundError
 from lipnet.data.fetch import default_data_dir
 from lipnet.data.loader import DeviceLoader
-from lipnet.data.registry import FLIP_INVARIANT, flip_invariant, list_datasets, load
+from lipnet.data.registry import FLIP_INVARIANT, flip_invariant, has_difficulty, list_datasets, load
 
 __all__ = [
     "FLIP_INVARIANT",
@@ -23,6 +23,7 @@ __all__ = [
     "ImageDataset",
     "default_data_dir",
     "flip_invariant",
+    "has_difficulty",
     "list_datasets",
     "load",
 ]

@@ -10,13 +10,23 @@ from lipnet.data.dataset import ImageDataset
 from lipnet.data.mnist import FASHION_MNIST, MNIST, load_idx_dataset
 from lipnet.data.shapes import load_shapes10
 
-__all__ = ["FLIP_INVARIANT", "flip_invariant", "list_datasets", "load"]
+__all__ = ["FLIP_INVARIANT", "flip_invariant", "has_difficulty", "list_datasets", "load"]
 
 _Dir = str | Path | None
 
 
 def _shapes10(split: str, data_dir: _Dir, download: bool, n: int | None, seed: int) -> ImageDataset:
     return load_shapes10(split, data_dir=data_dir, n=n, seed=seed)  # generated locally: nothing to download
+
+
+def _shapes10_at(split: str, data_dir: _Dir, n: int | None, seed: int, difficulty: float) -> ImageDataset:
+    return load_shapes10(split, data_dir=data_dir, n=n, seed=seed, difficulty=difficulty)
+
+
+#: The datasets that take a ``difficulty`` setting (the procedural ones), each with its loader given one.
+_DIFFICULTY_LOADERS: dict[str, Callable[[str, _Dir, int | None, int, float], ImageDataset]] = {
+    "shapes10": _shapes10_at,
+}
 
 
 def _cifar10(split: str, data_dir: _Dir, download: bool, n: int | None, seed: int) -> ImageDataset:
@@ -55,6 +65,15 @@ def flip_invariant(name: str) -> bool:
     return FLIP_INVARIANT[key]
 
 
+def has_difficulty(name: str) -> bool:
+    """Whether dataset ``name`` takes :func:`load`'s ``difficulty`` setting (``shapes10``); ``ValueError``
+    for a dataset :func:`load` does not know."""
+    key = name.lower().replace("-", "_")
+    if key not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    return key in _DIFFICULTY_LOADERS
+
+
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load`, sorted."""
     return sorted(_LOADERS)
@@ -68,6 +87,7 @@ def load(
     download: bool = False,
     n: int | None = None,
     seed: int = 0,
+    difficulty: float | None = None,
 ) -> ImageDataset:
     """Load a dataset split as an :class:`ImageDataset` (float32 images in ``[0, 1]``, int64 labels).
 
@@ -81,6 +101,9 @@ def load(
             for ``shapes10`` the first ``n`` generated, which do not depend on the total size.
         seed: generator seed of ``shapes10`` (a different seed is a different dataset); real
             datasets do not depend on it.
+        difficulty: ``shapes10``'s difficulty setting in ``[0, 1]`` (the upper end of its per-image
+            difficulty; see :mod:`lipnet.data.shapes`); ``None`` is the dataset's default (1, the full
+            range). Real datasets have none and refuse a value.
 
     Raises:
         ValueError: unknown name or split, or ``n`` not a positive integer or larger than the split.
@@ -96,4 +119,9 @@ def load(
         raise ValueError(f"n must be a positive integer or None, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if difficulty is not None:
+        if key not in _DIFFICULTY_LOADERS:
+            have = ", ".join(_DIFFICULTY_LOADERS)
+            raise ValueError(f"dataset {name!r} has no difficulty setting (only {have} has one)")
+        return _DIFFICULTY_LOADERS[key](split, data_dir, n, seed, difficulty)
     return _LOADERS[key](split, data_dir, download, n, seed)

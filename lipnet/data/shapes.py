@@ -2,18 +2,21 @@
 
 Each image shows one large shape (the label) drawn over a textured background with a few small
 distractor shapes, in a random colour, size, position and rotation, with partial transparency and
-pixel noise. One per-image ``difficulty`` in [0, 1) scales all the nuisances together, so the set
-mixes clean images (which get learning started) with hard ones (which keep accuracy and margins
-low). Besides the label every sample carries the shape's pixel mask and its attributes (colour
-index, size, centre x / y, rotation, difficulty), which makes the dataset usable for attention maps
-and multi-task heads too.
+pixel noise. One per-image ``difficulty`` scales all the nuisances together, so the set mixes clean
+images (which get learning started) with hard ones (which keep accuracy and margins low). It is drawn
+uniformly from ``[0, D)``, where ``D`` is the data set's ``difficulty`` setting in ``[0, 1]``: 1 (the
+default) is the full range, 0 only clean images (an opaque shape on a plain dark background, no
+distractors, no noise). The setting scales the draws and changes nothing else: the same ``(seed, split)``
+gives the same shapes, colours, sizes, positions and rotations at every setting. Besides the label every
+sample carries the shape's pixel mask and its attributes (colour index, size, centre x / y, rotation,
+difficulty), which makes the dataset usable for attention maps and multi-task heads too.
 
 Difficulty, measured (``GENERATOR_VERSION`` 1): an unconstrained CNN laid out like ``small_cnn``
 (4 ReLU convolutions, 2 max-pools, 2 dense layers), Adam 1e-3, batch 64, reaches 71-75% test
 accuracy after 4 epochs on 15,000 images (3 seeds), 81% after 5 epochs on 20,000 (86% with batch
 norm), and about 93% with batch norm after 20 epochs on all 50,000.
 
-Reproducibility. The same ``(seed, split, n)`` gives the same bytes on every machine:
+Reproducibility. The same ``(seed, split, n, difficulty)`` gives the same bytes on every machine:
 
 * randomness comes only from ``numpy.random.Generator`` (PCG64) through ``random()``, ``integers()`` and
   ``permuted()``, which are defined bit-exactly by numpy; no global RNG is touched;
@@ -197,15 +200,17 @@ def _value_noise(rng: np.random.Generator, count: int, cells: int) -> np.ndarray
     return cols0 + (cols1 - cols0) * w[None, None, None, :]
 
 
-def _block(seed: int, split: str, index: int) -> dict[str, np.ndarray]:
-    """Generate block ``index`` (:data:`BLOCK` samples) of ``split``; see the module docstring."""
+def _block(seed: int, split: str, index: int, setting: float) -> dict[str, np.ndarray]:
+    """Block ``index`` (:data:`BLOCK` samples) of ``split`` at difficulty setting ``setting`` (module doc)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], index]))
     b = BLOCK
     labels = rng.permuted(np.tile(np.arange(10, dtype=np.int64), (b // 10, 1)), axis=1).reshape(-1)
     # One knob per image scales every nuisance (transparency, background brightness and texture,
     # distractors, noise): easy images let a network pick up the shapes early in training, hard ones
     # keep the accuracy ceiling (and the margins of a 1-Lipschitz network) low.
-    difficulty = rng.random(b, dtype=_F)
+    # The setting multiplies the draw: the random stream, hence every other attribute, is the same at every
+    # setting, and the default 1 multiplies by one exactly (the bytes of GENERATOR_VERSION 1 are unchanged).
+    difficulty = rng.random(b, dtype=_F) * _F(setting)
     hard = difficulty[:, None, None, None]
 
     # The labelled shape, near the centre: networks with a dense head (most 1-Lipschitz ones) learn
@@ -274,8 +279,20 @@ def _block(seed: int, split: str, index: int) -> dict[str, np.ndarray]:
     }
 
 
-def generate_shapes10(n: int, *, seed: int = 0, split: str = "train") -> dict[str, np.ndarray]:
-    """Generate ``n`` samples as numpy arrays (uint8 images ``(n, 3, 32, 32)``, labels, masks, attributes)."""
+def _check_difficulty(difficulty: float) -> float:
+    if isinstance(difficulty, bool) or not isinstance(difficulty, (int, float)) or not 0 <= difficulty <= 1:
+        raise ValueError(f"difficulty must be a number in [0, 1], got {difficulty!r}")
+    return float(difficulty)
+
+
+def generate_shapes10(
+    n: int, *, seed: int = 0, split: str = "train", difficulty: float = 1.0
+) -> dict[str, np.ndarray]:
+    """Generate ``n`` samples as numpy arrays (uint8 images ``(n, 3, 32, 32)``, labels, masks, attributes).
+
+    ``difficulty`` in ``[0, 1]`` is the upper end of the per-image difficulty (module docstring).
+    """
+    difficulty = _check_difficulty(difficulty)
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r} for shapes10; use 'train' or 'test'")
     if n < 1:
@@ -286,12 +303,14 @@ def generate_shapes10(n: int, *, seed: int = 0, split: str = "train") -> dict[st
     # Blocks are independent and numpy releases the GIL inside its loops, so threads give a near-linear
     # speed-up without changing a single bit (each block has its own generator).
     with ThreadPoolExecutor(max_workers=max(1, min(count, os.cpu_count() or 1, _MAX_THREADS))) as pool:
-        blocks = list(pool.map(lambda i: _block(seed, split, i), range(count)))
+        blocks = list(pool.map(lambda i: _block(seed, split, i, difficulty), range(count)))
     return {key: np.concatenate([blk[key] for blk in blocks])[:n] for key in blocks[0]}
 
 
-def _cache_path(root: Path, seed: int, split: str, n: int) -> Path:
-    return root / "shapes10" / f"shapes10-v{GENERATOR_VERSION}-{split}-seed{seed}-n{n}.npz"
+def _cache_path(root: Path, seed: int, split: str, n: int, difficulty: float) -> Path:
+    # The default setting keeps the name it had before the setting existed, so existing caches stay valid.
+    setting = "" if difficulty == 1.0 else f"-d{difficulty!r}"
+    return root / "shapes10" / f"shapes10-v{GENERATOR_VERSION}-{split}-seed{seed}-n{n}{setting}.npz"
 
 
 def _read_cache(path: Path, n: int) -> dict[str, np.ndarray] | None:
@@ -326,20 +345,24 @@ def load_shapes10(
     data_dir: str | Path | None = None,
     n: int | None = None,
     seed: int = 0,
+    difficulty: float = 1.0,
 ) -> ImageDataset:
     """The ``shapes10`` dataset (default sizes: 50,000 train / 10,000 test) as an :class:`ImageDataset`.
 
-    The arrays are cached in ``data_dir/shapes10/`` under a name made of the generator version, split,
-    seed and ``n``, written atomically; an unreadable cache file is regenerated with a warning, and a
-    data folder that cannot be written only costs the cache (also with a warning).
+    ``difficulty`` in ``[0, 1]``: the upper end of the per-image difficulty (module docstring; 1, the
+    default, is the full data set). The arrays are cached in ``data_dir/shapes10/`` under a name made of
+    the generator version, split, seed, ``n`` and the difficulty setting, written atomically; an unreadable
+    cache file is regenerated with a warning, and a data folder that cannot be written only costs the cache
+    (also with a warning).
     """
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r} for shapes10; use 'train' or 'test'")
+    difficulty = _check_difficulty(difficulty)
     count = SHAPES10_SIZES[split] if n is None else n
-    path = _cache_path(resolve_data_dir(data_dir), seed, split, count)
+    path = _cache_path(resolve_data_dir(data_dir), seed, split, count, difficulty)
     arrays = _read_cache(path, count) if path.is_file() else None
     if arrays is None:
-        arrays = generate_shapes10(count, seed=seed, split=split)
+        arrays = generate_shapes10(count, seed=seed, split=split, difficulty=difficulty)
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
                 # numeric arrays only: no pickle (explicit, so that numpy's typing does not read the

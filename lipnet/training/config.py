@@ -214,6 +214,9 @@ class DataConfig:
 
     ``seed`` is the generator seed of procedural datasets (shapes10), separate from the training
     seed so that runs with different seeds see the same images; real datasets ignore it.
+    ``difficulty`` is shapes10's difficulty setting in [0, 1] (the upper end of its per-image difficulty,
+    :mod:`lipnet.data.shapes`); null, the default, is the data set's own default (1); real datasets
+    have none, and a value for one is a config error.
 
     ``augment`` turns on, for training batches only (evaluation and certification never see it), a
     random shift by up to ``crop_padding`` pixels (zero padding, then a crop back to the input size) and,
@@ -225,6 +228,7 @@ class DataConfig:
 
     name: str = "shapes10"
     seed: int = 0
+    difficulty: float | None = None
     data_dir: str | None = None
     download: bool = False
     n_train: int | None = None
@@ -538,6 +542,16 @@ def _validate(cfg: Config) -> None:
     _positive_int(d.n_test, "data.n_test", allow_none=True)
     _positive_int(d.crop_padding, "data.crop_padding", minimum=0)
     _positive_int(d.seed, "data.seed", minimum=0)
+    if d.difficulty is not None:
+        _finite(d.difficulty, "data.difficulty")
+        if not 0 <= d.difficulty <= 1:
+            raise ConfigError(f"data.difficulty must be in [0, 1], got {d.difficulty!r}")
+        try:
+            takes_difficulty = data.has_difficulty(d.name)
+        except ValueError as e:  # an unknown dataset name: say so here rather than as a traceback
+            raise ConfigError(f"data.name: {e}") from None
+        if not takes_difficulty:
+            raise ConfigError(f"data.difficulty: dataset {d.name!r} has no difficulty setting (shapes10 has)")
 
     o = cfg.optim
     if o.name not in _OPTIMIZERS:

@@ -105,6 +105,7 @@ def load_split(cfg: Config, split: str, *, data_dir: str | None = None) -> Any:
         download=d.download,
         n=d.n_train if split == "train" else d.n_test,
         seed=d.seed,
+        difficulty=d.difficulty,
     )
 
 
