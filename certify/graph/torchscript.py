@@ -20,60 +20,20 @@ from __future__ import annotations
 
 import math
 import operator
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["TorchScriptError", "script_to_graph", "summarise"]
+from certify.graph.builder import Dyn, GraphBuilder, concrete, has_dyn, summarise
+
+__all__ = ["TorchScriptError", "script_to_graph"]
 
 
 class TorchScriptError(ValueError):
     """A TorchScript model that cannot be run as a graph specialised to its input shape (one line)."""
-
-
-def summarise(items: Sequence[str], what: str, shown: int = 3) -> str:
-    """``"17 unsupported ops, first 3: a, b, c"`` (``"1 unsupported op: a"``): long lists on one short line.
-
-    Repeated items are counted once, with their number (``aten::foo (x4)``).
-    """
-    counts = Counter(items)
-    names = [f"{k} (x{n})" if n > 1 else k for k, n in counts.items()]
-    total = len(names)
-    plural = what if total == 1 else what + "s"
-    if total <= shown:
-        return f"{total} {plural}: {', '.join(names)}"
-    return f"{total} {plural}, first {shown}: {', '.join(names[:shown])}"
-
-
-@dataclass
-class _Dyn:
-    """A value that depends on the model input: its value on the example and its fx node."""
-
-    value: Any
-    node: fx.Node
-
-
-def _concrete(v: Any) -> Any:
-    if isinstance(v, _Dyn):
-        return v.value
-    if isinstance(v, list):
-        return [_concrete(x) for x in v]
-    if isinstance(v, tuple):
-        return tuple(_concrete(x) for x in v)
-    return v
-
-
-def _has_dyn(v: Any) -> bool:
-    if isinstance(v, _Dyn):
-        return True
-    if isinstance(v, (list, tuple)):
-        return any(_has_dyn(x) for x in v)
-    return False
 
 
 #: aten operations on Python values (ints, floats, bools, strings, lists): run as Python.
@@ -150,12 +110,12 @@ _DATA_SCALARS = {
 }
 
 
-class _Converter:
+class _Converter(GraphBuilder):
+    """Runs a TorchScript graph node by node on the example, writing the input-dependent aten calls."""
+
     def __init__(self, model: torch.jit.ScriptModule) -> None:
+        super().__init__()
         self.model = model
-        self.graph = fx.Graph()
-        self.root = nn.Module()
-        self.constants: dict[int, str] = {}
         self.paths = {
             id(m): (path, str(getattr(m, "original_name", type(m).__name__)))
             for path, m in model.named_modules()
@@ -164,27 +124,6 @@ class _Converter:
         self.names = {path: name for path, name in self.paths.values()}
         self.unsupported: list[str] = []
         self.data_dependent: list[str] = []
-
-    # -- values -------------------------------------------------------------------------------
-
-    def constant_node(self, t: Tensor) -> fx.Node:
-        name = self.constants.get(id(t))
-        if name is None:
-            name = f"_c{len(self.constants)}"
-            self.constants[id(t)] = name
-            self.root.register_buffer(name, t)
-        return self.graph.get_attr(name)
-
-    def to_arg(self, v: Any) -> Any:
-        if isinstance(v, _Dyn):
-            return v.node
-        if isinstance(v, Tensor):
-            return self.constant_node(v)
-        if isinstance(v, list):
-            return [self.to_arg(x) for x in v]
-        if isinstance(v, tuple):
-            return tuple(self.to_arg(x) for x in v)
-        return v
 
     def scope(self, node: Any) -> tuple[str, str] | None:
         """``(module path, class name)`` of a traced node (``torch.jit.trace`` records its scope as
@@ -223,23 +162,23 @@ class _Converter:
             for k, out in enumerate(outputs):
                 env[out] = self.item(inputs[0], k)
         elif kind == "prim::TupleIndex":
-            env[outputs[0]] = self.item(inputs[0], int(_concrete(inputs[1])))
+            env[outputs[0]] = self.item(inputs[0], int(concrete(inputs[1])))
         elif kind == "prim::unchecked_cast":
             env[outputs[0]] = inputs[0]
-        elif kind == "aten::__getitem__" and isinstance(inputs[0], (list, tuple, _Dyn)):
-            env[outputs[0]] = self.item(inputs[0], int(_concrete(inputs[1])))
+        elif kind == "aten::__getitem__" and isinstance(inputs[0], (list, tuple, Dyn)):
+            env[outputs[0]] = self.item(inputs[0], int(concrete(inputs[1])))
         elif kind == "aten::len" and isinstance(inputs[0], (list, tuple)):
             env[outputs[0]] = len(inputs[0])
         elif kind == "prim::Uninitialized":
             env[outputs[0]] = None
         elif kind in ("prim::device", "prim::dtype", "prim::layout"):
-            t = _concrete(inputs[0])
+            t = concrete(inputs[0])
             env[outputs[0]] = getattr(t, kind.split("::")[1])
         elif kind == "prim::isinstance" or kind == "aten::__isinstance__":
             env[outputs[0]] = True  # TorchScript refines types statically; the runtime check holds
         elif kind == "prim::If":
             cond = inputs[0]
-            if _has_dyn(cond):
+            if has_dyn(cond):
                 self.data_dependent.append("if on a value of the input")
                 return False
             block = list(node.blocks())[0 if bool(cond) else 1]
@@ -250,7 +189,7 @@ class _Converter:
         elif kind == "prim::Loop":
             return self.run_loop(node, inputs, outputs, env)
         elif kind == "prim::RaiseException":
-            message = _concrete(inputs[0]) if inputs else "an exception"
+            message = concrete(inputs[0]) if inputs else "an exception"
             raise TorchScriptError(
                 f"the model raises on inputs of this shape: {' '.join(str(message).split())}"
             )
@@ -258,7 +197,7 @@ class _Converter:
             self.unsupported.append(kind)
             return False
         elif kind.startswith("aten::") or kind.startswith("prim::"):
-            result = self.call(node, inputs)
+            result = self.run_op(node, inputs)
             if result is _FAILED:
                 return False
             if len(outputs) == 1:
@@ -273,7 +212,7 @@ class _Converter:
 
     def run_loop(self, node: Any, inputs: list[Any], outputs: list[Any], env: dict[Any, Any]) -> bool:
         trips, cond, carried = inputs[0], inputs[1], list(inputs[2:])
-        if _has_dyn(trips) or _has_dyn(cond):
+        if has_dyn(trips) or has_dyn(cond):
             self.data_dependent.append("loop bound read from the input's values")
             return False
         body = next(iter(node.blocks()))
@@ -287,7 +226,7 @@ class _Converter:
                 return False
             results = [env[v] for v in body.outputs()]
             cond, carried = results[0], results[1:]
-            if _has_dyn(cond):
+            if has_dyn(cond):
                 self.data_dependent.append("loop condition read from the input's values")
                 return False
             i += 1
@@ -295,32 +234,25 @@ class _Converter:
             env[out] = value
         return True
 
-    def item(self, container: Any, k: int) -> Any:
-        if isinstance(container, _Dyn):
-            node = self.graph.call_function(operator.getitem, (container.node, k))
-            node.meta.update(container.node.meta)
-            return _Dyn(container.value[k], node)
-        return container[k]
-
-    def call(self, node: Any, inputs: list[Any]) -> Any:
+    def run_op(self, node: Any, inputs: list[Any]) -> Any:
         kind = node.kind()
         name = kind.split("::", 1)[1]
-        tensors = any(isinstance(_concrete(v), Tensor) or _is_tensor_list(_concrete(v)) for v in inputs)
+        tensors = any(isinstance(concrete(v), Tensor) or _is_tensor_list(concrete(v)) for v in inputs)
         if name in _METADATA and tensors:
             op = _overload(node)
             return (
-                op(*_concrete(inputs)) if op is not None else _PYTHON_OPS.get(name, len)(*_concrete(inputs))
+                op(*concrete(inputs)) if op is not None else _PYTHON_OPS.get(name, len)(*concrete(inputs))
             )
-        if name in _DATA_SCALARS and _has_dyn(inputs):
+        if name in _DATA_SCALARS and has_dyn(inputs):
             self.data_dependent.append(kind)
             return _FAILED
         if not tensors and kind.startswith("aten::") and name in _PYTHON_OPS:
-            return _PYTHON_OPS[name](*_concrete(inputs))
+            return _PYTHON_OPS[name](*concrete(inputs))
         if kind.startswith("prim::"):
-            if name in ("NumToTensor",) and not _has_dyn(inputs):
-                return torch.tensor(_concrete(inputs[0]))
+            if name in ("NumToTensor",) and not has_dyn(inputs):
+                return torch.tensor(concrete(inputs[0]))
             if name in ("min", "max", "abs") and not tensors:
-                return _PYTHON_OPS[name](*_concrete(inputs))
+                return _PYTHON_OPS[name](*concrete(inputs))
             self.unsupported.append(kind)
             return _FAILED
         op = _overload(node)
@@ -329,23 +261,21 @@ class _Converter:
             return _FAILED
         args, kwargs = _split_arguments(op, inputs)
         try:
-            value = op(*_concrete(args), **_concrete(kwargs))
+            value = op(*concrete(args), **concrete(kwargs))
         except Exception as err:  # the op refuses its arguments: the model itself would fail
             raise TorchScriptError(
                 f"{kind} fails on inputs of this shape: {' '.join(str(err).split())[:200]}"
             ) from None
-        if not _has_dyn(inputs):
+        if not has_dyn(inputs):
             return value
-        fx_node = self.graph.call_function(
-            op, tuple(self.to_arg(a) for a in args), {k: self.to_arg(v) for k, v in kwargs.items()}
-        )
+        result = self.write(op, args, kwargs, value)
         owner = self.scope(node) or next(
-            (self.owner[id(v)] for v in _concrete(inputs) if isinstance(v, Tensor) and id(v) in self.owner),
+            (self.owner[id(v)] for v in concrete(inputs) if isinstance(v, Tensor) and id(v) in self.owner),
             None,
         )
         if owner is not None:
-            fx_node.meta["nn_module_stack"] = {owner[0]: owner}
-        return _Dyn(value, fx_node)
+            result.node.meta["nn_module_stack"] = {owner[0]: owner}
+        return result
 
 
 _FAILED = object()
@@ -394,7 +324,7 @@ def _run(model: torch.jit.ScriptModule, example: Tensor) -> fx.GraphModule:
             "input tensor"
         )
     placeholder = conv.graph.placeholder("input")
-    env: dict[Any, Any] = {params[0]: model, params[1]: _Dyn(example, placeholder)}
+    env: dict[Any, Any] = {params[0]: model, params[1]: Dyn(example, placeholder)}
     with torch.no_grad():
         finished = conv.run_block(graph.nodes(), env)
     if conv.unsupported:
@@ -408,7 +338,7 @@ def _run(model: torch.jit.ScriptModule, example: Tensor) -> fx.GraphModule:
             f"({summarise(conv.data_dependent or ['unknown'], 'place')}): it cannot be bounded as one graph"
         )
     result = env[list(graph.outputs())[0]]
-    if not isinstance(result, _Dyn):
+    if not isinstance(result, Dyn):
         raise TorchScriptError("the TorchScript model's output does not depend on its input")
     conv.graph.output(result.node)
     return fx.GraphModule(

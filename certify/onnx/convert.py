@@ -13,8 +13,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from certify.graph.torchscript import summarise
-from certify.onnx.ops import OPS, Builder, Dyn, OnnxError, Unsupported, split
+from certify.graph.builder import Dyn, GraphBuilder, summarise
+from certify.onnx.ops import OPS, OnnxError, Unsupported, split
 
 __all__ = ["onnx_input_shape", "onnx_to_graph", "run_onnxruntime"]
 
@@ -62,7 +62,7 @@ def _graph_inputs(model: Any) -> list[Any]:
 def _convert(model: Any, onnx: Any, numpy_helper: Any, example: Tensor) -> tuple[fx.GraphModule, list[str]]:
     from onnx import helper
 
-    builder = Builder()
+    builder = GraphBuilder()
     env: dict[str, Any] = {"": None}
     for t in model.graph.initializer:
         env[t.name] = torch.from_numpy(numpy_helper.to_array(t).copy())

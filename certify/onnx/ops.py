@@ -11,104 +11,34 @@ the attributes of later opsets that torch's exporter does not write are refused)
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from certify.graph.builder import Dyn, GraphBuilder, concrete, has_dyn
 from certify.io import CheckpointError
 
-__all__ = ["OPS", "Builder", "Dyn", "OnnxError", "Unsupported"]
+__all__ = ["OPS", "OnnxError", "Unsupported"]
+
 
 class OnnxError(CheckpointError):
     """An ONNX file certify cannot read as a graph it can bound (one line)."""
 
 
-@dataclass
-class Dyn:
-    value: Any
-    node: fx.Node
-
-
-def _concrete(v: Any) -> Any:
-    if isinstance(v, Dyn):
-        return v.value
-    if isinstance(v, (list, tuple)):
-        return type(v)(_concrete(x) for x in v)
-    return v
-
-
-def _dyn(v: Any) -> bool:
-    return isinstance(v, Dyn) or (isinstance(v, (list, tuple)) and any(_dyn(x) for x in v))
-
-
 def _ints(v: Any) -> list[int]:
-    return [int(x) for x in torch.as_tensor(_concrete(v)).flatten().tolist()]
+    return [int(x) for x in torch.as_tensor(concrete(v)).flatten().tolist()]
 
 
 class Unsupported(Exception):
     pass
 
 
-class Builder:
-    """Runs the ONNX graph on one example, writing the input-dependent operations into an fx graph."""
-
-    def __init__(self) -> None:
-        self.graph = fx.Graph()
-        self.root = nn.Module()
-        self.constants: dict[int, str] = {}
-        self.values: dict[fx.Node, Any] = {}  # the example's value of every node written
-
-    def const(self, t: Tensor) -> fx.Node:
-        name = self.constants.get(id(t))
-        if name is None:
-            name = f"_c{len(self.constants)}"
-            self.constants[id(t)] = name
-            self.root.register_buffer(name, t)
-        return self.graph.get_attr(name)
-
-    def arg(self, v: Any) -> Any:
-        if isinstance(v, Dyn):
-            return v.node
-        if isinstance(v, Tensor):
-            return self.const(v)
-        if isinstance(v, (list, tuple)):
-            return type(v)(self.arg(x) for x in v)
-        return v
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` on the example; an fx node too when an argument depends on the input."""
-        value = fn(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
-        if not (_dyn(args) or _dyn(kwargs)):
-            return value
-        node = self.graph.call_function(fn, self.arg(args), {k: self.arg(v) for k, v in kwargs.items()})
-        self.values[node] = value
-        return Dyn(value, node)
-
-    def method(self, name: str, x: Any, *args: Any) -> Any:
-        value = getattr(_concrete(x), name)(*_concrete(args))
-        if not _dyn(x):
-            return value
-        node = self.graph.call_method(name, (self.arg(x), *self.arg(args)))
-        self.values[node] = value
-        return Dyn(value, node)
-
-    def item(self, v: Any, k: int) -> Any:
-        if isinstance(v, Dyn):
-            node = self.graph.call_function(operator.getitem, (v.node, k))
-            self.values[node] = v.value[k]
-            return Dyn(v.value[k], node)
-        return v[k]
-
-
 # -- the operations ------------------------------------------------------------------------------
 
-Op = Callable[[Builder, list[Any], dict[str, Any]], Any]
+Op = Callable[[GraphBuilder, list[Any], dict[str, Any]], Any]
 OPS: dict[str, Op] = {}
 
 
@@ -173,41 +103,41 @@ for _name, _fn in _UNARY.items():
 
 
 @_op("Identity", "Dropout")
-def _identity(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _identity(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     return i[0]
 
 
 @_op("Mod")
-def _mod(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _mod(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     fn = torch.fmod if _attr(a, "fmod", 0) else torch.remainder
     return b.call(fn, i[0], i[1])
 
 
 @_op("Pow")
-def _pow(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _pow(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     exponent = i[1]
-    if not _dyn(exponent) and isinstance(exponent, Tensor) and exponent.numel() == 1:
+    if not has_dyn(exponent) and isinstance(exponent, Tensor) and exponent.numel() == 1:
         exponent = float(exponent.item())
     return b.call(torch.pow, i[0], exponent)
 
 
 @_op("LeakyRelu")
-def _leaky_relu(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _leaky_relu(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     return b.call(F.leaky_relu, i[0], float(_attr(a, "alpha", 0.01)))
 
 
 @_op("Elu")
-def _elu(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _elu(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     return b.call(F.elu, i[0], float(_attr(a, "alpha", 1.0)))
 
 
 @_op("Softplus")
-def _softplus(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _softplus(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     return b.call(F.softplus, i[0])
 
 
 @_op("HardSigmoid")
-def _hard_sigmoid(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _hard_sigmoid(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     alpha, beta = float(_attr(a, "alpha", 0.2)), float(_attr(a, "beta", 0.5))
     return b.call(torch.clamp, b.call(torch.add, b.call(torch.mul, i[0], alpha), beta), 0.0, 1.0)
 
@@ -217,10 +147,10 @@ OPS["LogSoftmax"] = lambda b, i, a: b.call(torch.log_softmax, i[0], int(_attr(a,
 
 
 @_op("Clip")
-def _clip(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _clip(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     low = i[1] if len(i) > 1 else None
     high = i[2] if len(i) > 2 else None
-    if _dyn(low) or _dyn(high):
+    if has_dyn(low) or has_dyn(high):
         raise Unsupported("Clip with input-dependent bounds")
     low = None if low is None else float(torch.as_tensor(low).item())
     high = None if high is None else float(torch.as_tensor(high).item())
@@ -234,7 +164,7 @@ def _clip(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 def _variadic(fn: Callable[..., Any]) -> Op:
-    def run(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+    def run(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
         out = i[0]
         for other in i[1:]:
             out = b.call(fn, out, other)
@@ -249,7 +179,7 @@ OPS["Sum"] = _variadic(torch.add)
 
 
 @_op("Where")
-def _where(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _where(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     return b.call(torch.where, i[0], i[1], i[2])
 
 
@@ -269,7 +199,7 @@ _DTYPES = {
 
 
 @_op("Cast")
-def _cast(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _cast(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     dtype = _DTYPES.get(int(a["to"]))
     if dtype is None:
         raise Unsupported(f"Cast to ONNX type {int(a['to'])}")
@@ -277,7 +207,7 @@ def _cast(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("Constant")
-def _constant(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _constant(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     for key in ("value", "value_float", "value_int", "value_floats", "value_ints"):
         if key in a:
             return torch.as_tensor(a[key])
@@ -285,43 +215,43 @@ def _constant(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("Shape")
-def _shape(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
-    shape = list(_concrete(i[0]).shape)
+def _shape(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
+    shape = list(concrete(i[0]).shape)
     start, end = int(_attr(a, "start", 0)), _attr(a, "end", None)
     return torch.tensor(shape[start : None if end is None else int(end)], dtype=torch.int64)
 
 
 @_op("Size")
-def _size(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
-    return torch.tensor(_concrete(i[0]).numel(), dtype=torch.int64)
+def _size(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
+    return torch.tensor(concrete(i[0]).numel(), dtype=torch.int64)
 
 
 @_op("ConstantOfShape")
-def _constant_of_shape(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _constant_of_shape(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     value = a.get("value", torch.zeros(1))
     value = torch.as_tensor(value)
     return torch.full(_ints(i[0]), value.flatten()[0].item(), dtype=value.dtype)
 
 
 @_op("Range")
-def _range(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
-    start, limit, delta = (_concrete(v) for v in i)
+def _range(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
+    start, limit, delta = (concrete(v) for v in i)
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=torch.as_tensor(start).dtype)
 
 
 @_op("Reshape")
-def _reshape(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _reshape(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x = i[0]
     target = _ints(i[1])
     if not int(_attr(a, "allowzero", 0)):
-        target = [int(_concrete(x).shape[k]) if t == 0 else t for k, t in enumerate(target)]
+        target = [int(concrete(x).shape[k]) if t == 0 else t for k, t in enumerate(target)]
     return b.call(torch.reshape, x, target)
 
 
 @_op("Flatten")
-def _flatten(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _flatten(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     axis = int(_attr(a, "axis", 1))
-    shape = list(_concrete(i[0]).shape)
+    shape = list(concrete(i[0]).shape)
     axis = axis + len(shape) if axis < 0 else axis
     if axis == 1:
         return b.call(torch.flatten, i[0], 1)
@@ -329,13 +259,13 @@ def _flatten(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("Transpose")
-def _transpose(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
-    ndim = _concrete(i[0]).ndim
+def _transpose(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
+    ndim = concrete(i[0]).ndim
     perm = list(_attr(a, "perm", list(range(ndim))[::-1]))
     return b.call(torch.permute, i[0], perm)
 
 
-def _axes(b: Builder, i: list[Any], a: dict[str, Any], index: int = 1) -> list[int] | None:
+def _axes(b: GraphBuilder, i: list[Any], a: dict[str, Any], index: int = 1) -> list[int] | None:
     if len(i) > index and i[index] is not None:
         return _ints(i[index])
     if "axes" in a:
@@ -344,9 +274,9 @@ def _axes(b: Builder, i: list[Any], a: dict[str, Any], index: int = 1) -> list[i
 
 
 @_op("Unsqueeze")
-def _unsqueeze(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _unsqueeze(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     axes = _axes(b, i, a) or []
-    ndim = _concrete(i[0]).ndim + len(axes)
+    ndim = concrete(i[0]).ndim + len(axes)
     out = i[0]
     for axis in sorted(x + ndim if x < 0 else x for x in axes):
         out = b.call(torch.unsqueeze, out, axis)
@@ -354,15 +284,15 @@ def _unsqueeze(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("Squeeze")
-def _squeeze(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _squeeze(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     axes = _axes(b, i, a)
     if axes is None:
         return b.call(torch.squeeze, i[0])
-    ndim = _concrete(i[0]).ndim
+    ndim = concrete(i[0]).ndim
     return b.call(torch.squeeze, i[0], tuple(x + ndim if x < 0 else x for x in axes))
 
 
-def _circular_pad(b: Builder, parts: list[Any], axis: int) -> Any | None:
+def _circular_pad(b: GraphBuilder, parts: list[Any], axis: int) -> Any | None:
     """``F.pad(x, circular)`` when ``parts`` are ``[x[n - l:], x, x[:r]]`` along ``axis`` (how torch's ONNX
     exporter writes a circular padding, one axis at a time), merged into a circular padding of ``x``
     that the graph already holds; else None."""
@@ -403,11 +333,11 @@ def _circular_pad(b: Builder, parts: list[Any], axis: int) -> Any | None:
 
 
 @_op("Concat")
-def _concat(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _concat(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     parts = [
-        p for p in i if not (isinstance(_concrete(p), Tensor) and _concrete(p).numel() == 0 and not _dyn(p))
+        p for p in i if not (isinstance(concrete(p), Tensor) and concrete(p).numel() == 0 and not has_dyn(p))
     ]
-    ndim = _concrete(parts[0]).ndim
+    ndim = concrete(parts[0]).ndim
     axis = int(a["axis"])
     axis = axis + ndim if axis < 0 else axis
     padded = _circular_pad(b, parts, axis)
@@ -416,13 +346,13 @@ def _concat(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
     return b.call(torch.cat, list(parts), axis)
 
 
-def split(b: Builder, i: list[Any], a: dict[str, Any], *, outputs: int = 0) -> Any:
+def split(b: GraphBuilder, i: list[Any], a: dict[str, Any], *, outputs: int = 0) -> Any:
     """ONNX Split: sizes from the second input or the ``split`` attribute, else ``outputs`` equal parts."""
     axis = int(_attr(a, "axis", 0))
     sizes = _ints(i[1]) if len(i) > 1 and i[1] is not None else a.get("split")
     if sizes is None:
         n = int(_attr(a, "num_outputs", outputs))
-        length = _concrete(i[0]).shape[axis]
+        length = concrete(i[0]).shape[axis]
         chunk = -(-length // n)
         sizes = [min(chunk, length - k * chunk) for k in range(n)]
     return b.call(torch.split, i[0], [int(s) for s in sizes], axis)
@@ -432,9 +362,9 @@ OPS["Split"] = split  # the converter passes the number of outputs of opset-18 f
 
 
 @_op("Slice")
-def _slice(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _slice(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x = i[0]
-    shape = list(_concrete(x).shape)
+    shape = list(concrete(x).shape)
     starts, ends = _ints(i[1]), _ints(i[2])
     axes = _ints(i[3]) if len(i) > 3 and i[3] is not None else list(range(len(starts)))
     steps = _ints(i[4]) if len(i) > 4 and i[4] is not None else [1] * len(starts)
@@ -458,17 +388,17 @@ def _slice(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("Gather")
-def _gather(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _gather(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x, index = i[0], i[1]
-    if _dyn(index):
+    if has_dyn(index):
         raise Unsupported("Gather with input-dependent indices")
     axis = int(_attr(a, "axis", 0))
-    shape = list(_concrete(x).shape)
+    shape = list(concrete(x).shape)
     axis = axis + len(shape) if axis < 0 else axis
     idx = torch.as_tensor(index).long()
     idx = torch.where(idx < 0, idx + shape[axis], idx)
-    if not _dyn(x):
-        return torch.index_select(_concrete(x), axis, idx.flatten()).reshape(
+    if not has_dyn(x):
+        return torch.index_select(concrete(x), axis, idx.flatten()).reshape(
             shape[:axis] + list(idx.shape) + shape[axis + 1 :]
         )
     if idx.ndim == 0:
@@ -480,13 +410,13 @@ def _gather(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("Expand")
-def _expand(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
-    target = torch.broadcast_shapes(tuple(_concrete(i[0]).shape), tuple(_ints(i[1])))
+def _expand(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
+    target = torch.broadcast_shapes(tuple(concrete(i[0]).shape), tuple(_ints(i[1])))
     return b.call(torch.broadcast_to, i[0], list(target))
 
 
 @_op("Tile")
-def _tile(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _tile(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     return b.call(torch.tile, i[0], _ints(i[1]))
 
 
@@ -520,7 +450,7 @@ def _torch_pad(pads: list[int]) -> list[int]:
     return out
 
 
-def _padded(b: Builder, x: Any, pads: list[int]) -> tuple[Any, int | tuple[int, ...]]:
+def _padded(b: GraphBuilder, x: Any, pads: list[int]) -> tuple[Any, int | tuple[int, ...]]:
     """``(input, symmetric padding)``: padding a convolution takes, or an explicit zero pad before it."""
     n = len(pads) // 2
     if pads[:n] == pads[n:]:
@@ -529,30 +459,30 @@ def _padded(b: Builder, x: Any, pads: list[int]) -> tuple[Any, int | tuple[int, 
 
 
 @_op("Conv")
-def _conv(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _conv(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x, w = i[0], i[1]
     bias = i[2] if len(i) > 2 else None
-    if _dyn(w) or _dyn(bias):
+    if has_dyn(w) or has_dyn(bias):
         raise Unsupported("Conv with input-dependent weights")
-    spatial = _concrete(w).ndim - 2
+    spatial = concrete(w).ndim - 2
     if spatial not in (1, 2):
         raise Unsupported(f"Conv{spatial}d")
-    kernel = list(_attr(a, "kernel_shape", list(_concrete(w).shape[2:])))
+    kernel = list(_attr(a, "kernel_shape", list(concrete(w).shape[2:])))
     strides = list(_attr(a, "strides", [1] * spatial))
     dilations = list(_attr(a, "dilations", [1] * spatial))
-    pads = _pads(a, spatial, kernel, dilations, strides, list(_concrete(x).shape[2:]))
+    pads = _pads(a, spatial, kernel, dilations, strides, list(concrete(x).shape[2:]))
     x, padding = _padded(b, x, pads)
     conv = F.conv1d if spatial == 1 else F.conv2d
     return b.call(conv, x, w, bias, tuple(strides), padding, tuple(dilations), int(_attr(a, "group", 1)))
 
 
 @_op("ConvTranspose")
-def _conv_transpose(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _conv_transpose(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x, w = i[0], i[1]
     bias = i[2] if len(i) > 2 else None
-    if _dyn(w) or _dyn(bias):
+    if has_dyn(w) or has_dyn(bias):
         raise Unsupported("ConvTranspose with input-dependent weights")
-    spatial = _concrete(w).ndim - 2
+    spatial = concrete(w).ndim - 2
     if spatial not in (1, 2) or "output_shape" in a:
         raise Unsupported("ConvTranspose with output_shape or more than 2 spatial axes")
     auto = a.get("auto_pad", b"NOTSET")
@@ -576,15 +506,15 @@ def _conv_transpose(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("Gemm")
-def _gemm(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _gemm(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x, w = i[0], i[1]
     c = i[2] if len(i) > 2 else None
     alpha, beta = float(_attr(a, "alpha", 1.0)), float(_attr(a, "beta", 1.0))
     if int(_attr(a, "transA", 0)):
         x = b.call(torch.transpose, x, 0, 1)
-    if not _dyn(w) and (c is None or not _dyn(c)) and alpha == 1.0 and beta == 1.0:
-        weight = _concrete(w) if int(_attr(a, "transB", 0)) else _concrete(w).T.contiguous()
-        bias = None if c is None else _concrete(c)
+    if not has_dyn(w) and (c is None or not has_dyn(c)) and alpha == 1.0 and beta == 1.0:
+        weight = concrete(w) if int(_attr(a, "transB", 0)) else concrete(w).T.contiguous()
+        bias = None if c is None else concrete(c)
         if bias is not None and bias.ndim > 1:  # a bias broadcast over rows as well
             out = b.call(F.linear, x, weight)
             return b.call(torch.add, out, bias)
@@ -600,15 +530,15 @@ def _gemm(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("MatMul")
-def _matmul(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _matmul(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x, w = i
-    if _dyn(x) and not _dyn(w) and isinstance(w, Tensor) and w.ndim == 2 and _concrete(x).ndim >= 2:
+    if has_dyn(x) and not has_dyn(w) and isinstance(w, Tensor) and w.ndim == 2 and concrete(x).ndim >= 2:
         return b.call(F.linear, x, w.T.contiguous())  # x @ W, as a dense layer (what certify recognises)
     return b.call(torch.matmul, x, w)
 
 
 @_op("BatchNormalization")
-def _batch_norm(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _batch_norm(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     if int(_attr(a, "training_mode", 0)):
         raise Unsupported("BatchNormalization in training mode")
     x, scale, bias, mean, var = i[:5]
@@ -621,12 +551,12 @@ def _pool_common(a: dict[str, Any], x: Any) -> tuple[list[int], list[int], list[
     strides = [int(s) for s in _attr(a, "strides", [1] * spatial)]
     if any(int(d) != 1 for d in _attr(a, "dilations", [1] * spatial)):
         raise Unsupported("pooling with dilations")
-    pads = _pads(a, spatial, kernel, None, strides, list(_concrete(x).shape[2:]))
+    pads = _pads(a, spatial, kernel, None, strides, list(concrete(x).shape[2:]))
     return kernel, strides, pads, spatial
 
 
 @_op("AveragePool")
-def _avg_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _avg_pool(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x = i[0]
     kernel, strides, pads, spatial = _pool_common(a, x)
     if spatial not in (1, 2):
@@ -644,7 +574,7 @@ def _avg_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("MaxPool")
-def _max_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _max_pool(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x = i[0]
     kernel, strides, pads, spatial = _pool_common(a, x)
     if spatial != 2 or pads[:2] != pads[2:] or int(_attr(a, "storage_order", 0)):
@@ -661,7 +591,7 @@ def _max_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("LpPool")
-def _lp_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _lp_pool(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x = i[0]
     kernel, strides, pads, spatial = _pool_common(a, x)
     p = int(_attr(a, "p", 2))
@@ -676,33 +606,33 @@ def _lp_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
 
 
 @_op("GlobalAveragePool")
-def _global_avg_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
-    dims = list(range(2, _concrete(i[0]).ndim))
+def _global_avg_pool(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
+    dims = list(range(2, concrete(i[0]).ndim))
     return b.call(torch.mean, i[0], dims, True)
 
 
 @_op("GlobalMaxPool")
-def _global_max_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
-    dims = list(range(2, _concrete(i[0]).ndim))
+def _global_max_pool(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
+    dims = list(range(2, concrete(i[0]).ndim))
     return b.call(torch.amax, i[0], dims, True)
 
 
 @_op("GlobalLpPool")
-def _global_lp_pool(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _global_lp_pool(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     if int(_attr(a, "p", 2)) != 2:
         raise Unsupported("GlobalLpPool with p != 2")
-    dims = list(range(2, _concrete(i[0]).ndim))
+    dims = list(range(2, concrete(i[0]).ndim))
     return b.call(torch.sqrt, b.call(torch.sum, b.call(torch.mul, i[0], i[0]), dims, True))
 
 
 def _reduce(fn: Callable[..., Any]) -> Op:
-    def run(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+    def run(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
         axes = _axes(b, i, a)
         keep = bool(int(_attr(a, "keepdims", 1)))
         if not axes:
             if int(_attr(a, "noop_with_empty_axes", 0)):
                 return i[0]
-            axes = list(range(_concrete(i[0]).ndim))
+            axes = list(range(concrete(i[0]).ndim))
         return b.call(fn, i[0], axes, keep)
 
     return run
@@ -715,26 +645,26 @@ OPS["ReduceMin"] = _reduce(torch.amin)
 
 
 @_op("ReduceL2")
-def _reduce_l2(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _reduce_l2(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     squares = b.call(torch.mul, i[0], i[0])
     return b.call(torch.sqrt, _reduce(torch.sum)(b, [squares, *i[1:]], a))
 
 
 @_op("ReduceSumSquare")
-def _reduce_sum_square(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _reduce_sum_square(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     return _reduce(torch.sum)(b, [b.call(torch.mul, i[0], i[0]), *i[1:]], a)
 
 
 @_op("TopK")
-def _topk(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _topk(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     k = _ints(i[1])[0]
     return b.call(torch.topk, i[0], k, int(_attr(a, "axis", -1)), bool(int(_attr(a, "largest", 1))), True)
 
 
 @_op("Pad")
-def _pad(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
+def _pad(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     x = i[0]
-    ndim = _concrete(x).ndim
+    ndim = concrete(x).ndim
     pads = _ints(i[1]) if len(i) > 1 else [int(p) for p in a["pads"]]
     axes = _ints(i[3]) if len(i) > 3 and i[3] is not None else list(range(ndim))
     full = [0] * (2 * ndim)
@@ -747,7 +677,7 @@ def _pad(b: Builder, i: list[Any], a: dict[str, Any]) -> Any:
     mode = mode.decode() if isinstance(mode, bytes) else str(mode)
     value = 0.0
     if len(i) > 2 and i[2] is not None:
-        if _dyn(i[2]):
+        if has_dyn(i[2]):
             raise Unsupported("Pad with an input-dependent value")
         value = float(torch.as_tensor(i[2]).flatten()[0].item()) if torch.as_tensor(i[2]).numel() else 0.0
     # F.pad pads trailing axes only: drop the leading pairs that are zero
