@@ -22,8 +22,6 @@ Proof: ``docs/proofs/convolutions.md#lemma-aol``.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 from lipnet.layers.base import BoundedConv2d, BoundedLinear
 from lipnet.layers.parametrization import CachedParametrization, attach
 from lipnet.layers.patches import padding_sides
+from lipnet.layers.types import Device, Padding, PlainLayer, Size2
 
 __all__ = [
     "AOLConv2d",
@@ -41,11 +40,6 @@ __all__ = [
     "aol_conv_scales",
     "aol_scales",
 ]
-
-Device = torch.device | str | None
-Size2 = int | tuple[int, int]
-Padding = str | int | tuple[int, int]
-_Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear)
 
 
 def _inverse_sqrt(row_sums: Tensor) -> Tensor:
@@ -136,7 +130,7 @@ def _check_conv_padding(conv: nn.Conv2d) -> None:
                 )
 
 
-def aol(module: _Layer) -> _Layer:
+def aol(module: PlainLayer) -> PlainLayer:
     """Constrain an existing ``nn.Linear`` or ``nn.Conv2d`` to be 1-Lipschitz by AOL rescaling; returns it.
 
     Registers :class:`AOLRescaling` (dense: ``weight = W diag(d)``, ``d_i = (sum_j |W^T W|_ij)^(-1/2)``)

@@ -24,7 +24,7 @@ Proofs: ``docs/proofs/convolutions.md#lemma-bjorck``, ``#lemma-gram-iteration`` 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lipnet.layers.base import BoundedConv2d, BoundedLinear
 from lipnet.layers.parametrization import CachedParametrization, attach, full_precision
 from lipnet.layers.patches import patch_multiplicity
+from lipnet.layers.types import Device, Padding, PlainLayer, Size2
 
 if TYPE_CHECKING:
     from lipnet.layers.batching import WeightBatcher
@@ -45,11 +46,6 @@ __all__ = [
     "bjorck_orthonormalize",
     "gram_norm_bound",
 ]
-
-Device = torch.device | str | None
-Size2 = int | tuple[int, int]
-Padding = str | int | tuple[int, int]
-_Layer = TypeVar("_Layer", nn.Conv2d, nn.Linear)
 
 
 def _frobenius(matrix: Tensor) -> Tensor:
@@ -325,13 +321,13 @@ class BjorckOrthonormal(CachedParametrization):
 
 
 def bjorck(
-    module: _Layer,
+    module: PlainLayer,
     *,
     train_iterations: int = 3,
     order: int = 2,
     eval_max_iterations: int = 100,
     eval_tol: float = 1e-12,
-) -> _Layer:
+) -> PlainLayer:
     """Constrain an existing ``nn.Linear`` or ``nn.Conv2d`` by Björck orthonormalisation; returns it.
 
     Registers :class:`BjorckOrthonormal` on ``module.weight``, like

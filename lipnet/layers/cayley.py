@@ -41,11 +41,9 @@ from torch import Tensor, nn
 from certify.contract import FLOAT64_SLACK
 from lipnet.layers.base import InputSizeUnknownError, eval_mode
 from lipnet.layers.parametrization import CachedParametrization
+from lipnet.layers.types import Device, Size2
 
 __all__ = ["CayleyConv2d", "FourierConv2d", "cayley_transform", "fourier_conv2d", "frequency_matrices_bound"]
-
-Device = torch.device | str | None
-Size2 = int | tuple[int, int]
 
 
 def _pair(value: Size2, name: str) -> tuple[int, int]:

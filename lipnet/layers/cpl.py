@@ -101,10 +101,9 @@ from certify.rules.conv import conv_operator_bound
 from lipnet.layers.bjorck import gram_norm_bound
 from lipnet.layers.gradient_step import GradientStepBlock
 from lipnet.layers.parametrization import EvalTensorCache
+from lipnet.layers.types import Device
 
 __all__ = ["AmortisedSymbolBound", "CPLConv2d", "CPLLinear"]
-
-Device = torch.device | str | None
 
 
 def _detached_scale(weight: Tensor) -> Tensor:

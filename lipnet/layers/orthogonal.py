@@ -17,10 +17,9 @@ from torch.nn.utils import parametrizations, parametrize
 
 from lipnet.layers.base import BoundedLinear
 from lipnet.layers.parametrization import EvalCache, check_attachable
+from lipnet.layers.types import Device
 
 __all__ = ["OrthogonalLinear", "orthogonal"]
-
-Device = torch.device | str | None
 
 
 def orthogonal(module: nn.Linear, *, orthogonal_map: str | None = None) -> nn.Linear:

@@ -49,10 +49,9 @@ from torch import Tensor, nn
 from lipnet.layers.base import BoundedConv2d
 from lipnet.layers.cpl import AmortisedSymbolBound
 from lipnet.layers.parametrization import CachedParametrization, attach
+from lipnet.layers.types import Device
 
 __all__ = ["LinearResidualConv2d", "ResidualKernel", "symbol_norm_bound"]
-
-Device = torch.device | str | None
 
 
 def symbol_norm_bound(weight: Tensor, grid: int = 32) -> Tensor:

@@ -22,10 +22,9 @@ from torch import Tensor, nn
 
 from lipnet.layers.base import BoundedLinear
 from lipnet.layers.parametrization import CachedParametrization, attach
+from lipnet.layers.types import Device
 
 __all__ = ["RowNormLinear", "RowNormalization", "row_normalize"]
-
-Device = torch.device | str | None
 
 
 class RowNormalization(CachedParametrization):

@@ -54,10 +54,10 @@ from torch import Tensor, nn
 from certify.contract import FLOAT64_SLACK
 from lipnet.layers.gradient_step import GradientStepBlock
 from lipnet.layers.parametrization import EvalTensorCache
+from lipnet.layers.types import Device
 
 __all__ = ["SLLConv2d", "SLLLinear"]
 
-Device = torch.device | str | None
 
 #: Clip of the log-ratios ``log_q_j - log_q_i``: ``exp(30) ~ 1e13`` keeps sums of float32 Gram
 #: entries finite, and clipping an antisymmetric matrix keeps it antisymmetric (see module doc).
