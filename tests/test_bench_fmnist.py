@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from fixtures import write_idx
 
-from lipnet.bench.fmnist import EPS, contenders
+from lipnet.bench.fmnist import (
+    EPS,
+    _select,
+    _Trainee,
+    contenders,
+    layout_of,
+    time_steps,
+    zero_biases,
+)
 from lipnet.cli import main
+from lipnet.cli.argtypes import positive_float_list
+from lipnet.data.dataset import ImageDataset
 from lipnet.layers.kinds import list_layer_kinds
 from lipnet.models import create
+from lipnet.training.config import apply_overrides, load_config
+from lipnet.training.loop import fit, lr_at
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -151,3 +165,117 @@ def test_bench_on_the_debian_fashion_mnist(tmp_path: Path) -> None:
     rows = _read(tmp_path / "fmnist.csv")
     assert float(rows[1]["clean"]) > 0.5 and float(rows[1]["cert_0.1"]) > 0.3
     assert float(rows[0]["clean"]) > 0.15  # chance is 0.1
+
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO / "experiments" / "configs" / "fmnist_convnet_s.yaml"
+
+
+def test_positive_float_list_parses_temperatures() -> None:
+    assert positive_float_list("0.5, 5,50") == [0.5, 5.0, 50.0]  # bad values: tests/test_cli_errors.py
+
+
+def test_every_contender_starts_from_zero_biases_and_its_own_weights() -> None:
+    """Zero biases are part of the recipe: orthogonium's layers draw them uniformly, the bench zeroes them
+    (and only them), lipnet's and deel-torchlip's are built so."""
+    pytest.importorskip("orthogonium")
+    recipe = load_config(DEFAULT_RECIPE, ["device=cpu"])
+    size, layout, options = layout_of(recipe)
+    found = _select(
+        contenders(size, layout=layout, lipnet_options=options),
+        ["lipnet:bjorck", "deel-torchlip:spectral", "orthogonium:aoc"],
+    )
+    for c in found:
+        torch.manual_seed(recipe.seed)
+        shipped = dict(c.build().named_parameters())
+        trained = dict(_Trainee(c, recipe, torch.device("cpu")).model.named_parameters())
+        biases = [n for n in shipped if n.rsplit(".", 1)[-1] == "bias"]
+        assert len(biases) == 4, c.name  # two convolutions, two dense layers
+        for name, p in trained.items():
+            if name in biases:
+                assert not p.any(), (c.name, name)
+            else:
+                assert torch.equal(p, shipped[name]), (c.name, name)
+    torch.manual_seed(0)
+    orthogonium = found[2].build()
+    assert any(p.abs().max() > 0.1 for n, p in orthogonium.named_parameters() if n.endswith("bias"))
+    assert zero_biases(orthogonium) == 4
+    assert all(not p.any() for n, p in orthogonium.named_parameters() if n.endswith("bias"))
+
+
+def test_step_timing_follows_the_recipes_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timed steps are the first steps of the real run (warm-up included), not a constant learning
+    rate: Adam at a constant 8e-3 without warm-up, repeated on a few batches, drove a contender to NaN."""
+    recipe = load_config(DEFAULT_RECIPE, ["device=cpu", "optim.epochs=4"])
+    size, layout, options = layout_of(recipe)
+    chosen = _select(contenders(size, layout=layout, lipnet_options=options), ["lipnet:bjorck"])
+    rates: list[float] = []
+
+    def recording_fit(*args: Any, **kwargs: Any) -> Any:
+        total = kwargs["epochs"] * len(args[2])
+        steps = range(kwargs["start_step"], kwargs["start_step"] + len(args[2]))
+        rates.extend(lr_at(s, total, kwargs["lr"], kwargs["schedule"], kwargs["warmup"]) for s in steps)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr("lipnet.bench.fmnist.fit", recording_fit)
+    g = torch.Generator().manual_seed(0)
+    train = ImageDataset(
+        torch.rand(40, 1, 28, 28, generator=g), torch.arange(40) % 10, 10, list("abcdefghij"), "noise"
+    )
+    recipe = apply_overrides(recipe, ["optim.batch_size=16"])  # 3 batches: the 6 steps go round twice
+    timing = time_steps(chosen, recipe, train, torch.device("cpu"), rounds=2, steps=2, steps_per_epoch=50)
+    run_total = 4 * 50  # the real run: 4 epochs of 50 steps, a 10% warm-up
+    assert rates == [lr_at(s, run_total, 8e-3, "cosine", 0.1) for s in range(6)]
+    assert rates[0] == pytest.approx(8e-3 / 20)
+    (row,) = timing
+    assert row["name"] == "lipnet:bjorck" and row["ratio"] == 1.0 and len(row["rounds"]) == 2
+    assert row["sec_per_epoch"] == pytest.approx(row["ms_per_step"] * 50 / 1e3)
+    with pytest.raises(ValueError, match="rounds"):
+        time_steps(chosen, recipe, train, torch.device("cpu"), rounds=0)
+
+
+def test_bench_under_a_config_with_taus_timing_and_resume(
+    stripes_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--config`` sets the layout and recipe of every library, ``--taus`` gives one row per τ and model,
+    ``--time-rounds`` the interleaved step times; a second call reads the finished rows back, and a call
+    with another setup is refused."""
+    pytest.importorskip("orthogonium")
+
+    def bench(*extra: str) -> int:
+        return main([
+            "bench", "fmnist", "--data-dir", str(stripes_dir), "--out", str(tmp_path), "--device", "cpu",
+            "--quiet", "--epochs", "1", "--batch-size", "32", *extra,
+        ])  # fmt: skip
+
+    args = [
+        "--config", str(DEFAULT_RECIPE), "--models", "lipnet:bjorck,orthogonium:aoc", "--taus", "10,1",
+        "--attack-n", "0", "--time-rounds", "1",
+    ]  # fmt: skip
+    assert bench(*args) == 0
+    rows = _read(tmp_path / "fmnist.csv")
+    assert [(r["tau"], r["library"]) for r in rows] == [
+        ("10", "lipnet"), ("10", "orthogonium"), ("1", "lipnet"), ("1", "orthogonium"),
+    ]  # fmt: skip
+    # the config's layout (blocks 0, hidden 128), not fmnist_convnet_s's defaults
+    anchor_layout = create("fmnist_convnet_s", conv="bjorck", blocks=0, hidden=128)
+    assert int(rows[0]["params"]) == sum(p.numel() for p in anchor_layout.parameters())
+    assert int(rows[0]["params"]) != sum(p.numel() for p in create("fmnist_convnet_s").parameters())
+    assert len(list((tmp_path / "rows").glob("*.json"))) == 4 and (tmp_path / "setup.json").is_file()
+    timing = json.loads((tmp_path / "timing.json").read_text(encoding="utf-8"))["rows"]
+    assert [t["name"] for t in timing] == ["lipnet:bjorck", "orthogonium:aoc"] and timing[0]["ratio"] == 1
+    assert timing[1]["sec_per_epoch"] == pytest.approx(timing[1]["ms_per_step"] * 13 / 1e3)  # 400 / 32
+    md = (tmp_path / "fmnist.md").read_text(encoding="utf-8")
+    for fragment in (
+        "blocks=0, hidden=128", "τ per row (10, 1)", "adam lr 0.008", "linear warm-up over 10% of the steps",
+        "same loop (lipnet.training.loop.fit)", "every bias zero", "ms/step (median)",
+    ):  # fmt: skip
+        assert fragment in md, fragment
+    before = (tmp_path / "fmnist.csv").read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert bench(*args[:-2]) == 0  # no timing: nothing is trained again
+    assert capsys.readouterr().out.count("finished before") == 4
+    assert (tmp_path / "fmnist.csv").read_text(encoding="utf-8") == before  # the same s/epoch: read back
+    assert bench(*args, "--lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert "another setup" in err and "optim" in err and len(err.splitlines()) == 1

@@ -35,6 +35,7 @@ from lipnet.cli.argtypes import (
     name_list,
     non_negative_int,
     positive_float,
+    positive_float_list,
     positive_int,
     seed_list,
 )
@@ -45,6 +46,7 @@ BAD_VALUES: dict[Callable[[str], object], tuple[str, ...]] = {
     positive_int: ("abc", "1.5", "0", "-5"),
     non_negative_int: ("abc", "1.5", "-1"),
     positive_float: ("abc", "0", "-1", "nan", "inf"),
+    positive_float_list: ("abc", "0.5,0", "-1", "nan", "5,inf", ","),
     float_list: ("1,x", ","),
     eps_list: ("x", "-1", "1/0", "nan", ","),
     increasing_eps_list: ("x", "-1", "72/255,36/255", "0.1,0.1"),
@@ -293,6 +295,11 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
     ],
     ("bench", "fmnist"): [
         (("--models", "lipnet:no_such_kind"), "no_such_kind"),
+        (("--tau", "5", "--taus", "0.5,5"), "--taus"),
+        (("--taus", "5,0.5,5"), "taus repeat"),
+        (("--set", "optim.lr=1e-3"), "--config"),
+        (("--config", "{config}"), "model.name"),
+        (("--config", "{config}", "--size", "m"), "--size"),
         (("--device", "tpu"), "device"),
         (("--out", "{file}"), "--out"),
     ],

@@ -27,6 +27,7 @@ __all__ = [
     "non_negative_int",
     "one_line",
     "positive_float",
+    "positive_float_list",
     "positive_int",
     "seed_list",
 ]
@@ -134,6 +135,18 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def positive_float_list(text: str) -> list[float]:
+    """``"0.5,5,50"`` -> ``[0.5, 5.0, 50.0]``: finite numbers > 0 (temperatures, say)."""
+
+    def one(value: str) -> float:
+        number = float(value)
+        if not math.isfinite(number) or number <= 0:
+            raise ValueError(f"expected finite numbers > 0, got {value!r}")
+        return number
+
+    return _items(text, one, "0.5,5,50")
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -18,16 +18,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from certify.attacks import ATTACKS, resolve_attack
-from certify.io import atomic_write_text
+from certify.io import atomic_write_json, atomic_write_text
 from lipnet.bench import device_label
 from lipnet.bench.anchors import ANCHORS
-from lipnet.bench.fmnist import bench_fmnist, to_csv, to_markdown
+from lipnet.bench.fmnist import (
+    TIME_STEPS,
+    bench_fmnist,
+    default_recipe,
+    layout_of,
+    timing_markdown,
+    to_csv,
+    to_markdown,
+)
 from lipnet.bench.kernels import NETWORKS, bench_kernels, kernels_markdown
 from lipnet.bench.layers import (
     bench_layers,
@@ -54,11 +64,15 @@ from lipnet.cli.argtypes import (
     name_list,
     non_negative_int,
     positive_float,
+    positive_float_list,
     positive_int,
 )
 from lipnet.cli.recipe import add_parser as add_recipe_parser
+from lipnet.cli.train import epoch_log
 from lipnet.layers.kinds import list_layer_kinds
+from lipnet.training.config import Config, ConfigError, apply_overrides, load_config
 from lipnet.training.devices import resolve_device
+from lipnet.training.run import describe_recipe
 
 __all__ = ["add_parser", "run_fmnist", "run_kernels", "run_layers", "run_models"]
 
@@ -165,62 +179,157 @@ def run_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmnist_recipe(args: argparse.Namespace) -> Config:
+    """The recipe of ``lipnet bench fmnist``: ``--config`` with ``--set`` (else :func:`default_recipe` of
+    ``--size``), then the options that override it (``--tau``, ``--lr``, ``--batch-size``, ``--epochs``,
+    ``--seed``, ``--n-train``, ``--n-test``, ``--device``)."""
+    if args.config is None:
+        if args.set:
+            raise ConfigError("--set changes a --config: give --config FILE")
+        recipe = default_recipe(args.size or "s")
+    else:
+        if args.size is not None:
+            raise ConfigError("--size: with --config, the config's model.name sets the size")
+        recipe = load_config(args.config, args.set)
+    if args.tau is not None and args.taus is not None:
+        raise ConfigError("give --tau (one τ) or --taus (a list), not both")
+    overrides = [
+        f"{key}={value!r}"
+        for key, value in (
+            ("loss.tau", args.tau),
+            ("optim.lr", args.lr),
+            ("optim.batch_size", args.batch_size),
+            ("optim.epochs", args.epochs),
+            ("seed", args.seed),
+            ("data.n_train", args.n_train),
+            ("data.n_test", args.n_test),
+        )
+        if value is not None
+    ]
+    recipe = apply_overrides(recipe, overrides)
+    if args.device is not None:
+        recipe.device = args.device
+        recipe.validate()
+    return recipe
+
+
+def _fmnist_header(args: argparse.Namespace, recipe: Config, time_cap: float | None, attack: str) -> str:
+    size, layout, options = layout_of(recipe)
+    choice = resolve_attack(args.attack, resolve_device(recipe.device))
+    where = (
+        torch.cuda.get_device_name(0)
+        if resolve_device(recipe.device).type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    cap = f"{time_cap:g} s per model" if time_cap is not None else "none"
+    attack_text = (
+        (
+            "AutoAttack (APGD-CE + APGD-T) through pyautoattack"
+            if attack == "autoattack"
+            else f"L2 PGD ({args.attack_steps} steps)"
+        )
+        + (f" [{choice.reason}]" if args.attack == "auto" else "")
+        + f" on the first {args.attack_n} test images (certified samples count as robust without attack)"
+        if args.attack_n
+        else "none"
+    )
+    loss = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in recipe.loss.kwargs.items()
+        if k != "tau" or args.taus is None
+    )
+    taus = f"τ per row ({', '.join(f'{t:g}' for t in args.taus)})" if args.taus is not None else ""
+    lipnet_only = ", ".join(f"{k}={v}" for k, v in options.items()) or "none"
+    n_train = recipe.data.n_train or 60000
+    n_test = recipe.data.n_test or 10000
+    return (
+        f"# Fashion-MNIST, one layout for every library: fmnist_layers(width={layout['width']}, "
+        f"blocks={layout['blocks']}, hidden={layout['hidden']}) (fmnist_convnet_{size}); "
+        f"{recipe.optim.epochs} epoch(s) on {n_train} training images, certified on {n_test} test images "
+        f"by certify.certify; time cap {cap}; seed {recipe.seed}; {where}, torch {torch.__version__}; "
+        f"started {time.strftime('%Y-%m-%d %H:%M')} at load average {_load()}\n\n"
+        "Every row, anchors included, is trained by the same loop (lipnet.training.loop.fit), optimiser "
+        f"and recipe, from the same seed and data order: loss {recipe.loss.name}({loss})"
+        f"{'; ' + taus if taus else ''} (τ multiplies the logits); "
+        f"{describe_recipe(recipe)}; every bias zero at initialisation (lipnet's and deel-torchlip's layers "
+        "are built so, orthogonium's draw it uniformly and are zeroed). "
+        f"lipnet-only options of lipnet's rows: {lipnet_only}; lipnet's Björck "
+        "weights computed in batched calls, as lipnet train computes them. Anchors: their own layers, "
+        "activation and pooling (deel-torchlip GroupSort2 + ScaledL2NormPool2d; orthogonium MaxMin + "
+        f"lipnet's ScaledL2NormPool2d) and dense head. Empirical robustness: {attack_text}.\n\n"
+        "Accuracies in % (train: the last epoch's running accuracy); mean radius: mean certified L2 radius "
+        "(0 when misclassified); certificates from certify.bounds.lipschitz_bound (float64, from the "
+        "weights); s/epoch: wall-clock of the training steps, comparable only between rows trained under "
+        "the same load (see the interleaved step times)."
+    )
+
+
 def run_fmnist(args: argparse.Namespace) -> int:
-    """Run ``lipnet bench fmnist``; ``fmnist.csv`` and ``fmnist.md`` are rewritten after each network."""
+    """Run ``lipnet bench fmnist``; ``fmnist.csv`` and ``fmnist.md`` are rewritten after each network,
+    each finished row is kept in ``rows/`` (resumed from), the step times in ``timing.json``."""
+    recipe = _fmnist_recipe(args)
+    layout_of(recipe)  # a recipe of another model or data set is refused before any work
     check_output_path(args.out, "--out", folder=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    choice = resolve_attack(args.attack, resolve_device(args.device))
-    attack = choice.name
-    where = (
-        torch.cuda.get_device_name(0)
-        if args.device != "cpu" and torch.cuda.is_available()
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
-    cap = f"{args.time_cap:g} s" if args.time_cap is not None else "none"
-    attack_text = (
-        "AutoAttack (APGD-CE + APGD-T) through pyautoattack"
-        if attack == "autoattack"
-        else f"L2 PGD ({args.attack_steps} steps)"
-    ) + (f" [{choice.reason}]" if args.attack == "auto" else "")
-    header = (
-        f"# Fashion-MNIST, fmnist_convnet_{args.size}: {args.epochs} epoch(s), time cap {cap} per model, "
-        f"τ-CE τ={args.tau:g}, Adam lr {args.lr:g} cosine, batch {args.batch_size}, seed {args.seed}; "
-        f"{args.n_train or 60000} training / {args.n_test or 10000} test images; "
-        f"empirical: {attack_text} on the first {args.attack_n} test images (certified samples count as "
-        f"robust without attack); {where}, torch {torch.__version__}\n\n"
-        "Accuracies in %. Certificates from certify.bounds.lipschitz_bound (float64, from the weights)."
-    )
+    attack = resolve_attack(args.attack, resolve_device(recipe.device)).name
+    time_cap = args.time_cap if args.time_cap is not None else (300.0 if args.config is None else None)
+    header = _fmnist_header(args, recipe, time_cap, attack)
+    timing_path = out / "timing.json"
 
     def write(rows: list[dict[str, Any]]) -> None:
         # Created with the first row, so that bad arguments (rejected before it) leave no folder.
         out.mkdir(parents=True, exist_ok=True)
+        text = to_markdown(rows, header)
+        if timing_path.is_file():
+            saved = json.loads(timing_path.read_text(encoding="utf-8"))
+            text += "\n" + timing_markdown(saved["rows"], saved["header"])
         atomic_write_text(out / "fmnist.csv", to_csv(rows))
-        atomic_write_text(out / "fmnist.md", to_markdown(rows, header))
+        atomic_write_text(out / "fmnist.md", text)
+
+    def write_timing(timing: list[dict[str, Any]]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        timing_header = (
+            f"Training step of each network, timed in one process: {args.time_rounds} interleaved rounds "
+            f"(rotating order) of {TIME_STEPS} steps each, batch {recipe.optim.batch_size}, the recipe's "
+            "optimiser, callbacks and learning-rate schedule (the run's first steps), after one warm-up "
+            f"round; CPU threads {torch.get_num_threads()}"
+            if resolve_device(recipe.device).type == "cpu"
+            else f"Training step of each network, timed in one process: {args.time_rounds} interleaved "
+            f"rounds of {TIME_STEPS} steps, batch {recipe.optim.batch_size}, {torch.cuda.get_device_name(0)}"
+        )
+        timing_header += f"; {time.strftime('%Y-%m-%d %H:%M')}, load average {_load()}."
+        atomic_write_json(timing_path, {"header": timing_header, "rows": timing})
+        print(timing_markdown(timing, timing_header))
 
     rows = bench_fmnist(
-        size=args.size,
+        recipe,
+        taus=args.taus,
         models=args.models,
-        epochs=args.epochs,
-        time_cap=args.time_cap,
-        n_train=args.n_train,
-        n_test=args.n_test,
+        time_cap=time_cap,
         attack_n=args.attack_n,
         attack=attack,
         attack_steps=args.attack_steps,
-        tau=args.tau,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
         data_dir=args.data_dir,
         progress=not args.quiet,
+        out=out,
+        time_rounds=args.time_rounds,
         on_row=write,
+        on_timing=write_timing,
+        log=epoch_log,
     )
     print(to_markdown(rows, header))
     print(f"wrote {out / 'fmnist.csv'}, {out / 'fmnist.md'}")
     return 0
+
+
+def _load() -> str:
+    """The 1-minute load average of the machine (``n/a`` where the platform has none)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "n/a"
 
 
 def _run_eval(args: argparse.Namespace, device: str) -> int:
@@ -362,18 +471,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_layers.set_defaults(func=run_layers)
 
     p_fmnist = bench_sub.add_parser(
-        "fmnist", help="train and certify lipnet, deel-torchlip and orthogonium nets on Fashion-MNIST"
+        "fmnist",
+        help="train and certify lipnet, deel-torchlip and orthogonium nets on Fashion-MNIST under one recipe",
     )
-    p_fmnist.add_argument("--epochs", type=positive_int, default=5, help="epochs per model (default 5)")
     p_fmnist.add_argument(
-        "--time-cap", type=positive_float, default=300.0, help="training seconds per model (default 300)"
+        "--config",
+        help="run config every library trains under (model layout, loss, optimiser, schedule, batch, "
+        "epochs, data budget; e.g. experiments/configs/fmnist_convnet_s.yaml); default: fmnist_convnet_s "
+        "with Adam 2e-3 cosine",
+    )
+    p_fmnist.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a --config value"
+    )
+    p_fmnist.add_argument(
+        "--epochs", type=positive_int, help="epochs per model (default: the config's, else 5)"
+    )
+    p_fmnist.add_argument(
+        "--time-cap",
+        type=positive_float,
+        help="training seconds per model (default: none with --config, else 300)",
     )
     p_fmnist.add_argument(
         "--models", type=name_list, help="subset, e.g. lipnet:aol,deel-torchlip:spectral (default: all)"
     )
-    p_fmnist.add_argument("--size", choices=["s", "m"], default="s", help="fmnist_convnet_s or _m")
-    p_fmnist.add_argument("--n-train", type=positive_int, help="first N training images (default all)")
-    p_fmnist.add_argument("--n-test", type=positive_int, help="first N test images (default all 10,000)")
+    p_fmnist.add_argument(
+        "--size", choices=["s", "m"], help="without --config: fmnist_convnet_s (default) or _m"
+    )
+    p_fmnist.add_argument(
+        "--n-train", type=positive_int, help="first N training images (default: the config's, else all)"
+    )
+    p_fmnist.add_argument(
+        "--n-test", type=positive_int, help="first N test images (default: the config's, else all 10,000)"
+    )
     p_fmnist.add_argument(
         "--attack-n", type=non_negative_int, default=1000, help="test images attacked (default 1000)"
     )
@@ -385,15 +514,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p_fmnist.add_argument("--attack-steps", type=positive_int, default=50, help="PGD steps (default 50)")
     p_fmnist.add_argument(
-        "--tau", type=positive_float, default=5.0, help="τ of τ-CE (τ multiplies the logits)"
+        "--tau",
+        type=positive_float,
+        help="τ of τ-CE (τ multiplies the logits; default: the config's, else 5)",
     )
-    p_fmnist.add_argument("--lr", type=positive_float, default=2e-3, help="Adam learning rate (default 2e-3)")
-    p_fmnist.add_argument("--batch-size", type=positive_int, default=128)
-    p_fmnist.add_argument("--seed", type=non_negative_int, default=0)
-    p_fmnist.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    p_fmnist.add_argument("--taus", type=positive_float_list, help="one row per τ and model, e.g. 0.5,5,50")
+    p_fmnist.add_argument(
+        "--lr", type=positive_float, help="learning rate (default: the config's, else Adam 2e-3)"
+    )
+    p_fmnist.add_argument("--batch-size", type=positive_int, help="default: the config's, else 128")
+    p_fmnist.add_argument("--seed", type=non_negative_int, help="default: the config's, else 0")
+    p_fmnist.add_argument(
+        "--time-rounds",
+        type=non_negative_int,
+        default=0,
+        help=f"first time every model's training step: N interleaved rounds of {TIME_STEPS} steps in this "
+        "process (timing.json; default 0: not timed)",
+    )
+    p_fmnist.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda")
     p_fmnist.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p_fmnist.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian's when present)")
-    p_fmnist.add_argument("--out", default="runs/fmnist", help="folder of fmnist.csv / fmnist.md")
+    p_fmnist.add_argument(
+        "--out",
+        default="runs/fmnist",
+        help="folder of fmnist.csv / fmnist.md, rows/ (finished rows, read back when the bench runs "
+        "again with the same setup) and timing.json",
+    )
     p_fmnist.add_argument("--quiet", action="store_true", help="no progress bars")
     p_fmnist.set_defaults(func=run_fmnist)
 
