@@ -16,6 +16,7 @@ from certify.bounds import lipschitz_bound
 from certify.radius import binary_radius, certified_radius
 from lipnet import catalogue
 from lipnet.attention import SqueezeExcitation
+from lipnet.catalogue import runner
 from lipnet.catalogue.networks import image_network
 from lipnet.catalogue.report import CatalogueRow, read_rows, write_outputs
 from lipnet.catalogue.runner import train_method
@@ -23,6 +24,7 @@ from lipnet.catalogue.tasks import TaskData
 from lipnet.catalogue.tasks.base import classification_scores
 from lipnet.cli import main
 from lipnet.data import ImageDataset
+from lipnet.data.shapes import load_shapes10
 
 TINY = catalogue.TaskSettings(n_train=48, n_test=24, epochs=1, lr=1e-2, tau=4.0, batch_size=16, width=8)
 
@@ -79,6 +81,51 @@ def test_every_method_of_every_task_builds_and_is_bounded(lipnet_data: Path, tas
         assert 0 < lip <= 1.0 + 1e-4, (method, lip)
         assert catalogue.raw_bound(model, shape) > 0
         assert all(m.normalize for m in model.modules() if isinstance(getattr(m, "normalize", None), bool))
+
+
+@pytest.mark.parametrize("task", list(catalogue.TASKS))
+def test_the_difficulty_setting_reaches_every_task_s_images(lipnet_data: Path, task: str) -> None:
+    t = catalogue.TASKS[task]
+    full, easy = t.load("test", 8, 0), t.load("test", 8, 0, difficulty=0.0)
+    assert torch.equal(full.dataset.images, t.load("test", 8, 0, difficulty=1.0).dataset.images)
+    # The setting scales the nuisances only: same labels (the same shapes), other pixels.
+    assert torch.equal(full.dataset.labels, easy.dataset.labels)
+    assert not torch.equal(full.dataset.images, easy.dataset.images)
+    if task == "classification":
+        assert torch.equal(easy.dataset.images, load_shapes10("test", n=8, seed=0, difficulty=0.0).images)
+
+
+def test_the_budget_s_warmup_and_difficulty_reach_training_and_data(
+    lipnet_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, object] = {}
+    real_fit = runner.fit
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen["warmup"] = kwargs["warmup"]
+        return real_fit(*args, **kwargs)  # type: ignore[arg-type]
+
+    real_load = catalogue.TASKS["classification"].load
+
+    def load(split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        seen[split] = difficulty
+        return real_load(split, n, seed, difficulty)
+
+    monkeypatch.setattr(runner, "fit", spy)
+    monkeypatch.setattr(catalogue.TASKS["classification"], "load", load)
+    budget = {"classification": replace(TINY, warmup=0.25, difficulty=0.5)}
+    rows = catalogue.run_catalogue(["baseline"], ["classification"], settings=budget, attack_n=0)
+    assert seen == {"warmup": 0.25, "train": 0.5, "test": 0.5}
+    recorded = json.loads(rows[0].settings)
+    assert recorded["difficulty"] == 0.5 and recorded["warmup"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "bad", [{"warmup": 1.0}, {"warmup": -0.1}, {"difficulty": 1.5}, {"difficulty": True}, {"warmup": "0.1"}]
+)
+def test_task_settings_refuse_a_bad_warmup_or_difficulty(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        replace(TINY, **bad)  # type: ignore[arg-type]
 
 
 def _trained(task: str, method: str) -> tuple[nn.Module, TaskData]:
@@ -175,6 +222,10 @@ def test_filters_and_resume(lipnet_data: Path, tmp_path: Path, capsys: pytest.Ca
         ["--lr", "-1"],
         ["--tau", "nan"],
         ["--attack-n", "-2"],
+        ["--difficulty", "1.5"],
+        ["--difficulty", "nan"],
+        ["--warmup", "1"],
+        ["--warmup", "-0.1"],
     ],
 )
 def test_bad_input_exits_2(lipnet_data: Path, tmp_path: Path, extra: list[str]) -> None:

@@ -3,7 +3,9 @@
 Every builder is deterministic: the images come from :func:`~lipnet.data.shapes.load_shapes10` for the
 given ``(split, seed)`` and any further randomness from a ``torch.Generator`` seeded with
 ``(seed, split)``, so the same arguments give the same tensors. Sizes are small by default (a few hundred
-samples) so that tests and ``lipnet catalogue --quick`` run on a CPU in seconds.
+samples) so that tests and ``lipnet catalogue --quick`` run on a CPU in seconds. Every builder takes the
+``shapes10`` ``difficulty`` setting (:func:`~lipnet.data.shapes.load_shapes10`; 1, the default, is the full
+data set), which scales the nuisances of the source images and changes nothing else.
 
 * :func:`attribute_task`: imbalanced multi-label attributes with controlled priors (2%-50%),
   Sarafianos et al. (ECCV 2018);
@@ -91,6 +93,7 @@ def attribute_task(
     seed: int = 0,
     priors: Sequence[float] = DEFAULT_PRIORS,
     data_dir: str | Path | None = None,
+    difficulty: float = 1.0,
 ) -> AttributeTask:
     """Imbalanced multi-label attributes of the shape: large, small, right, left, low, high.
 
@@ -106,7 +109,7 @@ def attribute_task(
         raise ValueError(
             f"priors must be 1 to {len(ATTRIBUTE_NAMES)} frequencies in (0, 1), got {list(priors)}"
         )
-    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir)
+    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir, difficulty=difficulty)
     attrs = ds.attributes or {}
     columns = []
     names = list(ATTRIBUTE_NAMES[: len(p)])
@@ -143,6 +146,7 @@ def mil_bags(
     std_size: float = 1.5,
     max_size: int = 10,
     data_dir: str | Path | None = None,
+    difficulty: float = 1.0,
 ) -> BagTask:
     """Bags of shapes10 images, positive iff the bag holds at least one image of class ``target``.
 
@@ -167,7 +171,7 @@ def mil_bags(
     need_t, need_o = int(n_pos.sum()), int((sizes - n_pos).sum())
     # Ten classes with equal frequency: 12x the largest need (and some margin) always suffices.
     pool = 12 * max(need_t, need_o // 9 + 1) + 100
-    ds = load_shapes10(split, n=pool, seed=seed, data_dir=data_dir)
+    ds = load_shapes10(split, n=pool, seed=seed, data_dir=data_dir, difficulty=difficulty)
     is_t = ds.labels == target
     t_idx, o_idx = torch.nonzero(is_t).squeeze(1), torch.nonzero(~is_t).squeeze(1)
     t_idx = t_idx[torch.randperm(len(t_idx), generator=g)]
@@ -202,11 +206,16 @@ class MultiTask:
 
 
 def multitask(
-    n: int = 512, *, split: str = "train", seed: int = 0, data_dir: str | Path | None = None
+    n: int = 512,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    difficulty: float = 1.0,
 ) -> MultiTask:
     """Shape class (10), colour (8 palette entries) and the object's segmentation mask of each image."""
     _check_count("n", n)
-    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir)
+    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir, difficulty=difficulty)
     assert ds.masks is not None and ds.attributes is not None  # shapes10 always carries both
     return MultiTask(ds.images, ds.labels, ds.attributes["colour"], ds.masks, len(PALETTE))
 
@@ -223,11 +232,16 @@ class LocalisationTask:
 
 
 def localisation_task(
-    n: int = 512, *, split: str = "train", seed: int = 0, data_dir: str | Path | None = None
+    n: int = 512,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    difficulty: float = 1.0,
 ) -> LocalisationTask:
     """Weakly supervised localisation: train on ``labels``, score CAM/OAA maps against ``masks`` (mIoU)."""
     _check_count("n", n)
-    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir)
+    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir, difficulty=difficulty)
     assert ds.masks is not None
     return LocalisationTask(ds.images, ds.labels, ds.masks, torch.ones(n))
 
@@ -257,6 +271,7 @@ def scale_task(
     seed: int = 0,
     scale_range: tuple[float, float] = (0.25, 1.0),
     data_dir: str | Path | None = None,
+    difficulty: float = 1.0,
 ) -> LocalisationTask:
     """The shapes10 image zoomed out by a factor ``s ~ U(scale_range)`` and pasted at a random position on
     a canvas of its own mean colour: objects from 1/4 to full size (with the masks transformed alike)."""
@@ -264,7 +279,7 @@ def scale_task(
     lo, hi = scale_range
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"scale_range must satisfy 0 < low <= high <= 1, got {scale_range}")
-    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir)
+    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir, difficulty=difficulty)
     assert ds.masks is not None
     g = _generator(seed, split, 23)
     scales = lo + (hi - lo) * torch.rand(n, generator=g)
@@ -284,6 +299,7 @@ def cluttered_task(
     scale: float = 0.5,
     clutter: int = 4,
     data_dir: str | Path | None = None,
+    difficulty: float = 1.0,
 ) -> LocalisationTask:
     """Translated, cluttered objects (the cluttered-MNIST protocol of the spatial transformer paper): the
     image shrunk by ``scale`` and pasted anywhere in the frame, over ``clutter`` random 8x8 crops of other
@@ -292,7 +308,7 @@ def cluttered_task(
     _check_count("clutter", clutter, 0)
     if not 0.1 <= scale <= 1.0:
         raise ValueError(f"scale must lie in [0.1, 1], got {scale!r}")
-    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir)
+    ds = load_shapes10(split, n=n, seed=seed, data_dir=data_dir, difficulty=difficulty)
     assert ds.masks is not None
     g = _generator(seed, split, 37)
     side = ds.images.shape[-1]

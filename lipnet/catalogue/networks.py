@@ -2,15 +2,22 @@
 
 Image tasks (classification, attributes, scale, cluttered) use
 
-    stem = conv(3, w) GS pool2,    tail = conv(w, 2w) GS pool2 [late] flatten dense(2w (side / 4)^2, out)
+    stem = conv(3, w) GS pool2,
+    tail = conv(w, 2w) GS pool2 [late] flatten dense(2w (side / 4)^2, 128) GS dense(128, out)
 
-(Björck-orthogonal convolutions and dense layer, GroupSort, 2x2 scaled L2-norm pooling) with the
+(Björck-orthogonal convolutions and dense layers, GroupSort, 2x2 scaled L2-norm pooling) with the
 method's module between ``stem`` and ``tail`` (feature-map attention), at ``late`` (token attention
 over the ``8 x 8`` pixels of the last feature map: 64 tokens, where the 256 pixels of the first map
 would cost 16 times more per attention matrix; the bounded translation and zoom, where a shift of one
 pixel moves the content by four image pixels), or in front of ``stem`` (the soft glimpse acts on the
 image). The baseline has nothing there.
 Bags, multi-task and localisation networks are built from the same pieces (see their classes).
+
+The hidden dense layer (:data:`HIDDEN` units, GroupSort) is what makes the backbone learn: with the
+convolution features going straight into one dense layer of ``out`` rows, the classification baseline
+reached 52% clean on ``shapes10`` at difficulty 0.5 (10,000 images, 5 epochs, Adam 8e-3 with warm-up,
+tau 10), with the hidden layer 65% (certified at 36/255: 3.4% -> 12.6%) at about the same cost; two
+convolutions per stage instead of one gave 53% at twice the cost, 5x5 kernels 58.5%.
 
 Every class here has a ``lipschitz_bound(input_shape=None)`` composed from the sound float64 bounds of
 its parts (``certify.bounds.module_bound``), so ``certify.bounds.lipschitz_bound`` of a whole network
@@ -39,6 +46,7 @@ from lipnet.layers import BjorckConv2d, BjorckLinear
 from lipnet.pooling import ScaledAvgPool2d, ScaledL2NormPool2d
 
 __all__ = [
+    "HIDDEN",
     "BagNetwork",
     "CAMNetwork",
     "CentredPooling",
@@ -46,10 +54,25 @@ __all__ = [
     "MultiTaskBaseline",
     "MultiTaskNetwork",
     "PixelTokens",
+    "dense_head",
     "image_network",
     "stem",
     "tail",
 ]
+
+
+#: Units of the hidden dense layer before every image network's output layer (module docstring).
+HIDDEN = 128
+
+
+def dense_head(in_features: int, num_outputs: int, hidden: int = HIDDEN) -> list[nn.Module]:
+    """``dense(in, hidden) GS dense(hidden, out)``, or ``dense(in, out)`` when ``hidden`` is 0; the output
+    layer is an ``nn.Linear``, so the last-layer certificate applies to it."""
+    if hidden < 0 or hidden % 2:
+        raise ValueError(f"hidden must be 0 or an even number (GroupSort pairs units), got {hidden}")
+    if hidden == 0:
+        return [BjorckLinear(in_features, num_outputs)]
+    return [BjorckLinear(in_features, hidden), GroupSort(2), BjorckLinear(hidden, num_outputs)]
 
 
 def stem(width: int, in_channels: int = 3) -> list[nn.Module]:
@@ -57,8 +80,11 @@ def stem(width: int, in_channels: int = 3) -> list[nn.Module]:
     return [BjorckConv2d(in_channels, width, 3, padding=1), GroupSort(2), ScaledL2NormPool2d(2)]
 
 
-def tail(width: int, side: int, num_outputs: int, late: nn.Module | None = None) -> list[nn.Module]:
-    """``conv(w, 2w) GS pool2 [late] flatten dense``: ``side`` is the side of the tail's input."""
+def tail(
+    width: int, side: int, num_outputs: int, late: nn.Module | None = None, hidden: int = HIDDEN
+) -> list[nn.Module]:
+    """``conv(w, 2w) GS pool2 [late] flatten`` and :func:`dense_head`: ``side`` is the side of the tail's
+    input."""
     block: list[nn.Module] = [
         BjorckConv2d(width, 2 * width, 3, padding=1),
         GroupSort(2),
@@ -66,7 +92,7 @@ def tail(width: int, side: int, num_outputs: int, late: nn.Module | None = None)
     ]
     if late is not None:
         block.append(late)
-    return [*block, nn.Flatten(), BjorckLinear(2 * width * (side // 2) ** 2, num_outputs)]
+    return [*block, nn.Flatten(), *dense_head(2 * width * (side // 2) ** 2, num_outputs, hidden)]
 
 
 def image_network(
@@ -78,9 +104,11 @@ def image_network(
     late: nn.Module | None = None,
     front: nn.Module | None = None,
     front_side: int | None = None,
+    hidden: int = HIDDEN,
 ) -> nn.Sequential:
-    """``[front] stem [middle] tail`` with ``late`` before the dense layer (on ``(2w, side / 4, side / 4)``);
-    ``front_side`` is the side of ``front``'s output (default ``side``)."""
+    """``[front] stem [middle] tail`` with ``late`` before the dense layers (on ``(2w, side / 4, side / 4)``);
+    ``front_side`` is the side of ``front``'s output (default ``side``), ``hidden`` the units of the hidden
+    dense layer (0: none)."""
     if width < 2 or width % 2:
         raise ValueError(f"width must be an even number >= 2 (GroupSort pairs channels), got {width}")
     s = side if front_side is None else front_side
@@ -90,7 +118,7 @@ def image_network(
     layers += stem(width)
     if middle is not None:
         layers.append(middle)
-    layers += tail(width, s // 2, num_outputs, late)
+    layers += tail(width, s // 2, num_outputs, late, hidden)
     return nn.Sequential(*layers)
 
 
@@ -271,11 +299,11 @@ class MultiTaskNetwork(nn.Module):
 
     ``forward(x)`` returns the class logits (the network's main decision); ``task_logits(x)`` returns
     ``(class (N, num_classes), colour (N, C), mask (N, H', W'))``. The class maps (``class_maps``
-    channels) are flattened into a dense layer, so the class can depend on the object's layout (a
-    pooled per-pixel score could not tell the shapes apart); the colour maps are pooled,
+    channels) are flattened into the dense layers of :func:`dense_head`, so the class can depend on the
+    object's layout (a pooled per-pixel score could not tell the shapes apart); the colour maps are pooled,
     ``sum / sqrt(H' W')`` (one orthonormal row per channel: 1-Lipschitz); a pixel of the mask map is a
     coordinate of the body's mask output. Task ``t`` is ``Lip(stem) Lip(body, t) Lip(head_t)``-
-    Lipschitz (:meth:`task_bounds`), with ``Lip(head_class)`` the dense layer's bound and 1 for the others.
+    Lipschitz (:meth:`task_bounds`), with ``Lip(head_class)`` the dense layers' bound and 1 for the others.
     """
 
     TASKS = ("class", "colour", "mask")
@@ -292,7 +320,7 @@ class MultiTaskNetwork(nn.Module):
         self.width = width
         self.stem = nn.Sequential(*stem(width))
         self.body = body
-        self.class_head = nn.Sequential(nn.Flatten(), BjorckLinear(class_maps * feature_side**2, num_classes))
+        self.class_head = nn.Sequential(nn.Flatten(), *dense_head(class_maps * feature_side**2, num_classes))
         self.pool = ScaledAvgPool2d(feature_side)
 
     def task_logits(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,17 +35,25 @@ __all__ = [
 #: at 1, which no row of it certifies).
 DEFAULT_EPS: tuple[float, ...] = radius.DEFAULT_EPS[:3]
 
-#: The default budget per task (``lipnet catalogue``): chosen so that the baseline clearly learns on
-#: every task and the whole table fits in about 45 minutes on 2 CPU cores. Counts are images (a MIL
-#: bag of 4 counts 4).
+#: The default budget per task (``lipnet catalogue``): the Fashion-MNIST recipe (Adam 8e-3, 10% linear
+#: warm-up then cosine; zero biases, every lipnet layer's init), tau 10, on ``shapes10`` at difficulty 0.5,
+#: 10,000 training images for 5 epochs. Measured on the classification baseline (1,000 test images): at
+#: difficulty 1 it reaches 40% clean, at 0.5 65% (tau 5: 61% clean, 23% certified at 36/255 instead of
+#: 13%); the budget fits the whole table in about 40 minutes on one CPU thread (docs/catalogue.md).
+#: Counts are images (a MIL bag of 4 counts 4; 16 bags a batch, 64 images as elsewhere).
 FULL: dict[str, TaskSettings] = {
-    "classification": TaskSettings(4000, 1000, 5, 1e-2, 2.0, 64, 16),
-    "attributes": TaskSettings(4000, 1000, 5, 1e-2, 2.0, 64, 16),
-    "multitask": TaskSettings(4000, 1000, 5, 1e-2, 2.0, 64, 16),
-    "mil": TaskSettings(4000, 1200, 5, 1e-2, 2.0, 16, 16),
-    "localisation": TaskSettings(4000, 1000, 5, 1e-2, 2.0, 64, 16),
-    "scale": TaskSettings(4000, 1000, 5, 1e-2, 2.0, 64, 16),
-    "cluttered": TaskSettings(4000, 1000, 5, 1e-2, 2.0, 64, 16),
+    name: TaskSettings(
+        n_train=10_000,
+        n_test=1200 if name == "mil" else 1000,
+        epochs=5,
+        lr=8e-3,
+        tau=10.0,
+        batch_size=16 if name == "mil" else 64,
+        width=16,
+        warmup=0.1,
+        difficulty=0.5,
+    )
+    for name in ("classification", "attributes", "multitask", "mil", "localisation", "scale", "cluttered")
 }
 #: ``--quick``: a smoke run of the whole pipeline (the suite runs it).
 QUICK: dict[str, TaskSettings] = {name: TaskSettings(64, 32, 1, 1e-2, 2.0, 16, 8) for name in FULL}
@@ -93,8 +101,8 @@ def train_method(
     task: CatalogueTask, method: str, model: nn.Module, train: TaskData, settings: TaskSettings, seed: int
 ) -> tuple[float, dict[str, Any]]:
     """Train ``model`` with the task's step for ``method`` (:meth:`CatalogueTask.step`) through the one fit
-    loop: Adam with a per-step cosine schedule. Returns (the wall-clock seconds of the epochs, the task's
-    training state).
+    loop: Adam with a per-step linear warm-up over the fraction ``settings.warmup`` of the steps, then a
+    cosine decay to 0. Returns (the wall-clock seconds of the epochs, the task's training state).
 
     A loss that becomes NaN or Inf raises :class:`~lipnet.training.loop.TrainingDivergedError`.
     """
@@ -109,6 +117,7 @@ def train_method(
         epochs=settings.epochs,
         lr=settings.lr,
         schedule="cosine",
+        warmup=settings.warmup,
         callbacks=[task.callback(method, state)],
         advice=lambda _epoch: "lower --lr",
         label=f"{task.name}/{method}",
@@ -168,7 +177,10 @@ def run_catalogue(
                     progress(f"[{task_name}] {method}: already in the output folder, kept")
                 continue
             if data is None:
-                data = (task.load("train", s.n_train, seed), task.load("test", s.n_test, seed))
+                data = (
+                    task.load("train", s.n_train, seed, s.difficulty),
+                    task.load("test", s.n_test, seed, s.difficulty),
+                )
             train, test = data
             if progress is not None:
                 progress(

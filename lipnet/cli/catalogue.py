@@ -28,6 +28,17 @@ from lipnet.cli.argtypes import (
 __all__ = ["add_parser", "run"]
 
 
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (``TaskSettings`` checks the open end of ``--warmup``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lipnet catalogue`` for parsed ``args``."""
     check_output_path(args.out, "--out", folder=True)
@@ -43,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             "tau": args.tau,
             "batch_size": args.batch_size,
             "width": args.width,
+            "warmup": args.warmup,
+            "difficulty": args.difficulty,
         }.items()
         if v is not None
     }
@@ -120,6 +133,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tau", type=positive_float, help="tau, which multiplies the logits (all tasks)")
     p.add_argument("--batch-size", type=positive_int, help="batch size (all tasks)")
     p.add_argument("--width", type=positive_int, help="backbone width, even (all tasks)")
+    p.add_argument(
+        "--warmup", type=_fraction, help="fraction of the steps of linear learning-rate warm-up, in [0, 1)"
+    )
+    p.add_argument(
+        "--difficulty", type=_fraction, help="shapes10 difficulty setting of every task's images, in [0, 1]"
+    )
     p.add_argument("--attack", choices=["auto", "autoattack", "pgd"], help="attack (default pgd)")
     p.add_argument("--attack-n", type=non_negative_int, help="test samples attacked (default 100)")
     p.add_argument("--attack-steps", type=positive_int, help="PGD steps (default 20)")

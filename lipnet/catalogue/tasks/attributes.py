@@ -65,8 +65,8 @@ class AttributesTask(CatalogueTask):
     metric = "mA"
     METHODS = (BASELINE, "MultiScaleAttentionAggregation")
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
-        t = task_data.attribute_task(n, split=split, seed=seed)
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        t = task_data.attribute_task(n, split=split, seed=seed, difficulty=difficulty)
         ds = labelled(t.images, t.labels, "shapes10_attributes")
         return TaskData(ds, (t.targets, torch.arange(n)), info={"names": t.names})
 

@@ -57,7 +57,13 @@ State = dict[str, Any]
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """The training budget of one task, the same for every method of the task."""
+    """The training budget of one task, the same for every method of the task.
+
+    ``warmup``: the fraction of the optimiser steps over which the learning rate ramps up linearly before
+    the cosine decay (:func:`lipnet.training.loop.lr_at`; 0: cosine from the first step). ``difficulty``:
+    the ``shapes10`` difficulty setting the task's images are generated at (:mod:`lipnet.data.shapes`; the
+    upper end of the per-image nuisance level, 1 the full data set, 0 clean shapes only).
+    """
 
     n_train: int
     n_test: int
@@ -66,6 +72,8 @@ class TaskSettings:
     tau: float
     batch_size: int
     width: int
+    warmup: float = 0.0
+    difficulty: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_test", "epochs", "batch_size", "width"):
@@ -76,6 +84,11 @@ class TaskSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name, upper in (("warmup", "1)"), ("difficulty", "1]")):
+            value = getattr(self, name)
+            inside = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+            if not inside or (name == "warmup" and value == 1):
+                raise ValueError(f"{name} must be a number in [0, {upper}, got {value!r}")
         if self.width < 2 or self.width % 2:
             raise ValueError(
                 f"width must be an even number >= 2 (GroupSort pairs channels), got {self.width}"
@@ -168,7 +181,9 @@ class CatalogueTask:
         """:attr:`METHODS` as a list."""
         return list(self.METHODS)
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        """``n`` samples (images; bags count their instances) of ``split``, generated with ``seed`` from
+        ``shapes10`` at the difficulty setting ``difficulty``."""
         raise NotImplementedError
 
     def build(self, method: str, settings: TaskSettings, train: TaskData) -> nn.Module:
@@ -219,9 +234,9 @@ class _EndEpoch(Callback):
         self.task.end_epoch(self.method, self.state)
 
 
-def shapes_data(split: str, n: int, seed: int) -> TaskData:
-    """``n`` ``shapes10`` images of ``split``, generated with ``seed``."""
-    return TaskData(load_shapes10(split, n=n, seed=seed))
+def shapes_data(split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+    """``n`` ``shapes10`` images of ``split``, generated with ``seed`` at the setting ``difficulty``."""
+    return TaskData(load_shapes10(split, n=n, seed=seed, difficulty=difficulty))
 
 
 def labelled(

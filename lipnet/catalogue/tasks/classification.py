@@ -55,8 +55,8 @@ class ClassificationTask(CatalogueTask):
         "MemoryAttention",
     )
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
-        return shapes_data(split, n, seed)
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        return shapes_data(split, n, seed, difficulty)
 
     def build(self, method: str, settings: TaskSettings, train: TaskData) -> nn.Module:
         w, k = settings.width, train.dataset.num_classes

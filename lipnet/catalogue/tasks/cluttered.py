@@ -51,8 +51,8 @@ class ClutteredTask(ClassificationTask):
     #: Largest shift on the ``8 x 8`` map, in its pixels.
     max_shift = 1.0
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
-        t = task_data.cluttered_task(n, split=split, seed=seed, scale=self.scale)
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        t = task_data.cluttered_task(n, split=split, seed=seed, scale=self.scale, difficulty=difficulty)
         norms = t.images.flatten(1).norm(dim=1)
         return TaskData(
             labelled(t.images, t.labels, "shapes10_cluttered"), info={"radius": float(norms.median())}

@@ -57,8 +57,8 @@ class LocalisationTask(CatalogueTask):
     METHODS = (BASELINE, "CAMHead", "OnlineAttentionAccumulator", "IntegralAttention")
     theta = 0.5
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
-        t = task_data.localisation_task(n, split=split, seed=seed)
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        t = task_data.localisation_task(n, split=split, seed=seed, difficulty=difficulty)
         ds = labelled(t.images, t.labels, "shapes10_localisation")
         return TaskData(ds, (half_masks(t.masks), torch.arange(n)))
 

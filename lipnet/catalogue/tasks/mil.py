@@ -13,7 +13,7 @@ from lipnet.activations import GroupSort
 from lipnet.attention import LossAttentionMIL
 from lipnet.catalogue import data as task_data
 from lipnet.catalogue.metrics import bag_accuracy, instance_auc
-from lipnet.catalogue.networks import BagNetwork, CentredPooling, InstanceMean, stem
+from lipnet.catalogue.networks import BagNetwork, CentredPooling, InstanceMean, dense_head, stem
 from lipnet.catalogue.tasks.base import (
     BASELINE,
     CatalogueTask,
@@ -42,7 +42,7 @@ class MILTask(CatalogueTask):
     """Multiple-instance bags of 4 images, positive iff one is a ring (Ilse et al., ICML 2018 protocol).
 
     A bag is its instances stacked on channels, ``(4 * 3, 32, 32)``; every instance goes through the
-    same encoder (the backbone with a 32-feature dense layer), then a MIL pooling and a 2-class bag
+    same encoder (the backbone, its dense layers ending in 32 features), then a MIL pooling and a 2-class bag
     classifier (:class:`~lipnet.catalogue.networks.BagNetwork`). Methods: mean pooling (baseline), LSE
     pooling of the instance logits, soft attention pooling of the instance features, and loss-based
     attention (Shi et al., AAAI 2020) trained with its instance regulariser (:class:`MILInstance`,
@@ -73,11 +73,18 @@ class MILTask(CatalogueTask):
     #: Radius of the attention poolings' balls (values: centred instance features, instance logits).
     radius = 4.0
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
         # n counts instances, so that a task's budget is in images whatever the task.
         k = self.bag_size
         bags = task_data.mil_bags(
-            max(2, n // k), split=split, seed=seed, target=self.target, mean_size=k, std_size=0.0, max_size=k
+            max(2, n // k),
+            split=split,
+            seed=seed,
+            target=self.target,
+            mean_size=k,
+            std_size=0.0,
+            max_size=k,
+            difficulty=difficulty,
         )
         images = bags.instances.flatten(1, 2)
         ds = ImageDataset(images, bags.bag_labels, 2, ["negative", "positive"], "shapes10_bags")
@@ -91,7 +98,7 @@ class MILTask(CatalogueTask):
             GroupSort(2),
             ScaledL2NormPool2d(2),
             nn.Flatten(),
-            BjorckLinear(2 * w * 64, f),
+            *dense_head(2 * w * 64, f),
         )
         cls: Any = attention_class(method) if method != BASELINE else None
         if method == BASELINE:

@@ -56,8 +56,8 @@ class MultitaskTask(CatalogueTask):
     class_maps = 4
     METHODS = (BASELINE, "MultiTaskAttentionNetwork")
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
-        t = task_data.multitask(n, split=split, seed=seed)
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        t = task_data.multitask(n, split=split, seed=seed, difficulty=difficulty)
         ds = labelled(t.images, t.labels, "shapes10_multitask")
         return TaskData(ds, (t.colours, half_masks(t.masks).float()), info={"colours": t.num_colours})
 

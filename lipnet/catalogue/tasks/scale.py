@@ -20,6 +20,8 @@ class ScaleTask(ClassificationTask):
     scale_range = (0.4, 1.0)
     METHODS = (BASELINE, "AttentionToScale")
 
-    def load(self, split: str, n: int, seed: int) -> TaskData:
-        t = task_data.scale_task(n, split=split, seed=seed, scale_range=self.scale_range)
+    def load(self, split: str, n: int, seed: int, difficulty: float = 1.0) -> TaskData:
+        t = task_data.scale_task(
+            n, split=split, seed=seed, scale_range=self.scale_range, difficulty=difficulty
+        )
         return TaskData(labelled(t.images, t.labels, "shapes10_scale"))
