@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lipnet.layers import BjorckConv2d, BjorckLinear, bjorck
+from lipnet.layers import BjorckConv2d, BjorckLinear, BjorckOrthonormal, bjorck
 from lipnet.layers.batching import WeightBatcher, batch_weights, buckets
 from lipnet.layers.bjorck import bjorck_gram_transform, gram_norm_bound
 from lipnet.models import create
@@ -210,3 +210,64 @@ def test_weights_stay_float32_under_bf16_autocast(conv: str) -> None:
         full, under_autocast = seen[id(m)]
         assert under_autocast.dtype == torch.float32
         assert torch.equal(under_autocast, full)
+
+
+def _settings_pair(order: int, iterations: int, bound_steps: int) -> tuple[nn.Module, nn.Module]:
+    """Wide, tall, square and rank-deficient Björck layers with the given settings, per layer and batched."""
+    torch.manual_seed(1)
+    layers = [nn.Linear(7, 3), nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 4)]
+    with torch.no_grad():
+        layers[3].weight[1] = layers[3].weight[0]  # equal rows: a rank-deficient Gram matrix
+    for layer in layers:
+        settings = {"order": order, "train_iterations": iterations, "bound_steps": bound_steps}
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", BjorckOrthonormal(**settings))
+    per_layer = nn.Sequential(*layers).double()
+    return per_layer, batch_weights(copy.deepcopy(per_layer), max_padding=1e9)
+
+
+@pytest.mark.parametrize(("order", "iterations", "steps"), [(1, 1, 0), (1, 4, 1), (2, 3, 2), (3, 2, 3)])
+def test_hand_written_backward_is_autograds_for_every_setting(
+    order: int, iterations: int, steps: int
+) -> None:
+    # the batched node differentiates by hand (reverse pass of the polynomial steps, closed-form derivative
+    # of the Gram-iteration bound); the per-layer path is autograd through the same function (its
+    # near-square matrices iterate on W itself: the same iterates in exact arithmetic), so in float64 they
+    # agree to a few hundred ulps of the O(1) weights and gradients
+    per_layer, batched = _settings_pair(order, iterations, steps)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    out_ref, out = per_layer(x), batched(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
+    out_ref.sin().sum().backward()
+    out.sin().sum().backward()
+    for (name, p), q in zip(per_layer.named_parameters(), batched.parameters(), strict=True):
+        assert q.grad is not None and p.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-11, rtol=0, msg=name)
+
+
+def test_batched_float32_weights_are_as_accurate_as_the_per_layer_ones() -> None:
+    # Both float32 paths round the same exact weights; the batched one sums in another order (padded Gram
+    # matrices, a different bmm order), not more steps. So its error against the float64 weights is bounded
+    # by the per-layer path's error up to a small factor, plus a few ulps (u = 2^-24) of the O(1) entries.
+    per_layer, batched = _pair(dtype=torch.float32)
+    exact = copy.deepcopy(per_layer).double()
+    x = torch.randn(2, 2, 4, 4)
+    weights: list[dict[str, torch.Tensor]] = []
+    for net, dtype in ((per_layer, torch.float32), (batched, torch.float32), (exact, torch.float64)):
+        seen: dict[str, torch.Tensor] = {}
+        names = {m: name for name, m in net.named_modules() if hasattr(m, "parametrizations")}
+
+        def keep(
+            module: nn.Module, args: object, out: dict[str, torch.Tensor] = seen, key: dict = names
+        ) -> None:
+            out.setdefault(key[module], module.weight)  # the first use (a layer applied twice reuses it)
+
+        for m in names:
+            m.register_forward_pre_hook(keep)
+        net(x.to(dtype))
+        weights.append(seen)
+    u = 2.0**-24
+    assert len(weights[2]) == 4
+    for name, w_exact in weights[2].items():
+        err_per_layer = (weights[0][name].double() - w_exact).abs().max().item()
+        err_batched = (weights[1][name].double() - w_exact).abs().max().item()
+        assert err_batched <= 4 * err_per_layer + 16 * u, (name, err_batched, err_per_layer)

@@ -7,9 +7,12 @@ a small network is then bound by kernel launches, not by arithmetic. :func:`batc
 a forward hook on it), the first Björck weight requested computes the training-mode weights of all the
 model's Björck layers at once and every layer takes its own. Matrices of different sizes share one call
 by zero padding: each layer's Gram matrix ``W W^T`` (or ``W^T W``, the smaller) is placed in the
-top-left block of an ``M x M`` zero matrix, the stack goes through
+top-left block of an ``M x M`` zero matrix, the stack goes through the computation of
 :func:`~lipnet.layers.bjorck.bjorck_gram_transform` (bound, pre-scaling, polynomial steps) once, and each
-layer applies its block to its own raw weight.
+layer applies its block to its own raw weight. The whole call is one autograd node whose backward is
+written by hand (:class:`_BatchedBjorck`): the same gradient in exact arithmetic in about half the
+kernels of autograd's, each sum accumulated inside the product that makes its last term (a GPU step of a
+small network is bound by kernel launches).
 
 Same function: zero padding changes nothing in exact arithmetic (every quantity stays block diagonal and
 the Gram-iteration bound sees the same Frobenius norms, ``docs/proofs/convolutions.md#lemma-batched-bjorck``),
@@ -43,7 +46,17 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils.hooks import RemovableHandle
 
-from lipnet.layers.bjorck import BjorckOrthonormal, bjorck_gram_transform
+from lipnet.layers.bjorck import (
+    BjorckOrthonormal,
+    GramTape,
+    _gram_prescale_backward,
+    _gram_space,
+    _gram_space_backward,
+    _identities,
+    _inner,
+    _monomial_coefficients,
+    gram_norm_bound,
+)
 
 __all__ = ["MAX_PADDING", "WeightBatcher", "batch_weights", "buckets"]
 
@@ -116,77 +129,104 @@ class _Layout:
         return batch.as_strided((stop - start, m, m), (self.side**2, self.side, 1), offset)
 
 
-class _PackGrams(torch.autograd.Function):
-    """The smaller Gram matrix of each layer's matrices, zero-padded into one batch ``(E, M, M)``.
+@dataclass(frozen=True)
+class _Settings:
+    """What a batched call computes: ``iterations`` steps of order ``order`` after the Gram-iteration bound of
+    ``bound_steps`` steps; ``scale`` ``(E,)`` multiplies each matrix (``None``: 1); ``identities``: the
+    constants of :func:`~lipnet.layers.bjorck._polynomial` for the batch's side."""
 
-    One product per layer forward, written in place into its block; backward, for the cotangent block
-    ``S``: ``(S + S^T) W`` (wide, ``G = W W^T``) or ``W (S + S^T)`` (tall, ``G = W^T W``).
+    iterations: int
+    order: int
+    bound_steps: int
+    scale: Tensor | None
+    identities: tuple[Tensor, Tensor]
+
+
+class _BatchedBjorck(torch.autograd.Function):
+    """Every layer's training weight from its raw matrices in one autograd node, with a hand-written backward.
+
+    Forward: the smaller Gram matrix of each layer's matrices zero-padded into one batch ``G`` ``(E, M, M)``
+    (one product per layer, written in its block), the transform ``T = scale b^(-1/2) P(X_(k-1)) ... P(X_0)``
+    of :func:`~lipnet.layers.bjorck.bjorck_gram_transform` (``b`` the clamped Gram-iteration bound,
+    ``X_0 = G / b``) with its intermediates kept, and each layer's block of ``T`` applied to its matrices:
+    ``T W`` (wide) or ``W T`` (tall), the same operations as autograd through those functions.
+
+    Backward, for the cotangent ``g`` of each layer's weight: the cotangent ``C`` of ``T`` (blocks ``g W^T`` /
+    ``W^T g``), the reverse pass of the polynomial steps
+    (:func:`~lipnet.layers.bjorck._gram_space_backward`) and of the pre-scaling
+    (:func:`~lipnet.layers.bjorck._gram_prescale_backward`) to the cotangent ``S`` of ``G``, and each
+    layer's ``T^T g + (S + S^T) W`` / ``g T^T + W (S + S^T)``. It equals autograd's gradient in exact
+    arithmetic (the bound's derivative is taken in closed form, ``d b / d G = X_0^(2q-1)``); every sum is
+    accumulated inside the ``baddbmm`` / ``addcmul`` that makes its last term, which is what saves the
+    kernels: about half of autograd's backward through the same forward.
     """
 
     @staticmethod
-    def forward(ctx: Any, layout: _Layout, *mats: Tensor) -> Tensor:
-        out = mats[0].new_zeros(layout.entries, layout.side, layout.side)
+    def forward(ctx: Any, layout: _Layout, settings: _Settings, *mats: Tensor) -> tuple[Tensor, ...]:
+        gram = mats[0].new_zeros(layout.entries, layout.side, layout.side)
         for slot, w in zip(layout.slots, mats, strict=True):
-            block = layout.block(out, slot)
+            block = layout.block(gram, slot)
             if slot[3]:
                 torch.bmm(w, w.mT, out=block)
             else:
                 torch.bmm(w.mT, w, out=block)
-        ctx.save_for_backward(*mats)
-        ctx.layout = layout
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        grads: list[Tensor | None] = [None]
-        grad = grad.contiguous()  # Layout.block's strides
-        for slot, w in zip(ctx.layout.slots, ctx.saved_tensors, strict=True):
-            block = ctx.layout.block(grad, slot)
-            sym = block + block.mT
-            grads.append(torch.bmm(sym, w) if slot[3] else torch.bmm(w, sym))
-        return tuple(grads)
-
-
-class _ApplyTransforms(torch.autograd.Function):
-    """Each layer's block ``T`` of the batched transform applied to its matrices: ``T W`` (wide) or
-    ``W T`` (tall). Backward: ``T^T G`` / ``G T^T`` for the matrices, and the blocks ``G W^T`` /
-    ``W^T G`` of the transform's cotangent (zero outside the blocks)."""
-
-    @staticmethod
-    def forward(ctx: Any, layout: _Layout, transform: Tensor, *mats: Tensor) -> tuple[Tensor, ...]:
+        bound = gram_norm_bound(gram, settings.bound_steps).clamp_min(torch.finfo(gram.dtype).tiny)
+        x = gram / bound[:, None, None]
+        tape = GramTape()
+        coeffs = _monomial_coefficients(settings.order)
+        raw = _gram_space(x, coeffs, settings.iterations, settings.identities, tape)
+        coef = bound.rsqrt() if settings.scale is None else bound.rsqrt() * settings.scale
+        transform = raw * coef[:, None, None]
         outs = []
-        transform = transform.contiguous()  # Layout.block's strides
         for slot, w in zip(layout.slots, mats, strict=True):
             block = layout.block(transform, slot)
             outs.append(torch.bmm(block, w) if slot[3] else torch.bmm(w, block))
-        ctx.save_for_backward(transform, *mats)
-        ctx.layout = layout
+        ctx.save_for_backward(*mats)
+        # intermediates (neither inputs nor outputs) are kept on ctx
+        ctx.layout, ctx.settings, ctx.coeffs, ctx.tape = layout, settings, coeffs, tape
+        ctx.x, ctx.bound, ctx.raw, ctx.coef, ctx.transform = x, bound, raw, coef, transform
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        transform, *mats = ctx.saved_tensors
+        layout: _Layout = ctx.layout
+        mats = ctx.saved_tensors
+        transform: Tensor = ctx.transform
         grad_transform = torch.zeros_like(transform)
-        grad_mats: list[Tensor | None] = []
-        for slot, w, g in zip(ctx.layout.slots, mats, grads, strict=True):
-            if g is None:  # this layer's weight was not used
-                grad_mats.append(None)
-                continue
-            block, grad_block = ctx.layout.block(transform, slot), ctx.layout.block(grad_transform, slot)
-            if slot[3]:
-                torch.bmm(g, w.mT, out=grad_block)
-                grad_mats.append(torch.bmm(block.mT, g))
-            else:
-                torch.bmm(w.mT, g, out=grad_block)
-                grad_mats.append(torch.bmm(g, block.mT))
-        return (None, grad_transform, *grad_mats)
+        for slot, w, g in zip(layout.slots, mats, grads, strict=True):
+            if g is not None:  # else this layer's weight was not used
+                block = layout.block(grad_transform, slot)
+                if slot[3]:
+                    torch.bmm(g, w.mT, out=block)
+                else:
+                    torch.bmm(w.mT, g, out=block)
+        grad_coef = _inner(grad_transform, ctx.raw)
+        grad_raw = grad_transform * ctx.coef[:, None, None]
+        grad_x = _gram_space_backward(ctx.tape, ctx.coeffs, grad_raw)
+        grad_gram = _gram_prescale_backward(
+            ctx.x, ctx.bound, grad_x, ctx.coef, grad_coef, ctx.settings.bound_steps
+        )
+        sym = grad_gram + grad_gram.mT
+        grad_mats: list[Tensor] = []
+        for slot, w, g in zip(layout.slots, mats, grads, strict=True):
+            t_block, s_block = layout.block(transform, slot), layout.block(sym, slot)
+            if slot[3]:  # G = W W^T, weight T W
+                through_gram = s_block, w
+                direct = None if g is None else torch.bmm(t_block.mT, g)
+            else:  # G = W^T W, weight W T
+                through_gram = w, s_block
+                direct = None if g is None else torch.bmm(g, t_block.mT)
+            grad_mats.append(
+                torch.bmm(*through_gram) if direct is None else torch.baddbmm(direct, *through_gram)
+            )
+        return (None, None, *grad_mats)
 
 
-def _orthonormalize(items: Sequence[_Item]) -> list[Tensor]:
-    """The training-mode weights of ``items`` (same device, dtype and settings) in one batched call."""
+def _orthonormalize(items: Sequence[_Item], identities: tuple[Tensor, Tensor]) -> list[Tensor]:
+    """The training-mode weights of ``items`` (same device, dtype and settings) in one batched call
+    (``identities``: the polynomial's constants for the batch's side)."""
     first = items[0].parametrization
     side = max(item.side for item in items)
     slots = []
@@ -200,10 +240,8 @@ def _orthonormalize(items: Sequence[_Item]) -> list[Tensor]:
     scale = None
     if any(s != 1.0 for s in scales):
         scale = torch.tensor(scales, dtype=mats[0].dtype, device=mats[0].device)
-    transform = bjorck_gram_transform(
-        _PackGrams.apply(layout, *mats), first.train_iterations, first.order, first.bound_steps, scale
-    )
-    weights = _ApplyTransforms.apply(layout, transform, *mats)
+    settings = _Settings(first.train_iterations, first.order, first.bound_steps, scale, identities)
+    weights = _BatchedBjorck.apply(layout, settings, *mats)
     return [w.reshape(item.original.shape) for item, w in zip(items, weights, strict=True)]
 
 
@@ -231,6 +269,8 @@ class WeightBatcher:
         self._depth = 0
         self._grad: bool | None = None
         self._weights: dict[int, tuple[Tensor, int, Tensor]] = {}
+        # the polynomial's constant matrices by (side, order, dtype, device): made once, not in every step
+        self._identities: dict[tuple[int, int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
     def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook: a pass of the module starts (passes may nest)."""
@@ -269,9 +309,18 @@ class WeightBatcher:
             sides, counts = [item.side for item in items], [item.groups for item in items]
             for bucket in buckets(sides, counts, limit):
                 chosen = [items[i] for i in bucket]
-                for item, weight in zip(chosen, _orthonormalize(chosen), strict=True):
+                weights = _orthonormalize(chosen, self._constants(chosen))
+                for item, weight in zip(chosen, weights, strict=True):
                     self._weights[id(item.parametrization)] = (item.original, item.original._version, weight)
         self._grad = torch.is_grad_enabled()
+
+    def _constants(self, items: Sequence[_Item]) -> tuple[Tensor, Tensor]:
+        """The identities of the polynomial steps for a call on ``items`` (cached)."""
+        original, order = items[0].original, items[0].parametrization.order
+        key = (max(item.side for item in items), order, original.dtype, original.device)
+        if key not in self._identities:
+            self._identities[key] = _identities(key[0], _monomial_coefficients(order), original.detach())
+        return self._identities[key]
 
     def weight(self, parametrization: BjorckOrthonormal, original: Tensor) -> Tensor | None:
         """``parametrization``'s training-mode weight for the raw weight ``original`` from this pass's

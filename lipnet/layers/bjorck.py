@@ -24,6 +24,7 @@ Proofs: ``docs/proofs/convolutions.md#lemma-bjorck``, ``#lemma-gram-iteration`` 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,11 +113,16 @@ def _identities(size: int, coeffs: list[float], like: Tensor) -> tuple[Tensor, T
     return eye, eye * coeffs[-2]
 
 
-def _polynomial(x: Tensor, eye: Tensor, scaled_eye: Tensor, coeffs: list[float]) -> Tensor:
+def _polynomial(
+    x: Tensor, eye: Tensor, scaled_eye: Tensor, coeffs: list[float], horner: list[Tensor] | None = None
+) -> Tensor:
     """``sum_j a_j X^j`` for a batch ``X`` ``(E, m, m)`` by Horner's rule, one kernel per degree:
-    ``a_(p-1) I + a_p X``, then ``a_j I + X (...)`` as one ``baddbmm`` each."""
+    ``H_(p-1) = a_(p-1) I + a_p X``, then ``H_j = a_j I + X H_(j+1)`` as one ``baddbmm`` each, ``P = H_0``.
+    ``horner``, when given, receives ``H_(p-1), ..., H_1`` (for :func:`_gram_space_backward`)."""
     poly = torch.add(scaled_eye, x, alpha=coeffs[-1])
     for a in reversed(coeffs[:-2]):
+        if horner is not None:
+            horner.append(poly)
         poly = torch.baddbmm(eye, x, poly, beta=a)
     return poly
 
@@ -126,21 +132,123 @@ def _converged(x: Tensor, eye: Tensor, tol: float | None) -> bool:
     return tol is not None and bool(_frobenius(eye - x).max() <= tol)
 
 
-def _gram_space(x: Tensor, coeffs: list[float], iterations: int) -> Tensor:
+@dataclass
+class GramTape:
+    """The intermediates of :func:`_gram_space` that its reverse pass :func:`_gram_space_backward` reads:
+    for each step ``j``, ``X_j``, the Horner values ``H_(p-1), ..., H_1`` of ``P_j = P(X_j)``, ``P_j``, the
+    product ``T_j = P_j ... P_0`` and, but for the last step, ``R_j = P_j X_j``."""
+
+    xs: list[Tensor] = field(default_factory=list)
+    horner: list[list[Tensor]] = field(default_factory=list)
+    polys: list[Tensor] = field(default_factory=list)
+    transforms: list[Tensor] = field(default_factory=list)
+    partial: list[Tensor] = field(default_factory=list)
+
+
+def _gram_space(
+    x: Tensor,
+    coeffs: list[float],
+    iterations: int,
+    identities: tuple[Tensor, Tensor] | None = None,
+    tape: GramTape | None = None,
+) -> Tensor:
     """``Q = P(X_k) ... P(X_0)`` for the pre-scaled Gram matrices ``X_0`` ``(E, m, m)``, with
     ``X_(j+1) = P(X_j)^2 X_j``: ``Bjorck^k(W) = Q W`` when ``X_0 = W W^T`` (module docstring). A fixed
     number of steps only: over many steps the recursion is unstable for a rank-deficient ``W``
-    (:func:`bjorck_orthonormalize`)."""
-    eye, scaled_eye = _identities(x.shape[-1], coeffs, x)
+    (:func:`bjorck_orthonormalize`). ``identities``: :func:`_identities`' constants (made when omitted);
+    ``tape`` records the intermediates for :func:`_gram_space_backward`."""
+    eye, scaled_eye = _identities(x.shape[-1], coeffs, x) if identities is None else identities
     transform: Tensor | None = None
     for step in range(iterations):
-        poly = _polynomial(x, eye, scaled_eye, coeffs)
+        horner: list[Tensor] | None = None if tape is None else []
+        poly = _polynomial(x, eye, scaled_eye, coeffs, horner)
         transform = poly if transform is None else torch.bmm(poly, transform)
+        if tape is not None:
+            assert horner is not None
+            tape.xs.append(x)
+            tape.horner.append(horner)
+            tape.polys.append(poly)
+            tape.transforms.append(transform)
         if step == iterations - 1:
             break
-        x = torch.bmm(poly, torch.bmm(poly, x))
+        partial = torch.bmm(poly, x)
+        if tape is not None:
+            tape.partial.append(partial)
+        x = torch.bmm(poly, partial)
     assert transform is not None  # iterations >= 1
     return transform
+
+
+def _gram_space_backward(tape: GramTape, coeffs: list[float], grad: Tensor) -> Tensor:
+    """The cotangent of ``X_0`` in :func:`_gram_space` (run with ``tape``) for the cotangent ``grad`` of its
+    result ``T_(k-1)``: the reverse pass of its products, by hand, each accumulation fused into the
+    ``baddbmm`` that makes its term. For ``V = A B`` the cotangents are ``g_A += g_V B^T`` and
+    ``g_B += A^T g_V``; for ``H_(p-1) = a_(p-1) I + a_p X``: ``g_X += a_p g_H``. The same cotangent as
+    autograd through :func:`_gram_space`, in another summation order (equal in exact arithmetic)."""
+    order = len(coeffs) - 1
+    grad_x: Tensor | None = None  # cotangent of X_(j+1), the x of the step after the current one
+    grad_t = grad  # cotangent of T_j
+    for j in reversed(range(len(tape.polys))):
+        x, poly = tape.xs[j], tape.polys[j]
+        # T_j = P_j T_(j-1) (T_0 = P_0)
+        if j:
+            grad_p = torch.bmm(grad_t, tape.transforms[j - 1].mT)
+            grad_t = torch.bmm(poly.mT, grad_t)
+        else:
+            grad_p = grad_t
+        # X_(j+1) = P_j R_j, R_j = P_j X_j
+        grad_xj: Tensor | None = None
+        if grad_x is not None:
+            grad_p = torch.baddbmm(grad_p, grad_x, tape.partial[j].mT)
+            grad_r = torch.bmm(poly.mT, grad_x)
+            grad_p = torch.baddbmm(grad_p, grad_r, x.mT)
+            grad_xj = torch.bmm(poly.mT, grad_r)
+        # Horner: H_i = a_i I + X H_(i+1) (i < p-1), H_(p-1) = a_(p-1) I + a_p X, P_j = H_0
+        grad_h = grad_p  # cotangent of H_i, from i = 0
+        for h_next in reversed(tape.horner[j]):  # H_(i+1) for i = 0, ..., p-2
+            # H_i = a_i I + X H_(i+1): g_X += g_(H_i) H_(i+1)^T, g_(H_(i+1)) = X^T g_(H_i)
+            term = grad_h, h_next.mT
+            grad_xj = torch.bmm(*term) if grad_xj is None else torch.baddbmm(grad_xj, *term)
+            if h_next is not tape.horner[j][0]:
+                grad_h = torch.bmm(x.mT, grad_h)
+        # H_(p-1) = a_(p-1) I + a_p X (order 1: P_j itself); its cotangent X^T g_(H_(p-2)) is made in the
+        # same kernel
+        if order == 1:
+            grad_x = grad_h * coeffs[-1] if grad_xj is None else torch.add(grad_xj, grad_h, alpha=coeffs[-1])
+        else:
+            assert grad_xj is not None
+            grad_x = torch.baddbmm(grad_xj, x.mT, grad_h, alpha=coeffs[-1])
+    assert grad_x is not None
+    return grad_x
+
+
+def _gram_prescale_backward(
+    x: Tensor, bound: Tensor, grad_x: Tensor, coef: Tensor, grad_coef: Tensor, steps: int
+) -> Tensor:
+    """The cotangent of the Gram matrices ``G`` ``(E, m, m)`` (symmetric PSD) through ``X = G / b`` and
+    ``coef = c b^(-1/2)`` (any constants ``c`` ``(E,)``), ``b = max(gram_norm_bound(G, steps), tiny)``
+    (``bound``), for the cotangents ``grad_x`` of ``X`` and ``grad_coef`` ``(E,)`` of ``coef``:
+    ``grad_x / b - (<grad_x, X> + grad_coef coef / 2) / b X^(2q - 1)``, ``q = 2^steps``.
+
+    Why: ``b = ||G^q||_F^(1/q)`` and, for symmetric ``G``, ``d ||G^q||_F^2 = 2q <G^(2q-1), dG>``, so
+    ``db/dG = b^(1-2q) G^(2q-1) = X^(2q-1)`` (its spectral norm is at most 1: no overflow). Where the
+    clamp at ``tiny`` is active (a zero matrix) ``b`` is constant: its term is zero there. Equal in exact
+    arithmetic to autograd through :func:`gram_norm_bound` and the division (which differentiates the
+    products of the Gram iteration one by one).
+    """
+    # -b dL/db, then / b; zero where the clamp holds b constant
+    minus_db = torch.addcmul(_inner(grad_x, x), grad_coef, coef, value=0.5)
+    scalar = (minus_db / bound).masked_fill_(bound <= torch.finfo(bound.dtype).tiny, 0.0)
+    power, odd = x, x  # X^(2^i), X^(2^(i+1) - 1)
+    for _ in range(steps):
+        power = torch.bmm(power, power)
+        odd = torch.bmm(odd, power)
+    return torch.addcmul(grad_x / bound[:, None, None], odd, scalar[:, None, None], value=-1.0)
+
+
+def _inner(a: Tensor, b: Tensor) -> Tensor:
+    """``<A, B>`` for each pair of matrices of two batches ``(E, m, n)`` (one ``bmm``)."""
+    return torch.bmm(a.reshape(a.shape[0], 1, -1), b.reshape(b.shape[0], -1, 1)).reshape(-1)
 
 
 def bjorck_gram_transform(
