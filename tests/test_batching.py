@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lipnet.layers import BjorckConv2d, BjorckLinear, BjorckOrthonormal, bjorck
-from lipnet.layers.batching import WeightBatcher, batch_weights, buckets
+from lipnet.layers.batching import WeightBatcher, _units, batch_weights, buckets
 from lipnet.layers.bjorck import bjorck_gram_transform, gram_norm_bound
 from lipnet.models import create
 
@@ -271,3 +271,51 @@ def test_batched_float32_weights_are_as_accurate_as_the_per_layer_ones() -> None
         err_per_layer = (weights[0][name].double() - w_exact).abs().max().item()
         err_batched = (weights[1][name].double() - w_exact).abs().max().item()
         assert err_batched <= 4 * err_per_layer + 16 * u, (name, err_batched, err_per_layer)
+
+
+class _SameColumns(nn.Module):
+    """Wide one-group layers with 12 input columns (rows 3, 5, 5 and 12) and a grouped one, so that units
+    stack equal shapes, pad rows, and keep a grouped layer alone; ``skip`` leaves one layer unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = BjorckLinear(12, 3), BjorckLinear(12, 5), BjorckLinear(12, 5)
+        self.d = BjorckConv2d(12, 12, 1)
+        self.e = BjorckConv2d(12, 6, 1, groups=3)
+        self.skip = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.e(self.d(x[:, :, None, None]))[:, :, 0, 0]
+        out = self.a(x).sum(1) + self.b(x).sum(1) + h.sum(1)
+        return out if self.skip else out + self.c(x).sum(1)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_units_pad_rows_and_stack_equal_shapes(skip: bool) -> None:
+    torch.manual_seed(2)
+    per_layer = _SameColumns().double()
+    with torch.no_grad():
+        for p in per_layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    batched = batch_weights(copy.deepcopy(per_layer), max_padding=1e9)
+    per_layer.skip = batched.skip = skip
+    items = batched.weight_batcher._eligible()  # the grouping itself: a, b, c and d share one unit
+    assert sorted(map(sorted, _units(items, 1e9))) == [[0, 1, 2, 3], [4]]
+    assert sorted(map(sorted, _units(items, 1.0))) == [[0], [1, 2], [3], [4]]
+    x = torch.randn(4, 12, dtype=torch.float64)
+    out_ref, out = per_layer(x), batched(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(per_layer.named_parameters(), batched.parameters(), strict=True):
+        assert (q.grad is None) == (p.grad is None) == (skip and name.startswith("c.")), name
+        if p.grad is None:
+            continue
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-11, rtol=0, msg=name)
+    names = [n for n, _ in batched.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in batched.parameters())
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return functional_call(batched, dict(zip(names, ps, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-7)

@@ -9,10 +9,12 @@ model's Björck layers at once and every layer takes its own. Matrices of differ
 by zero padding: each layer's Gram matrix ``W W^T`` (or ``W^T W``, the smaller) is placed in the
 top-left block of an ``M x M`` zero matrix, the stack goes through the computation of
 :func:`~lipnet.layers.bjorck.bjorck_gram_transform` (bound, pre-scaling, polynomial steps) once, and each
-layer applies its block to its own raw weight. The whole call is one autograd node whose backward is
-written by hand (:class:`_BatchedBjorck`): the same gradient in exact arithmetic in about half the
-kernels of autograd's, each sum accumulated inside the product that makes its last term (a GPU step of a
-small network is bound by kernel launches).
+layer applies its block to its own raw weight. Wide one-group layers with the same number of columns
+share their two products too: their matrices, padded with zero rows to the largest, are stacked by one
+``cat`` (a *unit*, :class:`_Unit`; ``[W; 0]`` has the zero-padded Gram matrix of ``W`` and the weight
+``[T W; 0]``, whose first rows are a contiguous view). The whole call is one autograd node whose backward
+is written by hand (:class:`_BatchedBjorck`): the same gradient in exact arithmetic in about half the
+kernels of autograd's, each sum accumulated inside the product that makes its last term.
 
 Same function: zero padding changes nothing in exact arithmetic (every quantity stays block diagonal and
 the Gram-iteration bound sees the same Frobenius norms, ``docs/proofs/convolutions.md#lemma-batched-bjorck``),
@@ -22,7 +24,8 @@ guarantee of each layer (singular values in ``[0, 1]`` times its scale, ``#lemma
 
 Which layers share a call: those with the same device, dtype, order, step count and bound steps, split
 into buckets of decreasing size by ``max_padding``, the largest ratio of a bucket's padded work
-``E M^3`` to its matrices' own ``sum m^3`` (matrix products cost ``m^3``). Padding is free on a GPU
+``E M^3`` to its matrices' own ``sum m^3`` (matrix products cost ``m^3``); the same rule, on their rows,
+groups the layers of a bucket into units. Padding is free on a GPU
 that waits for launches and not on a CPU that waits for arithmetic: the default is
 :data:`MAX_PADDING` for the device.
 
@@ -35,7 +38,7 @@ derivative through the weights (a gradient penalty on the parameters) needs the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,51 +114,103 @@ def buckets(sides: Sequence[int], counts: Sequence[int], max_padding: float) -> 
 
 
 @dataclass(frozen=True)
+class _Unit:
+    """Matrices that share one Gram product and one application in a batched call: their ``start:stop``
+    entries of the batch, their block side ``m`` (the largest of their Gram sides), ``wide`` (Gram matrix
+    ``W W^T``, transform applied on the left) or not (``W^T W``, on the right), and each member layer's
+    ``(rows, groups)``: a wide unit stacks its members' ``rows x n`` matrices (same ``n``), each padded with
+    zero rows to ``m`` rows, into one ``(stop - start, m, n)`` batch. ``[W; 0]`` has the Gram matrix
+    ``[[W W^T, 0], [0, 0]]`` (exactly the zero padding of the batch) and ``T [W; 0] = [T W; 0]``, so a
+    member's weight is the first ``rows`` rows of its entries: a contiguous view. Only members of one group
+    are padded (a view of several padded groups is not contiguous); a tall unit has one member."""
+
+    start: int
+    stop: int
+    m: int
+    wide: bool
+    members: tuple[tuple[int, int], ...]
+
+    @property
+    def packed(self) -> bool:
+        """Whether its batch is assembled from several members: else it is its one member's matrices."""
+        return len(self.members) > 1
+
+
+@dataclass(frozen=True)
 class _Layout:
-    """Where each layer's matrices sit in a padded batch ``(entries, side, side)``: rows ``start:stop``,
-    top-left block ``m x m``; ``wide`` when its matrices have at most as many rows as columns (Gram
-    matrix ``W W^T``, transform applied on the left), else ``W^T W`` and on the right."""
+    """The units of a padded batch ``(entries, side, side)``, in the order of the layers."""
 
     entries: int
     side: int
-    slots: tuple[tuple[int, int, int, bool], ...]
+    units: tuple[_Unit, ...]
 
-    def block(self, batch: Tensor, slot: tuple[int, int, int, bool]) -> Tensor:
-        """The view of ``slot``'s blocks in ``batch`` (contiguous ``(entries, side, side)``), as one view."""
-        start, stop, m, _ = slot
-        if stop - start == self.entries and m == self.side:
+    def block(self, batch: Tensor, unit: _Unit) -> Tensor:
+        """The view of ``unit``'s top-left ``m x m`` blocks in ``batch`` (a contiguous batch)."""
+        if unit.stop - unit.start == self.entries and unit.m == self.side:
             return batch
-        offset = batch.storage_offset() + start * self.side**2
-        return batch.as_strided((stop - start, m, m), (self.side**2, self.side, 1), offset)
+        offset = batch.storage_offset() + unit.start * self.side**2
+        return batch.as_strided(
+            (unit.stop - unit.start, unit.m, unit.m), (self.side**2, self.side, 1), offset
+        )
 
 
 @dataclass(frozen=True)
 class _Settings:
     """What a batched call computes: ``iterations`` steps of order ``order`` after the Gram-iteration bound of
     ``bound_steps`` steps; ``scale`` ``(E,)`` multiplies each matrix (``None``: 1); ``identities``: the
-    constants of :func:`~lipnet.layers.bjorck._polynomial` for the batch's side."""
+    constants of :func:`~lipnet.layers.bjorck._polynomial` for the batch's side; ``zeros``: a zero matrix
+    ``(rows, cols)`` of the batch's dtype and device, never written (the padding rows of packed units)."""
 
     iterations: int
     order: int
     bound_steps: int
     scale: Tensor | None
     identities: tuple[Tensor, Tensor]
+    zeros: Callable[[int, int], Tensor]
+
+
+def _pack(unit: _Unit, mats: Sequence[Tensor | None], zeros: Callable[[int, int], Tensor]) -> Tensor | None:
+    """``unit``'s batch ``(stop - start, m, n)`` from its members' matrices (``None``: zero; all ``None``:
+    ``None``), in one ``cat``; the member's own matrices when the unit is not packed."""
+    if all(w is None for w in mats):
+        return None
+    if not unit.packed:
+        return mats[0]
+    n = next(w for w in mats if w is not None).shape[-1]
+    pieces = []
+    for (rows, groups), w in zip(unit.members, mats, strict=True):
+        pieces.append(zeros(groups * rows, n) if w is None else w.reshape(groups * rows, n))
+        if rows < unit.m:
+            pieces.append(zeros(unit.m - rows, n))
+    return torch.cat(pieces).view(unit.stop - unit.start, unit.m, n)
+
+
+def _unpack(unit: _Unit, batch: Tensor) -> list[Tensor]:
+    """Each member's matrices ``(groups, rows, n)`` in ``unit``'s batch, as contiguous views."""
+    if not unit.packed:
+        return [batch]
+    out, start = [], 0
+    for rows, groups in unit.members:
+        out.append(batch[start : start + groups, :rows])
+        start += groups
+    return out
 
 
 class _BatchedBjorck(torch.autograd.Function):
     """Every layer's training weight from its raw matrices in one autograd node, with a hand-written backward.
 
-    Forward: the smaller Gram matrix of each layer's matrices zero-padded into one batch ``G`` ``(E, M, M)``
-    (one product per layer, written in its block), the transform ``T = scale b^(-1/2) P(X_(k-1)) ... P(X_0)``
-    of :func:`~lipnet.layers.bjorck.bjorck_gram_transform` (``b`` the clamped Gram-iteration bound,
-    ``X_0 = G / b``) with its intermediates kept, and each layer's block of ``T`` applied to its matrices:
-    ``T W`` (wide) or ``W T`` (tall), the same operations as autograd through those functions.
+    Forward: the smaller Gram matrix of each unit's matrices (:class:`_Unit`) zero-padded into one batch ``G``
+    ``(E, M, M)`` (one product per unit, written in its block), the transform
+    ``T = scale b^(-1/2) P(X_(k-1)) ... P(X_0)`` of :func:`~lipnet.layers.bjorck.bjorck_gram_transform`
+    (``b`` the clamped Gram-iteration bound, ``X_0 = G / b``) with its intermediates kept, and each unit's
+    block of ``T`` applied to its matrices: ``T W`` (wide) or ``W T`` (tall), the same operations as autograd
+    through those functions.
 
-    Backward, for the cotangent ``g`` of each layer's weight: the cotangent ``C`` of ``T`` (blocks ``g W^T`` /
+    Backward, for the cotangent ``g`` of each unit's weights: the cotangent ``C`` of ``T`` (blocks ``g W^T`` /
     ``W^T g``), the reverse pass of the polynomial steps
     (:func:`~lipnet.layers.bjorck._gram_space_backward`) and of the pre-scaling
     (:func:`~lipnet.layers.bjorck._gram_prescale_backward`) to the cotangent ``S`` of ``G``, and each
-    layer's ``T^T g + (S + S^T) W`` / ``g T^T + W (S + S^T)``. It equals autograd's gradient in exact
+    unit's ``T^T g + (S + S^T) W`` / ``g T^T + W (S + S^T)``. It equals autograd's gradient in exact
     arithmetic (the bound's derivative is taken in closed form, ``d b / d G = X_0^(2q-1)``); every sum is
     accumulated inside the ``baddbmm`` / ``addcmul`` that makes its last term, which is what saves the
     kernels: about half of autograd's backward through the same forward.
@@ -164,9 +219,15 @@ class _BatchedBjorck(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, layout: _Layout, settings: _Settings, *mats: Tensor) -> tuple[Tensor, ...]:
         gram = mats[0].new_zeros(layout.entries, layout.side, layout.side)
-        for slot, w in zip(layout.slots, mats, strict=True):
-            block = layout.block(gram, slot)
-            if slot[3]:
+        packed, first = [], 0
+        for unit in layout.units:
+            members = mats[first : first + len(unit.members)]
+            first += len(unit.members)
+            w = _pack(unit, members, settings.zeros)
+            assert w is not None
+            packed.append(w)
+            block = layout.block(gram, unit)
+            if unit.wide:
                 torch.bmm(w, w.mT, out=block)
             else:
                 torch.bmm(w.mT, w, out=block)
@@ -177,12 +238,13 @@ class _BatchedBjorck(torch.autograd.Function):
         raw = _gram_space(x, coeffs, settings.iterations, settings.identities, tape)
         coef = bound.rsqrt() if settings.scale is None else bound.rsqrt() * settings.scale
         transform = raw * coef[:, None, None]
-        outs = []
-        for slot, w in zip(layout.slots, mats, strict=True):
-            block = layout.block(transform, slot)
-            outs.append(torch.bmm(block, w) if slot[3] else torch.bmm(w, block))
+        outs: list[Tensor] = []
+        for unit, w in zip(layout.units, packed, strict=True):
+            block = layout.block(transform, unit)
+            outs.extend(_unpack(unit, torch.bmm(block, w) if unit.wide else torch.bmm(w, block)))
         ctx.save_for_backward(*mats)
-        # intermediates (neither inputs nor outputs) are kept on ctx
+        # intermediates (neither inputs nor outputs) are kept on ctx; a unit that is not packed is its input
+        ctx.packed = [w if unit.packed else None for unit, w in zip(layout.units, packed, strict=True)]
         ctx.layout, ctx.settings, ctx.coeffs, ctx.tape = layout, settings, coeffs, tape
         ctx.x, ctx.bound, ctx.raw, ctx.coef, ctx.transform = x, bound, raw, coef, transform
         ctx.set_materialize_grads(False)
@@ -195,10 +257,17 @@ class _BatchedBjorck(torch.autograd.Function):
         mats = ctx.saved_tensors
         transform: Tensor = ctx.transform
         grad_transform = torch.zeros_like(transform)
-        for slot, w, g in zip(layout.slots, mats, grads, strict=True):
-            if g is not None:  # else this layer's weight was not used
-                block = layout.block(grad_transform, slot)
-                if slot[3]:
+        units: list[tuple[_Unit, Tensor, Tensor | None]] = []
+        first = 0
+        for unit, w in zip(layout.units, ctx.packed, strict=True):
+            end = first + len(unit.members)
+            w = mats[first] if w is None else w
+            g = _pack(unit, grads[first:end], ctx.settings.zeros)
+            first = end
+            units.append((unit, w, g))
+            if g is not None:  # else no weight of this unit was used
+                block = layout.block(grad_transform, unit)
+                if unit.wide:
                     torch.bmm(g, w.mT, out=block)
                 else:
                     torch.bmm(w.mT, g, out=block)
@@ -209,40 +278,69 @@ class _BatchedBjorck(torch.autograd.Function):
             ctx.x, ctx.bound, grad_x, ctx.coef, grad_coef, ctx.settings.bound_steps
         )
         sym = grad_gram + grad_gram.mT
-        grad_mats: list[Tensor] = []
-        for slot, w, g in zip(layout.slots, mats, grads, strict=True):
-            t_block, s_block = layout.block(transform, slot), layout.block(sym, slot)
-            if slot[3]:  # G = W W^T, weight T W
-                through_gram = s_block, w
-                direct = None if g is None else torch.bmm(t_block.mT, g)
+        grad_mats: list[Tensor | None] = []
+        first = 0
+        for unit, w, g in units:
+            used = [grad is not None for grad in grads[first : first + len(unit.members)]]
+            first += len(unit.members)
+            if g is None:  # no weight of the unit was used: no gradient, as autograd gives
+                grad_mats.extend([None] * len(unit.members))
+                continue
+            t_block, s_block = layout.block(transform, unit), layout.block(sym, unit)
+            if unit.wide:  # G = W W^T, weight T W
+                grad = torch.baddbmm(torch.bmm(t_block.mT, g), s_block, w)
             else:  # G = W^T W, weight W T
-                through_gram = w, s_block
-                direct = None if g is None else torch.bmm(g, t_block.mT)
-            grad_mats.append(
-                torch.bmm(*through_gram) if direct is None else torch.baddbmm(direct, *through_gram)
-            )
+                grad = torch.baddbmm(torch.bmm(g, t_block.mT), w, s_block)
+            # an unused member's entries get a zero cotangent (the entries are independent): None, as autograd
+            grad_mats.extend(m if u else None for m, u in zip(_unpack(unit, grad), used, strict=True))
         return (None, None, *grad_mats)
 
 
-def _orthonormalize(items: Sequence[_Item], identities: tuple[Tensor, Tensor]) -> list[Tensor]:
-    """The training-mode weights of ``items`` (same device, dtype and settings) in one batched call
-    (``identities``: the polynomial's constants for the batch's side)."""
+def _units(items: Sequence[_Item], max_padding: float) -> list[list[int]]:
+    """Indices of ``items`` grouped into units (:class:`_Unit`), in a deterministic order: the wide
+    one-group matrices with the same number of columns share units by :func:`buckets` of their rows (the
+    padded work of their products within ``max_padding`` of their own); every other layer is a unit."""
+    by_cols: dict[int, list[int]] = {}
+    out: list[list[int]] = []
+    for i, item in enumerate(items):
+        if item.groups == 1 and item.rows <= item.cols:
+            by_cols.setdefault(item.cols, []).append(i)
+        else:
+            out.append([i])
+    for indices in by_cols.values():
+        rows = [items[i].rows for i in indices]
+        out.extend([indices[j] for j in bucket] for bucket in buckets(rows, [1] * len(rows), max_padding))
+    return out
+
+
+def _orthonormalize(
+    items: Sequence[_Item],
+    max_padding: float,
+    identities: tuple[Tensor, Tensor],
+    zeros: Callable[[int, int], Tensor],
+) -> list[Tensor]:
+    """The training-mode weights of ``items`` (same device, dtype and settings) in one batched call, in their
+    order (``identities``: the polynomial's constants for the batch's side; ``zeros``: cached zero
+    matrices)."""
     first = items[0].parametrization
-    side = max(item.side for item in items)
-    slots = []
-    start = 0
-    for item in items:
-        slots.append((start, start + item.groups, item.side, item.rows <= item.cols))
-        start += item.groups
-    layout = _Layout(start, side, tuple(slots))
-    mats = [item.original.reshape(item.groups, item.rows, item.cols) for item in items]
-    scales = [item.parametrization.scale for item in items for _ in range(item.groups)]
+    grouped = _units(items, max_padding)
+    units, start = [], 0
+    for indices in grouped:
+        members = tuple((items[i].rows, items[i].groups) for i in indices)
+        entries = sum(groups for _, groups in members)
+        wide = items[indices[0]].rows <= items[indices[0]].cols
+        units.append(_Unit(start, start + entries, max(items[i].side for i in indices), wide, members))
+        start += entries
+    layout = _Layout(start, max(unit.m for unit in units), tuple(units))
+    order = [i for indices in grouped for i in indices]
+    mats = [items[i].original.reshape(items[i].groups, items[i].rows, items[i].cols) for i in order]
+    scales = [items[i].parametrization.scale for i in order for _ in range(items[i].groups)]
     scale = None
     if any(s != 1.0 for s in scales):
         scale = torch.tensor(scales, dtype=mats[0].dtype, device=mats[0].device)
-    settings = _Settings(first.train_iterations, first.order, first.bound_steps, scale, identities)
-    weights = _BatchedBjorck.apply(layout, settings, *mats)
-    return [w.reshape(item.original.shape) for item, w in zip(items, weights, strict=True)]
+    settings = _Settings(first.train_iterations, first.order, first.bound_steps, scale, identities, zeros)
+    weights = dict(zip(order, _BatchedBjorck.apply(layout, settings, *mats), strict=True))
+    return [weights[i].reshape(item.original.shape) for i, item in enumerate(items)]
 
 
 class WeightBatcher:
@@ -271,6 +369,7 @@ class WeightBatcher:
         self._weights: dict[int, tuple[Tensor, int, Tensor]] = {}
         # the polynomial's constant matrices by (side, order, dtype, device): made once, not in every step
         self._identities: dict[tuple[int, int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._zero_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
     def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook: a pass of the module starts (passes may nest)."""
@@ -309,10 +408,23 @@ class WeightBatcher:
             sides, counts = [item.side for item in items], [item.groups for item in items]
             for bucket in buckets(sides, counts, limit):
                 chosen = [items[i] for i in bucket]
-                weights = _orthonormalize(chosen, self._constants(chosen))
+                weights = _orthonormalize(
+                    chosen, limit, self._constants(chosen), self._zeros(chosen[0].original)
+                )
                 for item, weight in zip(chosen, weights, strict=True):
                     self._weights[id(item.parametrization)] = (item.original, item.original._version, weight)
         self._grad = torch.is_grad_enabled()
+
+    def _zeros(self, like: Tensor) -> Callable[[int, int], Tensor]:
+        """Zero matrices of ``like``'s dtype and device by shape, made once (they are only read)."""
+
+        def zeros(rows: int, cols: int) -> Tensor:
+            key = (rows, cols, like.dtype, like.device)
+            if key not in self._zero_cache:
+                self._zero_cache[key] = torch.zeros(rows, cols, dtype=like.dtype, device=like.device)
+            return self._zero_cache[key]
+
+        return zeros
 
     def _constants(self, items: Sequence[_Item]) -> tuple[Tensor, Tensor]:
         """The identities of the polynomial steps for a call on ``items`` (cached)."""
