@@ -60,6 +60,7 @@ from lipnet.layers.bjorck import (
     _monomial_coefficients,
     gram_norm_bound,
 )
+from lipnet.layers.parametrization import full_precision
 
 __all__ = ["MAX_PADDING", "WeightBatcher", "batch_weights", "buckets"]
 
@@ -253,6 +254,12 @@ class _BatchedBjorck(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        # a backward called inside an autocast region must not run these products in bf16 either
+        with full_precision(ctx.transform.device.type):
+            return _BatchedBjorck._backward(ctx, grads)
+
+    @staticmethod
+    def _backward(ctx: Any, grads: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
         layout: _Layout = ctx.layout
         mats = ctx.saved_tensors
         transform: Tensor = ctx.transform
@@ -318,10 +325,11 @@ def _orthonormalize(
     max_padding: float,
     identities: tuple[Tensor, Tensor],
     zeros: Callable[[int, int], Tensor],
+    constant: Callable[[tuple[float, ...]], Tensor],
 ) -> list[Tensor]:
     """The training-mode weights of ``items`` (same device, dtype and settings) in one batched call, in their
     order (``identities``: the polynomial's constants for the batch's side; ``zeros``: cached zero
-    matrices)."""
+    matrices; ``constant``: a cached tensor of the given values, for the scales)."""
     first = items[0].parametrization
     grouped = _units(items, max_padding)
     units, start = [], 0
@@ -335,9 +343,7 @@ def _orthonormalize(
     order = [i for indices in grouped for i in indices]
     mats = [items[i].original.reshape(items[i].groups, items[i].rows, items[i].cols) for i in order]
     scales = [items[i].parametrization.scale for i in order for _ in range(items[i].groups)]
-    scale = None
-    if any(s != 1.0 for s in scales):
-        scale = torch.tensor(scales, dtype=mats[0].dtype, device=mats[0].device)
+    scale = constant(tuple(scales)) if any(s != 1.0 for s in scales) else None
     settings = _Settings(first.train_iterations, first.order, first.bound_steps, scale, identities, zeros)
     weights = dict(zip(order, _BatchedBjorck.apply(layout, settings, *mats), strict=True))
     return [weights[i].reshape(item.original.shape) for i, item in enumerate(items)]
@@ -370,6 +376,7 @@ class WeightBatcher:
         # the polynomial's constant matrices by (side, order, dtype, device): made once, not in every step
         self._identities: dict[tuple[int, int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
         self._zero_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+        self._constant_cache: dict[tuple[tuple[float, ...], torch.dtype, torch.device], Tensor] = {}
 
     def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook: a pass of the module starts (passes may nest)."""
@@ -408,8 +415,9 @@ class WeightBatcher:
             sides, counts = [item.side for item in items], [item.groups for item in items]
             for bucket in buckets(sides, counts, limit):
                 chosen = [items[i] for i in bucket]
+                like = chosen[0].original
                 weights = _orthonormalize(
-                    chosen, limit, self._constants(chosen), self._zeros(chosen[0].original)
+                    chosen, limit, self._eyes(chosen), self._zeros(like), self._constant(like)
                 )
                 for item, weight in zip(chosen, weights, strict=True):
                     self._weights[id(item.parametrization)] = (item.original, item.original._version, weight)
@@ -426,7 +434,19 @@ class WeightBatcher:
 
         return zeros
 
-    def _constants(self, items: Sequence[_Item]) -> tuple[Tensor, Tensor]:
+    def _constant(self, like: Tensor) -> Callable[[tuple[float, ...]], Tensor]:
+        """Tensors of given values in ``like``'s dtype and device, made once (no host-to-device copy per
+        step; they are only read)."""
+
+        def constant(values: tuple[float, ...]) -> Tensor:
+            key = (values, like.dtype, like.device)
+            if key not in self._constant_cache:
+                self._constant_cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+            return self._constant_cache[key]
+
+        return constant
+
+    def _eyes(self, items: Sequence[_Item]) -> tuple[Tensor, Tensor]:
         """The identities of the polynomial steps for a call on ``items`` (cached)."""
         original, order = items[0].original, items[0].parametrization.order
         key = (max(item.side for item in items), order, original.dtype, original.device)
