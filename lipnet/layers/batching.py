@@ -51,10 +51,10 @@ from torch.utils.hooks import RemovableHandle
 
 from lipnet.layers.bjorck import (
     BjorckOrthonormal,
-    GramTape,
     _gram_prescale_backward,
     _gram_space,
     _gram_space_backward,
+    _GramTape,
     _identities,
     _inner,
     _monomial_coefficients,
@@ -234,7 +234,7 @@ class _BatchedBjorck(torch.autograd.Function):
                 torch.bmm(w.mT, w, out=block)
         bound = gram_norm_bound(gram, settings.bound_steps).clamp_min(torch.finfo(gram.dtype).tiny)
         x = gram / bound[:, None, None]
-        tape = GramTape()
+        tape = _GramTape()
         coeffs = _monomial_coefficients(settings.order)
         raw = _gram_space(x, coeffs, settings.iterations, settings.identities, tape)
         coef = bound.rsqrt() if settings.scale is None else bound.rsqrt() * settings.scale

@@ -133,7 +133,7 @@ def _converged(x: Tensor, eye: Tensor, tol: float | None) -> bool:
 
 
 @dataclass
-class GramTape:
+class _GramTape:
     """The intermediates of :func:`_gram_space` that its reverse pass :func:`_gram_space_backward` reads:
     for each step ``j``, ``X_j``, the Horner values ``H_(p-1), ..., H_1`` of ``P_j = P(X_j)``, ``P_j``, the
     product ``T_j = P_j ... P_0`` and, but for the last step, ``R_j = P_j X_j``."""
@@ -150,7 +150,7 @@ def _gram_space(
     coeffs: list[float],
     iterations: int,
     identities: tuple[Tensor, Tensor] | None = None,
-    tape: GramTape | None = None,
+    tape: _GramTape | None = None,
 ) -> Tensor:
     """``Q = P(X_k) ... P(X_0)`` for the pre-scaled Gram matrices ``X_0`` ``(E, m, m)``, with
     ``X_(j+1) = P(X_j)^2 X_j``: ``Bjorck^k(W) = Q W`` when ``X_0 = W W^T`` (module docstring). A fixed
@@ -179,7 +179,7 @@ def _gram_space(
     return transform
 
 
-def _gram_space_backward(tape: GramTape, coeffs: list[float], grad: Tensor) -> Tensor:
+def _gram_space_backward(tape: _GramTape, coeffs: list[float], grad: Tensor) -> Tensor:
     """The cotangent of ``X_0`` in :func:`_gram_space` (run with ``tape``) for the cotangent ``grad`` of its
     result ``T_(k-1)``: the reverse pass of its products, by hand, each accumulation fused into the
     ``baddbmm`` that makes its term. For ``V = A B`` the cotangents are ``g_A += g_V B^T`` and
@@ -205,11 +205,12 @@ def _gram_space_backward(tape: GramTape, coeffs: list[float], grad: Tensor) -> T
             grad_xj = torch.bmm(poly.mT, grad_r)
         # Horner: H_i = a_i I + X H_(i+1) (i < p-1), H_(p-1) = a_(p-1) I + a_p X, P_j = H_0
         grad_h = grad_p  # cotangent of H_i, from i = 0
-        for h_next in reversed(tape.horner[j]):  # H_(i+1) for i = 0, ..., p-2
+        horner = tape.horner[j][::-1]  # H_1, ..., H_(p-1)
+        for i, h_next in enumerate(horner):
             # H_i = a_i I + X H_(i+1): g_X += g_(H_i) H_(i+1)^T, g_(H_(i+1)) = X^T g_(H_i)
             term = grad_h, h_next.mT
             grad_xj = torch.bmm(*term) if grad_xj is None else torch.baddbmm(grad_xj, *term)
-            if h_next is not tape.horner[j][0]:
+            if i < len(horner) - 1:
                 grad_h = torch.bmm(x.mT, grad_h)
         # H_(p-1) = a_(p-1) I + a_p X (order 1: P_j itself); its cotangent X^T g_(H_(p-2)) is made in the
         # same kernel
@@ -234,7 +235,8 @@ def _gram_prescale_backward(
     ``db/dG = b^(1-2q) G^(2q-1) = X^(2q-1)`` (its spectral norm is at most 1: no overflow). Where the
     clamp at ``tiny`` is active (a zero matrix) ``b`` is constant: its term is zero there. Equal in exact
     arithmetic to autograd through :func:`gram_norm_bound` and the division (which differentiates the
-    products of the Gram iteration one by one).
+    products of the Gram iteration one by one), but for the ``tiny`` that :func:`gram_norm_bound` adds to
+    a norm (a relative ``tiny m^2`` at most, far below rounding).
     """
     # -b dL/db, then / b; zero where the clamp holds b constant
     minus_db = torch.addcmul(_inner(grad_x, x), grad_coef, coef, value=0.5)
