@@ -281,10 +281,7 @@ class _BatchedBjorck(torch.autograd.Function):
         grad_coef = _inner(grad_transform, ctx.raw)
         grad_raw = grad_transform * ctx.coef[:, None, None]
         grad_x = _gram_space_backward(ctx.tape, ctx.coeffs, grad_raw)
-        grad_gram = _gram_prescale_backward(
-            ctx.x, ctx.bound, grad_x, ctx.coef, grad_coef, ctx.settings.bound_steps
-        )
-        sym = grad_gram + grad_gram.mT
+        sym = _gram_prescale_backward(ctx.x, ctx.bound, grad_x, ctx.coef, grad_coef, ctx.settings.bound_steps)
         grad_mats: list[Tensor | None] = []
         first = 0
         for unit, w, g in units:

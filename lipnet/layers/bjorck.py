@@ -226,26 +226,28 @@ def _gram_space_backward(tape: _GramTape, coeffs: list[float], grad: Tensor) -> 
 def _gram_prescale_backward(
     x: Tensor, bound: Tensor, grad_x: Tensor, coef: Tensor, grad_coef: Tensor, steps: int
 ) -> Tensor:
-    """The cotangent of the Gram matrices ``G`` ``(E, m, m)`` (symmetric PSD) through ``X = G / b`` and
-    ``coef = c b^(-1/2)`` (any constants ``c`` ``(E,)``), ``b = max(gram_norm_bound(G, steps), tiny)``
-    (``bound``), for the cotangents ``grad_x`` of ``X`` and ``grad_coef`` ``(E,)`` of ``coef``:
-    ``grad_x / b - (<grad_x, X> + grad_coef coef / 2) / b X^(2q - 1)``, ``q = 2^steps``.
+    """``S + S^T`` for the cotangent ``S`` of the Gram matrices ``G`` ``(E, m, m)`` (symmetric PSD) through
+    ``X = G / b`` and ``coef = c b^(-1/2)`` (any constants ``c`` ``(E,)``), ``b = max(gram_norm_bound(G,
+    steps), tiny)`` (``bound``), for the cotangents ``grad_x`` of ``X`` and ``grad_coef`` ``(E,)`` of
+    ``coef``: ``S = (grad_x - (<grad_x, X> + grad_coef coef / 2) X^(2q - 1)) / b``, ``q = 2^steps``.
 
     Why: ``b = ||G^q||_F^(1/q)`` and, for symmetric ``G``, ``d ||G^q||_F^2 = 2q <G^(2q-1), dG>``, so
-    ``db/dG = b^(1-2q) G^(2q-1) = X^(2q-1)`` (its spectral norm is at most 1: no overflow). Where the
-    clamp at ``tiny`` is active (a zero matrix) ``b`` is constant: its term is zero there. Equal in exact
-    arithmetic to autograd through :func:`gram_norm_bound` and the division (which differentiates the
-    products of the Gram iteration one by one), but for the ``tiny`` that :func:`gram_norm_bound` adds to
-    a norm (a relative ``tiny m^2`` at most, far below rounding).
+    ``db/dG = b^(1-2q) G^(2q-1) = X^(2q-1)`` (its spectral norm is at most 1: no overflow), a symmetric
+    matrix: ``S + S^T = (grad_x + grad_x^T - 2 (...) X^(2q-1)) / b``. Where the clamp at ``tiny`` is active
+    (a zero matrix) ``b`` is constant: its term is zero there. Equal in exact arithmetic to autograd through
+    :func:`gram_norm_bound` and the division (which differentiates the products of the Gram iteration one
+    by one), but for the ``tiny`` that :func:`gram_norm_bound` adds to a norm (a relative ``tiny m^2`` at
+    most, far below rounding).
     """
-    # -b dL/db, then / b; zero where the clamp holds b constant
+    # -b dL/db, zero where the clamp holds b constant
     minus_db = torch.addcmul(_inner(grad_x, x), grad_coef, coef, value=0.5)
-    scalar = (minus_db / bound).masked_fill_(bound <= torch.finfo(bound.dtype).tiny, 0.0)
+    minus_db.masked_fill_(bound <= torch.finfo(bound.dtype).tiny, 0.0)
     power, odd = x, x  # X^(2^i), X^(2^(i+1) - 1)
     for _ in range(steps):
         power = torch.bmm(power, power)
         odd = torch.bmm(odd, power)
-    return torch.addcmul(grad_x / bound[:, None, None], odd, scalar[:, None, None], value=-1.0)
+    both = torch.addcmul(grad_x + grad_x.mT, odd, minus_db[:, None, None], value=-2.0)
+    return both / bound[:, None, None]
 
 
 def _inner(a: Tensor, b: Tensor) -> Tensor:
