@@ -249,7 +249,7 @@ def _fmnist_header(args: argparse.Namespace, recipe: Config, time_cap: float | N
         f"by certify.certify; time cap {cap}; seed {recipe.seed}; {where}, torch {torch.__version__}; "
         f"started {time.strftime('%Y-%m-%d %H:%M')} at load average {_load()}\n\n"
         "Every row, anchors included, is trained by the same loop (lipnet.training.loop.fit), optimiser "
-        f"and recipe, from the same seed and data order: loss {recipe.loss.name}({loss})"
+        f"and recipe, from the same seed and data order: loss {recipe.loss.name}{f'({loss})' if loss else ''}"
         f"{'; ' + taus if taus else ''} (τ multiplies the logits); "
         f"{describe_recipe(recipe)}; every bias zero at initialisation (lipnet's and deel-torchlip's layers "
         "are built so, orthogonium's draw it uniformly and are zeroed). "
