@@ -94,6 +94,14 @@ def _push_weights(module: nn.Module, shape: tuple[int, ...], gen: torch.Generato
         opt.step()
 
 
+def _unit(v: Tensor) -> Tensor:
+    """``v / ||v||``, scaled by its largest entry first: ``||v||`` of a vector of entries ~1e-190 (the
+    ``J^T J v`` of a network whose Jacobian is ~1e-95) underflows to 0 in float64, and dividing by the
+    clamped norm then returned a vector of norm ~1e109, whose ``||J v||`` the test took for the gain."""
+    top = v.abs().max()
+    return v if top == 0 else (v / top) / (v / top).norm()
+
+
 def _jacobian_ascent(f: Callable[[Tensor], Tensor], x0: Tensor, gen: torch.Generator) -> float:
     """Max over an ascent path of ``||J(x) v||`` with ``v`` from power iteration on ``J^T J``."""
     x = x0.clone()
@@ -105,11 +113,11 @@ def _jacobian_ascent(f: Callable[[Tensor], Tensor], x0: Tensor, gen: torch.Gener
 
     for _ in range(4):
         for _ in range(3):
-            v = v / v.norm().clamp_min(1e-300)
+            v = _unit(v)
             _, jv = torch.func.jvp(f, (x,), (v,))
             _, vjp = torch.func.vjp(f, x)
             (v,) = vjp(jv)
-        v = v / v.norm().clamp_min(1e-300)
+        v = _unit(v)
         grad, value = torch.func.grad_and_value(jv_norm)(x, v)
         best = max(best, float(value))
         x = x + 0.1 * x0.norm() * grad / grad.norm().clamp_min(1e-300)
