@@ -39,7 +39,8 @@ DEFAULT_EPS: tuple[float, ...] = radius.DEFAULT_EPS[:3]
 #: warm-up then cosine; zero biases, every lipnet layer's init), tau 10, on ``shapes10`` at difficulty 0.5,
 #: 10,000 training images for 5 epochs. Measured on the classification baseline (1,000 test images): at
 #: difficulty 1 it reaches 40% clean, at 0.5 65% (tau 5: 61% clean, 23% certified at 36/255 instead of
-#: 13%); the budget fits the whole table in about 40 minutes on one CPU thread (docs/catalogue.md).
+#: 13%). The whole table: 21 minutes of CPU time on one thread (44.7 min wall-clock on the loaded shared
+#: 2-core machine; docs/catalogue.md).
 #: Counts are images (a MIL bag of 4 counts 4; 16 bags a batch, 64 images as elsewhere).
 FULL: dict[str, TaskSettings] = {
     name: TaskSettings(
