@@ -38,6 +38,7 @@ from lipnet.cli.argtypes import (
     positive_float_list,
     positive_int,
     seed_list,
+    unit_fraction,
 )
 from lipnet.training.config import Config, dump_config
 
@@ -54,6 +55,7 @@ BAD_VALUES: dict[Callable[[str], object], tuple[str, ...]] = {
     json_object: ("{", "[1]"),
     autoattack_list: ("bogus", "apgd-ce,nope"),
     seed_list: ("x", "-1", "1.5", ",", "0,0"),
+    unit_fraction: ("abc", "-0.1", "1.5", "nan"),
 }
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "positive_float_list",
     "positive_int",
     "seed_list",
+    "unit_fraction",
 ]
 
 
@@ -147,6 +148,17 @@ def positive_float_list(text: str) -> list[float]:
         return number
 
     return _items(text, one, "0.5,5,50")
+
+
+def unit_fraction(text: str) -> float:
+    """A number in ``[0, 1]`` (a fraction of the steps, a difficulty setting)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def json_object(text: str) -> dict[str, Any]:

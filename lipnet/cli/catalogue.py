@@ -23,20 +23,10 @@ from lipnet.cli.argtypes import (
     non_negative_int,
     positive_float,
     positive_int,
+    unit_fraction,
 )
 
 __all__ = ["add_parser", "run"]
-
-
-def _fraction(text: str) -> float:
-    """A number in [0, 1] (``TaskSettings`` checks the open end of ``--warmup``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,10 +124,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, help="batch size (all tasks)")
     p.add_argument("--width", type=positive_int, help="backbone width, even (all tasks)")
     p.add_argument(
-        "--warmup", type=_fraction, help="fraction of the steps of linear learning-rate warm-up, in [0, 1)"
+        "--warmup",
+        type=unit_fraction,
+        help="fraction of the steps of linear learning-rate warm-up, in [0, 1)",
     )
     p.add_argument(
-        "--difficulty", type=_fraction, help="shapes10 difficulty setting of every task's images, in [0, 1]"
+        "--difficulty",
+        type=unit_fraction,
+        help="shapes10 difficulty setting of every task's images, in [0, 1]",
     )
     p.add_argument("--attack", choices=["auto", "autoattack", "pgd"], help="attack (default pgd)")
     p.add_argument("--attack-n", type=non_negative_int, help="test samples attacked (default 100)")
