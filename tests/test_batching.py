@@ -4,6 +4,7 @@ batcher's lifetime (one forward pass), its fallbacks, and the bucketing rule."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -60,18 +61,26 @@ def test_padded_gram_transform_is_the_per_matrix_transform() -> None:
         assert not batched[i, :m, m:].any() and not batched[i, m:, :m].any()
 
 
+def _assert_same_outputs_and_gradients(
+    per_layer: nn.Module, batched: nn.Module, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """float64: outputs within 1e-12 and every parameter's gradient of ``loss`` within 1e-11 (absolute)."""
+    out_ref, out = per_layer(x), batched(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
+    loss(out_ref).backward()
+    loss(out).backward()
+    for (name, p), q in zip(per_layer.named_parameters(), batched.parameters(), strict=True):
+        assert q.grad is not None and p.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-11, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("max_padding", [1.0, 4.0, 1e9])
 def test_batched_weights_and_gradients_match_per_layer(max_padding: float) -> None:
     per_layer, batched = _pair()
     batch_weights(batched, max_padding=max_padding)
-    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    out_ref, out = per_layer(x), batched(x)
-    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
-    out_ref.square().sum().backward()
-    out.square().sum().backward()
-    for (name, p), q in zip(per_layer.named_parameters(), batched.parameters(), strict=True):
-        assert q.grad is not None and p.grad is not None, name
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-11, rtol=0, msg=name)
+    _assert_same_outputs_and_gradients(
+        per_layer, batched, torch.randn(3, 2, 5, 5, dtype=torch.float64), lambda out: out.square().sum()
+    )
 
 
 def test_batched_weights_are_the_per_layer_ones_in_float32() -> None:
@@ -234,14 +243,9 @@ def test_hand_written_backward_is_autograds_for_every_setting(
     # near-square matrices iterate on W itself: the same iterates in exact arithmetic), so in float64 they
     # agree to a few hundred ulps of the O(1) weights and gradients
     per_layer, batched = _settings_pair(order, iterations, steps)
-    x = torch.randn(5, 7, dtype=torch.float64)
-    out_ref, out = per_layer(x), batched(x)
-    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
-    out_ref.sin().sum().backward()
-    out.sin().sum().backward()
-    for (name, p), q in zip(per_layer.named_parameters(), batched.parameters(), strict=True):
-        assert q.grad is not None and p.grad is not None, name
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-11, rtol=0, msg=name)
+    _assert_same_outputs_and_gradients(
+        per_layer, batched, torch.randn(5, 7, dtype=torch.float64), lambda out: out.sin().sum()
+    )
 
 
 def test_batched_float32_weights_are_as_accurate_as_the_per_layer_ones() -> None:
