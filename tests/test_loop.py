@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from lipnet.losses import TauCrossEntropy
 from lipnet.training.loop import (
     Callback,
     EpochResult,
+    FitResult,
     GradientClipping,
     StepOutput,
     TrainingDivergedError,
@@ -72,6 +74,20 @@ class _Recorder(Callback):
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Linear(5, 3)
+
+
+def _fit_sgd(model: nn.Module, *, lr: float, epochs: int = 1, **options: Any) -> FitResult:
+    """:func:`fit` with plain SGD at ``lr`` on :class:`_Loader` batches and cross-entropy, the set-up most
+    tests share; ``options`` are fit's other keywords."""
+    return fit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        _Loader(),
+        classification_step(nn.CrossEntropyLoss()),
+        epochs=epochs,
+        lr=lr,
+        **options,
+    )
 
 
 def test_every_step_gets_its_scheduled_lr_and_the_hooks_in_order() -> None:
@@ -174,16 +190,7 @@ def test_nan_logits_stop_before_the_loss_sees_them() -> None:
 
 def test_the_time_cap_lets_the_first_step_run_then_stops() -> None:
     model, rec = _model(), _Recorder()
-    result = fit(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        _Loader(),
-        classification_step(nn.CrossEntropyLoss()),
-        epochs=2,
-        lr=0.1,
-        time_cap=1e-12,
-        callbacks=[rec],
-    )
+    result = _fit_sgd(model, lr=0.1, epochs=2, time_cap=1e-12, callbacks=[rec])
     assert (result.step, result.stopped, result.history) == (1, "time cap", [])
     assert result.epochs == pytest.approx(1 / 3) and result.seconds > 0
     assert rec.events == [("start", 0), ("before", 0), ("after", 0)]
@@ -193,12 +200,8 @@ def test_reduce_sums_the_epoch_over_processes() -> None:
     """Under DDP the loss, sample count and stats are summed over processes before the mean is taken."""
     rec = _Recorder()
     model = _model()
-    fit(
+    _fit_sgd(
         model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        _Loader(),
-        classification_step(nn.CrossEntropyLoss()),
-        epochs=1,
         lr=0.0,
         reduce=lambda values: [2 * v for v in values],  # two processes that saw the same
         callbacks=[rec],
@@ -206,16 +209,7 @@ def test_reduce_sums_the_epoch_over_processes() -> None:
     )
     single = _Recorder()
     model = _model()
-    fit(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        _Loader(),
-        classification_step(nn.CrossEntropyLoss()),
-        epochs=1,
-        lr=0.0,
-        callbacks=[single],
-        schedule="none",
-    )
+    _fit_sgd(model, lr=0.0, callbacks=[single], schedule="none")
     (two,), (one,) = rec.epochs, single.epochs
     assert two.samples == 2 * one.samples and two.stats["correct"] == 2 * one.stats["correct"]
     assert two.loss == one.loss
@@ -248,31 +242,13 @@ def test_bad_warmup_is_refused_before_any_step(schedule: str, warmup: float, mat
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):
-        fit(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            _Loader(),
-            classification_step(nn.CrossEntropyLoss()),
-            epochs=1,
-            lr=0.1,
-            schedule=schedule,
-            warmup=warmup,
-        )
+        _fit_sgd(model, lr=0.1, schedule=schedule, warmup=warmup)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_fit_passes_the_warmup_to_every_step() -> None:
     model, rec = _model(), _Recorder()
-    fit(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        _Loader(),
-        classification_step(nn.CrossEntropyLoss()),
-        epochs=2,
-        lr=0.1,
-        warmup=0.5,
-        callbacks=[rec],
-    )
+    _fit_sgd(model, lr=0.1, epochs=2, warmup=0.5, callbacks=[rec])
     assert rec.lrs == [lr_at(s, 6, 0.1, "cosine", 0.5) for s in range(6)]
     assert rec.lrs[:3] == [0.1 * (s + 1) / 3 for s in range(3)]  # three warm-up steps of six
 
@@ -291,27 +267,11 @@ class _GradNorms(Callback):
 def test_gradient_clipping_caps_the_global_norm_and_leaves_small_gradients_alone() -> None:
     raw = _GradNorms()
     model = _model()
-    fit(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        _Loader(),
-        classification_step(nn.CrossEntropyLoss()),
-        epochs=1,
-        lr=0.0,
-        callbacks=[raw],
-    )
+    _fit_sgd(model, lr=0.0, callbacks=[raw])
     cap = sorted(raw.norms)[1]  # between the smallest and the largest norm of the three steps
     clipped = _GradNorms()
     model = _model()
-    fit(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        _Loader(),
-        classification_step(nn.CrossEntropyLoss()),
-        epochs=1,
-        lr=0.0,
-        callbacks=[GradientClipping(cap), clipped],
-    )
+    _fit_sgd(model, lr=0.0, callbacks=[GradientClipping(cap), clipped])
     for before, after in zip(raw.norms, clipped.norms, strict=True):
         if before <= cap:
             assert after == pytest.approx(before, rel=1e-6)
@@ -345,15 +305,7 @@ def test_progress_bars_only_on_a_terminal(tty: bool, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("sys.stderr", stream)
     assert show_bars(True) is tty and show_bars(False) is False
     model = _model()
-    fit(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        _Loader(),
-        classification_step(nn.CrossEntropyLoss()),
-        epochs=1,
-        lr=0.1,
-        progress=True,
-    )
+    _fit_sgd(model, lr=0.1, progress=True)
     assert ("epoch 1/1" in stream.text) is tty
     if not tty:
         assert stream.text == ""
