@@ -74,7 +74,7 @@ def test_sweep_resumes_value_by_value(
         calls.append((cfg.out, bool(kwargs.get("resume"))))
         return real_train(cfg, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lipnet.training.sweep, "train", spy)
+    monkeypatch.setattr(lipnet.training.run, "train", spy)
     again = run_sweep(_base(tiny_config), "tau", [0.5, 10.0], out, progress=False)
     assert calls == [(str(half.path), True)]
     assert half.has_results()
@@ -103,7 +103,7 @@ def test_sweep_resumes_a_value_without_its_summary(
         calls.append((cfg.out, bool(kwargs.get("resume"))))
         return real_train(cfg, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lipnet.training.sweep, "train", spy)
+    monkeypatch.setattr(lipnet.training.run, "train", spy)
     run_sweep(_base(tiny_config), "tau", [0.5, 10.0], out, progress=False)
     assert calls == [(str(unfinished.path), True)]
     assert unfinished.is_finished() and "| n | clean |" in unfinished.summary_path.read_text(encoding="utf-8")
@@ -113,9 +113,9 @@ def test_sweep_resumes_a_value_without_its_summary(
 def test_sweep_refuses_runs_of_another_config(
     swept: SweepResult, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lipnet.training.sweep
+    import lipnet.training.run
 
-    monkeypatch.setattr(lipnet.training.sweep, "train", _no_training)
+    monkeypatch.setattr(lipnet.training.run, "train", _no_training)
     other = _base(tiny_config)
     other.optim.lr = 0.5
     with pytest.raises(RunError, match=r"optim\.lr"):

@@ -38,8 +38,7 @@ from lipnet.bench import markdown_table
 from lipnet.losses import arguments as loss_arguments
 from lipnet.models import model_entrypoint
 from lipnet.training.config import Config, ConfigError, apply_overrides, parse_override
-from lipnet.training.run import describe_recipe, train
-from lipnet.training.runs import RunFolder
+from lipnet.training.run import describe_recipe, train_unless_finished
 
 __all__ = [
     "ABLATIONS",
@@ -272,12 +271,7 @@ def bench_recipe(
     rows: list[RecipeRow] = []
     for label, overrides, per_seed in configs:
         for cfg in per_seed:
-            run = RunFolder(cfg.out or "")
-            if run.is_finished():
-                log(f"{label}, seed {cfg.seed}: already trained ({run.path})")
-            else:
-                log(f"{label}, seed {cfg.seed}: {'resuming' if run.is_started() else 'training'} {run.path}")
-                train(cfg, resume=run.is_started(), progress=progress, log=log)
+            run = train_unless_finished(cfg, f"{label}, seed {cfg.seed}", progress=progress, log=log)
             results.setdefault(label, []).append(run.read_results())
         rows.append(_row(label, overrides, per_seed, results[label]))
         if on_rows is not None:

@@ -81,6 +81,7 @@ __all__ = [
     "load_split",
     "summary_table",
     "train",
+    "train_unless_finished",
 ]
 
 
@@ -693,6 +694,22 @@ def train(
     finally:
         held.close()
         dist.close()
+
+
+def train_unless_finished(
+    cfg: Config, label: str, *, progress: bool = False, log: Callable[[str], None] = lambda _line: None
+) -> RunFolder:
+    """The run folder ``cfg.out``, trained first unless it has finished: a run left unfinished is
+    resumed, a new one trained (one ``log`` line, headed ``label``, says which). A finished run is not
+    opened at all (:func:`train` with ``resume`` would load its model); the sweep and the recipe bench
+    read its results from the returned folder."""
+    run = RunFolder(cfg.out or "")
+    if run.is_finished():
+        log(f"{label}: already trained ({run.path})")
+    else:
+        log(f"{label}: {'resuming' if run.is_started() else 'training'} {run.path}")
+        train(cfg, resume=run.is_started(), progress=progress, log=log)
+    return run
 
 
 def load_run_model(

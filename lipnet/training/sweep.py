@@ -49,7 +49,7 @@ from lipnet.training.config import (
 )
 from lipnet.training.devices import resolve_device
 from lipnet.training.plots import plot_sweep
-from lipnet.training.run import load_run_model, load_split, train
+from lipnet.training.run import load_run_model, load_split, train_unless_finished
 from lipnet.training.runs import RunError, RunFolder
 
 __all__ = ["SweepResult", "SweepRow", "run_sweep", "sweep_configs", "value_dirname", "values_flag"]
@@ -271,12 +271,7 @@ def run_sweep(
     rows: list[SweepRow] = []
     violations: list[str] = []
     for value, run_cfg in configs:
-        run = RunFolder(run_cfg.out or "")
-        if run.is_finished():
-            log(f"{param}={value:g}: already trained ({run.path})")
-        else:
-            log(f"{param}={value:g}: {'resuming' if run.is_started() else 'training'} {run.path}")
-            train(run_cfg, resume=run.is_started(), progress=progress, log=log)
+        run = train_unless_finished(run_cfg, f"{param}={value:g}", progress=progress, log=log)
         results = run.read_results()
         cert = results["certify"]
         if [float(e) for e in cert["eps"]] != eps:
