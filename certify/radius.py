@@ -50,6 +50,7 @@ from certify.contract import matrix_spectral_norm
 __all__ = [
     "DEFAULT_EPS",
     "FORWARD_SLACK",
+    "SMALL_EPS",
     "CertificationResult",
     "binary_radius",
     "certification_table",
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 DEFAULT_EPS: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
+#: The three radii of :data:`DEFAULT_EPS` below 1 (CIFAR-10's 36/255, 72/255, 108/255): the default of
+#: the audit, of an export's certification check and of the catalogue, whose models certify nothing at 1.
+SMALL_EPS: tuple[float, ...] = DEFAULT_EPS[:3]
 
 #: Rounding allowance of a forward pass per logit dtype, relative to ``max_k |f_k(x)| + L_f ||x||_2``
 #: (module doc; ``docs/proofs/numerics.md#lemma-forward-slack``).

@@ -46,7 +46,7 @@ from certify.graph import analyze
 from certify.io import atomic_write_bytes
 from certify.onnx import onnx_to_graph
 from certify.radius import (
-    DEFAULT_EPS,
+    SMALL_EPS,
     certified_accuracy,
     certified_radius,
     certify,
@@ -352,7 +352,7 @@ def export_file(
     inputs: Tensor,
     labels: Tensor,
     *,
-    eps: Sequence[float | str] = DEFAULT_EPS[:3],
+    eps: Sequence[float | str] = SMALL_EPS,
     tolerance: float = TOLERANCE,
     input_shape: tuple[int, ...] | None = None,
 ) -> ExportReport:

@@ -31,9 +31,9 @@ __all__ = [
     "train_method",
 ]
 
-#: The catalogue's radii: the first three of :data:`certify.radius.DEFAULT_EPS` (its table has no column
-#: at 1, which no row of it certifies).
-DEFAULT_EPS: tuple[float, ...] = radius.DEFAULT_EPS[:3]
+#: The catalogue's radii, :data:`certify.radius.SMALL_EPS` (its table has no column at 1, which no row of
+#: it certifies).
+DEFAULT_EPS: tuple[float, ...] = radius.SMALL_EPS
 
 #: The default budget per task (``lipnet catalogue``): the Fashion-MNIST recipe (Adam 8e-3, 10% linear
 #: warm-up then cosine; zero biases, every lipnet layer's init), tau 10, on ``shapes10`` at difficulty 0.5,

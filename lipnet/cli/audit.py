@@ -26,7 +26,7 @@ from certify.audit import audit
 from certify.contract import UnboundableModuleError
 from certify.io import CheckpointError
 from certify.loading import LoadedModel, load_model
-from certify.radius import DEFAULT_EPS, format_eps
+from certify.radius import SMALL_EPS, format_eps
 from certify.rules.folding import Normalize
 from lipnet import data
 from lipnet.cli.argtypes import (
@@ -44,10 +44,6 @@ from lipnet.training.run import load_run_model
 
 __all__ = ["add_parser", "load_run_for_audit", "run"]
 
-#: The audit's default radii: the first three of certify.radius.DEFAULT_EPS (CIFAR-10's 36/255, 72/255,
-#: 108/255; the radius 1 of the list is beyond what the audited models certify).
-_DEFAULT_EPS: tuple[float, ...] = DEFAULT_EPS[:3]
-_DATASETS = ("shapes10", "cifar10", "fashion_mnist", "mnist")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -75,13 +71,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--arch-kwargs", type=json_object, help="JSON keyword arguments of --arch, e.g. '{\"width\": 16}'"
     )
-    p.add_argument("--data", required=True, choices=_DATASETS, help="test set to audit on")
+    p.add_argument("--data", required=True, choices=data.list_datasets(), help="test set to audit on")
     p.add_argument("--data-dir", help="dataset folder (default: $LIPNET_DATA, else ./data)")
     p.add_argument(
         "--eps",
         type=eps_list,
-        default=list(_DEFAULT_EPS),
-        help=f"L2 radii on the [0, 1] pixel scale (default {','.join(format_eps(e) for e in _DEFAULT_EPS)})",
+        default=list(SMALL_EPS),
+        help=f"L2 radii on the [0, 1] pixel scale (default {','.join(format_eps(e) for e in SMALL_EPS)})",
     )
     p.add_argument("--n", type=positive_int, default=1000, help="number of test images (default 1000)")
     p.add_argument(

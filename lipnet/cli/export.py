@@ -23,7 +23,7 @@ from typing import Any
 
 from certify.contract import UnboundableModuleError
 from certify.loading import load_model
-from certify.radius import DEFAULT_EPS, format_eps
+from certify.radius import SMALL_EPS, format_eps
 from lipnet import data
 from lipnet.cli.argtypes import (
     check_output_path,
@@ -40,9 +40,6 @@ from lipnet.training.run import load_run_model
 
 __all__ = ["add_parser", "run"]
 
-_DATASETS = ("shapes10", "cifar10", "fashion_mnist", "mnist")
-#: The radii of the certification check: the first three of certify.radius.DEFAULT_EPS.
-_DEFAULT_EPS: tuple[float, ...] = DEFAULT_EPS[:3]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -63,15 +60,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--arch", help="package.module:function that builds the model of a weights file")
     p.add_argument("--arch-kwargs", type=json_object, help="JSON keyword arguments of --arch")
     p.add_argument(
-        "--data", choices=_DATASETS, help="test images for the verification (default: the run's dataset)"
+        "--data",
+        choices=data.list_datasets(),
+        help="test images for the verification (default: the run's dataset)",
     )
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else $LIPNET_DATA or ./data)")
     p.add_argument("--n", type=positive_int, default=64, help="test images of the verification (default 64)")
     p.add_argument(
         "--eps",
         type=eps_list,
-        default=list(_DEFAULT_EPS),
-        help=f"radii of the certification check (default {','.join(format_eps(e) for e in _DEFAULT_EPS)})",
+        default=list(SMALL_EPS),
+        help=f"radii of the certification check (default {','.join(format_eps(e) for e in SMALL_EPS)})",
     )
     p.add_argument(
         "--tolerance",
