@@ -49,6 +49,7 @@ from lipnet.layers import (
     AOLConv2d,
     AOLLinear,
     BatchCentering,
+    BCOPConv2d,
     BjorckConv2d,
     BjorckLinear,
     BoundedConv2d,
@@ -136,6 +137,11 @@ CATALOG: dict[type[nn.Module], Factory] = {
     CayleyConv2d: lambda: [
         Case(CayleyConv2d(3, 4, 3, input_size=6), (3, 6, 6), affine=True),
         Case(CayleyConv2d(4, 2, 3, stride=2, bias=False, input_size=4), (4, 4, 4), affine=True),
+    ],
+    BCOPConv2d: lambda: [
+        Case(BCOPConv2d(3, 4, 3, padding=1), (3, 6, 6), affine=True),
+        Case(BCOPConv2d(4, 2, 3, stride=2, padding=1, padding_mode="circular"), (4, 6, 6), affine=True),
+        Case(BCOPConv2d(2, 2, 2, padding=0, dilation=2, bias=False), (2, 5, 5), affine=True),
     ],
     # orthogonium is an optional extra: without it AOCConv2d cannot be built and has no cases.
     AOCConv2d: lambda: (

@@ -4,7 +4,8 @@ Layers (each with ``lipschitz_bound()``, and ``export()`` where a plainer frozen
 :class:`BatchCentering`, which stays as it is): :class:`AOLLinear` / :class:`AOLConv2d`
 (:mod:`~lipnet.layers.aol`), :class:`BjorckLinear` / :class:`BjorckConv2d`
 (:mod:`~lipnet.layers.bjorck`), :class:`OrthogonalLinear` (:mod:`~lipnet.layers.orthogonal`),
-:class:`CayleyConv2d` (:mod:`~lipnet.layers.cayley`), :class:`AOCConv2d` (:mod:`~lipnet.layers.aoc`),
+:class:`CayleyConv2d` (:mod:`~lipnet.layers.cayley`), :class:`BCOPConv2d` (:mod:`~lipnet.layers.bcop`),
+:class:`AOCConv2d` (:mod:`~lipnet.layers.aoc`),
 :class:`SLLLinear` / :class:`SLLConv2d` (:mod:`~lipnet.layers.sll`), :class:`CPLLinear` /
 :class:`CPLConv2d` (:mod:`~lipnet.layers.cpl`), both on :class:`GradientStepBlock`
 (:mod:`~lipnet.layers.gradient_step`), :class:`LinearResidualConv2d` (:mod:`~lipnet.layers.residual`),
@@ -29,6 +30,7 @@ from lipnet.layers.base import (
     LipschitzBounded,
 )
 from lipnet.layers.batching import WeightBatcher, batch_weights
+from lipnet.layers.bcop import BCOPConv2d, BlockOrthogonalKernel, bcop_kernel
 from lipnet.layers.bjorck import (
     BjorckConv2d,
     BjorckLinear,
@@ -56,10 +58,12 @@ __all__ = [
     "AOLConvRescaling",
     "AOLLinear",
     "AOLRescaling",
+    "BCOPConv2d",
     "BatchCentering",
     "BjorckConv2d",
     "BjorckLinear",
     "BjorckOrthonormal",
+    "BlockOrthogonalKernel",
     "BoundedConv2d",
     "BoundedLinear",
     "CPLConv2d",
@@ -84,6 +88,7 @@ __all__ = [
     "WeightBatcher",
     "aol",
     "batch_weights",
+    "bcop_kernel",
     "bjorck",
     "bjorck_gram_transform",
     "bjorck_orthonormalize",

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lipnet.layers.base import BoundedConv2d, BoundedLinear
 from lipnet.layers.parametrization import CachedParametrization, attach
 from lipnet.layers.patches import padding_sides
-from lipnet.layers.types import Device, Padding, PlainLayer, Size2
+from lipnet.layers.types import Device, Padding, PaddingMode, PlainLayer, Size2
 
 __all__ = [
     "AOLConv2d",
@@ -191,7 +191,7 @@ class AOLConv2d(BoundedConv2d):
         dilation: Size2 = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         *,
         device: Device = None,
         dtype: torch.dtype | None = None,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lipnet.layers.base import BoundedConv2d, BoundedLinear
 from lipnet.layers.parametrization import CachedParametrization, attach, full_precision
 from lipnet.layers.patches import patch_multiplicity
-from lipnet.layers.types import Device, Padding, PlainLayer, Size2
+from lipnet.layers.types import Device, Padding, PaddingMode, PlainLayer, Size2
 
 if TYPE_CHECKING:
     from lipnet.layers.batching import WeightBatcher
@@ -542,7 +542,7 @@ class BjorckConv2d(BoundedConv2d):
         dilation: Size2 = 1,
         groups: int = 1,
         bias: bool = True,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         *,
         train_iterations: int = 3,
         order: int = 2,

@@ -25,6 +25,7 @@ from torch import nn
 
 from lipnet.layers.aoc import AOCConv2d
 from lipnet.layers.aol import AOLConv2d, AOLLinear
+from lipnet.layers.bcop import BCOPConv2d
 from lipnet.layers.bjorck import BjorckConv2d, BjorckLinear
 from lipnet.layers.cayley import CayleyConv2d
 from lipnet.layers.cpl import CPLConv2d, CPLLinear
@@ -116,6 +117,18 @@ register_layer_kind(
         description=(
             "Cayley convolutions (Trockman & Kolter 2021; orthogonal, circular padding is part of the "
             "layer, input size fixed at the first forward) and Björck dense layers"
+        ),
+    )
+)
+register_layer_kind(
+    LayerKind(
+        name="bcop",
+        block=lambda c, k: BCOPConv2d(c, c, k, padding=_same(k)),
+        conv=lambda i, o, k: BCOPConv2d(i, o, k, padding=_same(k)),
+        dense=BjorckLinear,
+        description=(
+            "BCOP convolutions (Li et al. 2019; explicit kernel, orthogonal with circular padding, "
+            "1-Lipschitz with zero padding) and Björck dense layers"
         ),
     )
 )

@@ -1,0 +1,235 @@
+"""Block convolution orthogonal parametrization (BCOP): an explicit orthogonal ``k x k`` kernel.
+
+Li, Haghighi, Lee, Rajan & Grosse, "Preventing Gradient Attenuation in Lipschitz Constrained
+Convolutional Networks", NeurIPS 2019 (the 2-tap factorisation of orthogonal convolutions of Kautsky
+& Turcajová 1994, in Xiao et al.'s block-convolution form); orthogonium's AOC (Boissin et al. 2025)
+builds its stride-1 kernels the same way. The kernel is a product of small factors, each a
+contraction as a convolution on the infinite grid and orthogonal once its Björck iteration has
+converged:
+
+* a ``1 x 1`` factor ``Q = (I - 2 P_a)(I - 2 P_b)`` cropped to ``c_out x c_in``;
+* ``k_h - 1`` vertical and ``k_w - 1`` horizontal 2-tap factors ``[P, I - P]``,
+
+each ``P = U U^T`` with ``U`` the Björck orthonormalisation of a raw ``c x r`` matrix
+(``c = max(c_in, c_out)``, ``r = max(1, c // 2)``). Composing a kernel ``K`` with a 2-tap factor
+along one axis gives ``K'[a] = P K[a] + (I - P) K[a - 1]``, a kernel one tap longer; all ``2k``
+raw matrices are orthonormalised in one batched call, so a training step costs one small Björck
+call and a dozen products of ``c x c`` matrices with the kernel, then one plain convolution.
+
+Guarantee (``docs/proofs/convolutions.md#lemma-bcop``). On the infinite grid the layer's frequency
+response is the product of the factors'; a 2-tap factor's is ``P + (I - P) e^{-i w}``, whose
+singular values are ``|lambda + (1 - lambda) e^{-i w}| <= 1`` for the eigenvalues ``lambda`` of
+``P`` in ``[0, 1]``, and ``I - 2P`` has eigenvalues in ``[-1, 1]``. So in both modes, whether or
+not the iteration has converged, the layer is **1-Lipschitz** with zero padding (any padding
+amount, stride and dilation: a crop of the infinite-grid convolution) and with circular padding.
+With converged projectors (eval mode: float64 to ``||I - U^T U||_F <= 1e-12``), circular padding and
+stride 1 it is **orthogonal** for ``c_in == c_out`` (an isometry for ``c_out > c_in``, orthonormal
+rows for ``c_out < c_in``); with zero padding it loses the energy its taps send past the border.
+Every ``SO(c)`` matrix is such a ``Q`` (``c`` even), so the ``1 x 1`` factor is not a restriction.
+``lipschitz_bound()`` is ``certify``'s bound of the actual kernel as configured, never an assumed 1.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lipnet.layers.base import BoundedConv2d, zero_bias
+from lipnet.layers.bjorck import bjorck_orthonormalize
+from lipnet.layers.parametrization import CachedParametrization
+from lipnet.layers.types import Device, Padding, PaddingMode, Size2
+
+__all__ = ["BCOPConv2d", "BlockOrthogonalKernel", "bcop_kernel"]
+
+
+def _compose_tap(kernel: Tensor, projector: Tensor, dim: int) -> Tensor:
+    """The kernel of ``[P, I - P]`` along spatial ``dim`` applied after ``kernel``: one tap longer.
+
+    ``K'[a] = P K[a] + (I - P) K[a - 1] = K[a - 1] + P (K[a] - K[a - 1])`` with ``K`` zero outside
+    its taps (``kernel``: ``(c, c_in, h, w)``, ``projector``: ``(c, c)``, ``dim`` 2 or 3).
+    """
+    after = (0, 0, 0, 1) if dim == 2 else (0, 1, 0, 0)
+    before = (0, 0, 1, 0) if dim == 2 else (1, 0, 0, 0)
+    shifted = F.pad(kernel, before)
+    return shifted + torch.einsum("om,mihw->oihw", projector, F.pad(kernel, after) - shifted)
+
+
+def bcop_kernel(frames: Tensor, in_channels: int, out_channels: int, kernel_size: tuple[int, int]) -> Tensor:
+    """The BCOP kernel ``(out_channels, in_channels, k_h, k_w)`` from orthonormalised frames.
+
+    ``frames``: ``(2 + (k_h - 1) + (k_w - 1), c, r)`` matrices ``U_j`` (orthonormal columns when
+    converged, singular values in ``[0, 1]`` in any case), ``c = max(in_channels, out_channels)``.
+    ``P_j = U_j U_j^T``; the ``1 x 1`` factor is ``(I - 2 P_0)(I - 2 P_1)``, then ``P_2 ...`` are the
+    vertical and then the horizontal 2-tap factors (module docstring). For ``out_channels <
+    in_channels`` the kernel is built for the swapped channel counts and its channel axes are swapped
+    (the adjoint up to a spatial flip, which keeps every singular value of the operator).
+    """
+    kh, kw = kernel_size
+    c = frames.shape[1]
+    projectors = frames @ frames.mT
+    eye = torch.eye(c, dtype=frames.dtype, device=frames.device)
+    rotation = (eye - 2 * projectors[0]) @ (eye - 2 * projectors[1])
+    narrow, wide = sorted((in_channels, out_channels))
+    kernel = rotation[:, :narrow, None, None]
+    for j in range(kh - 1):
+        kernel = _compose_tap(kernel, projectors[2 + j], dim=2)
+    for j in range(kw - 1):
+        kernel = _compose_tap(kernel, projectors[1 + kh + j], dim=3)
+    if out_channels < in_channels:
+        kernel = kernel.transpose(0, 1)
+    return kernel.contiguous()
+
+
+def _orthonormal_frames_(frames: Tensor) -> None:
+    """Each ``(c, r)`` matrix of ``frames`` set to a random one with orthonormal columns, in place.
+
+    The Björck iteration then starts converged and the initial kernel is orthogonal (circular padding).
+    """
+    with torch.no_grad():
+        for frame in frames:
+            nn.init.orthogonal_(frame)
+
+
+class BlockOrthogonalKernel(CachedParametrization):
+    """Parametrization ``kernel = bcop_kernel(Bjorck(frames))``: raw ``(k_h + k_w, c, r)`` in, kernel out.
+
+    In training mode ``train_iterations`` Björck steps of order ``order`` run in the raw dtype,
+    differentiated through; in eval mode the iteration runs in float64 until ``||I - U^T U||_F <=
+    eval_tol`` (at most ``eval_max_iterations`` steps) and the kernel is built in float64, cast and
+    cached. Guarantee: see :mod:`lipnet.layers.bcop` (1-Lipschitz in both modes, orthogonal with
+    circular padding once converged).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        *,
+        train_iterations: int = 3,
+        order: int = 2,
+        eval_max_iterations: int = 100,
+        eval_tol: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        if train_iterations < 1 or eval_max_iterations < 1:
+            raise ValueError(
+                f"iteration counts must be >= 1, got train_iterations={train_iterations}, "
+                f"eval_max_iterations={eval_max_iterations}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.train_iterations = train_iterations
+        self.order = order
+        self.eval_max_iterations = eval_max_iterations
+        self.eval_tol = eval_tol
+
+    def compute(self, original: Tensor) -> Tensor:
+        if self.training:
+            frames = bjorck_orthonormalize(original, self.train_iterations, self.order)
+        else:
+            frames = bjorck_orthonormalize(
+                original.to(torch.float64), self.eval_max_iterations, self.order, self.eval_tol
+            )
+        kernel = bcop_kernel(frames, self.in_channels, self.out_channels, self.kernel_size)
+        return kernel.to(original.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, train_iterations={self.train_iterations}, order={self.order}, "
+            f"eval_max_iterations={self.eval_max_iterations}, eval_tol={self.eval_tol:g}"
+        )
+
+
+class BCOPConv2d(BoundedConv2d):
+    """Convolution with a BCOP kernel (:mod:`lipnet.layers.bcop`): 1-Lipschitz, orthogonal when circular.
+
+    The kernel is built from ``2 + (k_h - 1) + (k_w - 1)`` projectors ``P = U U^T`` of rank ``c // 2``
+    (``c = max(in_channels, out_channels)``), each ``U`` the Björck orthonormalisation of a raw
+    ``c x (c // 2)`` matrix (Li et al., NeurIPS 2019): a rotation ``(I - 2P_a)(I - 2P_b)`` cropped to
+    ``out x in``, then the 2-tap factors ``[P, I - P]`` along each axis. Guarantee: 1-Lipschitz in both
+    modes for zero or circular padding, any stride and dilation (whether or not the Björck iteration
+    has converged); orthogonal (isometric for ``out > in``, co-isometric for ``out < in``) with
+    circular padding and stride 1 once converged, which eval mode ensures in float64. Zero padding
+    gives a 1-Lipschitz layer that is orthogonal away from the border. After training, the kernel
+    is an ordinary ``nn.Conv2d`` kernel (``export()``), one plain convolution per forward pass, and
+    ``lipschitz_bound()`` is ``certify``'s float64 bound of that kernel as configured. ``groups``
+    must be 1; ``reflect`` / ``replicate`` padding is refused (it reads border pixels twice, so the
+    layer would not be 1-Lipschitz).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Size2,
+        stride: Size2 = 1,
+        padding: Padding = 0,
+        dilation: Size2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: PaddingMode = "zeros",
+        *,
+        train_iterations: int = 3,
+        order: int = 2,
+        eval_max_iterations: int = 100,
+        eval_tol: float = 1e-12,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if groups != 1:
+            raise ValueError(f"BCOPConv2d supports groups=1 only, got groups={groups}")
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(
+                f"BCOPConv2d takes padding_mode 'zeros' or 'circular', got {padding_mode!r}: reflect and "
+                "replicate padding read border pixels twice, so the layer would not be 1-Lipschitz"
+            )
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        kh, kw = self.kernel_size
+        channels = max(in_channels, out_channels)
+        rank = max(1, channels // 2)
+        # The raw weight is the stack of frames, not a kernel: the parametrization changes the shape.
+        del self.weight
+        self.weight = nn.Parameter(torch.empty(kh + kw, channels, rank, device=device, dtype=dtype))
+        _orthonormal_frames_(self.weight)
+        parametrize.register_parametrization(
+            self,
+            "weight",
+            BlockOrthogonalKernel(
+                in_channels,
+                out_channels,
+                (kh, kw),
+                train_iterations=train_iterations,
+                order=order,
+                eval_max_iterations=eval_max_iterations,
+                eval_tol=eval_tol,
+            ),
+            unsafe=True,
+        )
+
+    def reset_parameters(self) -> None:
+        """Orthonormal raw frames (once the parametrization is attached) and a zero bias."""
+        if parametrize.is_parametrized(self, "weight"):
+            _orthonormal_frames_(self.frames)
+            zero_bias(self)
+            return
+        # nn.Conv2d.__init__ calls this before the raw frames exist: its kernel is replaced right after.
+        super().reset_parameters()
+
+    @property
+    def frames(self) -> Tensor:
+        """The raw ``(k_h + k_w, c, r)`` matrices the kernel is built from (the trained parameters)."""
+        parametrizations = cast(nn.ModuleDict, self.parametrizations)
+        return cast(Tensor, parametrizations["weight"].original)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", frames={tuple(self.frames.shape)}"
+
