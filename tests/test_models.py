@@ -293,7 +293,7 @@ def test_registry_lookups() -> None:
 
 
 def test_default_cfg_is_what_create_builds() -> None:
-    assert models.default_cfg("fmnist_convnet_s") == models.ModelDefaults((1, 28, 28), 10, "bjorck")
+    assert models.default_cfg("fmnist_convnet_s") == models.ModelDefaults((1, 28, 28), 10, "bcop")
     assert models.default_cfg("lipconvnet_m") == models.ModelDefaults((3, 32, 32), 10, "aol")
     # the SLL networks take no layer kind
     assert models.default_cfg("sll_small").conv is None

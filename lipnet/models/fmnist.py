@@ -88,7 +88,9 @@ def fmnist_layers(
 class FashionConvNet(LipschitzSequential):
     """The :func:`fmnist_layers` convnet with a registered lipnet layer kind; each part 1-Lipschitz.
 
-    ``conv`` names the kind (:func:`lipnet.layers.kinds.list_layer_kinds`); activations are GroupSort of
+    ``conv`` names the kind (:func:`lipnet.layers.kinds.list_layer_kinds`; default ``bcop``: orthogonal
+    BCOP convolutions, which at 1.1x the step of Björck's contractive RKO convolutions matched orthogonium's
+    AOC and beat deel-torchlip at tau 0.5 in ``docs/benchmarks.md``); activations are GroupSort of
     size 2 and downsamplings are 2x2 :class:`~lipnet.pooling.ScaledL2NormPool2d`, so the network is
     1-Lipschitz in L2 up to the rounding of its layers' parametrizations. ``lipschitz_bound`` measures
     that from the actual weights: the product of the children's sound float64 bounds
@@ -105,7 +107,7 @@ class FashionConvNet(LipschitzSequential):
         width: int = 16,
         blocks: int = 1,
         hidden: int = 64,
-        conv: str = "bjorck",
+        conv: str = "bcop",
         input_size: int = 28,
         head: HeadName = "kind",
     ) -> None:
@@ -135,7 +137,7 @@ def _sized(size: str, label: str, width: int, blocks: int, hidden: int) -> Calla
     default_width, default_blocks, default_hidden = width, blocks, hidden
 
     def constructor(
-        conv: str = "bjorck",
+        conv: str = "bcop",
         num_classes: int = 10,
         in_channels: int = 1,
         input_size: int = 28,
