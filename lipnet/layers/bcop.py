@@ -46,16 +46,23 @@ from lipnet.layers.types import Device, Padding, PaddingMode, Size2
 __all__ = ["BCOPConv2d", "BlockOrthogonalKernel", "bcop_kernel"]
 
 
-def _compose_tap(kernel: Tensor, projector: Tensor, dim: int) -> Tensor:
-    """The kernel of ``[P, I - P]`` along spatial ``dim`` applied after ``kernel``: one tap longer.
+def _two_tap_chain(projectors: Tensor, eye: Tensor) -> Tensor:
+    """The ``n + 1`` taps of the 2-tap factors ``[P_j, I - P_j]``, ``j = 0 .. n - 1``, applied in order.
 
-    ``K'[a] = P K[a] + (I - P) K[a - 1] = K[a - 1] + P (K[a] - K[a - 1])`` with ``K`` zero outside
-    its taps (``kernel``: ``(c, c_in, h, w)``, ``projector``: ``(c, c)``, ``dim`` 2 or 3).
+    ``projectors``: ``(..., n, c, c)``; returns ``(..., n + 1, c, c)`` (``[I]`` for ``n = 0``). Adding the
+    factor ``[P, I - P]`` after taps ``T`` gives ``T'[a] = P T[a] + (I - P) T[a - 1] = T[a - 1] + P (T[a] -
+    T[a - 1])`` (``T`` zero outside its taps), one batched product per factor.
     """
-    after = (0, 0, 0, 1) if dim == 2 else (0, 1, 0, 0)
-    before = (0, 0, 1, 0) if dim == 2 else (1, 0, 0, 0)
-    shifted = F.pad(kernel, before)
-    return shifted + torch.einsum("om,mihw->oihw", projector, F.pad(kernel, after) - shifted)
+    n = projectors.shape[-3]
+    if n == 0:
+        return eye.expand(*projectors.shape[:-3], 1, *eye.shape)
+    first = projectors[..., 0, :, :]
+    taps = torch.stack([first, eye - first], dim=-3)
+    for j in range(1, n):
+        previous = F.pad(taps, (0, 0, 0, 0, 1, 0))  # T[a - 1]
+        current = F.pad(taps, (0, 0, 0, 0, 0, 1))  # T[a]
+        taps = previous + projectors[..., j : j + 1, :, :] @ (current - previous)
+    return taps
 
 
 def bcop_kernel(frames: Tensor, in_channels: int, out_channels: int, kernel_size: tuple[int, int]) -> Tensor:
@@ -63,22 +70,31 @@ def bcop_kernel(frames: Tensor, in_channels: int, out_channels: int, kernel_size
 
     ``frames``: ``(2 + (k_h - 1) + (k_w - 1), c, r)`` matrices ``U_j`` (orthonormal columns when
     converged, singular values in ``[0, 1]`` in any case), ``c = max(in_channels, out_channels)``.
-    ``P_j = U_j U_j^T``; the ``1 x 1`` factor is ``(I - 2 P_0)(I - 2 P_1)``, then ``P_2 ...`` are the
-    vertical and then the horizontal 2-tap factors (module docstring). For ``out_channels <
-    in_channels`` the kernel is built for the swapped channel counts and its channel axes are swapped
-    (the adjoint up to a spatial flip, which keeps every singular value of the operator).
+    ``P_j = U_j U_j^T``; the ``1 x 1`` factor is ``R = (I - 2 P_0)(I - 2 P_1)`` cropped to
+    ``min(in, out)`` columns, then ``P_2 ...`` are the vertical and then the horizontal 2-tap factors
+    (module docstring). With ``V`` and ``H`` the taps of the vertical and horizontal chains
+    (:func:`_two_tap_chain`), the composition "``R``, then ``V``, then ``H``" has the kernel
+    ``K[:, :, a, b] = H[b] V[a] R``: one product for ``V R`` and one for all ``(a, b)``. For
+    ``out_channels < in_channels`` the kernel is built for the swapped channel counts and its channel
+    axes are swapped (the adjoint up to a spatial flip, which keeps every singular value of the operator).
     """
     kh, kw = kernel_size
     c = frames.shape[1]
     projectors = frames @ frames.mT
     eye = torch.eye(c, dtype=frames.dtype, device=frames.device)
     rotation = (eye - 2 * projectors[0]) @ (eye - 2 * projectors[1])
-    narrow, wide = sorted((in_channels, out_channels))
-    kernel = rotation[:, :narrow, None, None]
-    for j in range(kh - 1):
-        kernel = _compose_tap(kernel, projectors[2 + j], dim=2)
-    for j in range(kw - 1):
-        kernel = _compose_tap(kernel, projectors[1 + kh + j], dim=3)
+    narrow = min(in_channels, out_channels)
+    if kh == kw:  # both chains in one batch
+        vertical, horizontal = _two_tap_chain(projectors[2:].unflatten(0, (2, kh - 1)), eye).unbind(0)
+    else:
+        vertical = _two_tap_chain(projectors[2 : 1 + kh], eye)
+        horizontal = _two_tap_chain(projectors[1 + kh :], eye)
+    columns = vertical @ rotation[:, :narrow]  # (kh, c, narrow): V[a] R
+    # K[o, i, a, b] = sum_m H[b][o, m] (V[a] R)[m, i]: one (kw c x c) @ (c x kh narrow) product
+    kernel = (horizontal.reshape(kw * c, c) @ columns.permute(1, 0, 2).reshape(c, kh * narrow)).reshape(
+        kw, c, kh, narrow
+    )
+    kernel = kernel.permute(1, 3, 2, 0)
     if out_channels < in_channels:
         kernel = kernel.transpose(0, 1)
     return kernel.contiguous()
