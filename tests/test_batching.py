@@ -200,7 +200,7 @@ def test_zero_weight_has_finite_gradients() -> None:
         assert net.head.weight.abs().max() == 0
 
 
-@pytest.mark.parametrize("conv", ["bjorck", "aol"])
+@pytest.mark.parametrize("conv", ["bjorck", "bcop", "aol"])
 def test_weights_stay_float32_under_bf16_autocast(conv: str) -> None:
     # the orthogonalisation / rescaling runs outside autocast: the weight a layer uses in an autocast
     # forward is the float32 weight of a float32 forward, batched or not

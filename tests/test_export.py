@@ -75,7 +75,7 @@ FAMILIES: dict[str, tuple[Build, tuple[int, int, int], list[str]]] = {
             "small_cnn", conv=k, in_channels=1, num_classes=3, width=2, input_size=4, norm="none"
         ),
         (1, 4, 4),
-        ["aol", "bjorck"],
+        ["aol", "bcop", "bjorck"],
     ),
 }
 CASES = [(family, kind) for family, (_, _, kinds) in FAMILIES.items() for kind in kinds]
