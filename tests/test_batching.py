@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lipnet.layers import BjorckConv2d, BjorckLinear, BjorckOrthonormal, bjorck
+from lipnet.layers import BCOPConv2d, BjorckConv2d, BjorckLinear, BjorckOrthonormal, bjorck
 from lipnet.layers.batching import WeightBatcher, _units, batch_weights, buckets
 from lipnet.layers.bjorck import bjorck_gram_transform, gram_norm_bound
 from lipnet.models import create
@@ -78,6 +78,33 @@ def _assert_same_outputs_and_gradients(
 def test_batched_weights_and_gradients_match_per_layer(max_padding: float) -> None:
     per_layer, batched = _pair()
     batch_weights(batched, max_padding=max_padding)
+    _assert_same_outputs_and_gradients(
+        per_layer, batched, torch.randn(3, 2, 5, 5, dtype=torch.float64), lambda out: out.square().sum()
+    )
+
+
+def test_bcop_frames_are_batched_and_match_per_layer() -> None:
+    # BCOP's frames (six 6 x 3 and six 6 x 3 matrices) share the batched call with the Björck weights; the
+    # kernels built from them, the outputs and every gradient are the per-layer ones
+    torch.manual_seed(0)
+    per_layer = nn.Sequential(
+        BjorckConv2d(2, 6, 3, padding=1),
+        BCOPConv2d(6, 6, 3, padding=1),
+        BCOPConv2d(6, 4, 3, padding=1),
+        nn.Flatten(),
+        BjorckLinear(4 * 5 * 5, 3),
+    ).double()
+    with torch.no_grad():
+        for p in per_layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    batched = batch_weights(copy.deepcopy(per_layer), max_padding=1e9)
+    assert len(batched.weight_batcher.members) == 4
+
+    def not_per_layer(original: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a BCOP layer orthonormalised its own frames in a batched training forward")
+
+    for layer in (batched[1], batched[2]):
+        layer.parametrizations.weight[0].compute = not_per_layer
     _assert_same_outputs_and_gradients(
         per_layer, batched, torch.randn(3, 2, 5, 5, dtype=torch.float64), lambda out: out.square().sum()
     )
@@ -164,10 +191,13 @@ def test_rebatching_replaces_and_remove_detaches() -> None:
     assert not net._forward_pre_hooks and not net._forward_hooks
 
 
-def test_only_lone_bjorck_parametrizations_are_batched() -> None:
-    net = nn.Sequential(bjorck(nn.Linear(3, 4)), nn.Linear(4, 4), BjorckLinear(4, 2))
+def test_only_bjorck_parametrizations_first_on_their_weight_are_batched() -> None:
+    conv = BCOPConv2d(3, 4, 3)
+    net = nn.Sequential(bjorck(nn.Linear(3, 4)), nn.Linear(4, 4), BjorckLinear(4, 2), conv)
     batch_weights(net)
-    assert [type(p).__name__ for _, p in net.weight_batcher.members] == ["BjorckOrthonormal"] * 2
+    assert [type(p).__name__ for _, p in net.weight_batcher.members] == ["BjorckOrthonormal"] * 3
+    # BCOP's frames: the first of the weight's two parametrizations, the kernel built from its output
+    assert net.weight_batcher.members[2][1] is conv.parametrizations.weight[0]
     # a parametrization chained after another one receives that one's output, not the raw weight
     chained = nn.Linear(3, 4)
     torch.nn.utils.parametrize.register_parametrization(chained, "weight", nn.Identity())

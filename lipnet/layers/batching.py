@@ -30,10 +30,10 @@ that waits for launches and not on a CPU that waits for arithmetic: the default 
 :data:`MAX_PADDING` for the device.
 
 Eval mode, a forward under ``torch.compile`` (compiled code fuses the per-layer kernels itself), a weight
-read outside the model's forward, a layer whose parametrization is not alone on its weight: each layer
-computes its own weight, as without the batcher. The batched backward is differentiable once: a second
-derivative through the weights (a gradient penalty on the parameters) needs the per-layer computation
-(``model.weight_batcher.remove()``).
+read outside the model's forward, a layer whose Björck parametrization is not the first on its weight:
+each layer computes its own weight, as without the batcher. The batched backward is differentiable once:
+a second derivative through the weights (a gradient penalty on the parameters) needs the per-layer
+computation (``model.weight_batcher.remove()``).
 """
 
 from __future__ import annotations
@@ -393,7 +393,7 @@ class WeightBatcher:
         items = []
         for plist, p in self.members:
             # a parametrization that was removed, or chained after another one, is not given the raw weight
-            if not p.training or len(plist) != 1 or plist[0] is not p:
+            if not p.training or len(plist) == 0 or plist[0] is not p:
                 continue
             original = plist.original
             rows = original.shape[0] // p.groups
@@ -479,10 +479,12 @@ def batch_weights(model: nn.Module, *, max_padding: float | None = None) -> nn.M
     """Compute the training-mode weights of ``model``'s Björck layers in batched calls; returns ``model``.
 
     Attaches a :class:`WeightBatcher` (module docstring) to ``model`` for every
-    :class:`~lipnet.layers.bjorck.BjorckOrthonormal` parametrization registered alone on a weight of one
-    of its submodules (``bjorck(...)``, ``BjorckLinear``, ``BjorckConv2d``). The weights are those of the
-    per-layer computation up to float rounding (``docs/proofs/convolutions.md#lemma-batched-bjorck``);
-    the state dict, eval mode, export and bounds are unchanged. ``max_padding`` (``>= 1``) bounds the
+    :class:`~lipnet.layers.bjorck.BjorckOrthonormal` parametrization registered first on a weight of one
+    of its submodules (``bjorck(...)``, ``BjorckLinear``, ``BjorckConv2d``; the frames of ``BCOPConv2d``,
+    whose kernel parametrization follows it and is computed per layer from the batched frames). The
+    weights are those of the per-layer computation up to float rounding
+    (``docs/proofs/convolutions.md#lemma-batched-bjorck``); the state dict, eval mode, export and bounds
+    are unchanged. ``max_padding`` (``>= 1``) bounds the
     padded work of a call against its matrices' own (:func:`buckets`); ``None``: :data:`MAX_PADDING` of
     the weights' device. Calling it again replaces the previous batcher; ``model.weight_batcher.remove()``
     detaches it.
@@ -495,10 +497,9 @@ def batch_weights(model: nn.Module, *, max_padding: float | None = None) -> nn.M
         if not parametrize.is_parametrized(module):
             continue
         for plist in module.parametrizations.values():  # type: ignore[operator]
-            if isinstance(plist, ParametrizationList) and len(plist) == 1:
-                first = plist[0]
-                if isinstance(first, BjorckOrthonormal):
-                    members.append((plist, first))
+            # first on its weight: alone, or followed by a parametrization built on it (BCOP's kernel)
+            if isinstance(plist, ParametrizationList) and isinstance(plist[0], BjorckOrthonormal):
+                members.append((plist, plist[0]))
     batcher = WeightBatcher(members, max_padding)
     for _, p in members:
         if p.batcher is not None and p.batcher is not batcher:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lipnet.layers.base import BoundedConv2d, zero_bias
-from lipnet.layers.bjorck import bjorck_orthonormalize
+from lipnet.layers.bjorck import BjorckOrthonormal
 from lipnet.layers.parametrization import CachedParametrization
 from lipnet.layers.types import Device, Padding, PaddingMode, Size2
 
@@ -111,55 +111,29 @@ def _orthonormal_frames_(frames: Tensor) -> None:
 
 
 class BlockOrthogonalKernel(CachedParametrization):
-    """Parametrization ``kernel = bcop_kernel(Bjorck(frames))``: raw ``(k_h + k_w, c, r)`` in, kernel out.
+    """Parametrization ``kernel = bcop_kernel(frames)``: ``(k_h + k_w) c x r`` frames in, kernel out.
 
-    In training mode ``train_iterations`` Björck steps of order ``order`` run in the raw dtype,
-    differentiated through; in eval mode the iteration runs in float64 until ``||I - U^T U||_F <=
-    eval_tol`` (at most ``eval_max_iterations`` steps) and the kernel is built in float64, cast and
-    cached. Guarantee: see :mod:`lipnet.layers.bcop` (1-Lipschitz in both modes, orthogonal with
-    circular padding once converged).
+    The second of the two parametrizations of :class:`BCOPConv2d`'s weight: it receives the frames that the
+    first, a :class:`~lipnet.layers.bjorck.BjorckOrthonormal` with one group per frame, has
+    orthonormalised (in training, possibly batched with the model's other Björck weights by
+    :func:`~lipnet.layers.batching.batch_weights`), and builds the kernel in their dtype; in eval mode
+    the kernel is cached. Guarantee: see :mod:`lipnet.layers.bcop` (a contraction for any frames with
+    singular values in ``[0, 1]``; orthogonal with circular padding for orthonormal frames).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int],
-        *,
-        train_iterations: int = 3,
-        order: int = 2,
-        eval_max_iterations: int = 100,
-        eval_tol: float = 1e-12,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int]) -> None:
         super().__init__()
-        if train_iterations < 1 or eval_max_iterations < 1:
-            raise ValueError(
-                f"iteration counts must be >= 1, got train_iterations={train_iterations}, "
-                f"eval_max_iterations={eval_max_iterations}"
-            )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
-        self.train_iterations = train_iterations
-        self.order = order
-        self.eval_max_iterations = eval_max_iterations
-        self.eval_tol = eval_tol
 
     def compute(self, original: Tensor) -> Tensor:
-        if self.training:
-            frames = bjorck_orthonormalize(original, self.train_iterations, self.order)
-        else:
-            frames = bjorck_orthonormalize(
-                original.to(torch.float64), self.eval_max_iterations, self.order, self.eval_tol
-            )
-        kernel = bcop_kernel(frames, self.in_channels, self.out_channels, self.kernel_size)
-        return kernel.to(original.dtype)
+        frames = original.reshape(sum(self.kernel_size), -1, original.shape[-1])
+        return bcop_kernel(frames, self.in_channels, self.out_channels, self.kernel_size)
 
     def extra_repr(self) -> str:
-        return (
-            f"kernel_size={self.kernel_size}, train_iterations={self.train_iterations}, order={self.order}, "
-            f"eval_max_iterations={self.eval_max_iterations}, eval_tol={self.eval_tol:g}"
-        )
+        sizes = f"in_channels={self.in_channels}, out_channels={self.out_channels}"
+        return f"{sizes}, kernel_size={self.kernel_size}"
 
 
 class BCOPConv2d(BoundedConv2d):
@@ -212,23 +186,20 @@ class BCOPConv2d(BoundedConv2d):
         kh, kw = self.kernel_size
         channels = max(in_channels, out_channels)
         rank = max(1, channels // 2)
-        # The raw weight is the stack of frames, not a kernel: the parametrization changes the shape.
+        # The raw weight is the stack of frames, not a kernel: the second parametrization changes the shape.
         del self.weight
-        self.weight = nn.Parameter(torch.empty(kh + kw, channels, rank, device=device, dtype=dtype))
-        _orthonormal_frames_(self.weight)
+        self.weight = nn.Parameter(torch.empty((kh + kw) * channels, rank, device=device, dtype=dtype))
+        _orthonormal_frames_(self.weight.view(kh + kw, channels, rank))
+        frames = BjorckOrthonormal(
+            groups=kh + kw,
+            train_iterations=train_iterations,
+            order=order,
+            eval_max_iterations=eval_max_iterations,
+            eval_tol=eval_tol,
+        )
+        parametrize.register_parametrization(self, "weight", frames)
         parametrize.register_parametrization(
-            self,
-            "weight",
-            BlockOrthogonalKernel(
-                in_channels,
-                out_channels,
-                (kh, kw),
-                train_iterations=train_iterations,
-                order=order,
-                eval_max_iterations=eval_max_iterations,
-                eval_tol=eval_tol,
-            ),
-            unsafe=True,
+            self, "weight", BlockOrthogonalKernel(in_channels, out_channels, (kh, kw)), unsafe=True
         )
 
     def reset_parameters(self) -> None:
@@ -242,9 +213,11 @@ class BCOPConv2d(BoundedConv2d):
 
     @property
     def frames(self) -> Tensor:
-        """The raw ``(k_h + k_w, c, r)`` matrices the kernel is built from (the trained parameters)."""
+        """The raw frames as ``(k_h + k_w, c, r)`` matrices: a view of the trained parameter
+        ``parametrizations.weight.original`` (``(k_h + k_w) c x r``)."""
         parametrizations = cast(nn.ModuleDict, self.parametrizations)
-        return cast(Tensor, parametrizations["weight"].original)
+        original = cast(Tensor, parametrizations["weight"].original)
+        return original.view(sum(self.kernel_size), -1, original.shape[-1])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", frames={tuple(self.frames.shape)}"
