@@ -13,8 +13,10 @@ converged:
 each ``P = U U^T`` with ``U`` the Björck orthonormalisation of a raw ``c x r`` matrix
 (``c = max(c_in, c_out)``, ``r = max(1, c // 2)``). Composing a kernel ``K`` with a 2-tap factor
 along one axis gives ``K'[a] = P K[a] + (I - P) K[a - 1]``, a kernel one tap longer; all ``2k``
-raw matrices are orthonormalised in one batched call, so a training step costs one small Björck
-call and a dozen products of ``c x c`` matrices with the kernel, then one plain convolution.
+raw matrices are orthonormalised in one batched call (a :class:`~lipnet.layers.bjorck.BjorckOrthonormal`
+with one group per frame, which :func:`~lipnet.layers.batching.batch_weights` joins to the model's other
+Björck weights), then the chains of taps are built as ``c x c`` matrices and the kernel in two products,
+then one plain convolution.
 
 Guarantee (``docs/proofs/convolutions.md#lemma-bcop``). On the infinite grid the layer's frequency
 response is the product of the factors'; a 2-tap factor's is ``P + (I - P) e^{-i w}``, whose
@@ -145,7 +147,8 @@ class BCOPConv2d(BoundedConv2d):
     ``out x in``, then the 2-tap factors ``[P, I - P]`` along each axis. Guarantee: 1-Lipschitz in both
     modes for zero or circular padding, any stride and dilation (whether or not the Björck iteration
     has converged); orthogonal (isometric for ``out > in``, co-isometric for ``out < in``) with
-    circular padding and stride 1 once converged, which eval mode ensures in float64. Zero padding
+    circular padding and stride 1 once converged, which eval mode ensures (frames converged in float64,
+    then cast; the kernel is built in the layer's dtype and cached). Zero padding
     gives a 1-Lipschitz layer that is orthogonal away from the border. After training, the kernel
     is an ordinary ``nn.Conv2d`` kernel (``export()``), one plain convolution per forward pass, and
     ``lipschitz_bound()`` is ``certify``'s float64 bound of that kernel as configured. ``groups``
