@@ -196,6 +196,7 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
         (("--set", "model.width=abc", "--taus", "1"), "model.width"),
         (("--set", "loss.name=no_such_loss", "--taus", "1"), "unknown loss"),
         (("--out", "{file}", "--taus", "1"), "--out"),
+        (("--taus", "1", "--jobs", "0"), "--jobs"),
     ],
     ("certify",): [
         (("!", "{missing}"), "not a run folder"),

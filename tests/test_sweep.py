@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from lipnet.training.config import Config, ConfigError
 from lipnet.training.runs import RunError, RunFolder
@@ -192,3 +193,43 @@ def test_the_sweep_parameter_of_a_config_is_one_a_loss_declares(tiny_config: Cal
         tiny_config("unused", "sweep.param=no_such_parameter")
     with pytest.raises(ConfigError, match="loss.epsilon must be >= -1"):
         tiny_config("unused", *poly, "sweep.values=[-2]")
+
+
+def test_parallel_jobs_train_the_same_runs(
+    tiny_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two values in two worker processes (one torch thread each) give the runs one process gives with one
+    # thread: same clean accuracy, radii and bound; the main process itself trains nothing
+    threads = torch.get_num_threads()
+    base = _base(tiny_config)
+    base.sweep.attack_n = 0
+
+    def not_here(cfg: Config, **kwargs: object) -> None:
+        raise AssertionError(f"{cfg.out} was trained in the main process")
+
+    try:
+        torch.set_num_threads(1)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "get_num_threads", lambda: 2)
+            patch.setattr("lipnet.training.run.train", not_here)  # the spawned workers import the real one
+            parallel = run_sweep(base, "tau", [0.5, 10.0], tmp_path / "parallel", progress=False, jobs=2)
+        sequential = run_sweep(base, "tau", [0.5, 10.0], tmp_path / "sequential", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(parallel.rows, sequential.rows, strict=True):
+        assert (a.value, a.clean_accuracy, a.certified_accuracy, a.mean_radius, a.lipschitz) == (
+            b.value,
+            b.clean_accuracy,
+            b.certified_accuracy,
+            b.mean_radius,
+            b.lipschitz,
+        )
+    trained: list[str] = []
+    monkeypatch.setattr("lipnet.training.run.train", lambda cfg, **kwargs: trained.append(str(cfg.out)))
+    run_sweep(base, "tau", [0.5, 10.0], tmp_path / "parallel", progress=False, jobs=2)
+    assert trained == []
+
+
+def test_jobs_must_be_positive(tiny_config: Callable[..., Config], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_sweep(_base(tiny_config), "tau", [0.5], tmp_path, progress=False, jobs=0)

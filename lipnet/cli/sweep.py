@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lipnet import losses
-from lipnet.cli.argtypes import check_output_path, float_list, non_negative_int
+from lipnet.cli.argtypes import check_output_path, float_list, non_negative_int, positive_int
 from lipnet.cli.train import add_config_options, apply_threads, check_buildable, config_from_args, epoch_log
 from lipnet.training.config import ConfigError
 from lipnet.training.sweep import run_sweep, values_flag
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or cfg.out or str(Path("runs") / f"{Path(args.config).stem}-sweep")
     check_output_path(out, "--out", folder=True)
     apply_threads(args)
-    result = run_sweep(cfg, param, values, out, progress=not args.quiet, log=epoch_log)
+    result = run_sweep(cfg, param, values, out, progress=not args.quiet, log=epoch_log, jobs=args.jobs)
     print(result.md_path.read_text(encoding="utf-8"))
     print(f"wrote {result.csv_path}, {result.md_path}" + (f", {result.png_path}" if result.png_path else ""))
     return 0 if not result.violations else 1
@@ -84,5 +84,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (default: runs/<config name>-sweep)")
     p.add_argument("--attack", choices=["auto", "pgd", "autoattack"], help="empirical attack")
     p.add_argument("--attack-n", type=non_negative_int, help="test images attacked per value (0: no attack)")
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="train up to N values at once, each in its own process with threads // N torch threads "
+        "(default 1: one after the other)",
+    )
     p.set_defaults(func=run)
     return p

@@ -11,6 +11,11 @@ alpha, gamma, epsilon, ...), each with its declared range; nothing here lists th
 * ``OUT/curve.png``: the trade-off (see :func:`lipnet.training.plots.plot_sweep`), when matplotlib is
   present.
 
+With ``jobs > 1`` the values' runs are trained in up to ``jobs`` worker processes at once (fresh
+interpreters, so layer kinds or models registered by the caller's own code are unknown there), each with
+``threads // jobs`` torch threads (at least one); the attacks and the tables follow in this process.
+Small networks use a second core better as a second process than as a second thread.
+
 A sweep is resumable value by value: a finished run folder (``results.json``, written last) is not
 retrained, a half-done one resumes from its last checkpoint, and the attack results are cached per run in
 ``empirical.json``. Every run's config is checked against the sweep's before anything is trained,
@@ -28,11 +33,14 @@ import copy
 import csv
 import io
 import json
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from certify.attacks import empirical_robust_accuracy, resolve_attack
@@ -248,6 +256,39 @@ def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n
     return "\n".join(lines) + "\n"
 
 
+def _train_in_worker(cfg: Config, label: str, threads: int, quiet: bool) -> None:
+    """One value's run in a worker process: ``threads`` torch threads, each log line headed by ``label``
+    (printed and flushed at once: the workers share the terminal or log file; none when ``quiet``)."""
+    torch.set_num_threads(threads)
+
+    def log(line: str) -> None:
+        if not quiet:
+            print(f"[{label}] {line}", flush=True)
+
+    train_unless_finished(cfg, label, log=log)
+
+
+def _train_in_parallel(
+    configs: Sequence[tuple[float, Config]], param: str, jobs: int, log: Callable[[str], None], quiet: bool
+) -> None:
+    """Train the unfinished runs of ``configs`` in up to ``jobs`` worker processes (module docstring)."""
+    pending = [(v, c) for v, c in configs if not RunFolder(c.out or "").is_finished()]
+    if not pending:
+        return
+    workers = min(jobs, len(pending))
+    threads = max(1, torch.get_num_threads() // workers)
+    log(f"training {len(pending)} run(s) in {workers} processes, {threads} torch thread(s) each")
+    # spawn: a fresh interpreter per worker (fork would copy this process's torch thread pool and locks)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [
+            pool.submit(_train_in_worker, run_cfg, f"{param}={value:g}", threads, quiet)
+            for value, run_cfg in pending
+        ]
+        for future in futures:
+            future.result()  # a worker's exception (a diverged run, a bad config) is raised here
+
+
 def run_sweep(
     cfg: Config,
     param: str,
@@ -256,8 +297,15 @@ def run_sweep(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    jobs: int = 1,
 ) -> SweepResult:
-    """Train, certify and attack one model per value, then write the csv, md and png (module docstring)."""
+    """Train, certify and attack one model per value, then write the csv, md and png (module docstring).
+
+    ``jobs``: how many values' runs train at once, each in its own worker process (module docstring).
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    silent = log is None and not progress
     if log is None:
         log = tqdm.write if progress else (lambda _line: None)
     out = Path(out)
@@ -265,6 +313,8 @@ def run_sweep(
     for _, run_cfg in configs:
         _check_existing(run_cfg)
     atomic_write_text(out / "config.yaml", dump_config(configs[0][1]))
+    if jobs > 1:
+        _train_in_parallel(configs, param, jobs, log, quiet=silent)
 
     eps = list(cfg.certify.eps)
     test_ds = None
