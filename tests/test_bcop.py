@@ -118,7 +118,9 @@ def test_gradients_flow_and_eval_cache_follows_the_frames() -> None:
         second = layer.weight
     assert not torch.equal(first, second)
     layer.train()
-    assert torch.allclose(layer.weight, second, atol=1e-5)  # 3 training steps from near-orthonormal frames
+    # 3 Björck steps in float32 from frames one SGD step away from orthonormal, against the float64 polar
+    # factor: close, not equal
+    assert torch.allclose(layer.weight, second, atol=1e-4)
 
 
 def test_export_is_a_plain_conv_with_the_eval_kernel() -> None:
@@ -163,21 +165,25 @@ def test_bad_arguments() -> None:
 
 
 def test_kernel_composition_is_the_convolution_of_its_factors() -> None:
-    # bcop_kernel's one-tap-at-a-time composition against composing the factors as layers.
+    # bcop_kernel's chains against applying its factors as layers (valid convolutions): the rotation, then
+    # vertical 1 and 2, then horizontal 1 and 2
     torch.manual_seed(7)
     c, r = 4, 2
-    frames = torch.linalg.qr(torch.randn(4, c, r, dtype=torch.float64)).Q
-    kernel = bcop_kernel(frames, c, c, (2, 2))
+    frames = torch.linalg.qr(torch.randn(6, c, r, dtype=torch.float64)).Q
+    kernel = bcop_kernel(frames, c, c, (3, 3))
     p = frames @ frames.mT
     eye = torch.eye(c, dtype=torch.float64)
-    x = torch.randn(1, c, 5, 5, dtype=torch.float64)
+
+    def vertical(q: Tensor) -> Tensor:  # P at offset 0, I - P at offset 1 (cross-correlation taps)
+        return torch.stack([q, eye - q], dim=-1)[:, :, :, None]
+
+    def horizontal(q: Tensor) -> Tensor:
+        return torch.stack([q, eye - q], dim=-1)[:, :, None, :]
+
+    x = torch.randn(1, c, 6, 6, dtype=torch.float64)
     y = nn.functional.conv2d(x, ((eye - 2 * p[0]) @ (eye - 2 * p[1]))[:, :, None, None])
-    vertical = torch.stack([p[2], eye - p[2]], dim=-1)[:, :, :, None]  # taps at rows 0 and 1
-    horizontal = torch.stack([p[3], eye - p[3]], dim=-1)[:, :, None, :]
-    # K'[a] = P K[a] + (I - P) K[a - 1] is the (cross-correlation) kernel of "K, then the 2-tap factor
-    # with P at offset 0 and I - P at offset 1", applied as layers in the order of composition.
-    y = nn.functional.conv2d(y, vertical)
-    y = nn.functional.conv2d(y, horizontal)
+    for factor in (vertical(p[2]), vertical(p[3]), horizontal(p[4]), horizontal(p[5])):
+        y = nn.functional.conv2d(y, factor)
     assert torch.allclose(nn.functional.conv2d(x, kernel), y, atol=1e-12)
 
 
@@ -187,4 +193,9 @@ def test_bcop_kind_builds_bounded_layers() -> None:
     assert isinstance(conv, BCOPConv2d) and conv.padding == (1, 1)
     x = torch.randn(2, 1, 9, 9)
     assert conv(x).shape == (2, 16, 9, 9)
-    assert conv.lipschitz_bound() <= 1 + 1e-8
+    # training mode: a contraction in exact arithmetic, built in float32 by about ten chained products of
+    # 16 x 16 matrices, each rounding by about 16 * 2^-24 = 1e-6 relative at most
+    assert conv.lipschitz_bound() <= 1 + 1e-5
+    # eval: built in float64, then cast: each entry moves by at most 2^-24 relative, so the operator by at
+    # most 2^-24 ||K||_F = 2^-24 sqrt(c_in) (an isometry's kernel has ||K||_F^2 = c_in), plus certify's slack
+    assert conv.eval().lipschitz_bound() <= 1 + 2**-24 + 1e-8

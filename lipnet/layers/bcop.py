@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lipnet.layers.base import BoundedConv2d, zero_bias
-from lipnet.layers.bjorck import BjorckOrthonormal
+from lipnet.layers.bjorck import BjorckOrthonormal, bjorck_orthonormalize
 from lipnet.layers.parametrization import CachedParametrization
 from lipnet.layers.types import Device, Padding, PaddingMode, Size2
 
@@ -74,7 +74,10 @@ def bcop_kernel(frames: Tensor, in_channels: int, out_channels: int, kernel_size
     converged, singular values in ``[0, 1]`` in any case), ``c = max(in_channels, out_channels)``.
     ``P_j = U_j U_j^T``; the ``1 x 1`` factor is ``R = (I - 2 P_0)(I - 2 P_1)`` cropped to
     ``min(in, out)`` columns, then ``P_2 ...`` are the vertical and then the horizontal 2-tap factors
-    (module docstring). With ``V`` and ``H`` the taps of the vertical and horizontal chains
+    (module docstring): all vertical factors, then all horizontal ones. (BCOP's own order alternates them,
+    a vertical and a horizontal factor per 2 x 2 block, a larger family of kernels; on Fashion-MNIST at
+    tau 0.5, 20,000 images x 3 epochs, it gave 75.28% clean / radius 1.213 against this order's 75.26 /
+    1.218, so the cheaper chains stay.) With ``V`` and ``H`` the taps of the vertical and horizontal chains
     (:func:`_two_tap_chain`), the composition "``R``, then ``V``, then ``H``" has the kernel
     ``K[:, :, a, b] = H[b] V[a] R``: one product for ``V R`` and one for all ``(a, b)``. For
     ``out_channels < in_channels`` the kernel is built for the swapped channel counts and its channel
@@ -118,20 +121,40 @@ class BlockOrthogonalKernel(CachedParametrization):
     The second of the two parametrizations of :class:`BCOPConv2d`'s weight: it receives the frames that the
     first, a :class:`~lipnet.layers.bjorck.BjorckOrthonormal` with one group per frame, has
     orthonormalised (in training, possibly batched with the model's other Björck weights by
-    :func:`~lipnet.layers.batching.batch_weights`), and builds the kernel in their dtype; in eval mode
-    the kernel is cached. Guarantee: see :mod:`lipnet.layers.bcop` (a contraction for any frames with
-    singular values in ``[0, 1]``; orthogonal with circular padding for orthonormal frames).
+    :func:`~lipnet.layers.batching.batch_weights`), and builds the kernel in their dtype. In eval mode
+    the frames arrive converged in float64 but rounded to the layer's dtype: they are orthonormalised
+    again in float64 (``eval_tol``, a step or two from there), the kernel is built in float64, cast and
+    cached, so that its rounding is the cast's alone. Guarantee: see :mod:`lipnet.layers.bcop` (a
+    contraction for any frames with singular values in ``[0, 1]``; orthogonal with circular padding for
+    orthonormal frames).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        *,
+        order: int = 2,
+        eval_max_iterations: int = 100,
+        eval_tol: float = 1e-12,
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
+        self.order = order
+        self.eval_max_iterations = eval_max_iterations
+        self.eval_tol = eval_tol
 
     def compute(self, original: Tensor) -> Tensor:
         frames = original.reshape(sum(self.kernel_size), -1, original.shape[-1])
-        return bcop_kernel(frames, self.in_channels, self.out_channels, self.kernel_size)
+        if not self.training:
+            frames = bjorck_orthonormalize(
+                frames.to(torch.float64), self.eval_max_iterations, self.order, self.eval_tol
+            )
+        kernel = bcop_kernel(frames, self.in_channels, self.out_channels, self.kernel_size)
+        return kernel.to(original.dtype)
 
     def extra_repr(self) -> str:
         sizes = f"in_channels={self.in_channels}, out_channels={self.out_channels}"
@@ -201,9 +224,15 @@ class BCOPConv2d(BoundedConv2d):
             eval_tol=eval_tol,
         )
         parametrize.register_parametrization(self, "weight", frames)
-        parametrize.register_parametrization(
-            self, "weight", BlockOrthogonalKernel(in_channels, out_channels, (kh, kw)), unsafe=True
+        kernel = BlockOrthogonalKernel(
+            in_channels,
+            out_channels,
+            (kh, kw),
+            order=order,
+            eval_max_iterations=eval_max_iterations,
+            eval_tol=eval_tol,
         )
+        parametrize.register_parametrization(self, "weight", kernel, unsafe=True)
 
     def reset_parameters(self) -> None:
         """Orthonormal raw frames (once the parametrization is attached) and a zero bias."""
