@@ -19,7 +19,7 @@ $(VENV)/.stamp: pyproject.toml
 venv: $(VENV)/.stamp
 
 demo: venv
-	$(VENV)/bin/lipnet sweep --config experiments/configs/demo.yaml --taus 5,20,50 --out $(DEMO_OUT)
+	$(VENV)/bin/lipnet sweep --config experiments/configs/demo.yaml --taus 5,20,50 --jobs 3 --out $(DEMO_OUT)
 
 # ruff, then mypy through the baseline gate: certify/ clean, lipnet/ no error beyond mypy-baseline.txt.
 lint: venv
