@@ -65,9 +65,9 @@ step models-eager "${LIMITS[1]}" "${LIPNET[@]}" bench models "${COMMON[@]}" "${M
 # 3. certification of 10,000 images against one eval pass (target: <= 1.1x)
 step certify "${LIMITS[2]}" "${LIPNET[@]}" bench models "${COMMON[@]}" "${CERT[@]}" --kinds cpl,aol,bjorck \
     --out "$OUT/certify.md"
-# 4. small_cnn compiled and CUDA-graphed: Björck, deel-torchlip and the plain network in one table
+# 4. small_cnn compiled and CUDA-graphed: Björck, BCOP, AOL, deel-torchlip and the plain network in one table
 step layers-compiled "${LIMITS[3]}" "${LIPNET[@]}" bench layers "${COMMON[@]}" "${LAYERS[@]}" --modes compile,graph \
-    --networks "lipnet bjorck,lipnet aol,deel-torchlip,plain" --out "$OUT/layers_compiled.md"
+    --networks "lipnet bjorck,lipnet bcop,lipnet aol,deel-torchlip,plain" --out "$OUT/layers_compiled.md"
 # 5. lipconvnet_m with CPL compiled and CUDA-graphed, next to its eager step
 step models-compiled "${LIMITS[4]}" "${LIPNET[@]}" bench models "${COMMON[@]}" "${MODELS[@]}" --kinds cpl \
     --no-anchors --modes eager,compile,graph --out "$OUT/models_compiled.md"

@@ -89,6 +89,7 @@ def _builders(width: int) -> dict[str, Callable[[], nn.Module]]:
     return {
         "lipnet bjorck": lambda: batch_weights(create("small_cnn", width=width, conv="bjorck")),
         "lipnet bjorck [per layer]": lambda: create("small_cnn", width=width, conv="bjorck"),
+        "lipnet bcop": lambda: batch_weights(create("small_cnn", width=width, conv="bcop")),
         "lipnet aol": lambda: batch_weights(create("small_cnn", width=width, conv="aol")),
         ANCHORS["bjorck"].library: lambda: _anchor_network("bjorck", width),
         ANCHORS["aoc"].library: lambda: _anchor_network("aoc", width),
