@@ -45,7 +45,6 @@ from lipnet.training.run import load_run_model
 __all__ = ["add_parser", "load_run_for_audit", "run"]
 
 
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``audit`` sub-command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser(

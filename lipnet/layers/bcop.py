@@ -105,6 +105,12 @@ def bcop_kernel(frames: Tensor, in_channels: int, out_channels: int, kernel_size
     return kernel.contiguous()
 
 
+def _frame_stack(raw: Tensor, kernel_size: tuple[int, ...]) -> Tensor:
+    """The ``(k_h + k_w) c x r`` raw weight (or its orthonormalisation) as ``k_h + k_w`` matrices ``c x r``
+    (a view of a contiguous tensor)."""
+    return raw.reshape(sum(kernel_size), -1, raw.shape[-1])
+
+
 def _orthonormal_frames_(frames: Tensor) -> None:
     """Each ``(c, r)`` matrix of ``frames`` set to a random one with orthonormal columns, in place.
 
@@ -148,7 +154,7 @@ class BlockOrthogonalKernel(CachedParametrization):
         self.eval_tol = eval_tol
 
     def compute(self, original: Tensor) -> Tensor:
-        frames = original.reshape(sum(self.kernel_size), -1, original.shape[-1])
+        frames = _frame_stack(original, self.kernel_size)
         if not self.training:
             frames = bjorck_orthonormalize(
                 frames.to(torch.float64), self.eval_max_iterations, self.order, self.eval_tol
@@ -170,8 +176,8 @@ class BCOPConv2d(BoundedConv2d):
     ``out x in``, then the 2-tap factors ``[P, I - P]`` along each axis. Guarantee: 1-Lipschitz in both
     modes for zero or circular padding, any stride and dilation (whether or not the Björck iteration
     has converged); orthogonal (isometric for ``out > in``, co-isometric for ``out < in``) with
-    circular padding and stride 1 once converged, which eval mode ensures (frames converged in float64,
-    then cast; the kernel is built in the layer's dtype and cached). Zero padding
+    circular padding and stride 1 once converged, which eval mode ensures (frames converged and the
+    kernel built in float64, then cast and cached: :class:`BlockOrthogonalKernel`). Zero padding
     gives a 1-Lipschitz layer that is orthogonal away from the border. After training, the kernel
     is an ordinary ``nn.Conv2d`` kernel (``export()``), one plain convolution per forward pass, and
     ``lipschitz_bound()`` is ``certify``'s float64 bound of that kernel as configured. ``groups``
@@ -215,7 +221,7 @@ class BCOPConv2d(BoundedConv2d):
         # The raw weight is the stack of frames, not a kernel: the second parametrization changes the shape.
         del self.weight
         self.weight = nn.Parameter(torch.empty((kh + kw) * channels, rank, device=device, dtype=dtype))
-        _orthonormal_frames_(self.weight.view(kh + kw, channels, rank))
+        _orthonormal_frames_(_frame_stack(self.weight, self.kernel_size))
         frames = BjorckOrthonormal(
             groups=kh + kw,
             train_iterations=train_iterations,
@@ -248,8 +254,7 @@ class BCOPConv2d(BoundedConv2d):
         """The raw frames as ``(k_h + k_w, c, r)`` matrices: a view of the trained parameter
         ``parametrizations.weight.original`` (``(k_h + k_w) c x r``)."""
         parametrizations = cast(nn.ModuleDict, self.parametrizations)
-        original = cast(Tensor, parametrizations["weight"].original)
-        return original.view(sum(self.kernel_size), -1, original.shape[-1])
+        return _frame_stack(cast(Tensor, parametrizations["weight"].original), self.kernel_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", frames={tuple(self.frames.shape)}"
