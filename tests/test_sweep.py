@@ -233,3 +233,23 @@ def test_parallel_jobs_train_the_same_runs(
 def test_jobs_must_be_positive(tiny_config: Callable[..., Config], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         run_sweep(_base(tiny_config), "tau", [0.5], tmp_path, progress=False, jobs=0)
+
+
+def test_a_worker_heads_each_line_with_its_label_once(
+    tiny_config: Callable[..., Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the worker's lines share a terminal or log file with the other workers': each is headed by its
+    # value, once ("[tau=0.5] training ...", not "[tau=0.5] tau=0.5: training ...")
+    from lipnet.training.sweep import _train_in_worker
+
+    threads = torch.get_num_threads()
+    cfg = _base(tiny_config)
+    cfg.out = str(tmp_path / "run")
+    try:
+        _train_in_worker(cfg, "tau=0.5", 1, quiet=False)
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("[tau=0.5] ") for line in lines)
+    assert lines[0] == f"[tau=0.5] training {cfg.out}"
+    assert not any("tau=0.5:" in line for line in lines)

@@ -697,17 +697,18 @@ def train(
 
 
 def train_unless_finished(
-    cfg: Config, label: str, *, progress: bool = False, log: Callable[[str], None] = lambda _line: None
+    cfg: Config, label: str = "", *, progress: bool = False, log: Callable[[str], None] = lambda _line: None
 ) -> RunFolder:
     """The run folder ``cfg.out``, trained first unless it has finished: a run left unfinished is
-    resumed, a new one trained (one ``log`` line, headed ``label``, says which). A finished run is not
-    opened at all (:func:`train` with ``resume`` would load its model); the sweep and the recipe bench
-    read its results from the returned folder."""
+    resumed, a new one trained (one ``log`` line, headed ``label`` when given, says which). A finished
+    run is not opened at all (:func:`train` with ``resume`` would load its model); the sweep and the
+    recipe bench read its results from the returned folder."""
     run = RunFolder(cfg.out or "")
+    head = f"{label}: " if label else ""
     if run.is_finished():
-        log(f"{label}: already trained ({run.path})")
+        log(f"{head}already trained ({run.path})")
     else:
-        log(f"{label}: {'resuming' if run.is_started() else 'training'} {run.path}")
+        log(f"{head}{'resuming' if run.is_started() else 'training'} {run.path}")
         train(cfg, resume=run.is_started(), progress=progress, log=log)
     return run
 

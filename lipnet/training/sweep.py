@@ -261,11 +261,12 @@ def _train_in_worker(cfg: Config, label: str, threads: int, quiet: bool) -> None
     (printed and flushed at once: the workers share the terminal or log file; none when ``quiet``)."""
     torch.set_num_threads(threads)
 
-    def log(line: str) -> None:
+    def log(message: str) -> None:
+        # every line of a multi-line message (the certification table) is headed: workers' lines interleave
         if not quiet:
-            print(f"[{label}] {line}", flush=True)
+            print("\n".join(f"[{label}] {line}" for line in message.splitlines()), flush=True)
 
-    train_unless_finished(cfg, label, log=log)
+    train_unless_finished(cfg, log=log)  # every line is headed by the label already
 
 
 def _train_in_parallel(
