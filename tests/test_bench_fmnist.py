@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 import torch
 from fixtures import write_idx
+from torch import nn
 
+from lipnet.activations import GroupSort
 from lipnet.bench.fmnist import (
     EPS,
+    Contender,
     _select,
     _Trainee,
+    bench_fmnist,
     contenders,
     layout_of,
     time_steps,
@@ -24,8 +28,12 @@ from lipnet.bench.fmnist import (
 from lipnet.cli import main
 from lipnet.cli.argtypes import positive_float_list
 from lipnet.data.dataset import ImageDataset
-from lipnet.layers.kinds import list_layer_kinds
+from lipnet.layers.batching import WeightBatcher
+from lipnet.layers.bjorck import BjorckLinear
+from lipnet.layers.kinds import LayerKind, get_layer_kind, list_layer_kinds
 from lipnet.models import create
+from lipnet.models.fmnist import fmnist_layers
+from lipnet.pooling import ScaledL2NormPool2d
 from lipnet.training.config import apply_overrides, load_config
 from lipnet.training.loop import fit, lr_at
 
@@ -279,3 +287,41 @@ def test_bench_under_a_config_with_taus_timing_and_resume(
     assert bench(*args, "--lr", "1e-3") == 2
     err = capsys.readouterr().err
     assert "another setup" in err and "optim" in err and len(err.splitlines()) == 1
+
+
+def test_extra_contenders_are_trained_as_the_built_in_ones(stripes_dir: Path, tmp_path: Path) -> None:
+    """An experiment's own network (the bcop network with 8-step dense layers) is selected by name,
+    trained and certified like a built-in row, its Björck weights batched as lipnet's are; a taken name
+    is refused before any data is read."""
+    recipe = apply_overrides(
+        load_config(DEFAULT_RECIPE), ["optim.epochs=1", "optim.batch_size=32", "device=cpu"]
+    )
+    bcop = get_layer_kind("bcop")
+    kind = LayerKind(
+        "bcop+dense8", bcop.block, bcop.conv, lambda i, o: BjorckLinear(i, o, train_iterations=8), ""
+    )
+    built: list[nn.Module] = []
+
+    def build() -> nn.Module:
+        layers = fmnist_layers(
+            kind, activation=lambda: GroupSort(2), pool=lambda: ScaledL2NormPool2d(2), blocks=0, hidden=128
+        )
+        built.append(nn.Sequential(*layers))
+        return built[-1]
+
+    extra = Contender("lipnet", "bcop+dense8", build)
+    rows = bench_fmnist(
+        recipe, taus=[10.0], models=["lipnet:bcop+dense8"], attack_n=0, data_dir=stripes_dir, progress=False,
+        extra=[extra],
+    )  # fmt: skip
+    (row,) = rows
+    assert (row["library"], row["kind"], row["epochs"]) == ("lipnet", "bcop+dense8", 1)
+    assert row["clean"] > 0.5 and 0 < row["bound"] <= 1 + 1e-4  # it learnt the stripes, soundly bounded
+    assert row["params"] == sum(p.numel() for p in built[0].parameters())
+    # the two layers' frames and the two dense weights in batched Björck calls, as lipnet train has them
+    batcher = built[0].weight_batcher
+    assert isinstance(batcher, WeightBatcher) and len(batcher.members) == 4
+    with pytest.raises(ValueError, match="lipnet:bcop is already a contender"):
+        bench_fmnist(
+            recipe, models=["lipnet:bcop"], data_dir=tmp_path, extra=[Contender("lipnet", "bcop", build)]
+        )

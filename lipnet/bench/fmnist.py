@@ -452,6 +452,7 @@ def bench_fmnist(
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
     on_timing: Callable[[list[dict[str, Any]]], None] | None = None,
     log: Callable[[str], None] = lambda _line: None,
+    extra: Sequence[Contender] = (),
 ) -> list[dict[str, Any]]:
     """Train, certify and attack every selected contender under one recipe, for each τ of ``taus``; one
     dict per network and τ, in the order τ, then contender.
@@ -469,6 +470,8 @@ def bench_fmnist(
     training), sec_per_epoch, train_acc (the last epoch's), clean, cert (list, one per :data:`EPS`),
     mean_radius (misclassified count 0), robust (list per :data:`EPS`, or None when ``attack_n`` is 0),
     attack, bound (the whole network's sound L2 bound), rule (the certificate: last-layer or global).
+    ``extra``: networks an experiment builds itself (variants of a contender), offered after the built-in
+    ones and selected by ``models`` as they are; a name that is already taken is refused.
     ``attack``: ``auto`` (:func:`certify.attacks.resolve_attack`: AutoAttack on CUDA, else PGD),
     ``autoattack`` or ``pgd`` (with ``attack_steps`` steps). ``on_row`` receives the rows so far after each
     network (to write partial results). A network whose training diverges raises
@@ -496,7 +499,13 @@ def bench_fmnist(
     attack_label = f"pgd ({attack_steps} steps)" if attack == "pgd" else "autoattack (apgd-ce, apgd-t)"
     # Unknown model names, a bad layout and a loss that cannot be built fail before any data is read.
     num_classes = len(FASHION_MNIST.classes)
-    chosen = _select(contenders(size, num_classes, layout=layout, lipnet_options=options), models)
+    available = contenders(size, num_classes, layout=layout, lipnet_options=options)
+    taken = {c.name for c in available}
+    for contender in extra:
+        if contender.name in taken:
+            raise ValueError(f"extra contender {contender.name} is already a contender of bench fmnist")
+        taken.add(contender.name)
+    chosen = _select([*available, *extra], models)
     for tau in plan_taus:
         build_loss(_with_tau(recipe, tau))
     setup = {

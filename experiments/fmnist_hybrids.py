@@ -1,0 +1,117 @@
+"""Which half of the network carries orthogonium AOC's per-epoch edge over lipnet's ``bcop`` network
+(docs/benchmarks.md, "What carries AOC's per-epoch edge")?
+
+The Fashion-MNIST bench's layout and recipe (:func:`lipnet.bench.fmnist.bench_fmnist`), with networks that
+swap the convolutions and the dense layers of the two libraries, all with lipnet's GroupSort2 and scaled
+L2-norm pooling:
+
+* ``lipnet:bcop+ortholinear``: lipnet's BCOP convolutions, orthogonium's ``OrthoLinear`` dense layers;
+* ``lipnet:aoc+bjorcklinear``: orthogonium's ``AdaptiveOrthoConv2d``, lipnet's ``BjorckLinear`` (3 steps);
+* ``orthogonium:aoc+groupsort``: orthogonium's AOC network with GroupSort2 instead of ``MaxMin``;
+* ``lipnet:bcop+dense8``, ``lipnet:bcop+dense12o1``: lipnet's ``bcop`` network with dense layers that run
+  8 Björck steps of order 2, or 12 of order 1 (orthogonium's count and order), in training instead of 3.
+
+Rows marked ``lipnet`` have their Björck weights batched as ``lipnet train`` batches them. The reference
+rows (``lipnet:bcop``, ``orthogonium:aoc``) are the bench's own and can be selected too.
+
+Run (one row, about 3 minutes on one thread)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/fmnist_hybrids.py --epochs 4 --taus 0.5 --seed 1 \\
+        --models lipnet:bcop+dense8 --out experiments/results/fmnist_bench/hybrids/seed1
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from certify.io import atomic_write_text
+from lipnet.activations import GroupSort
+from lipnet.bench.anchors import orthogonium_kinds
+from lipnet.bench.fmnist import Contender, bench_fmnist, layout_of, to_csv, to_markdown
+from lipnet.cli.argtypes import positive_float_list
+from lipnet.layers.bjorck import BjorckLinear
+from lipnet.layers.kinds import LayerKind, get_layer_kind
+from lipnet.models.fmnist import SIZES, fmnist_layers
+from lipnet.pooling import ScaledL2NormPool2d
+from lipnet.training.config import apply_overrides, load_config
+
+
+def _network(kind: LayerKind, arch: dict[str, int]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        layers = fmnist_layers(
+            kind, activation=lambda: GroupSort(2), pool=lambda: ScaledL2NormPool2d(2), **arch
+        )
+        return nn.Sequential(*layers)
+
+    return build
+
+
+def hybrids(arch: dict[str, int]) -> list[Contender]:
+    """The networks of the module docstring for the layout ``arch`` (``fmnist_layers``' size arguments)."""
+    bcop, aoc = get_layer_kind("bcop"), orthogonium_kinds()["aoc"]
+
+    def dense(**options: int) -> Callable[[int, int], nn.Module]:
+        return lambda i, o: BjorckLinear(i, o, **options)
+
+    kinds = {
+        ("lipnet", "bcop+ortholinear"): LayerKind("bcop+ortholinear", bcop.block, bcop.conv, aoc.dense, ""),
+        ("lipnet", "aoc+bjorcklinear"): LayerKind("aoc+bjorcklinear", aoc.block, aoc.conv, bcop.dense, ""),
+        ("orthogonium", "aoc+groupsort"): aoc,
+        ("lipnet", "bcop+dense8"): LayerKind(
+            "bcop+dense8", bcop.block, bcop.conv, dense(train_iterations=8), ""
+        ),
+        ("lipnet", "bcop+dense12o1"): LayerKind(
+            "bcop+dense12o1", bcop.block, bcop.conv, dense(train_iterations=12, order=1), ""
+        ),
+    }
+    return [Contender(library, name, _network(kind, arch)) for (library, name), kind in kinds.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="experiments/configs/fmnist_convnet_s.yaml")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--taus", type=positive_float_list, default=[0.5])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", type=lambda text: text.split(","), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = apply_overrides(load_config(args.config), [f"optim.epochs={args.epochs}", f"seed={args.seed}"])
+    size, layout, _options = layout_of(recipe)
+    arch = {**SIZES[size], **layout, "num_classes": 10}
+    header = (
+        f"Hybrids of experiments/fmnist_hybrids.py: {args.config}, {args.epochs} epochs, seed {args.seed}, "
+        f"{torch.get_num_threads()} thread(s); columns as in lipnet bench fmnist"
+    )
+
+    out = Path(args.out)
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "fmnist.csv", to_csv(rows))
+        atomic_write_text(out / "fmnist.md", to_markdown(rows, header))
+
+    rows = bench_fmnist(
+        recipe,
+        taus=args.taus,
+        models=args.models,
+        attack_n=0,
+        out=out,
+        on_row=write,
+        extra=hybrids(arch),
+        progress=False,
+        log=print,
+    )
+    print(to_markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
