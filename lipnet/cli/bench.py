@@ -1,10 +1,11 @@
-"""``lipnet bench layers|fmnist|models|kernels|recipe``: the benchmarks of :mod:`lipnet.bench`, their files.
+"""``lipnet bench layers|fmnist|seeds|models|kernels|recipe``: the benchmarks of :mod:`lipnet.bench`.
 
 ``layers``: the small_cnn networks of each library (:func:`lipnet.bench.layers.bench_layers`), or with
 ``--per-layer`` / ``--kinds`` one layer per kind next to its anchor
 (:func:`lipnet.bench.layers.bench_per_layer`). ``fmnist``: every layer kind and anchor trained,
 certified and attacked on Fashion-MNIST (:func:`lipnet.bench.fmnist.bench_fmnist`; ``fmnist.csv`` and
-``fmnist.md``, rewritten after each network). ``models``: a model family with each kind and anchor
+``fmnist.md``, rewritten after each network); ``seeds``: the mean and spread over seeds of ``fmnist`` folders
+(:func:`lipnet.bench.seeds.seed_means`). ``models``: a model family with each kind and anchor
 (:func:`lipnet.bench.models.bench_models`), or ``--eval-only`` every model against its export
 (:func:`lipnet.bench.models.bench_eval`). ``--modes`` of ``layers`` and ``models`` times each network
 eagerly, compiled and compiled with CUDA-graph capture (:mod:`lipnet.bench.modes`). ``kernels``: the ATen
@@ -58,6 +59,7 @@ from lipnet.bench.models import (
     models_markdown,
 )
 from lipnet.bench.modes import BACKENDS, MODES, check_modes
+from lipnet.bench.seeds import seed_means, seeds_markdown
 from lipnet.cli.argtypes import (
     Parser,
     check_output_path,
@@ -74,7 +76,7 @@ from lipnet.training.config import Config, ConfigError, apply_overrides, load_co
 from lipnet.training.devices import resolve_device
 from lipnet.training.run import describe_recipe
 
-__all__ = ["add_parser", "run_fmnist", "run_kernels", "run_layers", "run_models"]
+__all__ = ["add_parser", "run_fmnist", "run_kernels", "run_layers", "run_models", "run_seeds"]
 
 
 def _emit(out: str | None, text: str, body: dict[str, Any]) -> None:
@@ -321,6 +323,23 @@ def run_fmnist(args: argparse.Namespace) -> int:
     )
     print(to_markdown(rows, header))
     print(f"wrote {out / 'fmnist.csv'}, {out / 'fmnist.md'}")
+    return 0
+
+
+def run_seeds(args: argparse.Namespace) -> int:
+    """Run ``lipnet bench seeds``: :func:`lipnet.bench.seeds.seed_means`' table on stdout and ``--out``."""
+    if args.out is not None:
+        check_output_path(args.out, "--out", folder=False)
+    rows = seed_means(args.folders)
+    header = (
+        f"Mean over seeds (sample standard deviation) of {len(args.folders)} lipnet bench fmnist runs: "
+        + ", ".join(args.folders)
+    )
+    text = seeds_markdown(rows, header)
+    print(text, end="")
+    if args.out is not None:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -580,6 +599,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p_kernels.add_argument("--out", help="output file: the Markdown table if it ends in .md, else JSON rows")
     p_kernels.set_defaults(func=run_kernels)
+
+    p_seeds = bench_sub.add_parser(
+        "seeds", help="mean and standard deviation over seeds of lipnet bench fmnist folders (no training)"
+    )
+    p_seeds.add_argument(
+        "folders",
+        nargs="+",
+        metavar="DIR",
+        help="lipnet bench fmnist --out folders, one per --seed, same setup",
+    )
+    p_seeds.add_argument("--out", help="also write the Markdown table to this file")
+    p_seeds.set_defaults(func=run_seeds)
 
     add_recipe_parser(bench_sub)  # lipnet.cli.recipe: the recipe ablation (lipnet.bench.recipe)
     return p_bench
