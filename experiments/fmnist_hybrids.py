@@ -18,6 +18,9 @@ Run (one row, about 3 minutes on one thread)::
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/fmnist_hybrids.py --epochs 4 --taus 0.5 --seed 1 \\
         --models lipnet:bcop+dense8 --out experiments/results/fmnist_bench/hybrids/seed1
+
+``--gradients`` instead compares the dense layers' training-mode weights and gradients on a drifted raw
+weight (:func:`compare_gradients`, seconds).
 """
 
 from __future__ import annotations
@@ -73,17 +76,62 @@ def hybrids(arch: dict[str, int]) -> list[Contender]:
     return [Contender(library, name, _network(kind, arch)) for (library, name), kind in kinds.items()]
 
 
+def compare_gradients(condition: float = 8.0, seed: int = 0) -> None:
+    """Print, for a 1568 -> 128 raw weight of condition number ``condition`` (the trained dense layer's
+    drift), the smallest singular value each dense parametrisation gives in training and the cosine and
+    norm ratio of its gradient (of ``<A, weight>`` for a random ``A``) to orthogonium's ``OrthoLinear``'s."""
+    from orthogonium.layers import OrthoLinear
+
+    torch.manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(128, 128)).Q
+    right = torch.linalg.qr(torch.randn(1568, 128)).Q
+    raw = (left * torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 128)) @ right.T
+    probe = torch.randn(128, 1568)
+    layers: dict[str, nn.Module] = {
+        "OrthoLinear (12 x order 1, power iteration)": OrthoLinear(1568, 128),
+        "BjorckLinear 3 x order 2 (lipnet's default)": BjorckLinear(1568, 128),
+        "BjorckLinear 8 x order 2": BjorckLinear(1568, 128, train_iterations=8),
+        "BjorckLinear 12 x order 1": BjorckLinear(1568, 128, train_iterations=12, order=1),
+    }
+    reference: torch.Tensor | None = None
+    for name, layer in layers.items():
+        original = layer.parametrizations.weight.original
+        with torch.no_grad():
+            original.copy_(raw)
+            for _ in range(20):  # OrthoLinear's power iteration warms up over steps, as in training
+                _ = layer.weight
+        weight = layer.weight
+        (weight * probe).sum().backward()
+        grad = original.grad
+        assert grad is not None
+        reference = grad if reference is None else reference
+        cosine = float((grad * reference).sum() / grad.norm() / reference.norm())
+        sigma_min = float(torch.linalg.svdvals(weight.detach().double()).min())
+        print(
+            f"{name}: sigma_min {sigma_min:.4f}, gradient cosine {cosine:.6f}, norm ratio "
+            f"{float(grad.norm() / reference.norm()):.4f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="experiments/configs/fmnist_convnet_s.yaml")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--taus", type=positive_float_list, default=[0.5])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", type=lambda text: text.split(","), required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", type=lambda text: text.split(","))
+    parser.add_argument("--out")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--gradients", action="store_true", help="only compare the dense layers' training gradients"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gradients:
+        compare_gradients()
+        return
+    if args.models is None or args.out is None:
+        parser.error("give --models and --out (or --gradients)")
     recipe = apply_overrides(load_config(args.config), [f"optim.epochs={args.epochs}", f"seed={args.seed}"])
     size, layout, _options = layout_of(recipe)
     arch = {**SIZES[size], **layout, "num_classes": 10}
