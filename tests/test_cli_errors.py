@@ -144,6 +144,7 @@ BASE: dict[tuple[str, ...], tuple[str, ...]] = {
     ("catalogue",): ("--out", "out", "--quiet"),
     ("bench", "layers"): ("--out", "out.md"),
     ("bench", "fmnist"): ("--out", "out", "--quiet"),
+    ("bench", "seeds"): ("{empty}", "{run}"),
     ("bench", "recipe"): ("--config", "{config}", "--out", "out", "--quiet"),
     ("bench", "models"): ("--out", "out.md"),
     ("bench", "kernels"): ("--out", "out.md"),
@@ -306,6 +307,13 @@ CASES: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {
         (("--device", "tpu"), "device"),
         (("--out", "{file}"), "--out"),
     ],
+    ("bench", "seeds"): [
+        (("!", "{empty}"), "at least two run folders"),
+        ((), "no setup.json"),
+        (("!", "{missing}", "{empty}"), "no setup.json"),
+        (("--out", "{empty}"), "--out"),
+        (("--out", "{file}/table.md"), "--out"),
+    ],
     ("bench", "models"): [
         (("--model", "no_such_model"), "no_such_model"),
         (("--kinds", "no_such_kind"), "no_such_kind"),
@@ -388,8 +396,8 @@ def test_the_guard_stops_real_work(files: dict[str, Path], guarded: Path) -> Non
 
 def test_every_command_has_bad_input_cases() -> None:
     assert set(COMMANDS) == set(BASE) == set(CASES)
-    assert len(COMMANDS) >= 10  # train, sweep, certify, audit, export, catalogue, bench layers|fmnist|models|
-    # kernels
+    assert len(COMMANDS) >= 10  # train, sweep, certify, audit, export, catalogue, bench layers|fmnist|seeds|
+    # recipe|models|kernels
 
 
 def test_every_typed_option_declares_its_range() -> None:
