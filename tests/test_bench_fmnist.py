@@ -325,3 +325,17 @@ def test_extra_contenders_are_trained_as_the_built_in_ones(stripes_dir: Path, tm
         bench_fmnist(
             recipe, models=["lipnet:bcop"], data_dir=tmp_path, extra=[Contender("lipnet", "bcop", build)]
         )
+
+
+def test_seeds_runs_each_seed_and_writes_their_mean(stripes_dir: Path, tmp_path: Path) -> None:
+    """``--seeds 0,1``: one bench folder per seed (each its own setup seed), then the mean table."""
+    assert _bench(tmp_path, stripes_dir, "--models", "lipnet:aol", "--seeds", "0,1", "--attack-n", "0") == 0
+    for seed in (0, 1):
+        folder = tmp_path / f"seed{seed}"
+        setup = json.loads((folder / "setup.json").read_text(encoding="utf-8"))
+        assert setup["seed"] == seed and (folder / "rows" / "lipnet_aol.json").is_file()
+    rows = [_read(tmp_path / f"seed{seed}" / "fmnist.csv")[0] for seed in (0, 1)]
+    assert rows[0]["clean"] != rows[1]["clean"] or rows[0]["mean_radius"] != rows[1]["mean_radius"]
+    mean = 100 * (float(rows[0]["clean"]) + float(rows[1]["clean"])) / 2
+    table = (tmp_path / "fmnist_seeds.md").read_text(encoding="utf-8")
+    assert f"| 10 | lipnet | aol | 0, 1 | {mean:.2f} (" in table

@@ -68,6 +68,7 @@ from lipnet.cli.argtypes import (
     positive_float,
     positive_float_list,
     positive_int,
+    seed_list,
 )
 from lipnet.cli.recipe import add_parser as add_recipe_parser
 from lipnet.cli.train import epoch_log
@@ -268,7 +269,44 @@ def _fmnist_header(args: argparse.Namespace, recipe: Config, time_cap: float | N
 
 def run_fmnist(args: argparse.Namespace) -> int:
     """Run ``lipnet bench fmnist``; ``fmnist.csv`` and ``fmnist.md`` are rewritten after each network,
-    each finished row is kept in ``rows/`` (resumed from), the step times in ``timing.json``."""
+    each finished row is kept in ``rows/`` (resumed from), the step times in ``timing.json``. With
+    ``--seeds``, one such run per seed in ``--out``/``seed<N>`` (the step times with the first only), then
+    their means and standard deviations (:func:`lipnet.bench.seeds.seed_means`) in ``fmnist_seeds.md``."""
+    if args.seeds is None:
+        return _run_fmnist_once(args)
+    if args.seed is not None:
+        raise ConfigError("give --seed (one run) or --seeds (one run per seed), not both")
+    if len(args.seeds) < 2:
+        raise ConfigError(
+            f"--seeds takes at least two seeds (a mean over one run is that run), got {args.seeds}"
+        )
+    check_output_path(args.out, "--out", folder=True)
+    folders = []
+    for k, seed in enumerate(args.seeds):
+        folder = str(Path(args.out) / f"seed{seed}")
+        one = argparse.Namespace(
+            **{
+                **vars(args),
+                "seed": seed,
+                "seeds": None,
+                "out": folder,
+                "time_rounds": args.time_rounds * (k == 0),
+            }
+        )
+        _run_fmnist_once(one)
+        folders.append(folder)
+    header = (
+        f"Mean over seeds {', '.join(map(str, args.seeds))} (sample standard deviation): {', '.join(folders)}"
+    )
+    text = seeds_markdown(seed_means(folders), header)
+    path = Path(args.out) / "fmnist_seeds.md"
+    atomic_write_text(path, text)
+    print(text, end="")
+    print(f"wrote {path}")
+    return 0
+
+
+def _run_fmnist_once(args: argparse.Namespace) -> int:
     recipe = _fmnist_recipe(args)
     layout_of(recipe)  # a recipe of another model or data set is refused before any work
     check_output_path(args.out, "--out", folder=True)
@@ -543,6 +581,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p_fmnist.add_argument("--batch-size", type=positive_int, help="default: the config's, else 128")
     p_fmnist.add_argument("--seed", type=non_negative_int, help="default: the config's, else 0")
+    p_fmnist.add_argument(
+        "--seeds",
+        type=seed_list,
+        help="one run per seed in --out/seed<N>, then their mean and standard deviation per network "
+        "(fmnist_seeds.md, as lipnet bench seeds); e.g. 0,1,2",
+    )
     p_fmnist.add_argument(
         "--time-rounds",
         type=non_negative_int,
