@@ -8,8 +8,9 @@ L2-norm pooling:
 * ``lipnet:bcop+ortholinear``: lipnet's BCOP convolutions, orthogonium's ``OrthoLinear`` dense layers;
 * ``lipnet:aoc+bjorcklinear``: orthogonium's ``AdaptiveOrthoConv2d``, lipnet's ``BjorckLinear`` (3 steps);
 * ``orthogonium:aoc+groupsort``: orthogonium's AOC network with GroupSort2 instead of ``MaxMin``;
-* ``lipnet:bcop+dense8``, ``lipnet:bcop+dense12o1``: lipnet's ``bcop`` network with dense layers that run
-  8 Björck steps of order 2, or 12 of order 1 (orthogonium's count and order), in training instead of 3.
+* ``lipnet:bcop+dense8``, ``lipnet:bcop+dense12o1``, ``lipnet:bcop+dense2``: lipnet's ``bcop`` network with
+  dense layers that run 8 Björck steps of order 2, 12 of order 1 (orthogonium's count and order) or 2 of
+  order 2 in training instead of 3.
 
 Rows marked ``lipnet`` have their Björck weights batched as ``lipnet train`` batches them. The reference
 rows (``lipnet:bcop``, ``orthogonium:aoc``) are the bench's own and can be selected too.
@@ -66,6 +67,9 @@ def hybrids(arch: dict[str, int]) -> list[Contender]:
         ("lipnet", "bcop+ortholinear"): LayerKind("bcop+ortholinear", bcop.block, bcop.conv, aoc.dense, ""),
         ("lipnet", "aoc+bjorcklinear"): LayerKind("aoc+bjorcklinear", aoc.block, aoc.conv, bcop.dense, ""),
         ("orthogonium", "aoc+groupsort"): aoc,
+        ("lipnet", "bcop+dense2"): LayerKind(
+            "bcop+dense2", bcop.block, bcop.conv, dense(train_iterations=2), ""
+        ),
         ("lipnet", "bcop+dense8"): LayerKind(
             "bcop+dense8", bcop.block, bcop.conv, dense(train_iterations=8), ""
         ),
