@@ -284,25 +284,13 @@ def run_fmnist(args: argparse.Namespace) -> int:
     folders = []
     for k, seed in enumerate(args.seeds):
         folder = str(Path(args.out) / f"seed{seed}")
+        time_rounds = args.time_rounds if k == 0 else 0
         one = argparse.Namespace(
-            **{
-                **vars(args),
-                "seed": seed,
-                "seeds": None,
-                "out": folder,
-                "time_rounds": args.time_rounds * (k == 0),
-            }
+            **{**vars(args), "seed": seed, "seeds": None, "out": folder, "time_rounds": time_rounds}
         )
         _run_fmnist_once(one)
         folders.append(folder)
-    header = (
-        f"Mean over seeds {', '.join(map(str, args.seeds))} (sample standard deviation): {', '.join(folders)}"
-    )
-    text = seeds_markdown(seed_means(folders), header)
-    path = Path(args.out) / "fmnist_seeds.md"
-    atomic_write_text(path, text)
-    print(text, end="")
-    print(f"wrote {path}")
+    _report_seed_means(folders, Path(args.out) / "fmnist_seeds.md")
     return 0
 
 
@@ -368,17 +356,21 @@ def run_seeds(args: argparse.Namespace) -> int:
     """Run ``lipnet bench seeds``: :func:`lipnet.bench.seeds.seed_means`' table on stdout and ``--out``."""
     if args.out is not None:
         check_output_path(args.out, "--out", folder=False)
-    rows = seed_means(args.folders)
-    header = (
-        f"Mean over seeds (sample standard deviation) of {len(args.folders)} lipnet bench fmnist runs: "
-        + ", ".join(args.folders)
-    )
-    text = seeds_markdown(rows, header)
-    print(text, end="")
-    if args.out is not None:
-        atomic_write_text(args.out, text)
-        print(f"wrote {args.out}")
+    _report_seed_means(args.folders, args.out)
     return 0
+
+
+def _report_seed_means(folders: list[str], path: str | Path | None) -> None:
+    """Print the table of :func:`lipnet.bench.seeds.seed_means` over ``folders`` and write it to ``path``."""
+    header = (
+        f"Mean over seeds (sample standard deviation) of {len(folders)} lipnet bench fmnist runs: "
+        + ", ".join(folders)
+    )
+    text = seeds_markdown(seed_means(folders), header)
+    print(text, end="")
+    if path is not None:
+        atomic_write_text(path, text)
+        print(f"wrote {path}")
 
 
 def _load() -> str:
