@@ -44,7 +44,15 @@ from lipnet.layers.cayley import CayleyConv2d, FourierConv2d
 from lipnet.layers.centering import BatchCentering
 from lipnet.layers.cpl import CPLConv2d, CPLLinear
 from lipnet.layers.gradient_step import GradientStepBlock, PotentialStep
-from lipnet.layers.kinds import LayerKind, get_layer_kind, list_layer_kinds, register_layer_kind
+from lipnet.layers.kinds import (
+    AUTO,
+    AUTO_TAU_SPLIT,
+    LayerKind,
+    get_layer_kind,
+    kind_for_tau,
+    list_layer_kinds,
+    register_layer_kind,
+)
 from lipnet.layers.orthogonal import OrthogonalLinear, orthogonal
 from lipnet.layers.parametrization import CachedParametrization, EvalCache, EvalTensorCache
 from lipnet.layers.patches import patch_multiplicity
@@ -58,6 +66,8 @@ __all__ = [
     "AOLConvRescaling",
     "AOLLinear",
     "AOLRescaling",
+    "AUTO",
+    "AUTO_TAU_SPLIT",
     "BCOPConv2d",
     "BatchCentering",
     "BjorckConv2d",
@@ -94,6 +104,7 @@ __all__ = [
     "bjorck_orthonormalize",
     "get_layer_kind",
     "gram_norm_bound",
+    "kind_for_tau",
     "list_layer_kinds",
     "orthogonal",
     "patch_multiplicity",

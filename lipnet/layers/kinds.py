@@ -13,7 +13,8 @@ and ``dense`` layers from another kind, named in ``description``. Every layer th
 has ``lipschitz_bound()``.
 
 A new kind is one :func:`register_layer_kind` call below (or in the user's code); the model families
-take it by name through their ``conv=`` argument.
+take it by name through their ``conv=`` argument. A training config may name :data:`AUTO` instead: the
+run takes :func:`kind_for_tau` of its loss's ``tau``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,20 @@ from lipnet.layers.cayley import CayleyConv2d
 from lipnet.layers.cpl import CPLConv2d, CPLLinear
 from lipnet.layers.sll import SLLConv2d, SLLLinear
 
-__all__ = ["LayerKind", "get_layer_kind", "list_layer_kinds", "register_layer_kind"]
+__all__ = [
+    "AUTO",
+    "AUTO_TAU_SPLIT",
+    "LayerKind",
+    "get_layer_kind",
+    "kind_for_tau",
+    "list_layer_kinds",
+    "register_layer_kind",
+]
+
+#: ``model.conv`` of a training config that leaves the kind to the loss's temperature (:func:`kind_for_tau`).
+AUTO = "auto"
+#: The temperature from which :func:`kind_for_tau` takes ``rko_bcop`` rather than ``bcop``.
+AUTO_TAU_SPLIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,21 @@ def get_layer_kind(name: str) -> LayerKind:
     try:
         return _KINDS[name]
     except KeyError:
+        hint = f" ({AUTO!r} is resolved by a training config from loss.tau)" if name == AUTO else ""
         raise ValueError(
-            f"unknown layer kind {name!r}; known kinds: {', '.join(list_layer_kinds())}"
+            f"unknown layer kind {name!r}{hint}; known kinds: {', '.join(list_layer_kinds())}"
         ) from None
+
+
+def kind_for_tau(tau: float | None) -> str:
+    """The kind a training config with ``model.conv: auto`` gets for a loss of temperature ``tau``.
+
+    ``bcop`` (orthogonal convolutions) for ``tau < AUTO_TAU_SPLIT``, the robust end of a tau sweep, and
+    for a loss without ``tau``; ``rko_bcop`` (contractive reshaped-kernel convolutions) from it, the
+    accurate end. Measured on Fashion-MNIST, 60,000 images x 4 epochs (``docs/benchmarks.md``, "One kind
+    per end of the tau range"): bcop leads at tau 0.1 to 1, rko_bcop at tau 5 to 100; neither leads at both.
+    """
+    return "bcop" if tau is None or tau < AUTO_TAU_SPLIT else "rko_bcop"
 
 
 def _same(kernel_size: int) -> int:
@@ -129,6 +155,37 @@ register_layer_kind(
         description=(
             "BCOP convolutions (Li et al. 2019; explicit kernel, orthogonal with circular padding, "
             "1-Lipschitz with zero padding) and Björck dense layers"
+        ),
+    )
+)
+
+
+def _rko_unless_degenerate(in_channels: int, out_channels: int, kernel_size: int) -> nn.Module:
+    """The ``rko_bcop`` kind's channel-changing convolution: RKO, or BCOP where RKO degenerates.
+
+    An RKO layer with ``out_channels >= in_channels k^2`` orthonormalises the *columns* of its
+    ``out x (in k^2)`` reshaped kernel ``W``; any two such ``W`` differ by an orthogonal ``Q`` on the
+    left (``W_2 = Q W_1``), so the layer is one fixed patch embedding followed by a ``1 x 1`` rotation of
+    its outputs: nothing spatial is learned. A grayscale stem (``1 -> 16``, ``3 x 3``) is such a layer.
+    """
+    padding = _same(kernel_size)
+    if out_channels >= in_channels * kernel_size * kernel_size:
+        return BCOPConv2d(in_channels, out_channels, kernel_size, padding=padding)
+    return BjorckConv2d(in_channels, out_channels, kernel_size, padding=padding)
+
+
+# Fashion-MNIST, 60k x 4 epochs (docs/benchmarks.md "RKO with a BCOP stem"): the BCOP stem makes the
+# Björck kind better at every tau measured; against bcop it trades robustness for accuracy.
+register_layer_kind(
+    LayerKind(
+        name="rko_bcop",
+        block=lambda c, k: BjorckConv2d(c, c, k, padding=_same(k)),
+        conv=_rko_unless_degenerate,
+        dense=BjorckLinear,
+        description=(
+            "reshaped-kernel Björck convolutions (1-Lipschitz, contractive) except where out_channels >= "
+            "in_channels * k^2 (a grayscale or small stem), where RKO is a fixed patch embedding up to a "
+            "rotation: BCOP there (orthogonal with circular padding); Björck dense layers"
         ),
     )
 )

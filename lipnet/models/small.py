@@ -14,7 +14,7 @@ from lipnet.pooling import InvertibleDownsampling, ScaledL2NormPool2d
 __all__ = ["SmallCNN", "small_cnn"]
 
 #: The layer kinds whose ``conv`` and ``dense`` layers change channels and features (plain layers).
-_KINDS = ("bjorck", "bcop", "aol")
+_KINDS = ("bjorck", "bcop", "rko_bcop", "aol")
 _POOLS = ("l2", "invertible")
 _NORMS = ("none", "centering")
 #: ``norm`` when the constructor is given none: centring after every AOL convolution (class docstring).
@@ -38,8 +38,9 @@ class SmallCNN(LipschitzSequential):
     4,000 images, width 16, Adam 1e-2, tau 5, seeds 0 and 1); centred it learns (14.6% and 15.2%; Björck
     14.5%). An orthonormal head, a row-normalised or column-rescaled one, orthogonal or kaiming
     initialisations and a centred input did not help. Convolutions and dense layers are
-    Björck/RKO (``conv="bjorck"``), BCOP convolutions with Björck dense layers (``conv="bcop"``) or AOL
-    (``conv="aol"``), built by that
+    Björck/RKO (``conv="bjorck"``), BCOP convolutions with Björck dense layers (``conv="bcop"``), RKO with
+    BCOP where RKO would be a fixed patch embedding (``conv="rko_bcop"``) or AOL (``conv="aol"``), built by
+    that
     :class:`~lipnet.layers.kinds.LayerKind` (its ``conv``, ``block`` and ``dense`` factories). The last
     child is the linear head, so ``certify``'s last-layer certificate splits it off: the kind's dense layer
     (``head="kind"``), a Björck layer (``"orthogonal"``) or a :class:`~lipnet.layers.rownorm.RowNormLinear`
