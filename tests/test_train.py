@@ -420,6 +420,44 @@ def test_a_run_with_the_recipe_options(
     assert "EMA" not in recipe
 
 
+def test_kind_for_tau_splits_the_range() -> None:
+    from lipnet.layers import AUTO_TAU_SPLIT, kind_for_tau
+
+    assert [kind_for_tau(t) for t in (None, 0.1, 1.0, AUTO_TAU_SPLIT, 10.0)] == [
+        "bcop",
+        "bcop",
+        "bcop",
+        "rko_bcop",
+        "rko_bcop",
+    ]
+    cfg = load_config(None, ["model.name=fmnist_convnet_s", "model.conv=bjorck", "loss.tau=10"])
+    assert cfg.model.for_loss(cfg.loss) is cfg.model  # only 'auto' is resolved
+    cfg = load_config(None, ["model.name=fmnist_convnet_s", "model.conv=auto", "loss.name=hinge"])
+    assert cfg.model.for_loss(cfg.loss).kwargs["conv"] == "bcop"  # a loss without tau
+
+
+@pytest.mark.parametrize(("tau", "kind"), [(0.5, "bcop"), (10.0, "rko_bcop")])
+def test_conv_auto_builds_checkpoints_and_reports_the_kind_for_tau(
+    tmp_path: Path, tiny_config: Callable[..., Config], tau: float, kind: str
+) -> None:
+    from lipnet.layers import BCOPConv2d, BjorckConv2d
+
+    cfg = tiny_config(tmp_path / "run", "model.conv=auto", f"loss.tau={tau}", "optim.epochs=1")
+    lines: list[str] = []
+    result = train(cfg, progress=False, log=lines.append)
+    assert f"model.conv: auto -> {kind} (loss.tau = {tau})" in lines
+    run = RunFolder(result.run_dir)
+    assert run.read_config().model.kwargs["conv"] == "auto"  # the config as given
+    assert run.load_checkpoint("final").meta["model"]["kwargs"]["conv"] == kind
+    model, _ = load_run_model(result.run_dir)
+    # small_cnn on 3-channel images, width 4: rko_bcop's convolutions are all RKO (4 < 3 * 9)
+    expected = BCOPConv2d if kind == "bcop" else BjorckConv2d
+    convs = [m for m in model.modules() if isinstance(m, (BCOPConv2d, BjorckConv2d))]
+    assert convs and all(isinstance(m, expected) for m in convs)
+    summary = run.summary_path.read_text(encoding="utf-8")
+    assert f"conv={kind}" in summary and "conv: auto, the kind for loss.tau" in summary
+
+
 @pytest.mark.parametrize(
     "path",
     sorted((Path(__file__).resolve().parent.parent / "experiments" / "configs").glob("*.yaml")),

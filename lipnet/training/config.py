@@ -31,6 +31,7 @@ import yaml
 
 from certify.radius import DEFAULT_EPS, parse_eps
 from lipnet import data, losses
+from lipnet.layers.kinds import AUTO, kind_for_tau
 from lipnet.models import model_entrypoint
 from lipnet.training.loop import SCHEDULES
 
@@ -167,6 +168,16 @@ class ModelConfig:
             if key in params and key not in kwargs:
                 kwargs[key] = value
         return ModelConfig(self.name, kwargs)
+
+    def for_loss(self, loss: LossConfig) -> ModelConfig:
+        """A copy with ``conv: auto`` replaced by the layer kind for the loss's temperature
+        (:func:`lipnet.layers.kinds.kind_for_tau` of ``loss.kwargs["tau"]``); ``self`` when ``conv`` is
+        not ``auto``. The run builds, checkpoints and reports the resolved kind."""
+        if self.kwargs.get("conv") != AUTO:
+            return self
+        tau = loss.kwargs.get("tau")
+        kind = kind_for_tau(None if tau is None else float(tau))
+        return ModelConfig(self.name, {**self.kwargs, "conv": kind})
 
 
 #: The model arguments that describe the data; :meth:`ModelConfig.for_data` fills them in.

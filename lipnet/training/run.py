@@ -366,7 +366,10 @@ def describe_recipe(cfg: Config) -> str:
 def _summary(cfg: Config, results: dict[str, Any]) -> str:
     cert = results["certify"]
     loss_args = ", ".join(f"{k}={v}" for k, v in cfg.loss.kwargs.items())
-    model_args = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
+    model = cfg.model.for_loss(cfg.loss)  # the kind the run built where the config says conv: auto
+    model_args = ", ".join(f"{k}={v}" for k, v in model.kwargs.items())
+    if model is not cfg.model:
+        model_args += "; conv: auto, the kind for loss.tau"
     last = results["final_epoch"]
     lines = [
         f"# Run `{Path(results['run']).name}`",
@@ -514,8 +517,11 @@ def train(
             return TrainResult(run.path, model, history, True, run.read_results() if dist.main else None)
         train_ds, test_ds = load_split(cfg, "train"), load_split(cfg, "test")
         torch.manual_seed(cfg.seed)
-        # in_channels / input_size / num_classes from the data where the config leaves them out
-        model_spec = cfg.model.for_data(train_ds.input_shape, train_ds.num_classes)
+        # in_channels / input_size / num_classes from the data where the config leaves them out, and the
+        # layer kind from the loss's tau where the config says conv: auto
+        model_spec = cfg.model.for_data(train_ds.input_shape, train_ds.num_classes).for_loss(cfg.loss)
+        if model_spec.kwargs.get("conv") != cfg.model.kwargs.get("conv"):
+            log(f"model.conv: auto -> {model_spec.kwargs['conv']} (loss.tau = {cfg.loss.kwargs.get('tau')})")
         model = batch_weights(build_model(model_spec).to(device))
         loss_fn = build_loss(cfg)
         input_shape = check_model_fits(model, train_ds, cfg)
