@@ -53,7 +53,23 @@ def test_sweep_writes_csv_md_png(swept: SweepResult) -> None:
     assert float(table[1]["clean_acc"]) == swept.rows[1].clean_accuracy
     md = swept.md_path.read_text(encoding="utf-8")
     assert "| tau | clean | cert. ε=36/255 |" in md and md.count("\n| ") == 3
+    assert "kind" not in md  # only a config with model.conv: auto gets the column
     assert swept.png_path is not None and swept.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_with_conv_auto_names_each_runs_kind(
+    tiny_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    base = tiny_config("unused", "data.n_train=32", "optim.epochs=1", "model.conv=auto", "sweep.attack_n=0")
+    result = run_sweep(base, "tau", [0.5, 10.0], tmp_path, progress=False)
+    md = result.md_path.read_text(encoding="utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| tau |"))
+    assert header.rstrip(" |").endswith("kind")
+    rows = [line for line in md.splitlines() if line.startswith("| 0.5 |") or line.startswith("| 10 |")]
+    assert [row.rstrip(" |").rsplit("|", 1)[-1].strip() for row in rows] == ["bcop", "rko_bcop"]
+    for row, kind in zip(result.rows, ["bcop", "rko_bcop"], strict=True):
+        meta = RunFolder(row.run_dir).load_checkpoint("final").meta
+        assert meta["model"]["kwargs"]["conv"] == kind
 
 
 def test_sweep_resumes_value_by_value(

@@ -47,10 +47,12 @@ from certify.attacks import empirical_robust_accuracy, resolve_attack
 from certify.io import atomic_write_json, atomic_write_text
 from certify.radius import CertificationResult, certification_table, certified_accuracy, format_eps
 from lipnet import losses
+from lipnet.layers.kinds import AUTO
 from lipnet.training.config import (
     RESUME_IGNORES,
     Config,
     ConfigError,
+    LossConfig,
     check_loss_argument,
     config_diff,
     dump_config,
@@ -215,6 +217,13 @@ def _csv(param: str, eps: list[float], rows: list[SweepRow]) -> str:
     return buf.getvalue()
 
 
+def _built_kind(cfg: Config, param: str, value: float) -> str:
+    """The layer kind the run of ``param = value`` built from ``cfg`` whose ``model.conv`` is ``auto``
+    (it follows the loss's tau: :meth:`~lipnet.training.config.ModelConfig.for_loss`)."""
+    loss = LossConfig(cfg.loss.name, {**cfg.loss.kwargs, param: value})
+    return str(cfg.model.for_loss(loss).kwargs["conv"])
+
+
 def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n_cert: int) -> str:
     with_emp = any(r.empirical_accuracy is not None for r in rows)
     attack = resolve_attack(cfg.sweep.attack, resolve_device(cfg.device)).name if with_emp else ""
@@ -225,6 +234,8 @@ def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n
                 f"{100 * r.empirical_accuracy[k]:.2f}%" if r.empirical_accuracy else "—" for r in rows
             ]
     extra["train time"] = [f"{r.train_time:.1f} s" for r in rows]
+    if cfg.model.kwargs.get("conv") == AUTO:
+        extra["kind"] = [_built_kind(cfg, param, r.value) for r in rows]
     results = [
         CertificationResult(
             n=n_cert,
