@@ -174,8 +174,9 @@ def _rko_unless_degenerate(in_channels: int, out_channels: int, kernel_size: int
     return BjorckConv2d(in_channels, out_channels, kernel_size, padding=padding)
 
 
-# Fashion-MNIST, 60k x 4 epochs (docs/benchmarks.md "RKO with a BCOP stem"): the BCOP stem makes the
-# Björck kind better at every tau measured; against bcop it trades robustness for accuracy.
+# Fashion-MNIST, 60k x 4 epochs (docs/benchmarks.md "One kind per end of the τ range"): the BCOP stem
+# made the Björck kind better in every column at every tau of seed 0; against bcop it trades robustness
+# for accuracy.
 register_layer_kind(
     LayerKind(
         name="rko_bcop",
