@@ -52,7 +52,6 @@ from lipnet.training.config import (
     RESUME_IGNORES,
     Config,
     ConfigError,
-    LossConfig,
     check_loss_argument,
     config_diff,
     dump_config,
@@ -217,14 +216,10 @@ def _csv(param: str, eps: list[float], rows: list[SweepRow]) -> str:
     return buf.getvalue()
 
 
-def _built_kind(cfg: Config, param: str, value: float) -> str:
-    """The layer kind the run of ``param = value`` built from ``cfg`` whose ``model.conv`` is ``auto``
-    (it follows the loss's tau: :meth:`~lipnet.training.config.ModelConfig.for_loss`)."""
-    loss = LossConfig(cfg.loss.name, {**cfg.loss.kwargs, param: value})
-    return str(cfg.model.for_loss(loss).kwargs["conv"])
-
-
-def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n_cert: int) -> str:
+def _markdown(
+    cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n_cert: int, kinds: list[str] | None
+) -> str:
+    """The sweep's Markdown table; ``kinds``: the layer kind each row's run built, a column when given."""
     with_emp = any(r.empirical_accuracy is not None for r in rows)
     attack = resolve_attack(cfg.sweep.attack, resolve_device(cfg.device)).name if with_emp else ""
     extra: dict[str, list[str]] = {}
@@ -234,8 +229,8 @@ def _markdown(cfg: Config, param: str, eps: list[float], rows: list[SweepRow], n
                 f"{100 * r.empirical_accuracy[k]:.2f}%" if r.empirical_accuracy else "—" for r in rows
             ]
     extra["train time"] = [f"{r.train_time:.1f} s" for r in rows]
-    if cfg.model.kwargs.get("conv") == AUTO:
-        extra["kind"] = [_built_kind(cfg, param, r.value) for r in rows]
+    if kinds is not None:
+        extra["kind"] = kinds
     results = [
         CertificationResult(
             n=n_cert,
@@ -365,7 +360,10 @@ def run_sweep(
     csv_path, md_path, png_path = out / "sweep.csv", out / "sweep.md", out / "curve.png"
     atomic_write_text(csv_path, _csv(param, eps, rows))
     n_cert = int(RunFolder(configs[0][1].out or "").read_results()["certify"]["n"])
-    atomic_write_text(md_path, _markdown(configs[0][1], param, eps, rows, n_cert))
+    kinds = None
+    if cfg.model.kwargs.get("conv") == AUTO:  # the kind each run built follows its loss's tau
+        kinds = [str(c.model.for_loss(c.loss).kwargs["conv"]) for _, c in configs]
+    atomic_write_text(md_path, _markdown(configs[0][1], param, eps, rows, n_cert, kinds))
     plotted = plot_sweep(
         param,
         [r.value for r in rows],
