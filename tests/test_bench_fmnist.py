@@ -17,6 +17,7 @@ from lipnet.activations import GroupSort
 from lipnet.bench.fmnist import (
     EPS,
     Contender,
+    _at_tau,
     _select,
     _Trainee,
     bench_fmnist,
@@ -91,7 +92,8 @@ def test_contenders_share_one_architecture() -> None:
     """Every library's network: the registered lipnet kinds, same children count and the same shapes."""
     pytest.importorskip("orthogonium")
     found = contenders("s")
-    assert sorted(c.kind for c in found if c.library == "lipnet") == list_layer_kinds()
+    lipnet = [c.kind for c in found if c.library == "lipnet"]
+    assert sorted(lipnet) == sorted([*list_layer_kinds(), "auto"])  # auto: the kind per tau
     assert {c.name for c in found} >= {
         "deel-torchlip:spectral", "orthogonium:aoc", "orthogonium:aol", "orthogonium:sll",
     }  # fmt: skip
@@ -339,3 +341,29 @@ def test_seeds_runs_each_seed_and_writes_their_mean(stripes_dir: Path, tmp_path:
     mean = 100 * (float(rows[0]["clean"]) + float(rows[1]["clean"])) / 2
     table = (tmp_path / "fmnist_seeds.md").read_text(encoding="utf-8")
     assert f"| 10 | lipnet | aol | 0, 1 | {mean:.2f} (" in table
+
+
+def test_auto_trains_the_kind_of_each_tau_once(stripes_dir: Path, tmp_path: Path) -> None:
+    """``lipnet:auto`` is lipnet's default front: at τ 0.5 the bcop row, at τ 10 the rko_bcop row
+    (:func:`kind_for_tau`), each named by its kind; beside ``lipnet:bcop`` the bcop network trains once."""
+    recipe = apply_overrides(
+        load_config(DEFAULT_RECIPE), ["optim.epochs=1", "optim.batch_size=32", "device=cpu"]
+    )
+    rows = bench_fmnist(
+        recipe, taus=[0.5, 10.0], models=["lipnet:auto", "lipnet:bcop"], attack_n=0, data_dir=stripes_dir,
+        progress=False, out=tmp_path,
+    )  # fmt: skip
+    assert [(r["tau"], r["kind"]) for r in rows] == [(0.5, "bcop"), (10.0, "rko_bcop"), (10.0, "bcop")]
+    assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == [
+        "lipnet_bcop_tau0.5.json", "lipnet_bcop_tau10.json", "lipnet_rko-bcop_tau10.json",
+    ]  # fmt: skip
+    # the rko_bcop row is the one lipnet:rko_bcop would have trained: read back, not trained again
+    again = bench_fmnist(
+        recipe, taus=[10.0], models=["lipnet:rko_bcop"], attack_n=0, data_dir=stripes_dir, progress=False,
+        out=tmp_path,
+    )  # fmt: skip
+    assert again == [rows[1]]
+    assert "lipnet:auto" in {c.name for c in contenders()}
+    assert [c.name for c in _at_tau(_select(contenders(), ["lipnet:auto"]), contenders(), None)] == [
+        "lipnet:bcop"
+    ]

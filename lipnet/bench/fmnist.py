@@ -13,7 +13,10 @@ blocks per stage and hidden width) built from one library's layers:
   so its dense layers are ``OrthoLinear``) and SLL (``SDPBasedLipschitzResBlock`` for the
   channel-preserving blocks, AOC for the channel-changing convolutions, ``OrthoLinear``; with
   ``blocks = 0`` it is the AOC network), all with orthogonium's ``MaxMin`` and lipnet's scaled L2-norm
-  pooling (orthogonium has none).
+  pooling (orthogonium has none);
+* ``lipnet:auto``, lipnet's default front: at each τ the row of the kind a training config with
+  ``model.conv: auto`` builds (:func:`lipnet.layers.kinds.kind_for_tau`), named by that kind (one row
+  when the kind is chosen as well).
 
 Every contender gets the same *recipe*, a run config (:class:`~lipnet.training.config.Config`, the
 ``--config`` of the command): the same initialisation seed, the same data order (one
@@ -74,7 +77,7 @@ from lipnet.bench import markdown_table
 from lipnet.bench.anchors import ANCHORS
 from lipnet.data.mnist import FASHION_MNIST
 from lipnet.layers.batching import batch_weights
-from lipnet.layers.kinds import list_layer_kinds
+from lipnet.layers.kinds import AUTO, kind_for_tau, list_layer_kinds
 from lipnet.losses import arguments as loss_arguments
 from lipnet.models import create
 from lipnet.models.fmnist import SIZES, fmnist_layers
@@ -115,11 +118,16 @@ TIME_STEPS = 5
 
 @dataclass(frozen=True)
 class Contender:
-    """One network of the table: its library, its layer kind and how to build it (untrained)."""
+    """One network of the table: its library, its layer kind and how to build it (untrained).
+
+    ``kind_at``: set on a contender that stands for another one chosen per τ (``lipnet:auto``): the name
+    of the contender that trains at a loss of temperature τ (None: a loss without τ).
+    """
 
     library: str
     kind: str
     build: Callable[[], nn.Module]
+    kind_at: Callable[[float | None], str] | None = None
 
     @property
     def name(self) -> str:
@@ -134,8 +142,10 @@ def contenders(
     layout: dict[str, int] | None = None,
     lipnet_options: dict[str, Any] | None = None,
 ) -> list[Contender]:
-    """Every network of the table whose library is installed: lipnet's registered kinds first, then the
-    anchors of :data:`~lipnet.bench.anchors.ANCHORS` as their libraries ship them.
+    """Every network of the table whose library is installed: lipnet's registered kinds first, then
+    ``lipnet:auto`` (lipnet's default front: at each τ the kind that ``model.conv: auto`` trains,
+    :func:`~lipnet.layers.kinds.kind_for_tau`), then the anchors of :data:`~lipnet.bench.anchors.ANCHORS`
+    as their libraries ship them.
 
     ``layout`` (keys of :data:`LAYOUT_KEYS`) replaces the sizes of ``fmnist_convnet_<size>``
     (:data:`~lipnet.models.fmnist.SIZES`) for every library; ``lipnet_options`` are further arguments of
@@ -156,6 +166,14 @@ def contenders(
         )
         for kind in list_layer_kinds()
     ]
+    out.append(
+        Contender(
+            "lipnet",
+            AUTO,
+            lambda: create(f"fmnist_convnet_{size}", conv=kind_for_tau(None), **arch, **options),
+            kind_at=lambda tau: f"lipnet:{kind_for_tau(tau)}",
+        )
+    )
     for anchor in ANCHORS.values():
         try:
             layers = anchor.layers(as_lipnet=False)
@@ -183,6 +201,15 @@ def _select(available: list[Contender], names: Sequence[str] | None) -> list[Con
             f"unknown model(s) {', '.join(unknown)} for bench fmnist; available: {', '.join(by_name)}"
         )
     return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def _at_tau(
+    chosen: Sequence[Contender], available: Sequence[Contender], tau: float | None
+) -> list[Contender]:
+    """``chosen`` for a loss of temperature ``tau``: a contender with ``kind_at`` replaced by the one it
+    names, each network once (``lipnet:auto`` beside the kind it picks trains that kind once)."""
+    by_name = {c.name: c for c in available}
+    return list(dict.fromkeys(by_name[c.kind_at(tau)] if c.kind_at else c for c in chosen))
 
 
 def default_recipe(
@@ -506,6 +533,11 @@ def bench_fmnist(
             raise ValueError(f"extra contender {contender.name} is already a contender of bench fmnist")
         taken.add(contender.name)
     chosen = _select([*available, *extra], models)
+
+    def tau_of(cfg: Config) -> float | None:
+        tau = cfg.loss.kwargs.get("tau")
+        return None if tau is None else float(tau)
+
     for tau in plan_taus:
         build_loss(_with_tau(recipe, tau))
     setup = {
@@ -532,9 +564,10 @@ def bench_fmnist(
     x_att, y_att = test_ds.images[:n_attack].to(dev), test_ds.labels[:n_attack].to(dev)
 
     if time_rounds:
+        first = _with_tau(recipe, plan_taus[0])
         timing = time_steps(
-            chosen,
-            _with_tau(recipe, plan_taus[0]),
+            _at_tau(chosen, available, tau_of(first)),
+            first,
             train_ds,
             dev,
             rounds=time_rounds,
@@ -549,7 +582,7 @@ def bench_fmnist(
     for tau in plan_taus:
         cfg = _with_tau(recipe, tau)
         loss_fn = build_loss(cfg)
-        for c in chosen:
+        for c in _at_tau(chosen, available, tau_of(cfg)):
             label = c.name if tau is None else f"{c.name} tau={tau:g}"
             saved = _row_path(folder, c, tau) if folder is not None else None
             if saved is not None and saved.is_file():

@@ -541,7 +541,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="training seconds per model (default: none with --config, else 300)",
     )
     p_fmnist.add_argument(
-        "--models", type=name_list, help="subset, e.g. lipnet:aol,deel-torchlip:spectral (default: all)"
+        "--models",
+        type=name_list,
+        help=(
+            "subset, e.g. lipnet:auto,deel-torchlip:spectral,orthogonium:aoc (default: all); lipnet:auto "
+            "is the kind model.conv: auto picks at each tau"
+        ),
     )
     p_fmnist.add_argument(
         "--size", choices=["s", "m"], help="without --config: fmnist_convnet_s (default) or _m"
