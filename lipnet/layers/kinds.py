@@ -35,6 +35,7 @@ from lipnet.layers.sll import SLLConv2d, SLLLinear
 __all__ = [
     "AUTO",
     "AUTO_TAU_SPLIT",
+    "BCOP_DENSE_STEPS",
     "LayerKind",
     "get_layer_kind",
     "kind_for_tau",
@@ -146,15 +147,28 @@ register_layer_kind(
         ),
     )
 )
+#: Björck steps of the ``bcop`` kind's dense layers in training. Three (BjorckLinear's default) leave a
+#: drifted 1568 -> 128 weight (condition 8) at sigma_min 0.65; eight give the orthonormal weight and its
+#: gradient (``python experiments/fmnist_hybrids.py --gradients``).
+#: Fashion-MNIST, 60k x 4 epochs (docs/benchmarks.md "What carries AOC's per-epoch edge"): +0.55 clean at
+#: tau 0.1, +0.33 at tau 0.5 (3 seeds), level at tau 1 and 5, -0.2 at tau 10 (rko_bcop's end).
+BCOP_DENSE_STEPS = 8
+
+
+def _bcop_dense(in_features: int, out_features: int) -> nn.Module:
+    return BjorckLinear(in_features, out_features, train_iterations=BCOP_DENSE_STEPS)
+
+
 register_layer_kind(
     LayerKind(
         name="bcop",
         block=lambda c, k: BCOPConv2d(c, c, k, padding=_same(k)),
         conv=lambda i, o, k: BCOPConv2d(i, o, k, padding=_same(k)),
-        dense=BjorckLinear,
+        dense=_bcop_dense,
         description=(
             "BCOP convolutions (Li et al. 2019; explicit kernel, orthogonal with circular padding, "
-            "1-Lipschitz with zero padding) and Björck dense layers"
+            f"1-Lipschitz with zero padding) and Björck dense layers ({BCOP_DENSE_STEPS} training steps, "
+            "converged on the weights training reaches; 1-Lipschitz at any step count)"
         ),
     )
 )
