@@ -6,11 +6,14 @@ swap the convolutions and the dense layers of the two libraries, all with lipnet
 L2-norm pooling:
 
 * ``lipnet:bcop+ortholinear``: lipnet's BCOP convolutions, orthogonium's ``OrthoLinear`` dense layers;
-* ``lipnet:aoc+bjorcklinear``: orthogonium's ``AdaptiveOrthoConv2d``, lipnet's ``BjorckLinear`` (3 steps);
+* ``lipnet:aoc+bjorcklinear``: orthogonium's ``AdaptiveOrthoConv2d``, lipnet's ``BjorckLinear`` (3 steps,
+  its default);
 * ``orthogonium:aoc+groupsort``: orthogonium's AOC network with GroupSort2 instead of ``MaxMin``;
-* ``lipnet:bcop+dense8``, ``lipnet:bcop+dense12o1``, ``lipnet:bcop+dense2``: lipnet's ``bcop`` network with
-  dense layers that run 8 Björck steps of order 2, 12 of order 1 (orthogonium's count and order) or 2 of
-  order 2 in training instead of 3.
+* ``lipnet:bcop+dense3``, ``lipnet:bcop+dense8``, ``lipnet:bcop+dense12o1``, ``lipnet:bcop+dense2``:
+  lipnet's BCOP convolutions with dense layers that run 3 Björck steps of order 2 in training (the
+  ``bcop`` kind before 36b112a), 8 of order 2 (the ``bcop`` kind since), 12 of order 1 (orthogonium's count
+  and order) or 2 of order 2;
+* ``lipnet:bcop8+dense8``: the projector frames of the BCOP convolutions converged too (8 steps).
 
 Rows marked ``lipnet`` have their Björck weights batched as ``lipnet train`` batches them. The reference
 rows (``lipnet:bcop``, ``orthogonium:aoc``) are the bench's own and can be selected too.
@@ -27,6 +30,7 @@ weight (:func:`compare_gradients`, seconds).
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from lipnet.activations import GroupSort
 from lipnet.bench.anchors import orthogonium_kinds
 from lipnet.bench.fmnist import Contender, bench_fmnist, layout_of, to_csv, to_markdown
 from lipnet.cli.argtypes import positive_float_list
+from lipnet.layers.bcop import BCOPConv2d
 from lipnet.layers.bjorck import BjorckLinear
 from lipnet.layers.kinds import LayerKind, get_layer_kind
 from lipnet.models.fmnist import SIZES, fmnist_layers
@@ -65,8 +70,16 @@ def hybrids(arch: dict[str, int]) -> list[Contender]:
 
     kinds = {
         ("lipnet", "bcop+ortholinear"): LayerKind("bcop+ortholinear", bcop.block, bcop.conv, aoc.dense, ""),
-        ("lipnet", "aoc+bjorcklinear"): LayerKind("aoc+bjorcklinear", aoc.block, aoc.conv, bcop.dense, ""),
+        ("lipnet", "aoc+bjorcklinear"): LayerKind("aoc+bjorcklinear", aoc.block, aoc.conv, BjorckLinear, ""),
         ("orthogonium", "aoc+groupsort"): aoc,
+        ("lipnet", "bcop+dense3"): LayerKind("bcop+dense3", bcop.block, bcop.conv, BjorckLinear, ""),
+        ("lipnet", "bcop8+dense8"): LayerKind(
+            "bcop8+dense8",
+            lambda c, k: BCOPConv2d(c, c, k, padding=k // 2, train_iterations=8),
+            lambda i, o, k: BCOPConv2d(i, o, k, padding=k // 2, train_iterations=8),
+            dense(train_iterations=8),
+            "",
+        ),
         ("lipnet", "bcop+dense2"): LayerKind(
             "bcop+dense2", bcop.block, bcop.conv, dense(train_iterations=2), ""
         ),
@@ -146,8 +159,10 @@ def main() -> None:
 
     out = Path(args.out)
 
-    def write(rows: list[dict[str, Any]]) -> None:
-        out.mkdir(parents=True, exist_ok=True)
+    def write(_rows: list[dict[str, Any]]) -> None:
+        # the folder's table: every finished row of every call into it, not only this call's
+        rows = [json.loads(path.read_text(encoding="utf-8")) for path in (out / "rows").glob("*.json")]
+        rows.sort(key=lambda r: (r["tau"], r["library"], r["kind"]))
         atomic_write_text(out / "fmnist.csv", to_csv(rows))
         atomic_write_text(out / "fmnist.md", to_markdown(rows, header))
 
