@@ -433,7 +433,8 @@ def test_kind_for_tau_splits_the_range() -> None:
     cfg = load_config(None, ["model.name=fmnist_convnet_s", "model.conv=bjorck", "loss.tau=10"])
     assert cfg.model.for_loss(cfg.loss) is cfg.model  # only 'auto' is resolved
     cfg = load_config(None, ["model.name=fmnist_convnet_s", "model.conv=auto", "loss.name=hinge"])
-    assert cfg.model.for_loss(cfg.loss).kwargs["conv"] == "bcop"  # a loss without tau
+    assert cfg.loss.tau is None and cfg.model.for_loss(cfg.loss).kwargs["conv"] == "bcop"  # no tau
+    assert load_config(None, ["loss.tau=3"]).loss.tau == 3.0  # an int from YAML, read as a float
 
 
 @pytest.mark.parametrize(("tau", "kind"), [(0.5, "bcop"), (10.0, "rko_bcop")])

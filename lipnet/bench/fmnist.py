@@ -533,11 +533,6 @@ def bench_fmnist(
             raise ValueError(f"extra contender {contender.name} is already a contender of bench fmnist")
         taken.add(contender.name)
     chosen = _select([*available, *extra], models)
-
-    def tau_of(cfg: Config) -> float | None:
-        tau = cfg.loss.kwargs.get("tau")
-        return None if tau is None else float(tau)
-
     for tau in plan_taus:
         build_loss(_with_tau(recipe, tau))
     setup = {
@@ -566,7 +561,7 @@ def bench_fmnist(
     if time_rounds:
         first = _with_tau(recipe, plan_taus[0])
         timing = time_steps(
-            _at_tau(chosen, available, tau_of(first)),
+            _at_tau(chosen, available, first.loss.tau),
             first,
             train_ds,
             dev,
@@ -582,7 +577,7 @@ def bench_fmnist(
     for tau in plan_taus:
         cfg = _with_tau(recipe, tau)
         loss_fn = build_loss(cfg)
-        for c in _at_tau(chosen, available, tau_of(cfg)):
+        for c in _at_tau(chosen, available, cfg.loss.tau):
             label = c.name if tau is None else f"{c.name} tau={tau:g}"
             saved = _row_path(folder, c, tau) if folder is not None else None
             if saved is not None and saved.is_file():

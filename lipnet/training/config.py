@@ -175,9 +175,7 @@ class ModelConfig:
         not ``auto``. The run builds, checkpoints and reports the resolved kind."""
         if self.kwargs.get("conv") != AUTO:
             return self
-        tau = loss.kwargs.get("tau")
-        kind = kind_for_tau(None if tau is None else float(tau))
-        return ModelConfig(self.name, {**self.kwargs, "conv": kind})
+        return ModelConfig(self.name, {**self.kwargs, "conv": kind_for_tau(loss.tau)})
 
 
 #: The model arguments that describe the data; :meth:`ModelConfig.for_data` fills them in.
@@ -268,6 +266,12 @@ class LossConfig:
 
     name: str = "tau_ce"
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tau(self) -> float | None:
+        """``kwargs["tau"]`` as a float; None when the config gives no temperature."""
+        tau = self.kwargs.get("tau")
+        return None if tau is None else float(tau)
 
 
 @dataclass
