@@ -21,9 +21,11 @@ venv: $(VENV)/.stamp
 demo: venv
 	$(VENV)/bin/lipnet sweep --config experiments/configs/demo.yaml --taus 5,20,50 --jobs 3 --out $(DEMO_OUT)
 
-# ruff, then mypy through the baseline gate: certify/ clean, lipnet/ no error beyond mypy-baseline.txt.
+# ruff (lint and formatting), then mypy through the baseline gate: certify/ clean, lipnet/ no error beyond
+# mypy-baseline.txt.
 lint: venv
 	$(VENV)/bin/ruff check lipnet certify tests experiments tools
+	$(VENV)/bin/ruff format --check lipnet certify tests experiments tools
 	$(PY) tools/mypy_gate.py
 
 # Delete the baseline's lines for errors that no longer occur (it never adds one); commit the file.

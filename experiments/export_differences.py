@@ -58,7 +58,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         "Max |exported - model| on 64 random inputs (`python experiments/export_differences.py`).\n\n"
-        + table + "\n"
+        + table
+        + "\n"
     )
 
 

@@ -18,8 +18,12 @@ def _reference_group_sort(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @settings(max_examples=30, deadline=None)
-@given(groups=st.integers(1, 4), k=st.integers(1, 4), spatial=st.sampled_from([(), (3,), (2, 3)]),
-       seed=st.integers(0, 2**16))
+@given(
+    groups=st.integers(1, 4),
+    k=st.integers(1, 4),
+    spatial=st.sampled_from([(), (3,), (2, 3)]),
+    seed=st.integers(0, 2**16),
+)
 def test_group_sort_sorts_each_group(groups: int, k: int, spatial: tuple[int, ...], seed: int) -> None:
     x = torch.randn(2, groups * k, *spatial, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(GroupSort(k)(x), _reference_group_sort(x, k), rtol=0, atol=0)
@@ -64,8 +68,13 @@ def test_householder_reflects_exactly_where_theta_z_is_not_positive() -> None:
 
 @pytest.mark.parametrize(
     ("act", "shape"),
-    [(GroupSort(2), (6, 3, 3)), (GroupSort(3), (6,)), (MaxMin(), (4,)), (FullSort(), (5, 2, 2)),
-     (HouseholderActivation(4), (4, 2, 2))],
+    [
+        (GroupSort(2), (6, 3, 3)),
+        (GroupSort(3), (6,)),
+        (MaxMin(), (4,)),
+        (FullSort(), (5, 2, 2)),
+        (HouseholderActivation(4), (4, 2, 2)),
+    ],
     ids=["gs2", "gs3", "maxmin", "fullsort", "householder"],
 )
 def test_gradient_norm_preserving(act: nn.Module, shape: tuple[int, ...]) -> None:

@@ -587,7 +587,6 @@ def test_non_finite_weights_are_refused() -> None:
         conv_operator_bound(torch.randn((2, 2, 3, 3, 3)))
 
 
-
 @pytest.mark.parametrize(
     ("groups", "padding", "stride", "shape"),
     [

@@ -173,8 +173,13 @@ def test_reflect_padding_needs_the_larger_scale() -> None:
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: BjorckLinear(6, 4), lambda: AOLLinear(6, 4), lambda: OrthogonalLinear(6, 4),
-     lambda: BjorckConv2d(2, 4, 3, padding=1), lambda: AOLConv2d(2, 4, 3, padding=1)],
+    [
+        lambda: BjorckLinear(6, 4),
+        lambda: AOLLinear(6, 4),
+        lambda: OrthogonalLinear(6, 4),
+        lambda: BjorckConv2d(2, 4, 3, padding=1),
+        lambda: AOLConv2d(2, 4, 3, padding=1),
+    ],
 )
 def test_eval_cache_is_exact_and_invalidated_by_an_optimizer_step(make: object) -> None:
     torch.manual_seed(0)
@@ -222,10 +227,13 @@ def test_cache_follows_load_state_dict() -> None:
 
 @pytest.mark.parametrize(
     ("make", "shape"),
-    [(lambda: BjorckLinear(6, 4), (6,)), (lambda: AOLLinear(6, 4), (6,)),
-     (lambda: OrthogonalLinear(6, 4), (6,)),
-     (lambda: BjorckConv2d(2, 4, 3, padding=1, padding_mode="reflect"), (2, 5, 5)),
-     (lambda: AOLConv2d(2, 4, 3, stride=2), (2, 5, 5))],
+    [
+        (lambda: BjorckLinear(6, 4), (6,)),
+        (lambda: AOLLinear(6, 4), (6,)),
+        (lambda: OrthogonalLinear(6, 4), (6,)),
+        (lambda: BjorckConv2d(2, 4, 3, padding=1, padding_mode="reflect"), (2, 5, 5)),
+        (lambda: AOLConv2d(2, 4, 3, stride=2), (2, 5, 5)),
+    ],
 )
 def test_remove_parametrizations_keeps_outputs_and_bounds(make: object, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
@@ -275,8 +283,13 @@ def test_aol_conv_scales_match_the_dense_gram() -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [dict(padding=1), dict(padding=0, stride=2), dict(padding=3, dilation=2, groups=2),
-     dict(padding=1, padding_mode="circular"), dict(padding="same", padding_mode="circular")],
+    [
+        dict(padding=1),
+        dict(padding=0, stride=2),
+        dict(padding=3, dilation=2, groups=2),
+        dict(padding=1, padding_mode="circular"),
+        dict(padding="same", padding_mode="circular"),
+    ],
 )
 def test_aol_conv_is_1_lipschitz(config: dict[str, object]) -> None:
     torch.manual_seed(0)
@@ -340,8 +353,11 @@ def test_layers_reject_bad_arguments() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "shape"),
-    [({}, (3, 32, 32)), (dict(in_channels=1, input_size=28, conv="aol"), (1, 28, 28)),
-     (dict(in_channels=1, input_size=28, pool="invertible", width=4), (1, 28, 28))],
+    [
+        ({}, (3, 32, 32)),
+        (dict(in_channels=1, input_size=28, conv="aol"), (1, 28, 28)),
+        (dict(in_channels=1, input_size=28, pool="invertible", width=4), (1, 28, 28)),
+    ],
 )
 def test_small_cnn_shapes_head_and_bound(kwargs: dict[str, object], shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
@@ -353,8 +369,7 @@ def test_small_cnn_shapes_head_and_bound(kwargs: dict[str, object], shape: tuple
     assert head is model[-1] and len(body) == len(model) - 1
     bound = model.lipschitz_bound(shape)
     product = math.prod(
-        m.lipschitz_bound(s) if hasattr(m, "lipschitz_bound") else 1.0
-        for m, s in _child_shapes(model, shape)
+        m.lipschitz_bound(s) if hasattr(m, "lipschitz_bound") else 1.0 for m, s in _child_shapes(model, shape)
     )
     assert bound == pytest.approx(product, rel=1e-12)
     assert bound <= 1 + 1e-5
@@ -531,7 +546,6 @@ def test_layer_export_gives_the_eval_form_and_keeps_the_mode() -> None:
     for key in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size"):
         assert getattr(plain, key) == getattr(conv, key), key
     assert isinstance(conv.parametrizations.weight[0], AOLConvRescaling)
-
 
 
 @pytest.mark.parametrize("steps", [0, 1, 2, 3, 4])

@@ -449,9 +449,7 @@ def test_anchor_stays_while_the_norm_grows_along_its_top_singular_pair() -> None
     gen = torch.Generator().manual_seed(12)
     shape = (6, 6, 3, 3)
     w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
-    bound = AmortisedSymbolBound(
-        shape, groups=1, grid=16, drift_tol=0.05, drift_steps=6, dtype=torch.float64
-    )
+    bound = AmortisedSymbolBound(shape, groups=1, grid=16, drift_tol=0.05, drift_steps=6, dtype=torch.float64)
     old = AmortisedSymbolBound(shape, groups=1, grid=16, drift_tol=0.05, drift_steps=6, dtype=torch.float64)
     bound(w0)
     move = bound.tangent / bound.tangent.norm() * 0.03 * w0.norm()

@@ -129,7 +129,7 @@ def _secant_ascent(f: Callable[[Tensor], Tensor], x0: Tensor, gen: torch.Generat
     best = 0.0
     for gap in (1e-3, 1.0):
         x = x0.clone().requires_grad_(True)
-        d = (gap * x0.norm() * torch.randn(x0.shape, generator=gen, dtype=x0.dtype) / x0.numel() ** 0.5)
+        d = gap * x0.norm() * torch.randn(x0.shape, generator=gen, dtype=x0.dtype) / x0.numel() ** 0.5
         d.requires_grad_(True)
         opt = torch.optim.Adam([x, d], lr=0.02 * float(x0.norm()) / x0.numel() ** 0.5)
         for _ in range(12):
@@ -251,4 +251,3 @@ def test_attached_layers_are_1_lipschitz_and_soundly_bounded(name: str) -> None:
                 )
             exact = dense_operator_norm(module, shape)
             assert exact <= bound * (1 + TOL), f"{name}: exact norm {exact!r} > {bound!r}"
-

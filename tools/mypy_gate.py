@@ -87,7 +87,11 @@ def parse_mypy_json(text: str) -> list[Error]:
         try:
             record = json.loads(raw)
             severity, file, line, code, message = (
-                record["severity"], record["file"], record["line"], record["code"], record["message"]
+                record["severity"],
+                record["file"],
+                record["line"],
+                record["code"],
+                record["message"],
             )
         except (json.JSONDecodeError, TypeError, KeyError) as exc:
             raise GateError(f"line {number} of mypy's output is not a JSON error record: {raw!r}") from exc

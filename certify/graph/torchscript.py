@@ -240,9 +240,7 @@ class _Converter(GraphBuilder):
         tensors = any(isinstance(concrete(v), Tensor) or _is_tensor_list(concrete(v)) for v in inputs)
         if name in _METADATA and tensors:
             op = _overload(node)
-            return (
-                op(*concrete(inputs)) if op is not None else _PYTHON_OPS.get(name, len)(*concrete(inputs))
-            )
+            return op(*concrete(inputs)) if op is not None else _PYTHON_OPS.get(name, len)(*concrete(inputs))
         if name in _DATA_SCALARS and has_dyn(inputs):
             self.data_dependent.append(kind)
             return _FAILED

@@ -690,5 +690,3 @@ def _pad(b: GraphBuilder, i: list[Any], a: dict[str, Any]) -> Any:
     if mode == "constant":
         return b.call(F.pad, x, torch_pads, "constant", value)
     return b.call(F.pad, x, torch_pads, modes[mode])
-
-

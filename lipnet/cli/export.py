@@ -41,7 +41,6 @@ from lipnet.training.run import load_run_model
 __all__ = ["add_parser", "run"]
 
 
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``export`` sub-command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser(

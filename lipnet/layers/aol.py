@@ -197,8 +197,17 @@ class AOLConv2d(BoundedConv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
         )
         centre = torch.empty(self.weight.shape[:2], device=self.weight.device, dtype=self.weight.dtype)
         nn.init.orthogonal_(centre)

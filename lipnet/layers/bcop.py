@@ -212,8 +212,17 @@ class BCOPConv2d(BoundedConv2d):
                 "replicate padding read border pixels twice, so the layer would not be 1-Lipschitz"
             )
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
         )
         kh, kw = self.kernel_size
         channels = max(in_channels, out_channels)
@@ -258,4 +267,3 @@ class BCOPConv2d(BoundedConv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", frames={tuple(self.frames.shape)}"
-

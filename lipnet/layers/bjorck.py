@@ -552,8 +552,17 @@ class BjorckConv2d(BoundedConv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device=device, dtype=dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
         )
         #: ``C``, the most times this convolution reads one input pixel (its scale is ``1 / sqrt(C)``).
         self.patch_multiplicity = patch_multiplicity(

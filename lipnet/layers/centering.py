@@ -189,7 +189,6 @@ class BatchCentering(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, momentum={self.momentum}, bias={self.bias is not None}"
-            + ("" if self.sync else ", sync=False")
+        return f"{self.num_features}, momentum={self.momentum}, bias={self.bias is not None}" + (
+            "" if self.sync else ", sync=False"
         )

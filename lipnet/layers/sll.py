@@ -65,6 +65,7 @@ _LOG_RATIO_CLIP = 30.0
 #: Unit roundoff of float64.
 _UNIT_ROUNDOFF = 2.0**-53
 
+
 def _ratio_weights(log_q: Tensor) -> Tensor:
     """``r_ij = q_j / q_i`` with the log-ratio clipped to ``[-30, 30]`` (``r_ij r_ji = 1``)."""
     return (log_q[None, :] - log_q[:, None]).clamp(-_LOG_RATIO_CLIP, _LOG_RATIO_CLIP).exp()
