@@ -13,7 +13,10 @@ L2-norm pooling:
   lipnet's BCOP convolutions with dense layers that run 3 Björck steps of order 2 in training (the
   ``bcop`` kind before 36b112a), 8 of order 2 (the ``bcop`` kind since), 12 of order 1 (orthogonium's count
   and order) or 2 of order 2;
-* ``lipnet:bcop8+dense8``: the projector frames of the BCOP convolutions converged too (8 steps).
+* ``lipnet:bcop8+dense8``: the projector frames of the BCOP convolutions converged too (8 steps);
+* ``lipnet:rko+deeldense``, ``lipnet:rko+dense15``: the ``rko_bcop`` kind's convolutions with deel-torchlip's
+  ``SpectralLinear`` dense layers, or with lipnet's ``BjorckLinear`` at 15 steps (the large-τ end,
+  docs/benchmarks.md "The default front").
 
 Rows marked ``lipnet`` have their Björck weights batched as ``lipnet train`` batches them. The reference
 rows (``lipnet:bcop``, ``orthogonium:aoc``) are the bench's own and can be selected too.
@@ -40,7 +43,7 @@ from torch import nn
 
 from certify.io import atomic_write_text
 from lipnet.activations import GroupSort
-from lipnet.bench.anchors import orthogonium_kinds
+from lipnet.bench.anchors import deel_kind, orthogonium_kinds
 from lipnet.bench.fmnist import Contender, bench_fmnist, layout_of, to_csv, to_markdown
 from lipnet.cli.argtypes import positive_float_list
 from lipnet.layers.bcop import BCOPConv2d
@@ -63,7 +66,8 @@ def _network(kind: LayerKind, arch: dict[str, int]) -> Callable[[], nn.Module]:
 
 def hybrids(arch: dict[str, int]) -> list[Contender]:
     """The networks of the module docstring for the layout ``arch`` (``fmnist_layers``' size arguments)."""
-    bcop, aoc = get_layer_kind("bcop"), orthogonium_kinds()["aoc"]
+    bcop, rko, aoc = get_layer_kind("bcop"), get_layer_kind("rko_bcop"), orthogonium_kinds()["aoc"]
+    deel = deel_kind()
 
     def dense(**options: int) -> Callable[[int, int], nn.Module]:
         return lambda i, o: BjorckLinear(i, o, **options)
@@ -79,6 +83,10 @@ def hybrids(arch: dict[str, int]) -> list[Contender]:
             lambda i, o, k: BCOPConv2d(i, o, k, padding=k // 2, train_iterations=8),
             dense(train_iterations=8),
             "",
+        ),
+        ("lipnet", "rko+deeldense"): LayerKind("rko+deeldense", rko.block, rko.conv, deel.dense, ""),
+        ("lipnet", "rko+dense15"): LayerKind(
+            "rko+dense15", rko.block, rko.conv, dense(train_iterations=15), ""
         ),
         ("lipnet", "bcop+dense2"): LayerKind(
             "bcop+dense2", bcop.block, bcop.conv, dense(train_iterations=2), ""
