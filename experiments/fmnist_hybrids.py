@@ -54,7 +54,9 @@ from lipnet.pooling import ScaledL2NormPool2d
 from lipnet.training.config import apply_overrides, load_config
 
 
-def _network(kind: LayerKind, arch: dict[str, int]) -> Callable[[], nn.Module]:
+def network(kind: LayerKind, arch: dict[str, int]) -> Callable[[], nn.Module]:
+    """A builder of the bench layout ``arch`` from ``kind``'s layers, GroupSort2, scaled L2-norm pooling."""
+
     def build() -> nn.Module:
         layers = fmnist_layers(
             kind, activation=lambda: GroupSort(2), pool=lambda: ScaledL2NormPool2d(2), **arch
@@ -98,7 +100,7 @@ def hybrids(arch: dict[str, int]) -> list[Contender]:
             "bcop+dense12o1", bcop.block, bcop.conv, dense(train_iterations=12, order=1), ""
         ),
     }
-    return [Contender(library, name, _network(kind, arch)) for (library, name), kind in kinds.items()]
+    return [Contender(library, name, network(kind, arch)) for (library, name), kind in kinds.items()]
 
 
 def compare_gradients(condition: float = 8.0, seed: int = 0) -> None:
