@@ -23,22 +23,15 @@ about 3 minutes on one thread)::
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
-from fmnist_hybrids import network
+from fmnist_hybrids import add_bench_arguments, network, run_bench
 from torch import Tensor, nn
 
-from certify.io import atomic_write_text
-from lipnet.bench.fmnist import Contender, bench_fmnist, layout_of, to_csv, to_markdown
-from lipnet.cli.argtypes import positive_float_list
+from lipnet.bench.fmnist import Contender
 from lipnet.layers.bjorck import BjorckLinear, BjorckOrthonormal, bjorck_orthonormalize
 from lipnet.layers.kinds import LayerKind, get_layer_kind
-from lipnet.models.fmnist import SIZES
-from lipnet.training.config import apply_overrides, load_config
 
 
 class StraightThroughBjorck(BjorckOrthonormal):
@@ -118,42 +111,12 @@ def contenders(arch: dict[str, int]) -> list[Contender]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="experiments/configs/fmnist_convnet_s.yaml")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--taus", type=positive_float_list, default=[50.0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", type=lambda text: text.split(","), required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--threads", type=int, default=1)
+    add_bench_arguments(parser, taus=[50.0])
     args = parser.parse_args()
+    if args.models is None or args.out is None:
+        parser.error("give --models and --out")
     torch.set_num_threads(args.threads)
-    recipe = apply_overrides(load_config(args.config), [f"optim.epochs={args.epochs}", f"seed={args.seed}"])
-    size, layout, _options = layout_of(recipe)
-    arch = {**SIZES[size], **layout, "num_classes": 10}
-    header = (
-        f"Dense-layer training maps of experiments/fmnist_dense_gradients.py: {args.config}, {args.epochs} "
-        f"epochs, seed {args.seed}; columns as in lipnet bench fmnist"
-    )
-    out = Path(args.out)
-
-    def write(_rows: list[dict[str, Any]]) -> None:
-        rows = [json.loads(path.read_text(encoding="utf-8")) for path in (out / "rows").glob("*.json")]
-        rows.sort(key=lambda r: (r["tau"], r["library"], r["kind"]))
-        atomic_write_text(out / "fmnist.csv", to_csv(rows))
-        atomic_write_text(out / "fmnist.md", to_markdown(rows, header))
-
-    rows = bench_fmnist(
-        recipe,
-        taus=args.taus,
-        models=args.models,
-        attack_n=0,
-        out=out,
-        on_row=write,
-        extra=contenders(arch),
-        progress=False,
-        log=print,
-    )
-    print(to_markdown(rows, header))
+    run_bench(args, "Dense-layer training maps of experiments/fmnist_dense_gradients.py", contenders)
 
 
 if __name__ == "__main__":

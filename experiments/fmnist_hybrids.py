@@ -140,37 +140,34 @@ def compare_gradients(condition: float = 8.0, seed: int = 0) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_bench_arguments(parser: argparse.ArgumentParser, *, taus: list[float]) -> None:
+    """The options of an experiment that trains its own networks in the bench (:func:`run_bench`)."""
     parser.add_argument("--config", default="experiments/configs/fmnist_convnet_s.yaml")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--taus", type=positive_float_list, default=[0.5])
+    parser.add_argument("--taus", type=positive_float_list, default=taus)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", type=lambda text: text.split(","))
     parser.add_argument("--out")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--gradients", action="store_true", help="only compare the dense layers' training gradients"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.gradients:
-        compare_gradients()
-        return
-    if args.models is None or args.out is None:
-        parser.error("give --models and --out (or --gradients)")
+
+
+def run_bench(
+    args: argparse.Namespace, title: str, extra: Callable[[dict[str, int]], list[Contender]]
+) -> None:
+    """Train and certify ``args.models`` (:func:`add_bench_arguments`) under the bench's recipe, the
+    networks ``extra(arch)`` offered beside the bench's own, rows kept in ``args.out``; after each row the
+    folder's table (``fmnist.csv``, ``fmnist.md`` headed ``title``) lists every finished row in it, of
+    this call and earlier ones."""
     recipe = apply_overrides(load_config(args.config), [f"optim.epochs={args.epochs}", f"seed={args.seed}"])
     size, layout, _options = layout_of(recipe)
     arch = {**SIZES[size], **layout, "num_classes": 10}
     header = (
-        f"Hybrids of experiments/fmnist_hybrids.py: {args.config}, {args.epochs} epochs, seed {args.seed}, "
+        f"{title}: {args.config}, {args.epochs} epochs, seed {args.seed}, "
         f"{torch.get_num_threads()} thread(s); columns as in lipnet bench fmnist"
     )
-
     out = Path(args.out)
 
     def write(_rows: list[dict[str, Any]]) -> None:
-        # the folder's table: every finished row of every call into it, not only this call's
         rows = [json.loads(path.read_text(encoding="utf-8")) for path in (out / "rows").glob("*.json")]
         rows.sort(key=lambda r: (r["tau"], r["library"], r["kind"]))
         atomic_write_text(out / "fmnist.csv", to_csv(rows))
@@ -183,11 +180,27 @@ def main() -> None:
         attack_n=0,
         out=out,
         on_row=write,
-        extra=hybrids(arch),
+        extra=extra(arch),
         progress=False,
         log=print,
     )
     print(to_markdown(rows, header))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser, taus=[0.5])
+    parser.add_argument(
+        "--gradients", action="store_true", help="only compare the dense layers' training gradients"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.gradients:
+        compare_gradients()
+        return
+    if args.models is None or args.out is None:
+        parser.error("give --models and --out (or --gradients)")
+    run_bench(args, "Hybrids of experiments/fmnist_hybrids.py", hybrids)
 
 
 if __name__ == "__main__":
