@@ -517,11 +517,13 @@ def train(
             return TrainResult(run.path, model, history, True, run.read_results() if dist.main else None)
         train_ds, test_ds = load_split(cfg, "train"), load_split(cfg, "test")
         torch.manual_seed(cfg.seed)
-        # in_channels / input_size / num_classes from the data where the config leaves them out, and the
-        # layer kind from the loss's tau where the config says conv: auto
-        model_spec = cfg.model.for_data(train_ds.input_shape, train_ds.num_classes).for_loss(cfg.loss)
-        if model_spec.kwargs.get("conv") != cfg.model.kwargs.get("conv"):
+        # the layer kind from the loss's tau where the config says conv: auto (for_loss returns the config
+        # itself otherwise, as _summary tests), and in_channels / input_size / num_classes from the data
+        # where the config leaves them out
+        model_spec = cfg.model.for_loss(cfg.loss)
+        if model_spec is not cfg.model:
             log(f"model.conv: auto -> {model_spec.kwargs['conv']} (loss.tau = {cfg.loss.kwargs.get('tau')})")
+        model_spec = model_spec.for_data(train_ds.input_shape, train_ds.num_classes)
         model = batch_weights(build_model(model_spec).to(device))
         loss_fn = build_loss(cfg)
         input_shape = check_model_fits(model, train_ds, cfg)
