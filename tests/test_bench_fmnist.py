@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,13 @@ from lipnet.bench.fmnist import (
     EPS,
     Contender,
     _at_tau,
+    _network_of,
     _select,
     _Trainee,
     bench_fmnist,
     contenders,
     layout_of,
+    network_fingerprint,
     time_steps,
     zero_biases,
 )
@@ -367,3 +371,87 @@ def test_auto_trains_the_kind_of_each_tau_once(stripes_dir: Path, tmp_path: Path
     assert [c.name for c in _at_tau(_select(contenders(), ["lipnet:auto"]), contenders(), None)] == [
         "lipnet:bcop"
     ]
+
+
+def test_a_saved_row_is_read_back_only_when_the_code_builds_the_network_it_trained(
+    stripes_dir: Path, tmp_path: Path
+) -> None:
+    """A row records its network's fingerprint; a saved row of another fingerprint, or of none (written
+    before rows recorded one), is trained again and overwritten, and the retrained row is bit for bit the
+    one a fresh folder trains (the fingerprint's build leaves the random stream alone)."""
+    recipe = apply_overrides(
+        load_config(DEFAULT_RECIPE),
+        ["optim.epochs=1", "optim.batch_size=32", "device=cpu", "data.n_train=96"],
+    )
+    size, layout, options = layout_of(recipe)
+    (bjorck,) = _select(contenders(size, layout=layout, lipnet_options=options), ["lipnet:bjorck"])
+    now = network_fingerprint(bjorck.build())
+    lines: list[str] = []
+
+    def run() -> dict[str, Any]:
+        lines.clear()
+        (row,) = bench_fmnist(
+            recipe, taus=[10.0], models=["lipnet:bjorck"], attack_n=0, data_dir=stripes_dir, progress=False,
+            out=tmp_path, log=lines.append,
+        )  # fmt: skip
+        return row
+
+    def measured(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k != "sec_per_epoch"}  # the one key that is a timing
+
+    first = run()
+    path = tmp_path / "rows" / "lipnet_bjorck_tau10.json"
+    assert first["network"] == now and json.loads(path.read_text(encoding="utf-8")) == first
+    assert lines == ["lipnet:bjorck tau=10: training", lines[1]]
+    assert run() == first and lines == [f"lipnet:bjorck tau=10: finished before ({path})"]
+
+    stale = {**first, "network": "0123456789abcdef", "clean": -1.0}
+    path.write_text(json.dumps(stale), encoding="utf-8")
+    again = run()
+    assert lines[:2] == [
+        f"lipnet:bjorck tau=10: row in {path} was trained by another network definition "
+        f"(fingerprint 0123456789abcdef, now {now}): training again",
+        "lipnet:bjorck tau=10: training",
+    ]
+    assert measured(again) == measured(first)  # trained again, as in a fresh folder
+    assert json.loads(path.read_text(encoding="utf-8")) == again  # overwritten
+
+    unmarked = {k: v for k, v in first.items() if k != "network"}
+    path.write_text(json.dumps({**unmarked, "clean": -1.0}), encoding="utf-8")
+    again = run()
+    assert lines[0] == (
+        f"lipnet:bjorck tau=10: row in {path} has no network fingerprint (now {now}): training again"
+    )
+    assert measured(again) == measured(first) and json.loads(path.read_text(encoding="utf-8")) == again
+
+
+def test_network_fingerprint_names_the_definition_not_the_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal for two builds of one contender (other initial weights), different when a layer setting or
+    the kind differs, and for an anchor different when its library reports another version; the bench's
+    fingerprint build is the trained one's and leaves the global random state as it was."""
+    torch.manual_seed(0)
+    three = network_fingerprint(BjorckLinear(32, 16))
+    assert re.fullmatch(r"[0-9a-f]{16}", three)
+    assert network_fingerprint(BjorckLinear(32, 16)) == three  # other weights, same definition
+    assert network_fingerprint(BjorckLinear(32, 16, train_iterations=8)) != three
+    found = {c.name: c for c in contenders("s", layout={"blocks": 0, "hidden": 128})}
+    bcop, rko = found["lipnet:bcop"], found["lipnet:rko_bcop"]
+    assert network_fingerprint(bcop.build()) == network_fingerprint(bcop.build())
+    assert network_fingerprint(bcop.build()) != network_fingerprint(rko.build())
+
+    recipe = load_config(DEFAULT_RECIPE, ["device=cpu"])
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    fingerprint = _network_of(bcop, recipe.seed)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert _Trainee(bcop, recipe, torch.device("cpu")).network == fingerprint
+
+    pytest.importorskip("orthogonium")
+    aoc = found["orthogonium:aoc"]
+    before = network_fingerprint(aoc.build()), network_fingerprint(bcop.build())
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda dist: "99.0" if dist == "orthogonium" else real(dist)
+    )
+    after = network_fingerprint(aoc.build()), network_fingerprint(bcop.build())
+    assert after[0] != before[0] and after[1] == before[1]  # lipnet's bcop holds no orthogonium module

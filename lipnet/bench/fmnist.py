@@ -41,8 +41,12 @@ Resuming: with an output folder, each finished row is written to ``rows/`` there
 contender and τ, atomically) next to ``setup.json``, what every row of the folder was trained under (the
 recipe without τ, the time cap, the attack, the device type). A later call with the same setup reads the
 finished rows back instead of training them again, so a killed multi-hour bench continues with its next
-row; a different setup is refused. Processes that share a folder must be given disjoint ``taus`` or
-``models``; a final call with every τ and model then only assembles the table.
+row; a different setup is refused. A row also records the network it trained (``network``: its
+:func:`network_fingerprint`); a saved row is read back only when the contender the current code builds
+has the same fingerprint, otherwise (the kind's layers changed, e.g. other Björck step counts, or an
+anchor library was upgraded; or the row predates fingerprints) it is trained again and overwritten, with
+one log line saying why. Processes that share a folder must be given disjoint ``taus`` or ``models``; a
+final call with every τ and model then only assembles the table.
 
 Step time (``time_rounds``): before training, every contender's training step (the recipe's optimiser,
 clipping and averaging; batches of the training set) is timed in one process, ``time_rounds`` rounds of
@@ -54,6 +58,9 @@ load hits them alike; the median per step and its ratio to the first contender a
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
+import importlib.metadata
 import io
 import json
 import re
@@ -97,6 +104,7 @@ __all__ = [
     "default_recipe",
     "describe_setup",
     "layout_of",
+    "network_fingerprint",
     "time_steps",
     "timing_markdown",
     "to_csv",
@@ -333,13 +341,70 @@ def zero_biases(model: nn.Module) -> int:
     return zeroed
 
 
+#: Packages whose version does not enter :func:`network_fingerprint`: lipnet's version does not move with
+#: its code (its layers are told apart by their repr alone), torch is the environment every contender
+#: shares, not a network's definition.
+_UNVERSIONED = frozenset({"lipnet", "torch"})
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Import name -> installed distributions providing it (scans every installed distribution: once)."""
+    return {k: list(v) for k, v in importlib.metadata.packages_distributions().items()}
+
+
+def _libraries(model: nn.Module) -> list[str]:
+    """``name==version`` of each installed distribution (but lipnet and torch) that defines a class of one
+    of ``model``'s modules or of its bases (a parametrized layer's class derives from the library's)."""
+    packages = {
+        cls.__module__.partition(".")[0] for module in model.modules() for cls in type(module).__mro__
+    }
+    found = {
+        f"{dist}=={importlib.metadata.version(dist)}"
+        for package in packages - _UNVERSIONED
+        for dist in _distributions().get(package, ())
+    }
+    return sorted(found)
+
+
+def network_fingerprint(model: nn.Module) -> str:
+    """A short stable name of a network's definition: the first 16 hex digits of the SHA-256 of
+    ``repr(model)`` and, one per line after it, ``name==version`` of every installed distribution other
+    than lipnet and torch that defines the class (or a base class) of one of its modules (deel-torchlip,
+    orthogonium: their code can change under the same repr). Give it the freshly built, untrained network.
+
+    It tells apart networks whose reprs differ: another layer, layout or width, and every setting a
+    module shows in its repr (lipnet's Björck steps, order and tolerances, e.g. ``train_iterations=3``
+    against ``8``), and an anchor library's release. It does not see a change of code that leaves the repr
+    as it was (an edited formula in a layer's forward or parametrisation, another initialisation, a
+    setting a module keeps out of its repr), nor a library whose functions are called by a module of
+    another package (only module classes are traced to their distribution), nor an edit to an installed
+    library that keeps its version; rows trained before such a change are read back as if current.
+    """
+    text = "\n".join([repr(model), *_libraries(model)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _network_of(contender: Contender, seed: int) -> str:
+    """:func:`network_fingerprint` of ``contender`` built as :class:`_Trainee` builds it (seed ``seed``,
+    on the CPU), leaving the global random state as it was: the build draws the initial weights, and a
+    fingerprint must not move the random stream of what runs after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return network_fingerprint(contender.build())
+
+
 class _Trainee:
     """A contender built for ``recipe``: the module the optimiser trains, the one evaluated (the moving
-    average when the recipe keeps one), the optimiser and the callbacks of the recipe."""
+    average when the recipe keeps one), the optimiser, the callbacks of the recipe and ``network``, the
+    :func:`network_fingerprint` of the model as built (before its biases are zeroed and its weights
+    batched)."""
 
     def __init__(self, contender: Contender, recipe: Config, device: torch.device) -> None:
         torch.manual_seed(recipe.seed)
-        model = contender.build().to(device)
+        built = contender.build()
+        self.network = network_fingerprint(built)
+        model = built.to(device)
         zero_biases(model)
         if contender.library == "lipnet":
             model = batch_weights(model)  # as lipnet train computes a lipnet model's Björck weights
@@ -496,7 +561,8 @@ def bench_fmnist(
     Keys of a row: tau, library, kind, params, epochs (done; fractional when the time cap stopped
     training), sec_per_epoch, train_acc (the last epoch's), clean, cert (list, one per :data:`EPS`),
     mean_radius (misclassified count 0), robust (list per :data:`EPS`, or None when ``attack_n`` is 0),
-    attack, bound (the whole network's sound L2 bound), rule (the certificate: last-layer or global).
+    attack, bound (the whole network's sound L2 bound), rule (the certificate: last-layer or global),
+    network (:func:`network_fingerprint` of the contender as built; a saved row of another is trained again).
     ``extra``: networks an experiment builds itself (variants of a contender), offered after the built-in
     ones and selected by ``models`` as they are; a name that is already taken is refused.
     ``attack``: ``auto`` (:func:`certify.attacks.resolve_attack`: AutoAttack on CUDA, else PGD),
@@ -581,11 +647,21 @@ def bench_fmnist(
             label = c.name if tau is None else f"{c.name} tau={tau:g}"
             saved = _row_path(folder, c, tau) if folder is not None else None
             if saved is not None and saved.is_file():
-                rows.append(json.loads(saved.read_text(encoding="utf-8")))
-                log(f"{label}: finished before ({saved})")
-                if on_row is not None:
-                    on_row(rows)
-                continue
+                previous = json.loads(saved.read_text(encoding="utf-8"))
+                now = _network_of(c, cfg.seed)
+                if previous.get("network") == now:
+                    rows.append(previous)
+                    log(f"{label}: finished before ({saved})")
+                    if on_row is not None:
+                        on_row(rows)
+                    continue
+                if "network" in previous:
+                    log(
+                        f"{label}: row in {saved} was trained by another network definition "
+                        f"(fingerprint {previous['network']}, now {now}): training again"
+                    )
+                else:
+                    log(f"{label}: row in {saved} has no network fingerprint (now {now}): training again")
             log(f"{label}: training")
             t = _Trainee(c, cfg, dev)
             t0 = time.perf_counter()
@@ -633,6 +709,7 @@ def bench_fmnist(
                 "attack": f"{attack_label} on {n_attack}" if n_attack else "none",
                 "bound": lipschitz_bound(model, shape),
                 "rule": result.rule,
+                "network": t.network,
             }
             rows.append(row)
             if folder is not None and saved is not None:
