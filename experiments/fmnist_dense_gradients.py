@@ -18,10 +18,10 @@ the weight ``certify`` bounds):
   1.5^11), ``exp:rko+deelfixed9`` (always 9: 1.5^5), ``exp:rko+deelsvd`` (exact top singular pair instead
   of the power iteration), ``exp:rko+deelunit`` (the tolerance kept, but the detached steps pass the
   gradient on unchanged: no gain);
-* ``exp:rko+gain``: the gain without the data-dependent loop: lipnet's sound pre-scaling, 15 order-1 steps
-  on the device, the first 4 differentiated, the gradient times 1.5^(n - 4) with ``n`` counted on the device
-  as the replica counts its steps (moved into the library as :func:`lipnet.layers.bjorck.bjorck_settled`,
-  the ``rko_bcop`` kind's dense layers);
+* ``exp:rko+gain`` (its rows; the contender until e93d111): the gain without the data-dependent loop:
+  lipnet's sound pre-scaling, 15 order-1 steps on the device, the first 4 differentiated, the gradient times
+  1.5^(n - 4) with ``n`` counted on the device as the replica counts its steps. It is now
+  :func:`lipnet.layers.bjorck.bjorck_settled`, the ``rko_bcop`` kind's dense layers (``lipnet:rko_bcop``);
 * ``exp:rko+dense3st``: lipnet's sound Gram-bound scaling and 3 differentiated order-2 steps (its default
   map), then 12 more without gradient (the forward converged, the gradient the 3-step one);
 * ``exp:rko+densex1``, ``exp:rko+densex2``, ``exp:rko+densex4``: lipnet's 3-step ``BjorckLinear`` with its
@@ -49,7 +49,7 @@ from fmnist_hybrids import add_bench_arguments, network, run_bench
 from torch import Tensor, nn
 
 from lipnet.bench.fmnist import Contender
-from lipnet.layers.bjorck import BjorckLinear, BjorckOrthonormal, bjorck_orthonormalize, gram_norm_bound
+from lipnet.layers.bjorck import BjorckLinear, BjorckOrthonormal, bjorck_orthonormalize
 from lipnet.layers.kinds import LayerKind, get_layer_kind
 
 
@@ -148,40 +148,6 @@ class SpectralLinearReplica(StraightThroughBjorck):
         return w.reshape(original.shape)
 
 
-class GainedBjorck(StraightThroughBjorck):
-    """The gain of ``SpectralLinear``'s detached steps without its data-dependent loop: lipnet's sound
-    pre-scaling, ``train_iterations + extra`` order-1 steps on the device (no host synchronisation), the
-    first ``train_iterations`` differentiated; the value is the last iterate, the gradient that of the
-    ``train_iterations``-th times ``1.5^(n - train_iterations)``, ``n`` the steps until one moves the
-    weight by less than ``tol`` in Frobenius norm (counted on the device)."""
-
-    def __init__(self, base: BjorckOrthonormal, extra: int, tol: float = 1e-3) -> None:
-        super().__init__(base, extra)
-        self.tol = tol
-
-    def compute(self, original: Tensor) -> Tensor:
-        if not self.training:
-            return BjorckOrthonormal.compute(self, original)
-        w = original.reshape(original.shape[0], -1)
-        wide = w.shape[0] <= w.shape[1]
-        gram = w @ w.T if wide else w.T @ w
-        w = w / gram_norm_bound(gram).sqrt()
-        steps = torch.zeros((), dtype=w.dtype, device=w.device)
-        moving = torch.ones((), dtype=w.dtype, device=w.device)
-        head = w
-        for step in range(self.train_iterations + self.extra):
-            with torch.set_grad_enabled(step < self.train_iterations and torch.is_grad_enabled()):
-                cube = w @ w.T @ w if wide else w @ (w.T @ w)
-                previous = w
-                w = 1.5 * w - 0.5 * cube
-            steps = steps + moving
-            moving = moving * (torch.linalg.norm((w - previous).detach()) >= self.tol)
-            if step + 1 == self.train_iterations:
-                head = w
-        gain = 1.5 ** (steps - self.train_iterations).clamp_min(0)
-        return (w.detach() + gain * (head - head.detach())).reshape(original.shape)
-
-
 def _dense(
     parametrization: Callable[[BjorckOrthonormal, int], StraightThroughBjorck], steps: int, extra: int
 ) -> Callable[[int, int], nn.Module]:
@@ -219,7 +185,6 @@ def contenders(arch: dict[str, int]) -> list[Contender]:
         "rko+deelsvd": _dense(functools.partial(SpectralLinearReplica, power=False), 4, 11),
         "rko+deelfixed9": _dense(functools.partial(SpectralLinearReplica, tol=None), 4, 5),
         "rko+deelunit": _dense(functools.partial(SpectralLinearReplica, unit=True), 4, 11),
-        "rko+gain": _dense(GainedBjorck, 4, 11),
         "rko+densex1": _scaled_dense(1.0),
         "rko+densex2": _scaled_dense(0.5),
         "rko+densex4": _scaled_dense(0.25),

@@ -14,6 +14,8 @@ L2-norm pooling:
   ``bcop`` kind before 36b112a), 8 of order 2 (the ``bcop`` kind since), 12 of order 1 (orthogonium's count
   and order) or 2 of order 2;
 * ``lipnet:bcop8+dense8``: the projector frames of the BCOP convolutions converged too (8 steps);
+* ``lipnet:bcop+settled``: BCOP convolutions with the ``rko_bcop`` kind's dense layers (4 order-1 steps,
+  settled by up to 11 more, the gradient gained 3/2 per settling step: ``bjorck_settled``);
 * ``lipnet:rko+deeldense``, ``lipnet:rko+dense15``: the ``rko_bcop`` kind's convolutions with deel-torchlip's
   ``SpectralLinear`` dense layers, or with lipnet's ``BjorckLinear`` at 15 steps (the large-τ end,
   docs/benchmarks.md "The default front").
@@ -98,6 +100,13 @@ def hybrids(arch: dict[str, int]) -> list[Contender]:
         ),
         ("lipnet", "bcop+dense12o1"): LayerKind(
             "bcop+dense12o1", bcop.block, bcop.conv, dense(train_iterations=12, order=1), ""
+        ),
+        ("lipnet", "bcop+settled"): LayerKind(
+            "bcop+settled",
+            bcop.block,
+            bcop.conv,
+            dense(train_iterations=4, order=1, settle_iterations=11),
+            "",
         ),
     }
     return [Contender(library, name, network(kind, arch)) for (library, name), kind in kinds.items()]

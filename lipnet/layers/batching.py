@@ -25,7 +25,8 @@ guarantee of each layer (singular values in ``[0, 1]`` times its scale, ``#lemma
 Which layers share a call: those with the same device, dtype, order, step count and bound steps, split
 into buckets of decreasing size by ``max_padding``, the largest ratio of a bucket's padded work
 ``E M^3`` to its matrices' own ``sum m^3`` (matrix products cost ``m^3``); the same rule, on their rows,
-groups the layers of a bucket into units. Padding is free on a GPU
+groups the layers of a bucket into units; a settled weight (``BjorckOrthonormal.settle_iterations``) computes
+its own. Padding is free on a GPU
 that waits for launches and not on a CPU that waits for arithmetic: the default is
 :data:`MAX_PADDING` for the device.
 
@@ -392,8 +393,9 @@ class WeightBatcher:
     def _eligible(self) -> list[_Item]:
         items = []
         for plist, p in self.members:
-            # a parametrization that was removed, or chained after another one, is not given the raw weight
-            if not p.training or len(plist) == 0 or plist[0] is not p:
+            # a parametrization that was removed, or chained after another one, is not given the raw weight;
+            # a settled one (BjorckOrthonormal.settle_iterations) computes its own weight
+            if not p.training or len(plist) == 0 or plist[0] is not p or p.settle_iterations:
                 continue
             original = plist.original
             rows = original.shape[0] // p.groups

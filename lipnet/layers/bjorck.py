@@ -45,6 +45,7 @@ __all__ = [
     "bjorck",
     "bjorck_gram_transform",
     "bjorck_orthonormalize",
+    "bjorck_settled",
     "gram_norm_bound",
 ]
 
@@ -348,6 +349,66 @@ def bjorck_orthonormalize(
     return w.reshape(shape)
 
 
+def bjorck_settled(
+    matrix: Tensor,
+    iterations: int,
+    settle: int,
+    order: int = 1,
+    tol: float = 1e-3,
+    bound_steps: int = 2,
+) -> Tensor:
+    """Björck orthonormalisation of each matrix of a batch ``(..., m, n)`` whose value is settled and whose
+    gradient is that of the first ``iterations`` steps, amplified by how far the rest had to go.
+
+    Value: the iterate after ``iterations + settle`` steps of order ``order`` from the sound pre-scaling of
+    :func:`bjorck_orthonormalize` (singular values in ``[0, 1]`` in exact arithmetic, as every iterate).
+    Gradient: that of the ``iterations``-step map (:func:`bjorck_orthonormalize`) times
+    ``a_0^max(n - iterations, 0)``, with ``a_0 = P(0)`` the constant of the step polynomial (3/2 for order
+    1) and ``n`` the number of steps up to and including the first that moves the matrix by less than
+    ``tol`` in Frobenius norm (``iterations + settle`` when none does). This is the gradient of
+    deel-torchlip's ``SpectralLinear`` (its Björck loop detaches the cubic term of every step after the
+    fourth, so each later step passes the gradient on times 3/2, and stops at that tolerance), taken on
+    the device without a host synchronisation: the steps after the ``n``-th change the value by less
+    than ``tol`` and not the gradient. Measured (docs/benchmarks.md, "The accurate end"): the gain, which
+    grows as the raw weight drifts from orthonormal, is what raises the large-τ accuracy; the settled
+    value alone, or the steps without the gain, does not.
+
+    The settling steps run on the smaller Gram matrix (``X_(j+1) = P(X_j)^2 X_j``, no gradient), with
+    ``||W_(j+1) - W_j||_F^2 = tr((P(X_j) - I) X_j (P(X_j) - I))``: a fixed number of steps, so the
+    recursion's drift on a rank-deficient matrix (:func:`bjorck_orthonormalize`) stays at rounding level
+    times ``a_0^(iterations + settle)``.
+    """
+    if settle < 1:
+        raise ValueError(f"settle must be >= 1, got {settle}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    head = bjorck_orthonormalize(matrix, iterations, order, None, bound_steps)
+    shape = matrix.shape
+    wide = shape[-2] <= shape[-1]
+    coeffs = _monomial_coefficients(order)
+    with torch.no_grad():
+        w = matrix.detach().reshape(-1, *shape[-2:])
+        gram = torch.bmm(w, w.mT) if wide else torch.bmm(w.mT, w)
+        bound = gram_norm_bound(gram, bound_steps).clamp_min(torch.finfo(w.dtype).tiny)
+        x = gram / bound[:, None, None]
+        eye, scaled_eye = _identities(x.shape[-1], coeffs, x)
+        transform = eye.expand_as(x)
+        steps = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        moving = torch.ones_like(steps)
+        for _ in range(iterations + settle):
+            poly = _polynomial(x, eye, scaled_eye, coeffs)
+            change = poly - eye
+            moved = _inner(torch.bmm(change, x), change).clamp_min(0).sqrt()
+            steps += moving
+            moving *= moved >= tol
+            transform = torch.bmm(poly, transform)
+            x = torch.bmm(poly, torch.bmm(poly, x))
+        transform = transform * bound.rsqrt()[:, None, None]
+        value = torch.bmm(transform, w) if wide else torch.bmm(w, transform)
+        gain = (coeffs[0] ** (steps - iterations).clamp_min(0)).reshape(*shape[:-2], 1, 1)
+    return value.reshape(shape) + gain * (head - head.detach())
+
+
 class BjorckOrthonormal(CachedParametrization):
     """Parametrization ``weight = scale * Bjorck(W)`` per group (:func:`bjorck_orthonormalize`).
 
@@ -355,7 +416,11 @@ class BjorckOrthonormal(CachedParametrization):
     ``(rows / groups, numel / rows)`` (the reshaped kernel of a grouped convolution). In training
     mode ``train_iterations`` steps of order ``order`` run in the weight's dtype, differentiated
     through. In eval mode the iteration runs in float64 until ``||I - Gram||_F <= eval_tol``
-    (at most ``eval_max_iterations`` steps) and the result is cast back and cached.
+    (at most ``eval_max_iterations`` steps) and the result is cast back and cached. With
+    ``settle_iterations > 0`` the training weight is :func:`bjorck_settled`'s instead: the iterate after
+    ``train_iterations + settle_iterations`` steps, with the gradient of the first ``train_iterations``
+    times ``P(0)^m`` (``m`` the steps after those until one moves the weight by less than ``settle_tol``).
+    Such a weight is computed on its own, not in a model's batched call (:mod:`lipnet.layers.batching`).
 
     Guarantee (exact arithmetic): each group's matrix has singular values in ``[0, 1]``, times
     ``scale``; in eval mode, for a full-rank raw weight, they equal 1 (the orthonormal polar
@@ -372,6 +437,8 @@ class BjorckOrthonormal(CachedParametrization):
         eval_max_iterations: int = 100,
         eval_tol: float = 1e-12,
         bound_steps: int = 2,
+        settle_iterations: int = 0,
+        settle_tol: float = 1e-3,
     ) -> None:
         super().__init__()
         if groups < 1:
@@ -389,6 +456,10 @@ class BjorckOrthonormal(CachedParametrization):
             raise ValueError(f"eval_tol must be > 0, got {eval_tol}")
         if bound_steps < 0:
             raise ValueError(f"bound_steps must be >= 0, got {bound_steps}")
+        if settle_iterations < 0 or not settle_tol > 0:
+            raise ValueError(
+                f"settle_iterations must be >= 0 and settle_tol > 0, got {settle_iterations} and {settle_tol}"
+            )
         self.groups = groups
         self.scale = scale
         self.train_iterations = train_iterations
@@ -396,6 +467,8 @@ class BjorckOrthonormal(CachedParametrization):
         self.eval_max_iterations = eval_max_iterations
         self.eval_tol = eval_tol
         self.bound_steps = bound_steps
+        self.settle_iterations = settle_iterations
+        self.settle_tol = settle_tol
         #: The :class:`~lipnet.layers.batching.WeightBatcher` that computes this weight in training, if any
         #: (set by :func:`~lipnet.layers.batching.batch_weights`).
         self.batcher: WeightBatcher | None = None
@@ -403,7 +476,7 @@ class BjorckOrthonormal(CachedParametrization):
     def forward(self, original: Tensor) -> Tensor:
         # In training, a model-wide WeightBatcher (lipnet.layers.batching) computes this weight together
         # with the model's other Björck weights, once per forward pass; None means: compute it here.
-        if self.training and self.batcher is not None:
+        if self.training and self.batcher is not None and not self.settle_iterations:
             with full_precision(original.device.type):
                 weight = self.batcher.weight(self, original)
             if weight is not None:
@@ -415,6 +488,16 @@ class BjorckOrthonormal(CachedParametrization):
         if rows % self.groups:
             raise ValueError(f"weight has {rows} rows, not divisible by groups={self.groups}")
         w = original.reshape(self.groups, rows // self.groups, -1)
+        if self.training and self.settle_iterations:
+            w = bjorck_settled(
+                w,
+                self.train_iterations,
+                self.settle_iterations,
+                self.order,
+                self.settle_tol,
+                self.bound_steps,
+            )
+            return (self.scale * w).reshape(original.shape)
         if self.training:
             iterations, tol = self.train_iterations, None
         else:
@@ -429,6 +512,11 @@ class BjorckOrthonormal(CachedParametrization):
         return (
             f"groups={self.groups}, scale={self.scale:.6g}, train_iterations={self.train_iterations}, "
             f"order={self.order}, eval_max_iterations={self.eval_max_iterations}, eval_tol={self.eval_tol:g}"
+            + (
+                f", settle_iterations={self.settle_iterations}, settle_tol={self.settle_tol:g}"
+                if self.settle_iterations
+                else ""
+            )
         )
 
 
@@ -439,6 +527,8 @@ def bjorck(
     order: int = 2,
     eval_max_iterations: int = 100,
     eval_tol: float = 1e-12,
+    settle_iterations: int = 0,
+    settle_tol: float = 1e-3,
 ) -> PlainLayer:
     """Constrain an existing ``nn.Linear`` or ``nn.Conv2d`` by Björck orthonormalisation; returns it.
 
@@ -457,7 +547,8 @@ def bjorck(
     the convolution is 1-Lipschitz (RKO, not orthogonal: norm-preserving only when the stride equals
     the kernel size). In training mode ``train_iterations`` steps of order ``order`` run in the
     weight's dtype, differentiated through; in eval mode the iteration runs in float64 until
-    ``||I - Gram||_F <= eval_tol`` (at most ``eval_max_iterations`` steps) and is cached. ``certify``
+    ``||I - Gram||_F <= eval_tol`` (at most ``eval_max_iterations`` steps) and is cached;
+    ``settle_iterations`` / ``settle_tol``: :class:`BjorckOrthonormal`'s settled training weight. ``certify``
     bounds the layer from the constrained weight, and :func:`lipnet.export` turns it into a plain layer
     holding that weight.
     """
@@ -475,6 +566,8 @@ def bjorck(
         order=order,
         eval_max_iterations=eval_max_iterations,
         eval_tol=eval_tol,
+        settle_iterations=settle_iterations,
+        settle_tol=settle_tol,
     )
     return attach(module, orthonormal, (nn.Linear, nn.Conv2d))
 
@@ -489,7 +582,8 @@ class BjorckLinear(BoundedLinear):
     iteration runs in float64 to convergence and is cached. Every iterate is a contraction in
     exact arithmetic (1-Lipschitz in both modes), and eval weights of full rank are orthonormal
     to float64 precision before the cast to the layer dtype. The raw weight is initialised
-    orthogonal.
+    orthogonal. ``settle_iterations`` / ``settle_tol``: the settled training weight of
+    :class:`BjorckOrthonormal` (:func:`bjorck_settled`).
     """
 
     def __init__(
@@ -502,6 +596,8 @@ class BjorckLinear(BoundedLinear):
         order: int = 2,
         eval_max_iterations: int = 100,
         eval_tol: float = 1e-12,
+        settle_iterations: int = 0,
+        settle_tol: float = 1e-3,
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -513,6 +609,8 @@ class BjorckLinear(BoundedLinear):
             order=order,
             eval_max_iterations=eval_max_iterations,
             eval_tol=eval_tol,
+            settle_iterations=settle_iterations,
+            settle_tol=settle_tol,
         )
 
 
