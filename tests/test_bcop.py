@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from certify.exact import dense_matrix
 from lipnet.layers import BCOPConv2d, bcop_kernel, get_layer_kind
 from lipnet.layers.bjorck import BjorckLinear, bjorck_orthonormalize
-from lipnet.layers.kinds import BCOP_DENSE_STEPS
 
 
 def _norm(layer: nn.Module, shape: tuple[int, int, int]) -> float:
@@ -203,17 +202,18 @@ def test_bcop_kind_builds_bounded_layers() -> None:
 
 
 def test_bcop_kind_dense_layers_converge_in_training() -> None:
-    """The kind's dense layers run BCOP_DENSE_STEPS Björck steps in training: on a raw weight of
-    condition 8 (the drift of the trained 1568 -> 128 layer) the training weight is orthonormal, where
-    BjorckLinear's default 3 steps leave sigma_min near 0.65; both stay contractions."""
+    """The kind's dense layers have a settled training weight (4 order-1 steps, settled by up to 11 more:
+    bjorck_settled): on a raw weight of condition 8 (the drift of the trained 1568 -> 128 layer) it is
+    orthonormal, where BjorckLinear's default 3 steps leave sigma_min near 0.65; both stay contractions."""
     torch.manual_seed(0)
     rows, cols = 32, 200
     left = torch.linalg.qr(torch.randn(rows, rows)).Q
     right = torch.linalg.qr(torch.randn(cols, rows)).Q
     raw = (left * torch.logspace(0, -torch.log10(torch.tensor(8.0)).item(), rows)) @ right.T
     dense = get_layer_kind("bcop").dense(cols, rows)
-    assert isinstance(dense, BjorckLinear) and BCOP_DENSE_STEPS == 8
-    assert dense.parametrizations.weight[0].train_iterations == BCOP_DENSE_STEPS
+    assert isinstance(dense, BjorckLinear)
+    settings = dense.parametrizations.weight[0]
+    assert (settings.train_iterations, settings.order, settings.settle_iterations) == (4, 1, 11)
     default = BjorckLinear(cols, rows)
     for layer in (dense, default):
         with torch.no_grad():

@@ -35,7 +35,6 @@ from lipnet.layers.sll import SLLConv2d, SLLLinear
 __all__ = [
     "AUTO",
     "AUTO_TAU_SPLIT",
-    "BCOP_DENSE_STEPS",
     "LayerKind",
     "get_layer_kind",
     "kind_for_tau",
@@ -147,16 +146,17 @@ register_layer_kind(
         ),
     )
 )
-#: Björck steps of the ``bcop`` kind's dense layers in training. Three (BjorckLinear's default) leave a
-#: drifted 1568 -> 128 weight (condition 8) at sigma_min 0.65; eight give the orthonormal weight and its
-#: gradient (``python experiments/fmnist_hybrids.py --gradients``).
-#: Fashion-MNIST, 60k x 4 epochs (docs/benchmarks.md "What carries AOC's per-epoch edge"): +0.55 clean at
-#: tau 0.1, +0.33 at tau 0.5 (3 seeds), level at tau 1 and 5, -0.2 at tau 10 (rko_bcop's end).
-BCOP_DENSE_STEPS = 8
 
 
-def _bcop_dense(in_features: int, out_features: int) -> nn.Module:
-    return BjorckLinear(in_features, out_features, train_iterations=BCOP_DENSE_STEPS)
+def _settled_dense(in_features: int, out_features: int) -> nn.Module:
+    """The dense layer of the ``bcop`` and ``rko_bcop`` kinds: Björck with a settled training weight
+    (:func:`~lipnet.layers.bjorck.bjorck_settled`): 4 differentiated order-1 steps, up to 11 more settling
+    it, the gradient gained 3/2 per settling step until one moves the weight by less than 1e-3 (the
+    gradient of deel-torchlip's ``SpectralLinear``). Fashion-MNIST, 60k x 4 epochs, three seeds
+    (docs/benchmarks.md "The accurate end"): under rko_bcop's convolutions +0.64 clean at tau 100 over 3
+    order-2 steps, the gain being what helps (the settled value alone, a constant gain, does not); under
+    BCOP's, +0.27 at tau 0.5 over 8 order-2 steps."""
+    return BjorckLinear(in_features, out_features, train_iterations=4, order=1, settle_iterations=11)
 
 
 register_layer_kind(
@@ -164,11 +164,11 @@ register_layer_kind(
         name="bcop",
         block=lambda c, k: BCOPConv2d(c, c, k, padding=_same(k)),
         conv=lambda i, o, k: BCOPConv2d(i, o, k, padding=_same(k)),
-        dense=_bcop_dense,
+        dense=_settled_dense,
         description=(
             "BCOP convolutions (Li et al. 2019; explicit kernel, orthogonal with circular padding, "
-            f"1-Lipschitz with zero padding) and Björck dense layers ({BCOP_DENSE_STEPS} training steps, "
-            "converged on the weights training reaches; 1-Lipschitz at any step count)"
+            "1-Lipschitz with zero padding) and Björck dense layers with a settled training weight "
+            "(bjorck_settled; 1-Lipschitz in both modes)"
         ),
     )
 )
@@ -186,16 +186,6 @@ def _rko_unless_degenerate(in_channels: int, out_channels: int, kernel_size: int
     if out_channels >= in_channels * kernel_size * kernel_size:
         return BCOPConv2d(in_channels, out_channels, kernel_size, padding=padding)
     return BjorckConv2d(in_channels, out_channels, kernel_size, padding=padding)
-
-
-def _settled_dense(in_features: int, out_features: int) -> nn.Module:
-    """The ``rko_bcop`` kind's dense layer: Björck with a settled training weight
-    (:func:`~lipnet.layers.bjorck.bjorck_settled`):
-    4 differentiated order-1 steps, up to 11 more settling it, the gradient gained 3/2 per settling step
-    until one moves the weight by less than 1e-3. Fashion-MNIST, 60k x 4 epochs (docs/benchmarks.md "The
-    accurate end"): +0.46 clean at tau 100 over 3 order-2 steps (3 seeds); the gain is what helps, the
-    settled value alone (a constant gain) does not."""
-    return BjorckLinear(in_features, out_features, train_iterations=4, order=1, settle_iterations=11)
 
 
 # Fashion-MNIST, 60k x 4 epochs (docs/benchmarks.md "One kind per end of the τ range"): the BCOP stem
