@@ -393,19 +393,23 @@ def bjorck_settled(
         x = gram / bound[:, None, None]
         eye, scaled_eye = _identities(x.shape[-1], coeffs, x)
         transform: Tensor | None = None
-        moved: list[Tensor] = []  # ||W_(j+1) - W_j||_F^2 of each step, compared with tol after the loop
-        for _ in range(iterations + settle):
+        # ||W_(j+1) - W_j||_F^2 of every step but the last (whose change cannot stop the count), compared
+        # with tol after the loop
+        moved: list[Tensor] = []
+        last = iterations + settle - 1
+        for step in range(last + 1):
             poly = _polynomial(x, eye, scaled_eye, coeffs)
-            change = poly - eye
-            moved.append(_inner(torch.bmm(change, x), change))
             transform = poly if transform is None else torch.bmm(poly, transform)
-            x = torch.bmm(poly, torch.bmm(poly, x))
+            if step < last:
+                change = poly - eye
+                moved.append(_inner(torch.bmm(change, x), change))
+                x = torch.bmm(poly, torch.bmm(poly, x))
         assert transform is not None  # iterations + settle >= 2
         transform = transform * bound.rsqrt()[:, None, None]
         value = torch.bmm(transform, w) if wide else torch.bmm(w, transform)
         # n = 1 + the number of steps before the first that moved less than tol (all of them if none did)
         still = torch.stack(moved, dim=-1) >= tol * tol
-        steps = 1 + still.cumprod(dim=-1).sum(dim=-1).clamp_max(iterations + settle - 1)
+        steps = 1 + still.cumprod(dim=-1).sum(dim=-1)
         gain = (coeffs[0] ** (steps - iterations).clamp_min(0)).to(w.dtype).reshape(*shape[:-2], 1, 1)
     return value.reshape(shape) + gain * (head - head.detach())
 
