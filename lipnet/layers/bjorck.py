@@ -502,13 +502,12 @@ class BjorckOrthonormal(CachedParametrization):
                 self.settle_tol,
                 self.bound_steps,
             )
-            return (self.scale * w).reshape(original.shape)
-        if self.training:
-            iterations, tol = self.train_iterations, None
+        elif self.training:
+            w = bjorck_orthonormalize(w, self.train_iterations, self.order, None, self.bound_steps)
         else:
-            w = w.to(torch.float64)
-            iterations, tol = self.eval_max_iterations, self.eval_tol
-        w = bjorck_orthonormalize(w, iterations, self.order, tol, self.bound_steps)
+            w = bjorck_orthonormalize(
+                w.to(torch.float64), self.eval_max_iterations, self.order, self.eval_tol, self.bound_steps
+            )
         if self.scale != 1.0:
             w = self.scale * w
         return w.to(original.dtype).reshape(original.shape)
