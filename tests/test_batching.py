@@ -191,6 +191,17 @@ def test_rebatching_replaces_and_remove_detaches() -> None:
     assert not net._forward_pre_hooks and not net._forward_hooks
 
 
+def test_a_member_detached_from_the_batcher_computes_its_own_weight() -> None:
+    per_layer, net = _pair()
+    head = net.head.parametrizations.weight[0]
+    head.batcher = None
+    assert all(item.parametrization is not head for item in net.weight_batcher._eligible())
+    net.train()
+    per_layer.train()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    assert torch.allclose(net(x), per_layer(x), rtol=1e-10, atol=1e-12)
+
+
 def test_only_bjorck_parametrizations_first_on_their_weight_are_batched() -> None:
     conv = BCOPConv2d(3, 4, 3)
     net = nn.Sequential(bjorck(nn.Linear(3, 4)), nn.Linear(4, 4), BjorckLinear(4, 2), conv)

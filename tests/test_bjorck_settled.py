@@ -1,8 +1,10 @@
 """The settled Björck training weight (lipnet.layers.bjorck.bjorck_settled,
 BjorckOrthonormal.settle_iterations): its value, its gradient against deel-torchlip's Björck loop, its place
-outside the batched call, its bounds."""
+in the batched call, its bounds."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -91,32 +93,46 @@ def test_bad_arguments_are_refused() -> None:
         BjorckLinear(4, 4, settle_iterations=-1)
 
 
-def test_a_settled_layer_computes_its_own_weight_beside_a_batched_model() -> None:
+@pytest.mark.parametrize("max_padding", [1.5, 16.0])
+def test_settled_layers_share_the_batched_call_with_the_per_layer_value_and_gradient(
+    max_padding: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # settled layers of several shapes (wide, tall) and drifts (so their gains differ), beside a plain
+    # Björck layer; 16.0 (CUDA's padding) puts every settled matrix in one padded call
     torch.manual_seed(0)
+    settled = {"train_iterations": 4, "order": 1, "settle_iterations": 11}
     model = nn.Sequential(
         BjorckLinear(32, 32),
-        BjorckLinear(32, 16),
-        BjorckLinear(16, 8, train_iterations=4, order=1, settle_iterations=11),
-    )
+        BjorckLinear(32, 24, **settled),
+        BjorckLinear(24, 10, **settled),
+        BjorckLinear(10, 20, **settled),
+    ).double()
+    drifts = [0.1, 0.02, 0.3, 0.1]
     with torch.no_grad():
-        for layer in model:
-            layer.parametrizations.weight.original.add_(
-                0.1 * torch.randn_like(layer.parametrizations.weight.original)
-            )
-    x = torch.randn(5, 32)
+        for layer, drift, seed in zip(model, drifts, range(4), strict=True):
+            raw = layer.parametrizations.weight.original
+            raw.copy_(_drifted(*raw.shape, seed) * (1 + drift))
+            raw.add_(drift * torch.randn(*raw.shape).double())
+    steps = [_steps_to_tol(layer.parametrizations.weight.original, 1e-3, 15) for layer in model[1:]]
+    assert len(set(steps)) > 1 and max(steps) > 4  # the gains differ and are not all 1
+    x = torch.randn(5, 32, dtype=torch.float64)
     model.train()
     plain_out = model(x)
     plain_grads = torch.autograd.grad(plain_out.square().sum(), list(model.parameters()))
-    batched = batch_weights(model)
-    settled = model[2].parametrizations.weight[0]
-    assert settled.batcher is not None  # a member, but it computes its own weight
-    # not one of the matrices of the batched call (it would be computed there for nothing)
-    assert all(item.parametrization is not settled for item in settled.batcher._eligible())
+    batched = batch_weights(model, max_padding=max_padding)
+    members = {id(item.parametrization) for item in batched.weight_batcher._eligible()}
+    assert all(id(layer.parametrizations.weight[0]) in members for layer in model)
+
+    def per_layer(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a settled weight was computed outside the batched call")
+
+    # the module itself (the package's name ``lipnet.layers.bjorck`` is the function ``bjorck``)
+    monkeypatch.setattr(sys.modules["lipnet.layers.bjorck"], "bjorck_settled", per_layer)
     out = batched(x)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    assert torch.allclose(out, plain_out, atol=1e-5)
+    assert torch.allclose(out, plain_out, rtol=1e-9, atol=1e-11)
     for got, want in zip(grads, plain_grads, strict=True):
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
 def test_the_trained_layer_is_bounded_by_one() -> None:

@@ -25,16 +25,18 @@ guarantee of each layer (singular values in ``[0, 1]`` times its scale, ``#lemma
 Which layers share a call: those with the same device, dtype, order, step count and bound steps, split
 into buckets of decreasing size by ``max_padding``, the largest ratio of a bucket's padded work
 ``E M^3`` to its matrices' own ``sum m^3`` (matrix products cost ``m^3``); the same rule, on their rows,
-groups the layers of a bucket into units; a settled weight (``BjorckOrthonormal.settle_iterations``) computes
-its own. Padding is free on a GPU
+groups the layers of a bucket into units; settled weights (``BjorckOrthonormal.settle_iterations``) share a
+call with those of the same settling steps and tolerance (:func:`~lipnet.layers.bjorck.bjorck_settled`: the
+settling steps continue the call's Gram-space steps, the backward scales each matrix's cotangent by its
+gain). Padding is free on a GPU
 that waits for launches and not on a CPU that waits for arithmetic: the default is
 :data:`MAX_PADDING` for the device.
 
 Eval mode, a forward under ``torch.compile`` (compiled code fuses the per-layer kernels itself), a weight
-read outside the model's forward, a layer whose Björck parametrization is not the first on its weight:
-each layer computes its own weight, as without the batcher. The batched backward is differentiable once:
-a second derivative through the weights (a gradient penalty on the parameters) needs the per-layer
-computation (``model.weight_batcher.remove()``).
+read outside the model's forward, a layer whose Björck parametrization is not the first on its weight
+or whose ``batcher`` was unset: each layer computes its own weight, as without the batcher. The batched
+backward is differentiable once: a second derivative through the weights (a gradient penalty on the
+parameters) needs the per-layer computation (``model.weight_batcher.remove()``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from lipnet.layers.bjorck import (
     _identities,
     _inner,
     _monomial_coefficients,
+    _settle,
     gram_norm_bound,
 )
 from lipnet.layers.parametrization import full_precision
@@ -70,7 +73,7 @@ __all__ = ["MAX_PADDING", "WeightBatcher", "batch_weights", "buckets"]
 #: few dozen launches, so sizes within a factor 16 of work share one.
 MAX_PADDING: dict[str, float] = {"cpu": 1.5, "cuda": 16.0}
 
-_GroupKey = tuple[torch.device, torch.dtype, int, int, int]
+_GroupKey = tuple[torch.device, torch.dtype, int, int, int, int, float]
 
 
 @dataclass(frozen=True)
@@ -159,13 +162,17 @@ class _Layout:
 @dataclass(frozen=True)
 class _Settings:
     """What a batched call computes: ``iterations`` steps of order ``order`` after the Gram-iteration bound of
-    ``bound_steps`` steps; ``scale`` ``(E,)`` multiplies each matrix (``None``: 1); ``identities``: the
-    constants of :func:`~lipnet.layers.bjorck._polynomial` for the batch's side; ``zeros``: a zero matrix
-    ``(rows, cols)`` of the batch's dtype and device, never written (the padding rows of packed units)."""
+    ``bound_steps`` steps, then, when ``settle`` is positive, the settled weight of
+    :func:`~lipnet.layers.bjorck.bjorck_settled` (``settle`` steps more, tolerance ``settle_tol``);
+    ``scale`` ``(E,)`` multiplies each matrix (``None``: 1); ``identities``: the constants of
+    :func:`~lipnet.layers.bjorck._polynomial` for the batch's side; ``zeros``: a zero matrix ``(rows, cols)``
+    of the batch's dtype and device, never written (the padding rows of packed units)."""
 
     iterations: int
     order: int
     bound_steps: int
+    settle: int
+    settle_tol: float
     scale: Tensor | None
     identities: tuple[Tensor, Tensor]
     zeros: Callable[[int, int], Tensor]
@@ -206,7 +213,10 @@ class _BatchedBjorck(torch.autograd.Function):
     ``T = scale b^(-1/2) P(X_(k-1)) ... P(X_0)`` of :func:`~lipnet.layers.bjorck.bjorck_gram_transform`
     (``b`` the clamped Gram-iteration bound, ``X_0 = G / b``) with its intermediates kept, and each unit's
     block of ``T`` applied to its matrices: ``T W`` (wide) or ``W T`` (tall), the same operations as autograd
-    through those functions.
+    through those functions. Settled weights (``settings.settle``): the weight applies the transform of
+    ``k + settle`` steps (the last ``settle`` continuing the recorded ones, no tape) and the backward below,
+    which is that of the ``k``-step weight, starts from each matrix's cotangent times its gain: the value
+    and gradient of :func:`~lipnet.layers.bjorck.bjorck_settled`.
 
     Backward, for the cotangent ``g`` of each unit's weights: the cotangent ``C`` of ``T`` (blocks ``g W^T`` /
     ``W^T g``), the reverse pass of the polynomial steps
@@ -240,15 +250,20 @@ class _BatchedBjorck(torch.autograd.Function):
         raw = _gram_space(x, coeffs, settings.iterations, settings.identities, tape)
         coef = bound.rsqrt() if settings.scale is None else bound.rsqrt() * settings.scale
         transform = raw * coef[:, None, None]
+        applied, gain = transform, None
+        if settings.settle:
+            settled, gain = _settle(tape, settings.identities, coeffs, settings.settle, settings.settle_tol)
+            applied = settled * coef[:, None, None]
         outs: list[Tensor] = []
         for unit, w in zip(layout.units, packed, strict=True):
-            block = layout.block(transform, unit)
+            block = layout.block(applied, unit)
             outs.extend(_unpack(unit, torch.bmm(block, w) if unit.wide else torch.bmm(w, block)))
         ctx.save_for_backward(*mats)
         # intermediates (neither inputs nor outputs) are kept on ctx; a unit that is not packed is its input
         ctx.packed = [w if unit.packed else None for unit, w in zip(layout.units, packed, strict=True)]
         ctx.layout, ctx.settings, ctx.coeffs, ctx.tape = layout, settings, coeffs, tape
         ctx.x, ctx.bound, ctx.raw, ctx.coef, ctx.transform = x, bound, raw, coef, transform
+        ctx.gain = gain
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
@@ -272,6 +287,8 @@ class _BatchedBjorck(torch.autograd.Function):
             w = mats[first] if w is None else w
             g = _pack(unit, grads[first:end], ctx.settings.zeros)
             first = end
+            if g is not None and ctx.gain is not None:
+                g = g * ctx.gain[unit.start : unit.stop, None, None]
             units.append((unit, w, g))
             if g is not None:  # else no weight of this unit was used
                 block = layout.block(grad_transform, unit)
@@ -342,7 +359,16 @@ def _orthonormalize(
     mats = [items[i].original.reshape(items[i].groups, items[i].rows, items[i].cols) for i in order]
     scales = [items[i].parametrization.scale for i in order for _ in range(items[i].groups)]
     scale = constant(tuple(scales)) if any(s != 1.0 for s in scales) else None
-    settings = _Settings(first.train_iterations, first.order, first.bound_steps, scale, identities, zeros)
+    settings = _Settings(
+        first.train_iterations,
+        first.order,
+        first.bound_steps,
+        first.settle_iterations,
+        first.settle_tol,
+        scale,
+        identities,
+        zeros,
+    )
     weights = dict(zip(order, _BatchedBjorck.apply(layout, settings, *mats), strict=True))
     return [weights[i].reshape(item.original.shape) for i, item in enumerate(items)]
 
@@ -394,8 +420,8 @@ class WeightBatcher:
         items = []
         for plist, p in self.members:
             # a parametrization that was removed, or chained after another one, is not given the raw weight;
-            # a settled one (BjorckOrthonormal.settle_iterations) computes its own weight
-            if not p.training or len(plist) == 0 or plist[0] is not p or p.settle_iterations:
+            # one detached from this batcher computes its own weight
+            if not p.training or len(plist) == 0 or plist[0] is not p or p.batcher is not self:
                 continue
             original = plist.original
             rows = original.shape[0] // p.groups
@@ -406,10 +432,11 @@ class WeightBatcher:
         groups: dict[_GroupKey, list[_Item]] = {}
         for item in self._eligible():
             p, o = item.parametrization, item.original
-            key = (o.device, o.dtype, p.order, p.train_iterations, p.bound_steps)
+            settle = p.settle_iterations, p.settle_tol
+            key = (o.device, o.dtype, p.order, p.train_iterations, p.bound_steps, *settle)
             groups.setdefault(key, []).append(item)
         self._weights.clear()
-        for (device, _, _, _, _), items in groups.items():
+        for (device, *_), items in groups.items():
             limit = self.max_padding or MAX_PADDING.get(device.type, MAX_PADDING["cpu"])
             sides, counts = [item.side for item in items], [item.groups for item in items]
             for bucket in buckets(sides, counts, limit):

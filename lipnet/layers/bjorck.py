@@ -349,6 +349,38 @@ def bjorck_orthonormalize(
     return w.reshape(shape)
 
 
+def _settle(
+    tape: _GramTape, identities: tuple[Tensor, Tensor], coeffs: list[float], settle: int, tol: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`bjorck_settled`'s settling steps after the ``k`` steps recorded in ``tape`` (:func:`_gram_space`
+    run on the pre-scaled Gram matrices ``(E, m, m)``, no gradient): ``(P(X_(k+s-1)) ... P(X_0), gain)``,
+    ``s = settle``, ``gain`` ``(E,)`` = ``a_0^max(n - k, 0)`` with ``n`` the steps up to and including the
+    first that moves its matrix by less than ``tol`` (``k + s`` when none does).
+
+    ``||W_(j+1) - W_j||_F^2 = tr((P_j - I) X_j (P_j - I)) = <(P_j - I) X_j, P_j - I>`` (all of them
+    commute), taken for every step but the last (whose change cannot stop the count) and compared with
+    ``tol`` after the loop: no host synchronisation. Zero padding (:mod:`lipnet.layers.batching`) adds
+    nothing to it (``(P - I) X`` is zero on the padded block)."""
+    eye, scaled_eye = identities
+    changes = [poly - eye for poly in tape.polys]
+    moved = [_inner(torch.bmm(c, x), c) for c, x in zip(changes, tape.xs, strict=True)]
+    last = tape.polys[-1]
+    x = torch.bmm(last, torch.bmm(last, tape.xs[-1]))
+    transform = tape.transforms[-1]
+    for step in range(settle):
+        poly = _polynomial(x, eye, scaled_eye, coeffs)
+        transform = torch.bmm(poly, transform)
+        if step < settle - 1:
+            change = poly - eye
+            moved.append(_inner(torch.bmm(change, x), change))
+            x = torch.bmm(poly, torch.bmm(poly, x))
+    # n = 1 + the number of steps before the first that moved less than tol (all of them if none did)
+    still = torch.stack(moved, dim=-1) >= tol * tol
+    steps = 1 + still.cumprod(dim=-1).sum(dim=-1)
+    gain = (coeffs[0] ** (steps - len(tape.polys)).clamp_min(0)).to(transform.dtype)
+    return transform, gain
+
+
 def bjorck_settled(
     matrix: Tensor,
     iterations: int,
@@ -373,10 +405,9 @@ def bjorck_settled(
     grows as the raw weight drifts from orthonormal, is what raises the large-τ accuracy; the settled
     value alone, or the steps without the gain, does not.
 
-    The settling steps run on the smaller Gram matrix (``X_(j+1) = P(X_j)^2 X_j``, no gradient), with
-    ``||W_(j+1) - W_j||_F^2 = tr((P(X_j) - I) X_j (P(X_j) - I))``: a fixed number of steps, so the
-    recursion's drift on a rank-deficient matrix (:func:`bjorck_orthonormalize`) stays at rounding level
-    times ``a_0^(iterations + settle)``.
+    The settling steps run on the smaller Gram matrix (``X_(j+1) = P(X_j)^2 X_j``, no gradient;
+    :func:`_settle`): a fixed number of steps, so the recursion's drift on a rank-deficient matrix
+    (:func:`bjorck_orthonormalize`) stays at rounding level times ``a_0^(iterations + settle)``.
     """
     if settle < 1:
         raise ValueError(f"settle must be >= 1, got {settle}")
@@ -391,26 +422,13 @@ def bjorck_settled(
         gram = torch.bmm(w, w.mT) if wide else torch.bmm(w.mT, w)
         bound = gram_norm_bound(gram, bound_steps).clamp_min(torch.finfo(w.dtype).tiny)
         x = gram / bound[:, None, None]
-        eye, scaled_eye = _identities(x.shape[-1], coeffs, x)
-        transform: Tensor | None = None
-        # ||W_(j+1) - W_j||_F^2 of every step but the last (whose change cannot stop the count), compared
-        # with tol after the loop
-        moved: list[Tensor] = []
-        last = iterations + settle - 1
-        for step in range(last + 1):
-            poly = _polynomial(x, eye, scaled_eye, coeffs)
-            transform = poly if transform is None else torch.bmm(poly, transform)
-            if step < last:
-                change = poly - eye
-                moved.append(_inner(torch.bmm(change, x), change))
-                x = torch.bmm(poly, torch.bmm(poly, x))
-        assert transform is not None  # iterations + settle >= 2
+        identities = _identities(x.shape[-1], coeffs, x)
+        tape = _GramTape()
+        _gram_space(x, coeffs, iterations, identities, tape)
+        transform, gain = _settle(tape, identities, coeffs, settle, tol)
         transform = transform * bound.rsqrt()[:, None, None]
         value = torch.bmm(transform, w) if wide else torch.bmm(w, transform)
-        # n = 1 + the number of steps before the first that moved less than tol (all of them if none did)
-        still = torch.stack(moved, dim=-1) >= tol * tol
-        steps = 1 + still.cumprod(dim=-1).sum(dim=-1)
-        gain = (coeffs[0] ** (steps - iterations).clamp_min(0)).to(w.dtype).reshape(*shape[:-2], 1, 1)
+        gain = gain.reshape(*shape[:-2], 1, 1)
     return value.reshape(shape) + gain * (head - head.detach())
 
 
@@ -481,7 +499,7 @@ class BjorckOrthonormal(CachedParametrization):
     def forward(self, original: Tensor) -> Tensor:
         # In training, a model-wide WeightBatcher (lipnet.layers.batching) computes this weight together
         # with the model's other Björck weights, once per forward pass; None means: compute it here.
-        if self.training and self.batcher is not None and not self.settle_iterations:
+        if self.training and self.batcher is not None:
             with full_precision(original.device.type):
                 weight = self.batcher.weight(self, original)
             if weight is not None:
