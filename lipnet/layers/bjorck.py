@@ -355,25 +355,21 @@ def _settle(
     """:func:`bjorck_settled`'s settling steps after the ``k`` steps recorded in ``tape`` (:func:`_gram_space`
     run on the pre-scaled Gram matrices ``(E, m, m)``, no gradient): ``(P(X_(k+s-1)) ... P(X_0), gain)``,
     ``s = settle``, ``gain`` ``(E,)`` = ``a_0^max(n - k, 0)`` with ``n`` the steps up to and including the
-    first that moves its matrix by less than ``tol`` (``k + s`` when none does).
+    first that moves its matrix by less than ``tol`` (``k + s`` when none does). The settling steps are
+    :func:`_gram_space` again, from ``X_k``, recorded for their changes.
 
     ``||W_(j+1) - W_j||_F^2 = tr((P_j - I) X_j (P_j - I)) = <(P_j - I) X_j, P_j - I>`` (all of them
     commute), taken for every step but the last (whose change cannot stop the count) and compared with
     ``tol`` after the loop: no host synchronisation. Zero padding (:mod:`lipnet.layers.batching`) adds
     nothing to it (``(P - I) X`` is zero on the padded block)."""
-    eye, scaled_eye = identities
-    changes = [poly - eye for poly in tape.polys]
-    moved = [_inner(torch.bmm(c, x), c) for c, x in zip(changes, tape.xs, strict=True)]
+    eye = identities[0]
     last = tape.polys[-1]
-    x = torch.bmm(last, torch.bmm(last, tape.xs[-1]))
-    transform = tape.transforms[-1]
-    for step in range(settle):
-        poly = _polynomial(x, eye, scaled_eye, coeffs)
-        transform = torch.bmm(poly, transform)
-        if step < settle - 1:
-            change = poly - eye
-            moved.append(_inner(torch.bmm(change, x), change))
-            x = torch.bmm(poly, torch.bmm(poly, x))
+    rest = _GramTape()
+    tail = _gram_space(torch.bmm(last, torch.bmm(last, tape.xs[-1])), coeffs, settle, identities, rest)
+    transform = torch.bmm(tail, tape.transforms[-1])
+    polys, xs = tape.polys + rest.polys[:-1], tape.xs + rest.xs[:-1]
+    changes = [poly - eye for poly in polys]
+    moved = [_inner(torch.bmm(change, x), change) for change, x in zip(changes, xs, strict=True)]
     # n = 1 + the number of steps before the first that moved less than tol (all of them if none did)
     still = torch.stack(moved, dim=-1) >= tol * tol
     steps = 1 + still.cumprod(dim=-1).sum(dim=-1)
