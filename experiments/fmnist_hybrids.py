@@ -18,7 +18,12 @@ L2-norm pooling:
   settled by up to 11 more, the gradient gained 3/2 per settling step: ``bjorck_settled``);
 * ``lipnet:rko+deeldense``, ``lipnet:rko+dense15``: the ``rko_bcop`` kind's convolutions with deel-torchlip's
   ``SpectralLinear`` dense layers, or with lipnet's ``BjorckLinear`` at 15 steps (the large-τ end,
-  docs/benchmarks.md "The default front").
+  docs/benchmarks.md "The default front");
+* ``lipnet:bcop+hh``, ``lipnet:rko_bcop+hh``: the default kinds' networks with lipnet's
+  :class:`~lipnet.activations.HouseholderActivation` (a learned reflection angle per channel pair,
+  initialised at MaxMin) instead of GroupSort2;
+* ``lipnet:cayley+settled``: lipnet's Cayley convolutions (exactly orthogonal with circular padding, a
+  kernel spanning the whole image) with the ``bcop`` kind's settled dense layers.
 
 Rows marked ``lipnet`` have their Björck weights batched as ``lipnet train`` batches them. The reference
 rows (``lipnet:bcop``, ``orthogonium:aoc``) are the bench's own and can be selected too.
@@ -44,7 +49,7 @@ import torch
 from torch import nn
 
 from certify.io import atomic_write_text
-from lipnet.activations import GroupSort
+from lipnet.activations import GroupSort, HouseholderActivation
 from lipnet.bench.anchors import deel_kind, orthogonium_kinds
 from lipnet.bench.fmnist import Contender, bench_fmnist, layout_of, to_csv, to_markdown
 from lipnet.cli.argtypes import positive_float_list
@@ -56,13 +61,16 @@ from lipnet.pooling import ScaledL2NormPool2d
 from lipnet.training.config import apply_overrides, load_config
 
 
-def network(kind: LayerKind, arch: dict[str, int]) -> Callable[[], nn.Module]:
-    """A builder of the bench layout ``arch`` from ``kind``'s layers, GroupSort2, scaled L2-norm pooling."""
+def network(
+    kind: LayerKind,
+    arch: dict[str, int],
+    activation: Callable[[int], nn.Module] = lambda _channels: GroupSort(2),
+) -> Callable[[], nn.Module]:
+    """A builder of the bench layout ``arch`` from ``kind``'s layers, ``activation`` (GroupSort2 by
+    default), scaled L2-norm pooling."""
 
     def build() -> nn.Module:
-        layers = fmnist_layers(
-            kind, activation=lambda: GroupSort(2), pool=lambda: ScaledL2NormPool2d(2), **arch
-        )
+        layers = fmnist_layers(kind, activation=activation, pool=lambda: ScaledL2NormPool2d(2), **arch)
         return nn.Sequential(*layers)
 
     return build
@@ -109,7 +117,16 @@ def hybrids(arch: dict[str, int]) -> list[Contender]:
             "",
         ),
     }
-    return [Contender(library, name, network(kind, arch)) for (library, name), kind in kinds.items()]
+    cayley = get_layer_kind("cayley")
+    kinds[("lipnet", "cayley+settled")] = LayerKind(
+        "cayley+settled", cayley.block, cayley.conv, bcop.dense, ""
+    )
+    out = [Contender(library, name, network(kind, arch)) for (library, name), kind in kinds.items()]
+    out += [
+        Contender("lipnet", f"{name}+hh", network(get_layer_kind(name), arch, HouseholderActivation))
+        for name in ("bcop", "rko_bcop")
+    ]
+    return out
 
 
 def compare_gradients(condition: float = 8.0, seed: int = 0) -> None:

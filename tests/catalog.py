@@ -190,6 +190,10 @@ CATALOG: dict[type[nn.Module], Factory] = {
             FashionConvNet(num_classes=4, width=2, blocks=1, hidden=2, input_size=4, head="rownorm"),
             (1, 4, 4),
         ),
+        Case(
+            FashionConvNet(num_classes=3, width=2, hidden=4, input_size=4, activation="householder"),
+            (1, 4, 4),
+        ),
     ],
     LipschitzSequential: lambda: [
         Case(LipschitzSequential(BjorckLinear(4, 6), GroupSort(2), AOLLinear(6, 3)), (4,)),

@@ -310,7 +310,7 @@ def test_extra_contenders_are_trained_as_the_built_in_ones(stripes_dir: Path, tm
 
     def build() -> nn.Module:
         layers = fmnist_layers(
-            kind, activation=lambda: GroupSort(2), pool=lambda: ScaledL2NormPool2d(2), blocks=0, hidden=128
+            kind, activation=lambda _: GroupSort(2), pool=lambda: ScaledL2NormPool2d(2), blocks=0, hidden=128
         )
         built.append(nn.Sequential(*layers))
         return built[-1]

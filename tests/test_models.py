@@ -303,3 +303,17 @@ def test_default_cfg_is_what_create_builds() -> None:
         assert model.input_shape == cfg.input_shape
         with torch.no_grad():
             assert model.eval()(torch.zeros((1, *cfg.input_shape))).shape == (1, cfg.num_classes)
+
+
+def test_fmnist_householder_activation_is_one_per_activation_site_and_checked() -> None:
+    from lipnet.activations import GroupSort, HouseholderActivation
+
+    model = models.create("fmnist_convnet_s", blocks=1, hidden=32, activation="householder")
+    acts = [m for m in model if isinstance(m, HouseholderActivation)]
+    # conv(16) block(16) conv(32) block(32) dense(32): each as wide as the layer before it
+    assert [a.num_channels for a in acts] == [16, 16, 32, 32, 32]
+    assert not any(isinstance(m, GroupSort) for m in model)
+    assert len(list(models.create("fmnist_convnet_s").parameters())) + 5 == len(list(model.parameters()))
+    assert 1.0 <= model.lipschitz_bound() <= 1.0 + 1e-4  # orthogonal layers, exactly 1-Lipschitz activations
+    with pytest.raises(ValueError, match="activation must be one of groupsort, householder"):
+        models.create("fmnist_convnet_s", activation="relu")

@@ -6,7 +6,8 @@ blocks per stage and hidden width) built from one library's layers:
 * lipnet: :class:`~lipnet.models.fmnist.FashionConvNet` with each layer kind registered when the bench
   runs (:func:`lipnet.layers.kinds.list_layer_kinds`), its Björck weights computed in batched calls as
   ``lipnet train`` computes them (:func:`lipnet.layers.batching.batch_weights`), and the recipe's
-  lipnet-only model options (a row-normalised head, ``model.head``);
+  lipnet-only model options (a row-normalised head, ``model.head``; Householder activations,
+  ``model.activation``);
 * the anchors of :data:`lipnet.bench.anchors.ANCHORS` as their libraries ship them: deel-torchlip
   (``SpectralConv2d``, ``GroupSort2``, ``ScaledL2NormPool2d``, ``SpectralLinear``); orthogonium's AOC
   (``AdaptiveOrthoConv2d`` + ``OrthoLinear``), AOL (``AOLConv2D``; orthogonium has no AOL dense layer,
@@ -117,7 +118,7 @@ __all__ = [
 EPS: tuple[float, ...] = (0.1, 0.3, 0.5, 1.0, 1.58)
 
 #: The model arguments that make the layout every library builds (:func:`fmnist_layers`); the recipe's
-#: other model arguments (``head``) are lipnet-only options, given to lipnet's rows alone.
+#: other model arguments (``head``, ``activation``) are lipnet-only options, given to lipnet's rows alone.
 LAYOUT_KEYS: tuple[str, ...] = ("width", "blocks", "hidden")
 
 #: Steps of one timing round (:func:`time_steps`).
@@ -157,7 +158,7 @@ def contenders(
 
     ``layout`` (keys of :data:`LAYOUT_KEYS`) replaces the sizes of ``fmnist_convnet_<size>``
     (:data:`~lipnet.models.fmnist.SIZES`) for every library; ``lipnet_options`` are further arguments of
-    lipnet's model (``head``), for lipnet's rows only.
+    lipnet's model (``head``, ``activation``), for lipnet's rows only.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -192,7 +193,9 @@ def contenders(
                 anchor.library,
                 anchor.name,
                 lambda layers=layers, anchor=anchor: nn.Sequential(
-                    *fmnist_layers(layers, activation=anchor.activation, pool=anchor.pool, **arch)
+                    *fmnist_layers(
+                        layers, activation=lambda _channels: anchor.activation(), pool=anchor.pool, **arch
+                    )
                 ),
             )
         )

@@ -3,23 +3,52 @@
 One layout, :func:`fmnist_layers`, built from the three factories of a
 :class:`~lipnet.layers.kinds.LayerKind` (stem / channel-changing ``conv``, channel-preserving
 ``block``, ``dense``). :class:`FashionConvNet` is that layout with a registered lipnet kind, GroupSort2
-and scaled L2-norm pooling; ``lipnet bench fmnist`` passes deel-torchlip's and orthogonium's layers to
-the same function so that every library trains exactly the same architecture.
+(or Householder activations, ``activation="householder"``) and scaled L2-norm pooling; ``lipnet bench
+fmnist`` passes deel-torchlip's and orthogonium's layers to the same function so that every library
+trains exactly the same architecture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 from torch import nn
 
-from lipnet.activations import GroupSort
+from lipnet.activations import GroupSort, HouseholderActivation
 from lipnet.layers.kinds import LayerKind, get_layer_kind
 from lipnet.models.registry import register_model
 from lipnet.models.sequential import HEADS, HeadName, LipschitzSequential, classifier_head
 from lipnet.pooling import ScaledL2NormPool2d
 
-__all__ = ["SIZES", "FashionConvNet", "fmnist_convnet_m", "fmnist_convnet_s", "fmnist_layers"]
+__all__ = [
+    "ACTIVATIONS",
+    "SIZES",
+    "ActivationName",
+    "FashionConvNet",
+    "activation_factory",
+    "fmnist_convnet_m",
+    "fmnist_convnet_s",
+    "fmnist_layers",
+]
+
+#: The activations of :class:`FashionConvNet` (``model.activation``): ``groupsort``, GroupSort of size 2
+#: (MaxMin on adjacent channel pairs), or ``householder``, a
+#: :class:`~lipnet.activations.HouseholderActivation` per layer (a learned reflection angle per channel
+#: pair, MaxMin at initialisation). Both are gradient-norm preserving and exactly 1-Lipschitz.
+ActivationName = Literal["groupsort", "householder"]
+ACTIVATIONS: tuple[str, ...] = get_args(ActivationName)
+
+
+def activation_factory(name: ActivationName) -> Callable[[int], nn.Module]:
+    """The activation ``name`` (:data:`ACTIVATIONS`) as a factory of the number of channels it acts on;
+    ``ValueError`` for another name."""
+    if name == "groupsort":
+        return lambda channels: GroupSort(2)
+    if name == "householder":
+        return HouseholderActivation
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+
 
 #: Keyword arguments of :func:`fmnist_layers` for ``fmnist_convnet_s`` / ``_m``: their defaults, which the
 #: model config overrides (``model.width``, ``model.blocks``, ``model.hidden``). ``blocks: 0`` is
@@ -36,7 +65,7 @@ SIZES: dict[str, dict[str, int]] = {
 def fmnist_layers(
     kind: LayerKind,
     *,
-    activation: Callable[[], nn.Module],
+    activation: Callable[[int], nn.Module],
     pool: Callable[[], nn.Module],
     in_channels: int = 1,
     num_classes: int = 10,
@@ -49,7 +78,8 @@ def fmnist_layers(
 
     ``conv(c, w) A [block(w) A] * blocks pool conv(w, 2w) A [block(2w) A] * blocks pool flatten
     dense(2w (s/4)^2, hidden) A dense(hidden, num_classes)``, with 3x3 'same' convolutions,
-    A = ``activation()``, a 2x downsampling ``pool()`` that keeps the channels, and s = ``input_size``.
+    A = ``activation(channels)`` (given the number of channels or features it acts on), a 2x
+    downsampling ``pool()`` that keeps the channels, and s = ``input_size``.
     """
     for name, value in (
         ("in_channels", in_channels),
@@ -70,16 +100,16 @@ def fmnist_layers(
     layers: list[nn.Module] = []
     channels = in_channels
     for c in (width, 2 * width):
-        layers += [kind.conv(channels, c, 3), activation()]
+        layers += [kind.conv(channels, c, 3), activation(c)]
         for _ in range(blocks):
-            layers += [kind.block(c, 3), activation()]
+            layers += [kind.block(c, 3), activation(c)]
         layers.append(pool())
         channels = c
     side = input_size // 4
     layers += [
         nn.Flatten(),
         kind.dense(channels * side * side, hidden),
-        activation(),
+        activation(hidden),
         kind.dense(hidden, num_classes),
     ]
     return layers
@@ -91,9 +121,10 @@ class FashionConvNet(LipschitzSequential):
     ``conv`` names the kind (:func:`lipnet.layers.kinds.list_layer_kinds`; default ``bcop``: orthogonal
     BCOP convolutions, which at 1.1x the step of Björck's contractive RKO convolutions matched orthogonium's
     AOC and beat deel-torchlip at tau 0.5 in ``docs/benchmarks.md``); activations are GroupSort of
-    size 2 and downsamplings are 2x2 :class:`~lipnet.pooling.ScaledL2NormPool2d`, so the network is
-    1-Lipschitz in L2 up to the rounding of its layers' parametrizations. ``lipschitz_bound`` measures
-    that from the actual weights: the product of the children's sound float64 bounds
+    size 2, or with ``activation="householder"`` Householder activations (:data:`ACTIVATIONS`), and
+    downsamplings are 2x2 :class:`~lipnet.pooling.ScaledL2NormPool2d`, so the network is 1-Lipschitz
+    in L2 up to the rounding of its layers' parametrizations. ``lipschitz_bound`` measures that from
+    the actual weights: the product of the children's sound float64 bounds
     (:class:`~lipnet.models.sequential.LipschitzSequential`). When the kind's dense layer is an
     ``nn.Linear``, the last child is the linear head and ``certify``'s last-layer certificate splits it
     off. ``head="rownorm"`` makes that head a :class:`~lipnet.layers.rownorm.RowNormLinear` (unit class
@@ -110,13 +141,14 @@ class FashionConvNet(LipschitzSequential):
         conv: str = "bcop",
         input_size: int = 28,
         head: HeadName = "kind",
+        activation: ActivationName = "groupsort",
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         kind = get_layer_kind(conv)
         layers = fmnist_layers(
             kind,
-            activation=lambda: GroupSort(2),
+            activation=activation_factory(activation),
             pool=lambda: ScaledL2NormPool2d(2),
             in_channels=in_channels,
             num_classes=num_classes,
@@ -145,15 +177,19 @@ def _sized(size: str, label: str, width: int, blocks: int, hidden: int) -> Calla
         blocks: int = default_blocks,
         hidden: int = default_hidden,
         head: HeadName = "kind",
+        activation: ActivationName = "groupsort",
     ) -> FashionConvNet:
-        return FashionConvNet(in_channels, num_classes, width, blocks, hidden, conv, input_size, head)
+        return FashionConvNet(
+            in_channels, num_classes, width, blocks, hidden, conv, input_size, head, activation
+        )
 
     # the registry and list_models() key on __name__; docs and repr read __qualname__ and __doc__
     constructor.__name__ = constructor.__qualname__ = f"fmnist_convnet_{size}"
     constructor.__doc__ = (
         f"{label} Fashion-MNIST :class:`FashionConvNet`: by default width {width}, {blocks} "
         f"block{'' if blocks == 1 else 's'} per stage, dense {hidden} (``width``, ``blocks``, ``hidden`` "
-        "override them); ``head``: ``kind`` (the kind's dense layer) or ``rownorm``."
+        "override them); ``head``: ``kind`` (the kind's dense layer) or ``rownorm``; ``activation``: "
+        "``groupsort`` or ``householder``."
     )
     return register_model(constructor)
 
