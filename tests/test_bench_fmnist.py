@@ -15,7 +15,7 @@ import torch
 from fixtures import write_idx
 from torch import nn
 
-from lipnet.activations import GroupSort
+from lipnet.activations import GroupSort, HouseholderActivation
 from lipnet.bench.fmnist import (
     EPS,
     Contender,
@@ -35,7 +35,7 @@ from lipnet.cli.argtypes import positive_float_list
 from lipnet.data.dataset import ImageDataset
 from lipnet.layers.batching import WeightBatcher
 from lipnet.layers.bjorck import BjorckLinear
-from lipnet.layers.kinds import LayerKind, get_layer_kind, list_layer_kinds
+from lipnet.layers.kinds import AUTO_TAU_SPLIT, LayerKind, get_layer_kind, list_layer_kinds
 from lipnet.models import create
 from lipnet.models.fmnist import fmnist_layers
 from lipnet.pooling import ScaledL2NormPool2d
@@ -97,7 +97,8 @@ def test_contenders_share_one_architecture() -> None:
     pytest.importorskip("orthogonium")
     found = contenders("s")
     lipnet = [c.kind for c in found if c.library == "lipnet"]
-    assert sorted(lipnet) == sorted([*list_layer_kinds(), "auto"])  # auto: the kind per tau
+    # auto: the network per tau; bcop+householder: the one it trains from tau 2 to the split
+    assert sorted(lipnet) == sorted([*list_layer_kinds(), "bcop+householder", "auto"])
     assert {c.name for c in found} >= {
         "deel-torchlip:spectral", "orthogonium:aoc", "orthogonium:aol", "orthogonium:sll",
     }  # fmt: skip
@@ -368,9 +369,21 @@ def test_auto_trains_the_kind_of_each_tau_once(stripes_dir: Path, tmp_path: Path
     )  # fmt: skip
     assert again == [rows[1]]
     assert "lipnet:auto" in {c.name for c in contenders()}
-    assert [c.name for c in _at_tau(_select(contenders(), ["lipnet:auto"]), contenders(), None)] == [
-        "lipnet:bcop"
-    ]
+
+    def auto_at(tau: float | None, options: dict[str, str] | None = None) -> list[str]:
+        available = contenders(lipnet_options=options)
+        return [c.name for c in _at_tau(_select(available, ["lipnet:auto"]), available, tau)]
+
+    assert auto_at(None) == ["lipnet:bcop"]
+    # from tau 2 to the split, bcop with Householder activations (the network conv: auto trains there)
+    assert auto_at(5.0) == ["lipnet:bcop+householder"] and auto_at(AUTO_TAU_SPLIT) == ["lipnet:rko_bcop"]
+    (hh,) = [c for c in contenders() if c.name == "lipnet:bcop+householder"]
+    assert any(isinstance(m, HouseholderActivation) for m in hh.build().modules())
+    # a recipe that sets the activation gives it to every lipnet row; auto then picks the kind alone
+    assert auto_at(5.0, {"activation": "groupsort"}) == ["lipnet:bcop"]
+    assert "lipnet:bcop+householder" not in {
+        c.name for c in contenders(lipnet_options={"activation": "groupsort"})
+    }
 
 
 def test_a_saved_row_is_read_back_only_when_the_code_builds_the_network_it_trained(

@@ -423,7 +423,8 @@ def test_a_run_with_the_recipe_options(
 def test_kind_for_tau_splits_the_range() -> None:
     from lipnet.layers import AUTO_TAU_SPLIT, kind_for_tau
 
-    assert [kind_for_tau(t) for t in (None, 0.1, 1.0, AUTO_TAU_SPLIT, 10.0)] == [
+    assert [kind_for_tau(t) for t in (None, 0.1, 1.0, 5.0, AUTO_TAU_SPLIT, 100.0)] == [
+        "bcop",
         "bcop",
         "bcop",
         "bcop",
@@ -456,7 +457,37 @@ def test_conv_auto_builds_checkpoints_and_reports_the_kind_for_tau(
     convs = [m for m in model.modules() if isinstance(m, (BCOPConv2d, BjorckConv2d))]
     assert convs and all(isinstance(m, expected) for m in convs)
     summary = run.summary_path.read_text(encoding="utf-8")
-    assert f"conv={kind}" in summary and "conv: auto, the kind for loss.tau" in summary
+    assert f"conv={kind}" in summary and "conv: auto, the network for loss.tau" in summary
+
+
+def test_conv_auto_gives_fashion_networks_householder_activations_from_tau_2_to_the_split() -> None:
+    from lipnet.activations import GroupSort, HouseholderActivation
+    from lipnet.layers import AUTO_TAU_SPLIT
+    from lipnet.models.fmnist import HOUSEHOLDER_TAU, activation_for_tau
+    from lipnet.training.build import build_model
+
+    assert [activation_for_tau(t) for t in (None, 1.0, HOUSEHOLDER_TAU, 5.0, AUTO_TAU_SPLIT)] == [
+        "groupsort",
+        "groupsort",
+        "householder",
+        "householder",
+        "groupsort",
+    ]
+    base = ["model.name=fmnist_convnet_s", "model.conv=auto"]
+    spec = load_config(None, [*base, "loss.tau=5"])
+    resolved = spec.model.for_loss(spec.loss)
+    assert resolved.kwargs == {"conv": "bcop", "activation": "householder"}
+    assert resolved.label() == "bcop+householder"
+    model = build_model(resolved)
+    assert any(isinstance(m, HouseholderActivation) for m in model.modules())
+    assert not any(isinstance(m, GroupSort) for m in model.modules())
+    for tau, kind in ((0.5, "bcop"), (10.0, "rko_bcop")):  # GroupSort, the model's default, left implicit
+        spec = load_config(None, [*base, f"loss.tau={tau}"])
+        assert spec.model.for_loss(spec.loss).kwargs == {"conv": kind}
+    spec = load_config(None, [*base, "model.activation=groupsort", "loss.tau=5"])  # the config's own wins
+    assert spec.model.for_loss(spec.loss).kwargs == {"conv": "bcop", "activation": "groupsort"}
+    spec = load_config(None, ["model.name=small_cnn", "model.conv=auto", "loss.tau=5"])  # no such argument
+    assert spec.model.for_loss(spec.loss).kwargs == {"conv": "bcop"}
 
 
 @pytest.mark.parametrize(

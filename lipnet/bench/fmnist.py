@@ -15,9 +15,10 @@ blocks per stage and hidden width) built from one library's layers:
   channel-preserving blocks, AOC for the channel-changing convolutions, ``OrthoLinear``; with
   ``blocks = 0`` it is the AOC network), all with orthogonium's ``MaxMin`` and lipnet's scaled L2-norm
   pooling (orthogonium has none);
-* ``lipnet:auto``, lipnet's default front: at each τ the row of the kind a training config with
-  ``model.conv: auto`` builds (:func:`lipnet.layers.kinds.kind_for_tau`), named by that kind (one row
-  when the kind is chosen as well).
+* ``lipnet:auto``, lipnet's default front: at each τ the row of the network a training config with
+  ``model.conv: auto`` builds (the kind of :func:`lipnet.layers.kinds.kind_for_tau` and, unless the recipe
+  sets ``model.activation``, the activation of :func:`lipnet.models.fmnist.activation_for_tau`), named by
+  that network (``bcop``, ``bcop+householder``, ``rko_bcop``; one row when it is chosen as well).
 
 Every contender gets the same *recipe*, a run config (:class:`~lipnet.training.config.Config`, the
 ``--config`` of the command): the same initialisation seed, the same data order (one
@@ -88,7 +89,7 @@ from lipnet.layers.batching import batch_weights
 from lipnet.layers.kinds import AUTO, kind_for_tau, list_layer_kinds
 from lipnet.losses import arguments as loss_arguments
 from lipnet.models import create
-from lipnet.models.fmnist import SIZES, fmnist_layers
+from lipnet.models.fmnist import HOUSEHOLDER_TAU, SIZES, activation_for_tau, fmnist_layers
 from lipnet.training.build import build_loss, build_optimizer
 from lipnet.training.config import DATA_ARGS, Config, ConfigError, apply_overrides
 from lipnet.training.devices import resolve_device
@@ -152,9 +153,12 @@ def contenders(
     lipnet_options: dict[str, Any] | None = None,
 ) -> list[Contender]:
     """Every network of the table whose library is installed: lipnet's registered kinds first, then
-    ``lipnet:auto`` (lipnet's default front: at each τ the kind that ``model.conv: auto`` trains,
-    :func:`~lipnet.layers.kinds.kind_for_tau`), then the anchors of :data:`~lipnet.bench.anchors.ANCHORS`
-    as their libraries ship them.
+    ``lipnet:bcop+householder`` (the kind ``model.conv: auto`` trains from
+    :data:`~lipnet.models.fmnist.HOUSEHOLDER_TAU`, with Householder activations; not when
+    ``lipnet_options`` sets the activation), ``lipnet:auto`` (lipnet's default front: at each τ the network
+    that ``model.conv: auto`` trains, :func:`~lipnet.layers.kinds.kind_for_tau`,
+    :func:`~lipnet.models.fmnist.activation_for_tau`), then the anchors of
+    :data:`~lipnet.bench.anchors.ANCHORS` as their libraries ship them.
 
     ``layout`` (keys of :data:`LAYOUT_KEYS`) replaces the sizes of ``fmnist_convnet_<size>``
     (:data:`~lipnet.models.fmnist.SIZES`) for every library; ``lipnet_options`` are further arguments of
@@ -167,20 +171,32 @@ def contenders(
         raise ValueError(f"layout takes {', '.join(LAYOUT_KEYS)}, got {', '.join(unknown)}")
     arch = {**SIZES[size], **(layout or {}), "num_classes": num_classes}
     options = dict(lipnet_options or {})
-    out = [
-        Contender(
-            "lipnet",
-            kind,
-            lambda kind=kind: create(f"fmnist_convnet_{size}", conv=kind, **arch, **options),
+
+    def lipnet_row(kind: str, **extra: Any) -> Contender:
+        name = kind + "".join(f"+{value}" for value in extra.values())
+        return Contender(
+            "lipnet", name, lambda: create(f"fmnist_convnet_{size}", conv=kind, **arch, **options, **extra)
         )
-        for kind in list_layer_kinds()
-    ]
+
+    out = [lipnet_row(kind) for kind in list_layer_kinds()]
+    # what lipnet:auto trains where model.conv: auto also picks the activation (the config sets none)
+    auto_activation = "activation" not in options
+    householder = kind_for_tau(HOUSEHOLDER_TAU)
+    if auto_activation:
+        out.append(lipnet_row(householder, activation="householder"))
+
+    def kind_at(tau: float | None) -> str:
+        kind = kind_for_tau(tau)
+        if auto_activation and activation_for_tau(tau) == "householder":
+            return f"lipnet:{kind}+householder"
+        return f"lipnet:{kind}"
+
     out.append(
         Contender(
             "lipnet",
             AUTO,
             lambda: create(f"fmnist_convnet_{size}", conv=kind_for_tau(None), **arch, **options),
-            kind_at=lambda tau: f"lipnet:{kind_for_tau(tau)}",
+            kind_at=kind_at,
         )
     )
     for anchor in ANCHORS.values():

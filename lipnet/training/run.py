@@ -369,7 +369,7 @@ def _summary(cfg: Config, results: dict[str, Any]) -> str:
     model = cfg.model.for_loss(cfg.loss)  # the kind the run built where the config says conv: auto
     model_args = ", ".join(f"{k}={v}" for k, v in model.kwargs.items())
     if model is not cfg.model:
-        model_args += "; conv: auto, the kind for loss.tau"
+        model_args += "; conv: auto, the network for loss.tau"
     last = results["final_epoch"]
     lines = [
         f"# Run `{Path(results['run']).name}`",
@@ -522,7 +522,7 @@ def train(
         # where the config leaves them out
         model_spec = cfg.model.for_loss(cfg.loss)
         if model_spec is not cfg.model:
-            log(f"model.conv: auto -> {model_spec.kwargs['conv']} (loss.tau = {cfg.loss.kwargs.get('tau')})")
+            log(f"model.conv: auto -> {model_spec.label()} (loss.tau = {cfg.loss.kwargs.get('tau')})")
         model_spec = model_spec.for_data(train_ds.input_shape, train_ds.num_classes)
         model = batch_weights(build_model(model_spec).to(device))
         loss_fn = build_loss(cfg)

@@ -362,7 +362,7 @@ def run_sweep(
     n_cert = int(RunFolder(configs[0][1].out or "").read_results()["certify"]["n"])
     kinds = None
     if cfg.model.kwargs.get("conv") == AUTO:  # the kind each run built follows its loss's tau
-        kinds = [str(c.model.for_loss(c.loss).kwargs["conv"]) for _, c in configs]
+        kinds = [c.model.for_loss(c.loss).label() for _, c in configs]
     atomic_write_text(md_path, _markdown(configs[0][1], param, eps, rows, n_cert, kinds))
     plotted = plot_sweep(
         param,
