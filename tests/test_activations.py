@@ -54,6 +54,37 @@ def test_householder_starts_as_maxmin_on_channel_halves() -> None:
     torch.testing.assert_close(act(z), torch.cat((torch.minimum(x, y), torch.maximum(x, y)), dim=1))
 
 
+def test_householder_equals_its_per_half_definition_bit_for_bit() -> None:
+    """The pair-axis update ``v - 2 min(theta^T v, 0) theta`` against the definition written per half
+    (reflect where ``theta^T v <= 0``): the same values and gradients to the last bit, so rows trained
+    before the faster forward are what the code trains now."""
+    torch.manual_seed(0)
+    for shape in ((5, 6, 4, 4), (7, 8)):
+        act = HouseholderActivation(shape[1]).double()
+        with torch.no_grad():
+            act.angle.uniform_(-7.0, 7.0)
+        z = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        view = [1, -1] + [1] * (z.ndim - 2)
+        cos, sin = act.angle.cos().view(view), act.angle.sin().view(view)
+        x, y = z.chunk(2, dim=1)
+        projection = cos * x + sin * y
+        reflect = projection <= 0
+        expected = torch.cat(
+            (
+                torch.where(reflect, x - 2 * projection * cos, x),
+                torch.where(reflect, y - 2 * projection * sin, y),
+            ),
+            dim=1,
+        )
+        out = act(z)
+        assert torch.equal(out, expected)
+        g = torch.randn(shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, (z, act.angle), g)
+        want = torch.autograd.grad(expected, (z, act.angle), g)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+
+
 def test_householder_reflects_exactly_where_theta_z_is_not_positive() -> None:
     phi = 0.3
     act = _householder_at(phi, 2)
