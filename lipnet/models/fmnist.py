@@ -54,7 +54,7 @@ def activation_factory(name: ActivationName) -> Callable[[int], nn.Module]:
         return lambda channels: GroupSort(2)
     if name == "householder":
         return HouseholderActivation
-    hint = " ('auto' is resolved by a training config from loss.tau)" if name == AUTO else ""
+    hint = " (model.conv: auto picks it from loss.tau when model.activation is unset)" if name == AUTO else ""
     raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}{hint}")
 
 
