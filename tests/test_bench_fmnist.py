@@ -97,7 +97,7 @@ def test_contenders_share_one_architecture() -> None:
     pytest.importorskip("orthogonium")
     found = contenders("s")
     lipnet = [c.kind for c in found if c.library == "lipnet"]
-    # auto: the network per tau; bcop+householder: the one it trains from tau 2 to the split
+    # auto: the network per tau; bcop+householder: the one it trains from HOUSEHOLDER_TAU to the split
     assert sorted(lipnet) == sorted([*list_layer_kinds(), "bcop+householder", "auto"])
     assert {c.name for c in found} >= {
         "deel-torchlip:spectral", "orthogonium:aoc", "orthogonium:aol", "orthogonium:sll",
@@ -375,7 +375,7 @@ def test_auto_trains_the_kind_of_each_tau_once(stripes_dir: Path, tmp_path: Path
         return [c.name for c in _at_tau(_select(available, ["lipnet:auto"]), available, tau)]
 
     assert auto_at(None) == ["lipnet:bcop"]
-    # from tau 2 to the split, bcop with Householder activations (the network conv: auto trains there)
+    # from HOUSEHOLDER_TAU to the split, bcop with Householder activations (what conv: auto trains there)
     assert auto_at(5.0) == ["lipnet:bcop+householder"] and auto_at(AUTO_TAU_SPLIT) == ["lipnet:rko_bcop"]
     (hh,) = [c for c in contenders() if c.name == "lipnet:bcop+householder"]
     assert any(isinstance(m, HouseholderActivation) for m in hh.build().modules())

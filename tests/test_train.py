@@ -460,13 +460,13 @@ def test_conv_auto_builds_checkpoints_and_reports_the_kind_for_tau(
     assert f"conv={kind}" in summary and "conv: auto, the network for loss.tau" in summary
 
 
-def test_conv_auto_gives_fashion_networks_householder_activations_from_tau_2_to_the_split() -> None:
+def test_conv_auto_gives_fashion_networks_householder_activations_up_to_the_split() -> None:
     from lipnet.activations import GroupSort, HouseholderActivation
     from lipnet.layers import AUTO_TAU_SPLIT
     from lipnet.models.fmnist import HOUSEHOLDER_TAU, activation_for_tau
     from lipnet.training.build import build_model
 
-    assert [activation_for_tau(t) for t in (None, 1.0, HOUSEHOLDER_TAU, 5.0, AUTO_TAU_SPLIT)] == [
+    assert [activation_for_tau(t) for t in (None, 0.5, HOUSEHOLDER_TAU, 5.0, AUTO_TAU_SPLIT)] == [
         "groupsort",
         "groupsort",
         "householder",
