@@ -502,3 +502,23 @@ def test_every_experiment_config_loads_and_names_a_buildable_model(path: Path) -
         assert cfg.optim.warmup > 0 and not cfg.data.flips()
     if cfg.model.name == "fmnist_convnet_s":  # the anchor layout
         assert cfg.model.kwargs["blocks"] == 0
+
+
+def test_a_resumed_auto_run_keeps_the_network_it_started_with(
+    tmp_path: Path, tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """conv: auto is resolved when a run starts; a resume after the rule changed (another split) builds the
+    network the checkpoint recorded, not the one the new rule picks."""
+    from lipnet.layers import BCOPConv2d
+
+    cfg = tiny_config(tmp_path / "run", "model.conv=auto", "loss.tau=5", "optim.epochs=2")
+    first = train(cfg, progress=False, stop_after_epoch=1)
+    assert not first.finished
+    assert RunFolder(first.run_dir).load_checkpoint("last").meta["model"]["kwargs"]["conv"] == "bcop"
+    monkeypatch.setattr("lipnet.training.config.kind_for_tau", lambda tau: "rko_bcop")  # a changed rule
+    assert cfg.model.for_loss(cfg.loss).kwargs["conv"] == "rko_bcop"
+    lines: list[str] = []
+    second = train(cfg, resume=True, progress=False, log=lines.append)
+    assert second.finished and "model.conv: auto -> bcop (loss.tau = 5)" in lines
+    assert any(isinstance(m, BCOPConv2d) for m in second.model.modules())
+    assert RunFolder(second.run_dir).load_checkpoint("final").meta["model"]["kwargs"]["conv"] == "bcop"

@@ -521,6 +521,12 @@ def train(
         # itself otherwise, as _summary tests), and in_channels / input_size / num_classes from the data
         # where the config leaves them out
         model_spec = cfg.model.for_loss(cfg.loss)
+        if model_spec is not cfg.model and resume and run.has_checkpoint("last"):
+            # a resumed run keeps the network it started with, recorded in its checkpoint, even if the
+            # rule behind conv: auto has changed since (kind_for_tau's split, activation_for_tau)
+            trained = run.load_checkpoint("last").meta.get("model", {}).get("kwargs")
+            if trained is not None:
+                model_spec = ModelConfig(cfg.model.name, dict(trained))
         if model_spec is not cfg.model:
             log(f"model.conv: auto -> {model_spec.label()} (loss.tau = {cfg.loss.kwargs.get('tau')})")
         model_spec = model_spec.for_data(train_ds.input_shape, train_ds.num_classes)
