@@ -62,8 +62,9 @@ from certify.io import atomic_write_json
 from certify.radius import CertificationResult, certification_table
 from lipnet import data
 from lipnet.layers.batching import batch_weights
+from lipnet.layers.kinds import AUTO
 from lipnet.training.build import build_loss, build_model, build_optimizer, check_model_fits
-from lipnet.training.config import RESUME_IGNORES, Config, ConfigError, ModelConfig, config_diff
+from lipnet.training.config import DATA_ARGS, RESUME_IGNORES, Config, ConfigError, ModelConfig, config_diff
 from lipnet.training.devices import Distributed, resolve_device
 from lipnet.training.ema import ExponentialMovingAverage
 from lipnet.training.loop import Callback, EpochResult, GradientClipping, classification_step, fit, show_bars
@@ -366,9 +367,11 @@ def describe_recipe(cfg: Config) -> str:
 def _summary(cfg: Config, results: dict[str, Any]) -> str:
     cert = results["certify"]
     loss_args = ", ".join(f"{k}={v}" for k, v in cfg.loss.kwargs.items())
-    model = cfg.model.for_loss(cfg.loss)  # the kind the run built where the config says conv: auto
-    model_args = ", ".join(f"{k}={v}" for k, v in model.kwargs.items())
-    if model is not cfg.model:
+    # the network the run built (conv: auto resolved), without the data arguments the config left out
+    built = results["model"]["kwargs"]
+    shown = {k: v for k, v in built.items() if k in cfg.model.kwargs or k not in DATA_ARGS}
+    model_args = ", ".join(f"{k}={v}" for k, v in shown.items())
+    if cfg.model.kwargs.get("conv") == AUTO:
         model_args += "; conv: auto, the network for loss.tau"
     last = results["final_epoch"]
     lines = [
@@ -520,11 +523,12 @@ def train(
         # the layer kind from the loss's tau where the config says conv: auto (for_loss returns the config
         # itself otherwise, as _summary tests), and in_channels / input_size / num_classes from the data
         # where the config leaves them out
+        ckpt = run.load_checkpoint("last") if resume and run.has_checkpoint("last") else None
         model_spec = cfg.model.for_loss(cfg.loss)
-        if model_spec is not cfg.model and resume and run.has_checkpoint("last"):
+        if model_spec is not cfg.model and ckpt is not None:
             # a resumed run keeps the network it started with, recorded in its checkpoint, even if the
             # rule behind conv: auto has changed since (kind_for_tau's split, activation_for_tau)
-            trained = run.load_checkpoint("last").meta.get("model", {}).get("kwargs")
+            trained = ckpt.meta.get("model", {}).get("kwargs")
             if trained is not None:
                 model_spec = ModelConfig(cfg.model.name, dict(trained))
         if model_spec is not cfg.model:
@@ -542,8 +546,7 @@ def train(
             "as config.yaml describes it"
         )
         average_state: Mapping[str, torch.Tensor] | None = None  # the checkpoint's moving average
-        if resume and run.has_checkpoint("last"):
-            ckpt = run.load_checkpoint("last")
+        if ckpt is not None:
             if cfg.optim.ema is not None:
                 # the checkpoint's model is the average; the trained weights are in its state
                 if "training_model" not in ckpt.state:

@@ -52,6 +52,7 @@ from lipnet.training.config import (
     RESUME_IGNORES,
     Config,
     ConfigError,
+    ModelConfig,
     check_loss_argument,
     config_diff,
     dump_config,
@@ -326,10 +327,12 @@ def run_sweep(
     eps = list(cfg.certify.eps)
     test_ds = None
     rows: list[SweepRow] = []
+    built: list[str] = []  # the network each run built, from its results (conv: auto follows its tau)
     violations: list[str] = []
     for value, run_cfg in configs:
         run = train_unless_finished(run_cfg, f"{param}={value:g}", progress=progress, log=log)
         results = run.read_results()
+        built.append(ModelConfig(**results["model"]).label())
         cert = results["certify"]
         if [float(e) for e in cert["eps"]] != eps:
             raise RunError(f"{run.path}/results.json was certified at other radii than {eps}")
@@ -360,9 +363,7 @@ def run_sweep(
     csv_path, md_path, png_path = out / "sweep.csv", out / "sweep.md", out / "curve.png"
     atomic_write_text(csv_path, _csv(param, eps, rows))
     n_cert = int(RunFolder(configs[0][1].out or "").read_results()["certify"]["n"])
-    kinds = None
-    if cfg.model.kwargs.get("conv") == AUTO:  # the kind each run built follows its loss's tau
-        kinds = [c.model.for_loss(c.loss).label() for _, c in configs]
+    kinds = built if cfg.model.kwargs.get("conv") == AUTO else None
     atomic_write_text(md_path, _markdown(configs[0][1], param, eps, rows, n_cert, kinds))
     plotted = plot_sweep(
         param,
