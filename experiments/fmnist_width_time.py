@@ -23,19 +23,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from certify.io import atomic_write_json, atomic_write_text
 from lipnet import data
-from lipnet.bench.anchors import ANCHORS
-from lipnet.bench.fmnist import Contender, layout_of, time_steps, timing_markdown
+from lipnet.bench.fmnist import Contender, contenders, layout_of, time_steps, timing_markdown
 from lipnet.cli.argtypes import positive_float
-from lipnet.layers.kinds import AUTO, kind_for_tau
 from lipnet.models import create
-from lipnet.models.fmnist import SIZES, activation_for_tau, fmnist_layers
 from lipnet.training.config import apply_overrides, load_config
 
-#: The anchors timed beside lipnet (names of :data:`lipnet.bench.anchors.ANCHORS`' networks).
+#: The anchors timed beside lipnet (their contenders' kinds in :func:`lipnet.bench.fmnist.contenders`).
 ANCHOR_NAMES = ("spectral", "aoc")
 
 
@@ -52,34 +48,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     recipe = apply_overrides(load_config(args.config), [f"loss.tau={args.tau!r}"])
-    size, layout, options = layout_of(recipe)
-    conv = recipe.model.kwargs.get("conv", AUTO)
-    kind = kind_for_tau(args.tau) if conv == AUTO else conv
-    if conv == AUTO and "activation" not in options:
-        options["activation"] = activation_for_tau(args.tau)
-    arch = {**SIZES[size], **layout, "num_classes": 10}
+    size, layout, _options = layout_of(recipe)
+    # the network lipnet trains at --tau (conv: auto resolved as a training run resolves it)
+    spec = recipe.model.for_loss(recipe.loss)
+    kind = spec.label()
+    width = layout["width"]
     chosen = [
         Contender(
             "lipnet",
-            f"{kind}+{options.get('activation', 'groupsort')}-width{w}",
-            lambda w=w: create(f"fmnist_convnet_{size}", conv=kind, **{**arch, "width": w}, **options),
+            f"{kind}-width{w}",
+            lambda w=w: create(spec.name, **{**spec.kwargs, "width": w, "num_classes": 10}),
         )
         for w in args.widths
     ]
-    for anchor in ANCHORS.values():
-        if anchor.name in ANCHOR_NAMES:
-            layers = anchor.layers(as_lipnet=False)
-            chosen.append(
-                Contender(
-                    anchor.library,
-                    f"{anchor.name}-width{arch['width']}",
-                    lambda layers=layers, anchor=anchor: nn.Sequential(
-                        *fmnist_layers(
-                            layers, activation=lambda _: anchor.activation(), pool=anchor.pool, **arch
-                        )
-                    ),
-                )
-            )
+    chosen += [
+        Contender(c.library, f"{c.kind}-width{width}", c.build)
+        for c in contenders(size, layout=layout)
+        if c.library != "lipnet" and c.kind in ANCHOR_NAMES
+    ]
     train_ds = data.load("fashion_mnist", "train", n=args.n_train)
     steps_per_epoch = -(-60_000 // recipe.optim.batch_size)
     rows = time_steps(
@@ -87,7 +73,7 @@ def main() -> None:
     )
     header = (
         f"Training step at tau {args.tau:g} ({args.config}), lipnet's {kind} network at widths "
-        f"{', '.join(map(str, args.widths))} and the anchors at width {arch['width']}, one process, "
+        f"{', '.join(map(str, args.widths))} and the anchors at width {width}, one process, "
         f"{args.rounds} interleaved rounds, {torch.get_num_threads()} thread(s); "
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}; s/epoch for 60,000 images"
     )
