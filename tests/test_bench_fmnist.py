@@ -36,8 +36,9 @@ from lipnet.data.dataset import ImageDataset
 from lipnet.layers.batching import WeightBatcher
 from lipnet.layers.bjorck import BjorckLinear
 from lipnet.layers.kinds import AUTO_TAU_SPLIT, LayerKind, get_layer_kind, list_layer_kinds
+from lipnet.layers.rownorm import RowNormLinear
 from lipnet.models import create
-from lipnet.models.fmnist import fmnist_layers
+from lipnet.models.fmnist import ROWNORM_TAU, fmnist_layers
 from lipnet.pooling import ScaledL2NormPool2d
 from lipnet.training.config import apply_overrides, load_config
 from lipnet.training.loop import fit, lr_at
@@ -97,8 +98,8 @@ def test_contenders_share_one_architecture() -> None:
     pytest.importorskip("orthogonium")
     found = contenders("s")
     lipnet = [c.kind for c in found if c.library == "lipnet"]
-    # auto: the network per tau; bcop+householder: the one it trains from HOUSEHOLDER_TAU to the split
-    assert sorted(lipnet) == sorted([*list_layer_kinds(), "bcop+householder", "auto"])
+    # auto: the network per tau; bcop+householder, rko_bcop+rownorm: those it trains beside the kinds
+    assert sorted(lipnet) == sorted([*list_layer_kinds(), "bcop+householder", "rko_bcop+rownorm", "auto"])
     assert {c.name for c in found} >= {
         "deel-torchlip:spectral", "orthogonium:aoc", "orthogonium:aol", "orthogonium:sll",
     }  # fmt: skip
@@ -377,6 +378,11 @@ def test_auto_trains_the_kind_of_each_tau_once(stripes_dir: Path, tmp_path: Path
     assert auto_at(None) == ["lipnet:bcop"]
     # from HOUSEHOLDER_TAU to the split, bcop with Householder activations (what conv: auto trains there)
     assert auto_at(5.0) == ["lipnet:bcop+householder"] and auto_at(AUTO_TAU_SPLIT) == ["lipnet:rko_bcop"]
+    # from ROWNORM_TAU on, rko_bcop with a row-normalised head; a recipe that sets the head: rko_bcop
+    assert auto_at(ROWNORM_TAU) == auto_at(100.0) == ["lipnet:rko_bcop+rownorm"]
+    assert auto_at(100.0, {"head": "rownorm"}) == ["lipnet:rko_bcop"]
+    (rownorm,) = [c for c in contenders() if c.name == "lipnet:rko_bcop+rownorm"]
+    assert isinstance(rownorm.build()[-1], RowNormLinear)
     (hh,) = [c for c in contenders() if c.name == "lipnet:bcop+householder"]
     assert any(isinstance(m, HouseholderActivation) for m in hh.build().modules())
     # a recipe that sets the activation gives it to every lipnet row; auto then picks the kind alone

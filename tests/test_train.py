@@ -490,6 +490,29 @@ def test_conv_auto_gives_fashion_networks_householder_activations_up_to_the_spli
     assert spec.model.for_loss(spec.loss).kwargs == {"conv": "bcop"}
 
 
+def test_conv_auto_gives_fashion_networks_a_row_normalised_head_at_the_accurate_end() -> None:
+    from lipnet.layers import RowNormLinear
+    from lipnet.models.fmnist import ROWNORM_TAU, head_for_tau
+    from lipnet.training.build import build_model
+
+    assert [head_for_tau(t) for t in (None, 0.5, 10.0, ROWNORM_TAU, 100.0)] == [
+        "kind", "kind", "kind", "rownorm", "rownorm",
+    ]  # fmt: skip
+    base = ["model.name=fmnist_convnet_s", "model.conv=auto"]
+    spec = load_config(None, [*base, f"loss.tau={ROWNORM_TAU}"])
+    resolved = spec.model.for_loss(spec.loss)
+    assert resolved.kwargs == {"conv": "rko_bcop", "head": "rownorm"}
+    assert resolved.label() == "rko_bcop+rownorm"
+    assert isinstance(build_model(resolved)[-1], RowNormLinear)
+    spec = load_config(None, [*base, "model.head=kind", "loss.tau=100"])  # the config's own wins
+    resolved = spec.model.for_loss(spec.loss)
+    assert resolved.kwargs == {"conv": "rko_bcop", "head": "kind"} and resolved.label() == "rko_bcop"
+    assert not isinstance(build_model(resolved)[-1], RowNormLinear)
+    # small_cnn takes a head too, but the rule was measured on the Fashion-MNIST networks alone
+    spec = load_config(None, ["model.name=small_cnn", "model.conv=auto", "loss.tau=100"])
+    assert spec.model.for_loss(spec.loss).kwargs == {"conv": "rko_bcop"}
+
+
 @pytest.mark.parametrize(
     "path",
     sorted((Path(__file__).resolve().parent.parent / "experiments" / "configs").glob("*.yaml")),

@@ -16,9 +16,10 @@ blocks per stage and hidden width) built from one library's layers:
   ``blocks = 0`` it is the AOC network), all with orthogonium's ``MaxMin`` and lipnet's scaled L2-norm
   pooling (orthogonium has none);
 * ``lipnet:auto``, lipnet's default front: at each τ the row of the network a training config with
-  ``model.conv: auto`` builds (the kind of :func:`lipnet.layers.kinds.kind_for_tau` and, unless the recipe
-  sets ``model.activation``, the activation of :func:`lipnet.models.fmnist.activation_for_tau`), named by
-  that network (``bcop``, ``bcop+householder``, ``rko_bcop``; one row when it is chosen as well).
+  ``model.conv: auto`` builds (the kind of :func:`lipnet.layers.kinds.kind_for_tau` and, where the recipe
+  sets none, the activation and head of :func:`lipnet.models.fmnist.auto_options`), named by that
+  network (``bcop``, ``bcop+householder``, ``rko_bcop``, ``rko_bcop+rownorm``; one row when it is chosen
+  as well).
 
 Every contender gets the same *recipe*, a run config (:class:`~lipnet.training.config.Config`, the
 ``--config`` of the command): the same initialisation seed, the same data order (one
@@ -89,7 +90,7 @@ from lipnet.layers.batching import batch_weights
 from lipnet.layers.kinds import AUTO, kind_for_tau, list_layer_kinds
 from lipnet.losses import arguments as loss_arguments
 from lipnet.models import create
-from lipnet.models.fmnist import HOUSEHOLDER_TAU, SIZES, activation_for_tau, fmnist_layers
+from lipnet.models.fmnist import AUTO_TAUS, SIZES, auto_options, fmnist_layers
 from lipnet.training.build import build_loss, build_optimizer
 from lipnet.training.config import DATA_ARGS, Config, ConfigError, apply_overrides
 from lipnet.training.devices import resolve_device
@@ -152,13 +153,12 @@ def contenders(
     layout: dict[str, int] | None = None,
     lipnet_options: dict[str, Any] | None = None,
 ) -> list[Contender]:
-    """Every network of the table whose library is installed: lipnet's registered kinds first, then
-    ``lipnet:bcop+householder`` (the kind ``model.conv: auto`` trains from
-    :data:`~lipnet.models.fmnist.HOUSEHOLDER_TAU`, with Householder activations; not when
-    ``lipnet_options`` sets the activation), ``lipnet:auto`` (lipnet's default front: at each τ the network
-    that ``model.conv: auto`` trains, :func:`~lipnet.layers.kinds.kind_for_tau`,
-    :func:`~lipnet.models.fmnist.activation_for_tau`), then the anchors of
-    :data:`~lipnet.bench.anchors.ANCHORS` as their libraries ship them.
+    """Every network of the table whose library is installed: lipnet's registered kinds first, then the
+    other networks ``model.conv: auto`` trains at some τ (``lipnet:bcop+householder``,
+    ``lipnet:rko_bcop+rownorm``: :func:`~lipnet.models.fmnist.auto_options`, for the options
+    ``lipnet_options`` does not set), ``lipnet:auto`` (lipnet's default front: at each τ the network that
+    ``model.conv: auto`` trains), then the anchors of :data:`~lipnet.bench.anchors.ANCHORS` as their
+    libraries ship them.
 
     ``layout`` (keys of :data:`LAYOUT_KEYS`) replaces the sizes of ``fmnist_convnet_<size>``
     (:data:`~lipnet.models.fmnist.SIZES`) for every library; ``lipnet_options`` are further arguments of
@@ -171,6 +171,7 @@ def contenders(
         raise ValueError(f"layout takes {', '.join(LAYOUT_KEYS)}, got {', '.join(unknown)}")
     arch = {**SIZES[size], **(layout or {}), "num_classes": num_classes}
     options = dict(lipnet_options or {})
+    defaults = auto_options(None)
 
     def lipnet_row(kind: str, **extra: Any) -> Contender:
         name = kind + "".join(f"+{value}" for value in extra.values())
@@ -178,18 +179,21 @@ def contenders(
             "lipnet", name, lambda: create(f"fmnist_convnet_{size}", conv=kind, **arch, **options, **extra)
         )
 
+    def auto_at(tau: float | None) -> tuple[str, dict[str, str]]:
+        """The kind and the options beyond ``options`` and the defaults that conv: auto picks at ``tau``."""
+        chosen = auto_options(tau).items()
+        return kind_for_tau(tau), {k: v for k, v in chosen if k not in options and v != defaults[k]}
+
     out = [lipnet_row(kind) for kind in list_layer_kinds()]
-    # what lipnet:auto trains where model.conv: auto also picks the activation (the config sets none)
-    auto_activation = "activation" not in options
-    householder = kind_for_tau(HOUSEHOLDER_TAU)
-    if auto_activation:
-        out.append(lipnet_row(householder, activation="householder"))
+    # the rule is one network between two of AUTO_TAUS (and below the first, the one at tau None)
+    for kind, extra in (auto_at(tau) for tau in AUTO_TAUS):
+        row = lipnet_row(kind, **extra)
+        if extra and row.name not in {c.name for c in out}:
+            out.append(row)
 
     def kind_at(tau: float | None) -> str:
-        kind = kind_for_tau(tau)
-        if auto_activation and activation_for_tau(tau) == "householder":
-            return f"lipnet:{kind}+householder"
-        return f"lipnet:{kind}"
+        kind, extra = auto_at(tau)
+        return lipnet_row(kind, **extra).name
 
     out.append(
         Contender(

@@ -94,7 +94,8 @@ def kind_for_tau(tau: float | None) -> str:
     Fashion-MNIST, 60,000 images, three seeds (``docs/benchmarks.md``, "Householder activations at
     tau 5"): bcop leads at tau 0.1 to 1 and, with Householder activations (the Fashion-MNIST networks'
     ``activation`` for ``conv: auto`` from tau 1, :func:`lipnet.models.fmnist.activation_for_tau`), at
-    tau 5, at 4 and at 20 epochs; rko_bcop at tau 10 to 100, at 4 epochs.
+    tau 5, at 4 and at 20 epochs; rko_bcop at tau 10 to 100, at 4 epochs (with a row-normalised head
+    from tau 50 for those networks, :func:`lipnet.models.fmnist.head_for_tau`).
     """
     return "bcop" if tau is None or tau < AUTO_TAU_SPLIT else "rko_bcop"
 

@@ -32,8 +32,7 @@ import yaml
 from certify.radius import DEFAULT_EPS, parse_eps
 from lipnet import data, losses
 from lipnet.layers.kinds import AUTO, kind_for_tau
-from lipnet.models import model_entrypoint
-from lipnet.models.fmnist import activation_for_tau
+from lipnet.models import fmnist, model_entrypoint
 from lipnet.training.loop import SCHEDULES
 
 __all__ = [
@@ -172,24 +171,26 @@ class ModelConfig:
 
     def for_loss(self, loss: LossConfig) -> ModelConfig:
         """A copy with ``conv: auto`` replaced by the layer kind for the loss's temperature
-        (:func:`lipnet.layers.kinds.kind_for_tau` of ``loss.kwargs["tau"]``) and, for a model that takes an
-        ``activation`` the config does not set (the Fashion-MNIST networks), that activation too
-        (:func:`lipnet.models.fmnist.activation_for_tau`); ``self`` when ``conv`` is not ``auto``. The run
+        (:func:`lipnet.layers.kinds.kind_for_tau` of ``loss.kwargs["tau"]``) and, for a Fashion-MNIST
+        network (:mod:`lipnet.models.fmnist`), the activation and head for it too where the config sets
+        none (:func:`lipnet.models.fmnist.auto_options`); ``self`` when ``conv`` is not ``auto``. The run
         builds, checkpoints and reports the resolved network."""
         if self.kwargs.get("conv") != AUTO:
             return self
         kwargs = {**self.kwargs, "conv": kind_for_tau(loss.tau)}
-        takes = inspect.signature(model_entrypoint(self.name)).parameters
-        if "activation" in takes and "activation" not in kwargs:
-            activation = activation_for_tau(loss.tau)
-            if activation != takes["activation"].default:
-                kwargs["activation"] = activation
+        constructor = model_entrypoint(self.name)
+        if constructor.__module__ == fmnist.__name__:
+            takes = inspect.signature(constructor).parameters
+            for key, value in fmnist.auto_options(loss.tau).items():
+                if key not in kwargs and value != takes[key].default:
+                    kwargs[key] = value
         return ModelConfig(self.name, kwargs)
 
     def label(self) -> str:
-        """The network's short name: ``conv``, with ``+activation`` when the config sets one."""
-        activation = self.kwargs.get("activation")
-        return f"{self.kwargs.get('conv')}" + (f"+{activation}" if activation else "")
+        """The network's short name: ``conv``, then ``+activation`` and ``+head`` for those the config
+        sets (but the kind's own head, ``kind``)."""
+        extra = [self.kwargs[k] for k in ("activation", "head") if self.kwargs.get(k, "kind") != "kind"]
+        return "+".join([str(self.kwargs.get("conv")), *map(str, extra)])
 
 
 #: The model arguments that describe the data; :meth:`ModelConfig.for_data` fills them in.

@@ -527,7 +527,7 @@ def train(
         model_spec = cfg.model.for_loss(cfg.loss)
         if model_spec is not cfg.model and ckpt is not None:
             # a resumed run keeps the network it started with, recorded in its checkpoint, even if the
-            # rule behind conv: auto has changed since (kind_for_tau's split, activation_for_tau)
+            # rule behind conv: auto has changed since (kind_for_tau's split, fmnist.auto_options)
             trained = ckpt.meta.get("model", {}).get("kwargs")
             if trained is not None:
                 model_spec = ModelConfig(cfg.model.name, dict(trained))
