@@ -171,7 +171,6 @@ def contenders(
         raise ValueError(f"layout takes {', '.join(LAYOUT_KEYS)}, got {', '.join(unknown)}")
     arch = {**SIZES[size], **(layout or {}), "num_classes": num_classes}
     options = dict(lipnet_options or {})
-    defaults = auto_options(None)
 
     def lipnet_row(kind: str, **extra: Any) -> Contender:
         name = kind + "".join(f"+{value}" for value in extra.values())
@@ -180,9 +179,8 @@ def contenders(
         )
 
     def auto_at(tau: float | None) -> tuple[str, dict[str, str]]:
-        """The kind and the options beyond ``options`` and the defaults that conv: auto picks at ``tau``."""
-        chosen = auto_options(tau).items()
-        return kind_for_tau(tau), {k: v for k, v in chosen if k not in options and v != defaults[k]}
+        """The kind and the further arguments that conv: auto picks at ``tau`` (as ModelConfig.for_loss)."""
+        return kind_for_tau(tau), auto_options(tau, given=options)
 
     out = [lipnet_row(kind) for kind in list_layer_kinds()]
     # the rule is one network between two of AUTO_TAUS (and below the first, the one at tau None)

@@ -10,7 +10,8 @@ trains exactly the same architecture.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Collection
 from typing import Literal, get_args
 
 from torch import nn
@@ -101,11 +102,14 @@ def head_for_tau(tau: float | None) -> HeadName:
 AUTO_TAUS: tuple[float, ...] = (HOUSEHOLDER_TAU, AUTO_TAU_SPLIT, ROWNORM_TAU)
 
 
-def auto_options(tau: float | None) -> dict[str, str]:
-    """The arguments besides ``conv`` that ``model.conv: auto`` picks for a Fashion-MNIST network at the
-    temperature ``tau``, defaults included, in the order a network's label names them:
-    ``{"activation": activation_for_tau(tau), "head": head_for_tau(tau)}``."""
-    return {"activation": activation_for_tau(tau), "head": head_for_tau(tau)}
+def auto_options(tau: float | None, given: Collection[str] = ()) -> dict[str, str]:
+    """The arguments besides ``conv`` that ``model.conv: auto`` sets on a Fashion-MNIST network at the
+    temperature ``tau``, in the order a network's label names them: of ``activation_for_tau(tau)`` and
+    ``head_for_tau(tau)``, those that differ from :class:`FashionConvNet`'s defaults and that ``given`` (the
+    arguments a config sets itself) does not name."""
+    chosen = {"activation": activation_for_tau(tau), "head": head_for_tau(tau)}
+    defaults = inspect.signature(FashionConvNet).parameters
+    return {k: v for k, v in chosen.items() if k not in given and v != defaults[k].default}
 
 
 #: Keyword arguments of :func:`fmnist_layers` for ``fmnist_convnet_s`` / ``_m``: their defaults, which the

@@ -178,12 +178,8 @@ class ModelConfig:
         if self.kwargs.get("conv") != AUTO:
             return self
         kwargs = {**self.kwargs, "conv": kind_for_tau(loss.tau)}
-        constructor = model_entrypoint(self.name)
-        if constructor.__module__ == fmnist.__name__:
-            takes = inspect.signature(constructor).parameters
-            for key, value in fmnist.auto_options(loss.tau).items():
-                if key not in kwargs and value != takes[key].default:
-                    kwargs[key] = value
+        if model_entrypoint(self.name).__module__ == fmnist.__name__:
+            kwargs.update(fmnist.auto_options(loss.tau, given=kwargs))
         return ModelConfig(self.name, kwargs)
 
     def label(self) -> str:
