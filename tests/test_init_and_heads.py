@@ -119,7 +119,8 @@ def test_fmnist_sizes_are_model_options() -> None:
         load_config(None, ["model.name=fmnist_convnet_s", "model.blocks=zero"]).model.check()
 
 
-def test_the_last_layer_certificate_of_a_row_normalised_head_holds_under_attack() -> None:
+@pytest.mark.parametrize("conv", ["bcop", "rko_bcop"])  # rko_bcop + rownorm: conv: auto from tau 50
+def test_the_last_layer_certificate_of_a_row_normalised_head_holds_under_attack(conv: str) -> None:
     """A small row-normalised network trained until its class rows have moved away from orthonormal:
     ``certify`` uses the last-layer rule with the actual ``||w_y - w_j||``, and PGD inside every
     certified radius (untargeted and towards the runner-up classes) changes no prediction, while just
@@ -129,7 +130,9 @@ def test_the_last_layer_certificate_of_a_row_normalised_head_holds_under_attack(
     centres = 0.5 + 0.2 * torch.randn(4, 1, 8, 8, generator=g)
     y = torch.randint(0, 4, (256,), generator=g)
     x = (centres[y] + 0.05 * torch.randn(256, 1, 8, 8, generator=g)).clamp(0, 1)
-    model = models.create("fmnist_convnet_s", num_classes=4, input_size=8, width=4, hidden=8, head="rownorm")
+    model = models.create(
+        "fmnist_convnet_s", num_classes=4, input_size=8, width=4, hidden=8, head="rownorm", conv=conv
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):
         opt.zero_grad()
