@@ -38,7 +38,7 @@ from lipnet.layers.bjorck import BjorckLinear
 from lipnet.layers.kinds import AUTO_TAU_SPLIT, LayerKind, get_layer_kind, list_layer_kinds
 from lipnet.layers.rownorm import RowNormLinear
 from lipnet.models import create
-from lipnet.models.fmnist import ROWNORM_TAU, fmnist_layers
+from lipnet.models.fmnist import AUTO_TAUS, ROWNORM_TAU, fmnist_layers
 from lipnet.pooling import ScaledL2NormPool2d
 from lipnet.training.config import apply_overrides, load_config
 from lipnet.training.loop import fit, lr_at
@@ -375,7 +375,10 @@ def test_auto_trains_the_kind_of_each_tau_once(stripes_dir: Path, tmp_path: Path
         available = contenders(lipnet_options=options)
         return [c.name for c in _at_tau(_select(available, ["lipnet:auto"]), available, tau)]
 
-    assert auto_at(None) == ["lipnet:bcop"]
+    assert auto_at(None) == ["lipnet:bcop"] == auto_at(min(AUTO_TAUS) / 2)  # AUTO_TAUS' contract
+    # every network the rule trains is a selectable row (its rows are generated from AUTO_TAUS)
+    names = {c.name for c in contenders()}
+    assert all(auto_at(t)[0] in names for t in (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1e4))
     # from HOUSEHOLDER_TAU to the split, bcop with Householder activations (what conv: auto trains there)
     assert auto_at(5.0) == ["lipnet:bcop+householder"] and auto_at(AUTO_TAU_SPLIT) == ["lipnet:rko_bcop"]
     # from ROWNORM_TAU on, rko_bcop with a row-normalised head; a recipe that sets the head: rko_bcop
