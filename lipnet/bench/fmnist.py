@@ -92,7 +92,7 @@ from lipnet.losses import arguments as loss_arguments
 from lipnet.models import create
 from lipnet.models.fmnist import AUTO_TAUS, SIZES, auto_options, fmnist_layers
 from lipnet.training.build import build_loss, build_optimizer
-from lipnet.training.config import DATA_ARGS, Config, ConfigError, apply_overrides
+from lipnet.training.config import DATA_ARGS, Config, ConfigError, ModelConfig, apply_overrides
 from lipnet.training.devices import resolve_device
 from lipnet.training.ema import ExponentialMovingAverage
 from lipnet.training.loop import Callback, GradientClipping, classification_step, fit, show_bars
@@ -173,10 +173,9 @@ def contenders(
     options = dict(lipnet_options or {})
 
     def lipnet_row(kind: str, **extra: Any) -> Contender:
-        name = kind + "".join(f"+{value}" for value in extra.values())
-        return Contender(
-            "lipnet", name, lambda: create(f"fmnist_convnet_{size}", conv=kind, **arch, **options, **extra)
-        )
+        model = f"fmnist_convnet_{size}"
+        name = ModelConfig(model, {"conv": kind, **extra}).label()  # as a training run names its network
+        return Contender("lipnet", name, lambda: create(model, conv=kind, **arch, **options, **extra))
 
     def auto_at(tau: float | None) -> tuple[str, dict[str, str]]:
         """The kind and the further arguments that conv: auto picks at ``tau`` (as ModelConfig.for_loss)."""

@@ -106,9 +106,9 @@ AUTO_TAUS: tuple[float, ...] = (HOUSEHOLDER_TAU, AUTO_TAU_SPLIT, ROWNORM_TAU)
 
 def auto_options(tau: float | None, given: Collection[str] = ()) -> dict[str, str]:
     """The arguments besides ``conv`` that ``model.conv: auto`` sets on a Fashion-MNIST network at the
-    temperature ``tau``, in the order a network's label names them: of ``activation_for_tau(tau)`` and
-    ``head_for_tau(tau)``, those that differ from :class:`FashionConvNet`'s defaults and that ``given`` (the
-    arguments a config sets itself) does not name."""
+    temperature ``tau``: of ``activation_for_tau(tau)`` and ``head_for_tau(tau)``, those that differ from
+    :class:`FashionConvNet`'s defaults and that ``given`` (the arguments a config sets itself) does not
+    name."""
     chosen = {"activation": activation_for_tau(tau), "head": head_for_tau(tau)}
     defaults = inspect.signature(FashionConvNet).parameters
     return {k: v for k, v in chosen.items() if k not in given and v != defaults[k].default}

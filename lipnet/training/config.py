@@ -185,8 +185,8 @@ class ModelConfig:
     def label(self) -> str:
         """The network's short name: ``conv``, then ``+activation`` and ``+head`` for those the config
         sets (but the kind's own head, ``kind``)."""
-        extra = [self.kwargs[k] for k in ("activation", "head") if self.kwargs.get(k, "kind") != "kind"]
-        return "+".join([str(self.kwargs.get("conv")), *map(str, extra)])
+        extra = [str(v) for k in ("activation", "head") if (v := self.kwargs.get(k)) not in (None, "kind")]
+        return "+".join([str(self.kwargs.get("conv")), *extra])
 
 
 #: The model arguments that describe the data; :meth:`ModelConfig.for_data` fills them in.
