@@ -1,20 +1,30 @@
-"""``lipnet bench seeds``: the mean and spread over seeds of ``lipnet bench fmnist`` runs.
+"""``lipnet bench seeds``: the mean and spread over seeds of ``lipnet bench fmnist`` runs, and lipnet's
+paired differences against the anchors.
 
 Each folder is one ``lipnet bench fmnist --out`` folder (its ``setup.json`` and finished ``rows/``), trained
 with its own ``--seed``. The folders must describe the same setup but for the seed (the recipe, layout,
-data budget, attack and device of :func:`lipnet.bench.fmnist.describe_setup`), and no two the same seed:
-a mean over runs of different recipes, or over one run counted twice, would be a claim about nothing. Rows
-are matched by τ, library and kind; a network missing from some folders is averaged over the folders that
-have it (the ``seeds`` column says which).
+data budget, attack and device of :func:`lipnet.bench.fmnist.describe_setup`): a mean over runs of
+different recipes would be a claim about nothing. Several folders may hold the same seed (one run's
+networks trained as separate processes), but no network may appear twice for one seed: one run counted
+twice would shrink the spread it is judged by. Rows are matched by τ, library and kind; a network missing
+from some seeds is averaged over the seeds that have it (the ``seeds`` column says which).
 
 For each network: the mean of clean accuracy, of certified accuracy at each ε of
 :data:`~lipnet.bench.fmnist.EPS` and of the mean certified radius, each with its sample standard deviation
 (``n - 1`` in the denominator; none for a single seed).
+
+For each lipnet network and each anchor (a network of another library) at the same τ, over the ``n ≥ 2``
+seeds both were trained with: the mean of the per-seed differences ``d_s = lipnet_s - anchor_s`` in each
+column and its standard error ``sd(d) / sqrt(n)``. Pairing by seed removes what the seed does to both
+networks alike (the data order; the initialisation of layers the two share), so the standard error is that
+of the difference itself; a mean difference within about two standard errors of zero is not a settled
+difference either way.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +34,13 @@ from certify.radius import format_eps
 from lipnet.bench import markdown_table
 from lipnet.bench.fmnist import EPS
 
-__all__ = ["seed_means", "seeds_markdown"]
+__all__ = ["differences_markdown", "paired_differences", "seed_means", "seeds_markdown"]
+
+LIPNET = "lipnet"
+"""The library whose networks :func:`paired_differences` compares against every other one."""
+
+Network = tuple[float | None, str, str]
+"""A row's identity across seeds: (τ, library, kind)."""
 
 
 def _read(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -41,23 +57,19 @@ def _read(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return setup, rows
 
 
-def _spread(values: list[float]) -> float | None:
-    return statistics.stdev(values) if len(values) > 1 else None
-
-
-def seed_means(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One dict per network (τ, library, kind) of the runs in ``folders`` (module docstring): ``tau``,
-    ``library``, ``kind``, ``seeds`` (those that have it, in the folders' order), ``clean`` and ``clean_sd``,
-    ``cert`` and ``cert_sd`` (one per ε of :data:`~lipnet.bench.fmnist.EPS`), ``mean_radius`` and
-    ``mean_radius_sd`` (sd None for one seed). Sorted by τ (rows without one first), library and kind.
-    ``ValueError`` for fewer than two folders, folders of another setup or a repeated seed."""
+def _rows_by_seed(
+    folders: Sequence[str | Path], models: Sequence[str] | None
+) -> dict[int, dict[Network, dict[str, Any]]]:
+    """The rows of ``folders`` per seed (in the folders' order) and network, checked as the module
+    docstring says; with ``models`` (``library:kind`` names), those networks' rows only."""
     paths = [Path(f) for f in folders]
     if len(paths) < 2:
         raise ValueError(f"give at least two run folders (one per seed), got {len(paths)}")
     runs = [_read(p) for p in paths]
     reference = {k: v for k, v in runs[0][0].items() if k != "seed"}
-    seeds: list[int] = []
-    for path, (setup, _rows) in zip(paths, runs, strict=True):
+    by_seed: dict[int, dict[Network, dict[str, Any]]] = {}
+    origin: dict[tuple[int, Network], Path] = {}
+    for path, (setup, rows) in zip(paths, runs, strict=True):
         other = {k: v for k, v in setup.items() if k != "seed"}
         if other != reference:
             differ = sorted(k for k in set(other) | set(reference) if other.get(k) != reference.get(k))
@@ -67,42 +79,129 @@ def seed_means(folders: Sequence[str | Path]) -> list[dict[str, Any]]:
         seed = setup.get("seed")
         if not isinstance(seed, int):
             raise ValueError(f"{path}/setup.json names no seed")
-        if seed in seeds:
-            raise ValueError(
-                f"{path} has seed {seed}, as an earlier folder: each folder must hold another seed"
-            )
-        seeds.append(seed)
-    groups: dict[tuple[float | None, str, str], list[tuple[int, dict[str, Any]]]] = {}
-    for seed, (_setup, rows) in zip(seeds, runs, strict=True):
+        networks = by_seed.setdefault(seed, {})
         for row in rows:
-            groups.setdefault((row.get("tau"), row["library"], row["kind"]), []).append((seed, row))
+            key: Network = (row.get("tau"), row["library"], row["kind"])
+            if models is not None and f"{key[1]}:{key[2]}" not in models:
+                continue
+            if key in networks:
+                raise ValueError(
+                    f"{path} has {key[1]}:{key[2]} at tau {key[0]} for seed {seed}, as {origin[seed, key]} "
+                    "does: each network once per seed"
+                )
+            networks[key] = row
+            origin[seed, key] = path
+    if models is not None:
+        found = {f"{key[1]}:{key[2]}" for rows in by_seed.values() for key in rows}
+        if missing := [m for m in models if m not in found]:
+            raise ValueError(f"no rows of {', '.join(missing)} in {', '.join(str(p) for p in paths)}")
+    if len(by_seed) < 2:
+        raise ValueError(f"give runs of at least two seeds, got seed {next(iter(by_seed))} only")
+    return by_seed
+
+
+def _values(row: dict[str, Any]) -> list[float]:
+    """Clean accuracy, certified accuracy per ε, mean radius: the columns of both tables."""
+    return [row["clean"], *row["cert"], row["mean_radius"]]
+
+
+def _columns(means: list[float], spreads: Sequence[float | None], spread: str) -> dict[str, Any]:
+    """The per-column ``means`` and their ``spreads`` (in :func:`_values`' order) under the names of the
+    tables' rows: ``clean``, ``cert`` (per ε), ``mean_radius``, each spread under ``<name>_<spread>``."""
+    return {
+        "clean": means[0],
+        f"clean_{spread}": spreads[0],
+        "cert": means[1:-1],
+        f"cert_{spread}": list(spreads[1:-1]),
+        "mean_radius": means[-1],
+        f"mean_radius_{spread}": spreads[-1],
+    }
+
+
+def _spread(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _order(key: Network) -> tuple[bool, float, str, str]:
+    tau, library, kind = key
+    return (tau is not None, tau or 0.0, library, kind)
+
+
+def seed_means(folders: Sequence[str | Path], models: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One dict per network (τ, library, kind) of the runs in ``folders`` (module docstring): ``tau``,
+    ``library``, ``kind``, ``seeds`` (those that have it, in the folders' order), ``clean`` and ``clean_sd``,
+    ``cert`` and ``cert_sd`` (one per ε of :data:`~lipnet.bench.fmnist.EPS`), ``mean_radius`` and
+    ``mean_radius_sd`` (sd None for one seed). Sorted by τ (rows without one first), library and kind.
+    With ``models`` (``library:kind`` names), those networks only. ``ValueError`` for fewer than two
+    folders or seeds, folders of another setup, a network repeated for one seed or a model without rows."""
+    by_seed = _rows_by_seed(folders, models)
+    groups: dict[Network, list[tuple[int, dict[str, Any]]]] = {}
+    for seed, networks in by_seed.items():
+        for key, row in networks.items():
+            groups.setdefault(key, []).append((seed, row))
     out = []
-    for (tau, library, kind), members in groups.items():
-        rows = [r for _, r in members]
-        clean = [r["clean"] for r in rows]
-        radius = [r["mean_radius"] for r in rows]
-        cert = [[r["cert"][i] for r in rows] for i in range(len(EPS))]
+    for key in sorted(groups, key=_order):
+        members = groups[key]
+        columns = list(zip(*(_values(r) for _, r in members), strict=True))
+        means = [statistics.fmean(c) for c in columns]
+        spreads = [_spread(list(c)) for c in columns]
         out.append(
             {
-                "tau": tau,
-                "library": library,
-                "kind": kind,
+                "tau": key[0],
+                "library": key[1],
+                "kind": key[2],
                 "seeds": [s for s, _ in members],
-                "clean": statistics.fmean(clean),
-                "clean_sd": _spread(clean),
-                "cert": [statistics.fmean(c) for c in cert],
-                "cert_sd": [_spread(c) for c in cert],
-                "mean_radius": statistics.fmean(radius),
-                "mean_radius_sd": _spread(radius),
+                **_columns(means, spreads, "sd"),
             }
         )
-    out.sort(key=lambda r: (r["tau"] is not None, r["tau"] or 0.0, r["library"], r["kind"]))
     return out
 
 
-def _cell(mean: float, sd: float | None, scale: float, digits: int) -> str:
-    text = f"{scale * mean:.{digits}f}"
-    return text if sd is None else f"{text} ({scale * sd:.{digits}f})"
+def paired_differences(
+    folders: Sequence[str | Path], models: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """lipnet against each anchor, per τ, over the seeds both networks have (module docstring): one dict
+    per pair sharing at least two seeds, with ``tau``, ``kind`` (lipnet's), ``anchor`` (``library:kind``),
+    ``seeds``, and per column (``clean``, ``cert`` per ε, ``mean_radius``) the mean difference and its
+    standard error (``clean_se``, ``cert_se``, ``mean_radius_se``); ``behind``: the columns (``clean``, the
+    ε, ``radius``) where the mean difference is negative. Sorted by τ, lipnet kind and anchor. ``models``
+    and errors as :func:`seed_means`."""
+    by_seed = _rows_by_seed(folders, models)
+    networks = sorted({key for rows in by_seed.values() for key in rows}, key=_order)
+    names = ["clean", *(format_eps(e) for e in EPS), "radius"]
+    out = []
+    for ours in (k for k in networks if k[1] == LIPNET):
+        for theirs in (k for k in networks if k[1] != LIPNET and k[0] == ours[0]):
+            seeds = [s for s, rows in by_seed.items() if ours in rows and theirs in rows]
+            if len(seeds) < 2:
+                continue  # one difference has no spread to judge it by
+            diffs = [
+                [a - b for a, b in zip(_values(by_seed[s][ours]), _values(by_seed[s][theirs]), strict=True)]
+                for s in seeds
+            ]
+            columns = [list(c) for c in zip(*diffs, strict=True)]
+            means = [statistics.fmean(c) for c in columns]
+            errors = [statistics.stdev(c) / math.sqrt(len(c)) for c in columns]
+            out.append(
+                {
+                    "tau": ours[0],
+                    "kind": ours[2],
+                    "anchor": f"{theirs[1]}:{theirs[2]}",
+                    "seeds": seeds,
+                    **_columns(means, errors, "se"),
+                    "behind": [n for n, m in zip(names, means, strict=True) if m < 0],
+                }
+            )
+    return out
+
+
+def _cell(mean: float, spread: float | None, scale: float, digits: int, sign: str = "") -> str:
+    text = f"{scale * mean:{sign}.{digits}f}"
+    return text if spread is None else f"{text} ({scale * spread:.{digits}f})"
+
+
+def _tau(tau: float | None) -> str:
+    return "—" if tau is None else f"{tau:g}"
 
 
 def seeds_markdown(rows: list[dict[str, Any]], header: str) -> str:
@@ -112,13 +211,35 @@ def seeds_markdown(rows: list[dict[str, Any]], header: str) -> str:
     columns = ["τ", "library", "kind", "seeds", "clean", f"certified at ε = {eps}", "mean radius"]
     body = (
         [
-            "—" if r["tau"] is None else f"{r['tau']:g}",
+            _tau(r["tau"]),
             r["library"],
             r["kind"],
             ", ".join(str(s) for s in r["seeds"]),
             _cell(r["clean"], r["clean_sd"], 100, 2),
             " / ".join(_cell(m, s, 100, 1) for m, s in zip(r["cert"], r["cert_sd"], strict=True)),
             _cell(r["mean_radius"], r["mean_radius_sd"], 1, 3),
+        ]
+        for r in rows
+    )
+    return markdown_table(header, columns, body) + "\n"
+
+
+def differences_markdown(rows: list[dict[str, Any]], header: str) -> str:
+    """The rows of :func:`paired_differences` as a Markdown table (percentage points, lipnet minus the
+    anchor; the standard error in brackets), under ``header``."""
+    eps = " / ".join(format_eps(e) for e in EPS)
+    columns = ["τ", "lipnet", "against", "seeds", "Δ clean", f"Δ certified at ε = {eps}", "Δ mean radius",
+               "lipnet behind in"]  # fmt: skip
+    body = (
+        [
+            _tau(r["tau"]),
+            r["kind"],
+            r["anchor"],
+            ", ".join(str(s) for s in r["seeds"]),
+            _cell(r["clean"], r["clean_se"], 100, 2, "+"),
+            " / ".join(_cell(m, s, 100, 2, "+") for m, s in zip(r["cert"], r["cert_se"], strict=True)),
+            _cell(r["mean_radius"], r["mean_radius_se"], 1, 4, "+"),
+            ", ".join(r["behind"]) or "—",
         ]
         for r in rows
     )

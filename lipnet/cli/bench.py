@@ -5,7 +5,8 @@
 (:func:`lipnet.bench.layers.bench_per_layer`). ``fmnist``: every layer kind and anchor trained,
 certified and attacked on Fashion-MNIST (:func:`lipnet.bench.fmnist.bench_fmnist`; ``fmnist.csv`` and
 ``fmnist.md``, rewritten after each network); ``seeds``: the mean and spread over seeds of ``fmnist`` folders
-(:func:`lipnet.bench.seeds.seed_means`). ``models``: a model family with each kind and anchor
+(:func:`lipnet.bench.seeds.seed_means`) and lipnet's paired differences against the anchors
+(:func:`lipnet.bench.seeds.paired_differences`). ``models``: a model family with each kind and anchor
 (:func:`lipnet.bench.models.bench_models`), or ``--eval-only`` every model against its export
 (:func:`lipnet.bench.models.bench_eval`). ``--modes`` of ``layers`` and ``models`` times each network
 eagerly, compiled and compiled with CUDA-graph capture (:mod:`lipnet.bench.modes`). ``kernels``: the ATen
@@ -59,7 +60,7 @@ from lipnet.bench.models import (
     models_markdown,
 )
 from lipnet.bench.modes import BACKENDS, MODES, check_modes
-from lipnet.bench.seeds import seed_means, seeds_markdown
+from lipnet.bench.seeds import differences_markdown, paired_differences, seed_means, seeds_markdown
 from lipnet.cli.argtypes import (
     Parser,
     check_output_path,
@@ -353,20 +354,27 @@ def _run_fmnist_once(args: argparse.Namespace) -> int:
 
 
 def run_seeds(args: argparse.Namespace) -> int:
-    """Run ``lipnet bench seeds``: :func:`lipnet.bench.seeds.seed_means`' table on stdout and ``--out``."""
+    """Run ``lipnet bench seeds``: the tables of :func:`lipnet.bench.seeds.seed_means` and
+    :func:`lipnet.bench.seeds.paired_differences` on stdout and ``--out``."""
     if args.out is not None:
         check_output_path(args.out, "--out", folder=False)
-    _report_seed_means(args.folders, args.out)
+    _report_seed_means(args.folders, args.out, args.models)
     return 0
 
 
-def _report_seed_means(folders: list[str], path: str | Path | None) -> None:
-    """Print the table of :func:`lipnet.bench.seeds.seed_means` over ``folders`` and write it to ``path``."""
-    header = (
-        f"Mean over seeds (sample standard deviation) of {len(folders)} lipnet bench fmnist runs: "
-        + ", ".join(folders)
-    )
-    text = seeds_markdown(seed_means(folders), header)
+def _report_seed_means(folders: list[str], path: str | Path | None, models: list[str] | None = None) -> None:
+    """Print the tables of :func:`lipnet.bench.seeds.seed_means` and
+    :func:`lipnet.bench.seeds.paired_differences` (when a lipnet network and an anchor share two seeds)
+    over ``folders``, of ``models`` only where given, and write them to ``path``."""
+    runs = f"{len(folders)} lipnet bench fmnist runs: " + ", ".join(folders)
+    means = seed_means(folders, models)
+    text = seeds_markdown(means, f"Mean over seeds (sample standard deviation) of {runs}")
+    if pairs := paired_differences(folders, models):
+        header = (
+            "lipnet minus each anchor at the same τ, mean over the seeds both have of the per-seed "
+            "difference (percentage points; its standard error, sd / sqrt(n), in brackets)"
+        )
+        text += "\n" + differences_markdown(pairs, header)
     print(text, end="")
     if path is not None:
         atomic_write_text(path, text)
@@ -642,15 +650,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_kernels.set_defaults(func=run_kernels)
 
     p_seeds = bench_sub.add_parser(
-        "seeds", help="mean and standard deviation over seeds of lipnet bench fmnist folders (no training)"
+        "seeds",
+        help="mean and standard deviation over seeds of lipnet bench fmnist folders, and lipnet's paired "
+        "differences against the anchors (no training)",
     )
     p_seeds.add_argument(
         "folders",
         nargs="+",
         metavar="DIR",
-        help="lipnet bench fmnist --out folders, one per --seed, same setup",
+        help="lipnet bench fmnist --out folders of one setup at two or more --seed values (a seed may be "
+        "split over several folders, each network once per seed)",
     )
-    p_seeds.add_argument("--out", help="also write the Markdown table to this file")
+    p_seeds.add_argument(
+        "--models",
+        type=name_list,
+        help="comma-separated library:kind names of the rows to use (default: every row)",
+    )
+    p_seeds.add_argument("--out", help="also write the Markdown tables to this file")
     p_seeds.set_defaults(func=run_seeds)
 
     add_recipe_parser(bench_sub)  # lipnet.cli.recipe: the recipe ablation (lipnet.bench.recipe)
