@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from certify.radius import format_eps
-from lipnet.bench.fmnist import EPS
+from lipnet.bench.fmnist import EPS, contenders
 from lipnet.bench.seeds import differences_markdown, paired_differences, seed_means, seeds_markdown
 from lipnet.cli import main
+from lipnet.layers.kinds import AUTO
 
 SETUP = {"model": {"size": "s", "width": 16}, "optim": {"epochs": 4}, "attack": {"n": 0}, "device": "cpu"}
 
@@ -99,6 +100,30 @@ def test_a_seed_split_over_folders_counts_once_and_models_select_rows(tmp_path: 
     assert rows[1]["clean"] == pytest.approx(0.71)
     with pytest.raises(ValueError, match="no rows of lipnet:cayley in"):
         seed_means([*seed0, seed1], models=["lipnet:bcop", "lipnet:cayley"])
+
+
+def test_lipnet_auto_selects_the_network_auto_trains_at_each_tau(tmp_path: Path) -> None:
+    """``lipnet:auto`` keeps, per τ, the lipnet row of the network ``lipnet bench fmnist``'s ``lipnet:auto``
+    trains there for the folders' setup, and no other lipnet row."""
+    model = {"size": "s", "width": 16, "blocks": 0, "hidden": 128, "lipnet": {}}
+    (auto,) = (c for c in contenders("s", layout={"width": 16, "blocks": 0, "hidden": 128}) if c.kind == AUTO)
+    assert auto.kind_at is not None
+    at = {tau: auto.kind_at(tau).removeprefix("lipnet:") for tau in (0.5, 5.0, 100.0)}
+    rows = [_row(tau, "lipnet", kind, 0.8, 1.0) for tau, kind in at.items()]
+    rows += [
+        _row(5.0, "lipnet", "bjorck", 0.7, 1.0),
+        _row(5.0, "a", "b", 0.6, 1.0),
+    ]  # auto never trains bjorck
+    folders = [_folder(tmp_path, s, rows, model=model) for s in (0, 1)]
+    kept = seed_means(folders, models=["lipnet:auto", "a:b"])
+    assert sorted((r["tau"], r["kind"]) for r in kept) == sorted([*at.items(), (5.0, "b")])
+    assert [(p["tau"], p["kind"]) for p in paired_differences(folders, models=["lipnet:auto", "a:b"])] == [
+        (5.0, at[5.0])
+    ]
+    with pytest.raises(ValueError, match="no rows of lipnet:auto"):
+        seed_means(
+            [_folder(tmp_path / "b", s, rows[3:], model=model) for s in (0, 1)], models=["lipnet:auto"]
+        )
 
 
 def test_paired_differences_against_each_anchor(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ data budget, attack and device of :func:`lipnet.bench.fmnist.describe_setup`): a
 different recipes would be a claim about nothing. Several folders may hold the same seed (one run's
 networks trained as separate processes), but no network may appear twice for one seed: one run counted
 twice would shrink the spread it is judged by. Rows are matched by τ, library and kind; a network missing
-from some seeds is averaged over the seeds that have it (the ``seeds`` column says which).
+from some seeds is averaged over the seeds that have it (the ``seeds`` column says which). ``models``
+(``library:kind`` names) keeps those networks only; ``lipnet:auto`` stands, as in ``lipnet bench fmnist``,
+for the network ``model.conv: auto`` trains at each τ for the folders' setup: under today's rule, so that
+rows trained under an older one are left out.
 
 For each network: the mean of clean accuracy, of certified accuracy at each ε of
 :data:`~lipnet.bench.fmnist.EPS` and of the mean certified radius, each with its sample standard deviation
@@ -26,13 +29,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from certify.radius import format_eps
 from lipnet.bench import markdown_table
-from lipnet.bench.fmnist import EPS
+from lipnet.bench.fmnist import EPS, LAYOUT_KEYS, contenders
+from lipnet.layers.kinds import AUTO
 
 __all__ = ["differences_markdown", "paired_differences", "seed_means", "seeds_markdown"]
 
@@ -57,6 +61,17 @@ def _read(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return setup, rows
 
 
+def _auto_name(setup: dict[str, Any]) -> Callable[[float | None], str]:
+    """``tau -> "lipnet:<network>"``: the network ``lipnet:auto`` of ``lipnet bench fmnist`` trains at
+    ``tau`` under ``setup`` (a ``setup.json``: the model's size, layout and lipnet options)."""
+    model = setup["model"]
+    layout = {k: model[k] for k in LAYOUT_KEYS}
+    lipnet = contenders(model["size"], layout=layout, lipnet_options=model.get("lipnet"))
+    (auto,) = (c for c in lipnet if c.library == LIPNET and c.kind == AUTO)
+    assert auto.kind_at is not None  # lipnet:auto is the contender that stands for one network per τ
+    return auto.kind_at
+
+
 def _rows_by_seed(
     folders: Sequence[str | Path], models: Sequence[str] | None
 ) -> dict[int, dict[Network, dict[str, Any]]]:
@@ -67,6 +82,12 @@ def _rows_by_seed(
         raise ValueError(f"give at least two run folders (one per seed), got {len(paths)}")
     runs = [_read(p) for p in paths]
     reference = {k: v for k, v in runs[0][0].items() if k != "seed"}
+    auto_name = _auto_name(runs[0][0]) if models is not None and f"{LIPNET}:{AUTO}" in models else None
+
+    def wanted(key: Network) -> bool:
+        name = f"{key[1]}:{key[2]}"
+        return models is None or name in models or (auto_name is not None and auto_name(key[0]) == name)
+
     by_seed: dict[int, dict[Network, dict[str, Any]]] = {}
     origin: dict[tuple[int, Network], Path] = {}
     for path, (setup, rows) in zip(paths, runs, strict=True):
@@ -82,7 +103,7 @@ def _rows_by_seed(
         networks = by_seed.setdefault(seed, {})
         for row in rows:
             key: Network = (row.get("tau"), row["library"], row["kind"])
-            if models is not None and f"{key[1]}:{key[2]}" not in models:
+            if not wanted(key):
                 continue
             if key in networks:
                 raise ValueError(
@@ -93,10 +114,15 @@ def _rows_by_seed(
             origin[seed, key] = path
     if models is not None:
         found = {f"{key[1]}:{key[2]}" for rows in by_seed.values() for key in rows}
+        if auto_name is not None and any(
+            auto_name(k[0]) == f"{k[1]}:{k[2]}" for r in by_seed.values() for k in r
+        ):
+            found.add(f"{LIPNET}:{AUTO}")
         if missing := [m for m in models if m not in found]:
             raise ValueError(f"no rows of {', '.join(missing)} in {', '.join(str(p) for p in paths)}")
+    by_seed = {seed: rows for seed, rows in by_seed.items() if rows}  # seeds with none of ``models``
     if len(by_seed) < 2:
-        raise ValueError(f"give runs of at least two seeds, got seed {next(iter(by_seed))} only")
+        raise ValueError(f"give runs of at least two seeds, got seed {', '.join(map(str, by_seed))} only")
     return by_seed
 
 

@@ -664,7 +664,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p_seeds.add_argument(
         "--models",
         type=name_list,
-        help="comma-separated library:kind names of the rows to use (default: every row)",
+        help="comma-separated library:kind names of the rows to use (default: every row); lipnet:auto is "
+        "the network model.conv: auto trains at each tau (today's rule)",
     )
     p_seeds.add_argument("--out", help="also write the Markdown tables to this file")
     p_seeds.set_defaults(func=run_seeds)
