@@ -83,7 +83,7 @@ from certify.bounds import lipschitz_bound
 from certify.io import atomic_write_json
 from certify.radius import format_eps
 from lipnet import data
-from lipnet.bench import markdown_table
+from lipnet.bench import cell, markdown_table
 from lipnet.bench.anchors import ANCHORS
 from lipnet.data.mnist import FASHION_MNIST
 from lipnet.layers.batching import batch_weights
@@ -751,10 +751,6 @@ def bench_fmnist(
     return rows
 
 
-def _tau_cell(tau: float | None) -> str:
-    return "" if tau is None else f"{tau:g}"
-
-
 def to_csv(rows: list[dict[str, Any]]) -> str:
     """The rows as CSV (fractions, not percentages; empty robust cells when nothing was attacked)."""
     buf = io.StringIO()
@@ -770,7 +766,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
         robust = r["robust"] if r["robust"] is not None else [""] * len(EPS)
         train_acc = "" if r.get("train_acc") is None else f"{r['train_acc']:.4f}"
         writer.writerow(
-            [_tau_cell(r.get("tau")), r["library"], r["kind"], r["params"], f"{r['epochs']:.6g}"]
+            [cell(r.get("tau"), "g", ""), r["library"], r["kind"], r["params"], f"{r['epochs']:.6g}"]
             + [f"{r['sec_per_epoch']:.4g}", train_acc, f"{r['clean']:.4f}"]
             + [f"{a:.4f}" for a in r["cert"]]
             + [f"{r['mean_radius']:.4f}"]
@@ -794,7 +790,7 @@ def to_markdown(rows: list[dict[str, Any]], header: str) -> str:
         robust = " / ".join(f"{100 * a:.1f}" for a in r["robust"]) if r["robust"] is not None else "—"
         train = "—" if r.get("train_acc") is None else f"{100 * r['train_acc']:.2f}"
         return [
-            _tau_cell(r.get("tau")) or "—", str(r["library"]), str(r["kind"]), f"{r['params']:,}",
+            cell(r.get("tau"), "g", "—"), str(r["library"]), str(r["kind"]), f"{r['params']:,}",
             f"{r['epochs']:.2f}", f"{r['sec_per_epoch']:.1f}", train, f"{100 * r['clean']:.2f}",
             " / ".join(f"{100 * a:.1f}" for a in r["cert"]), f"{r['mean_radius']:.3f}",
             *([robust] if attacked else []), f"{r['bound']:.6f}",

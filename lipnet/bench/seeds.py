@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from certify.radius import format_eps
-from lipnet.bench import markdown_table
+from lipnet.bench import cell, markdown_table
 from lipnet.bench.fmnist import EPS, LAYOUT_KEYS, contenders
 from lipnet.layers.kinds import AUTO
 
@@ -226,10 +226,6 @@ def _cell(mean: float, spread: float | None, scale: float, digits: int, sign: st
     return text if spread is None else f"{text} ({scale * spread:.{digits}f})"
 
 
-def _tau(tau: float | None) -> str:
-    return "—" if tau is None else f"{tau:g}"
-
-
 def seeds_markdown(rows: list[dict[str, Any]], header: str) -> str:
     """The rows of :func:`seed_means` as a Markdown table (percentages; the sample standard deviation in
     brackets), under ``header``."""
@@ -237,7 +233,7 @@ def seeds_markdown(rows: list[dict[str, Any]], header: str) -> str:
     columns = ["τ", "library", "kind", "seeds", "clean", f"certified at ε = {eps}", "mean radius"]
     body = (
         [
-            _tau(r["tau"]),
+            cell(r["tau"], "g", "—"),
             r["library"],
             r["kind"],
             ", ".join(str(s) for s in r["seeds"]),
@@ -258,7 +254,7 @@ def differences_markdown(rows: list[dict[str, Any]], header: str) -> str:
                "lipnet behind in"]  # fmt: skip
     body = (
         [
-            _tau(r["tau"]),
+            cell(r["tau"], "g", "—"),
             r["kind"],
             r["anchor"],
             ", ".join(str(s) for s in r["seeds"]),
